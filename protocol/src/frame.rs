@@ -1,0 +1,120 @@
+//! The frames of protocol v1. Names are the contract; fields may grow, so
+//! every field added after v1 carries `#[serde(default)]` and decoders ignore
+//! fields they do not know.
+
+use serde::{Deserialize, Serialize};
+
+/// One message on the tunnel, in either direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    /// agent → edge, first frame. `window` = max unacked deliveries in flight.
+    Hello {
+        version: u32,
+        window: u32,
+        /// Channels the agent wants; `None` = every channel granted to it.
+        #[serde(default)]
+        channels: Option<Vec<String>>,
+        /// Free-form agent build string, for the edge's agent list.
+        #[serde(default)]
+        agent_version: Option<String>,
+    },
+    /// edge → agent: session accepted.
+    Welcome {
+        session: String,
+        /// The identity read from the agent's certificate.
+        agent: String,
+        channels: Vec<String>,
+        heartbeat_ms: u64,
+    },
+    /// edge → agent: one webhook. `id` is the stream entry id.
+    Deliver {
+        id: String,
+        channel: String,
+        attempt: u32,
+        received_at_ms: u64,
+        webhook: Webhook,
+    },
+    /// agent → edge: delivered (local endpoint answered 2xx).
+    Ack { ids: Vec<String> },
+    /// agent → edge: not delivered; retry later, or dead-letter if `permanent`.
+    Nack {
+        id: String,
+        permanent: bool,
+        reason: String,
+        #[serde(default)]
+        retry_after_ms: Option<u64>,
+        /// Last HTTP status from the local endpoint, if it answered at all.
+        #[serde(default)]
+        status: Option<u16>,
+    },
+    /// agent → edge: change the window; `0` pauses.
+    Flow { window: u32 },
+    /// Heartbeat; `t` is the sender's clock in milliseconds.
+    Ping { t: u64 },
+    /// Heartbeat answer echoing the `t` of the `Ping`.
+    Pong { t: u64 },
+    /// edge → agent: backlog figures for the agent's channels (for `status`).
+    Stats { channels: Vec<ChannelStats> },
+    /// edge → agent: sent before the edge closes a session.
+    Error { code: String, message: String },
+}
+
+impl Frame {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "hello",
+            Frame::Welcome { .. } => "welcome",
+            Frame::Deliver { .. } => "deliver",
+            Frame::Ack { .. } => "ack",
+            Frame::Nack { .. } => "nack",
+            Frame::Flow { .. } => "flow",
+            Frame::Ping { .. } => "ping",
+            Frame::Pong { .. } => "pong",
+            Frame::Stats { .. } => "stats",
+            Frame::Error { .. } => "error",
+        }
+    }
+}
+
+/// A received webhook exactly as the edge got it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Webhook {
+    /// Stable webhook id (UUID v7), sent downstream as `X-Relay-Id`.
+    pub id: String,
+    pub method: String,
+    pub path: String,
+    /// Raw query string without `?` (secrets redacted), empty when none.
+    #[serde(default)]
+    pub query: String,
+    /// Original order; hop-by-hop and auth headers removed.
+    pub headers: Vec<Header>,
+    /// Body bytes, never re-encoded, so signatures still verify downstream.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// Name of the route that accepted it.
+    pub route: String,
+    /// Milliseconds since the Unix epoch when the edge received it.
+    pub received_at_ms: u64,
+}
+
+/// One HTTP header; values are bytes because HTTP allows non-UTF-8 values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// Backlog figures of one channel, as the edge sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelStats {
+    pub channel: String,
+    /// Entries not yet delivered to any consumer (stream lag of the group).
+    pub backlog: u64,
+    /// Entries delivered but not acknowledged.
+    pub pending: u64,
+    /// Age of the oldest pending or undelivered entry, in milliseconds.
+    #[serde(default)]
+    pub oldest_ms: Option<u64>,
+}

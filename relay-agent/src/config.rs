@@ -1,0 +1,251 @@
+//! Agent configuration: defaults < TOML file < `RELAY_*` environment <
+//! the reference relay's `LOCAL_WEBHOOK_URL`, `MAX_RETRIES`, `RETRY_DELAY`,
+//! `RETRY_MULTIPLIER`. Checked at start; errors name the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Channel of the reference relay's single target.
+pub const LEGACY_CHANNEL: &str = "default";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Edge tunnel URL, `wss://host:port`.
+    pub edge: String,
+    /// TLS server name to verify, when it differs from the URL's host.
+    pub server_name: Option<String>,
+    /// Client certificate (PEM); its CN is this agent's identity.
+    pub cert: PathBuf,
+    /// Client private key (PEM).
+    pub key: PathBuf,
+    /// CA that signed the edge certificate (PEM).
+    pub ca: PathBuf,
+    /// Unix socket answering `relay-agent status`.
+    pub status_socket: PathBuf,
+    /// Max unacked deliveries in flight (1 = strict per-channel FIFO).
+    pub window: u32,
+    /// Agent → edge ping interval; a link silent for 3× this is dropped.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Timeout of one local HTTP request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Timeout of TCP + TLS + WebSocket handshake + Welcome.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub reconnect: ReconnectConfig,
+    pub retry: RetryConfig,
+    /// Local endpoints, one per channel (`[[target]]`).
+    #[serde(rename = "target")]
+    pub targets: Vec<Target>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            edge: "wss://127.0.0.1:8443".into(),
+            server_name: None,
+            cert: "certs/dev/lan-1.pem".into(),
+            key: "certs/dev/lan-1-key.pem".into(),
+            ca: "certs/dev/ca.pem".into(),
+            status_socket: default_status_socket(),
+            window: 64,
+            heartbeat: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            reconnect: ReconnectConfig::default(),
+            retry: RetryConfig::default(),
+            targets: Vec::new(),
+        }
+    }
+}
+
+/// `$RUNTIME_DIRECTORY` (systemd) or `$XDG_RUNTIME_DIR`, else `/tmp`.
+pub fn default_status_socket() -> PathBuf {
+    if let Ok(dir) = std::env::var("RUNTIME_DIRECTORY") {
+        return PathBuf::from(dir).join("status.sock");
+    }
+    if let Ok(dir) = std::env::var("XDG_RUNTIME_DIR") {
+        return PathBuf::from(dir).join("relay-agent.sock");
+    }
+    PathBuf::from("/tmp/relay-agent.sock")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectConfig {
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// A session up this long resets the backoff.
+    #[serde(with = "humantime_serde")]
+    pub reset_after: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            reset_after: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts before a webhook is dead-lettered.
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Duration,
+    pub multiplier: f64,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            initial_delay: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Target {
+    pub channel: String,
+    /// Local endpoint, `http://…`.
+    pub url: String,
+}
+
+impl AgentConfig {
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(AgentConfig::default()));
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(ConfigError::Missing(path.to_path_buf()));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig.merge(Env::prefixed("RELAY_").split("__").ignore(&["config"]));
+        let mut cfg: AgentConfig = fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        cfg.apply_reference_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn apply_reference_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| ConfigError::Key { key: key.into(), why };
+        if let Some(url) = var("LOCAL_WEBHOOK_URL").filter(|u| !u.is_empty()) {
+            match self.targets.iter_mut().find(|t| t.channel == LEGACY_CHANNEL) {
+                Some(t) => t.url = url,
+                None => self.targets.push(Target { channel: LEGACY_CHANNEL.into(), url }),
+            }
+        }
+        if let Some(n) = var("MAX_RETRIES").filter(|v| !v.is_empty()) {
+            let n: u32 = n.parse().map_err(|_| bad("MAX_RETRIES", format!("`{n}` is not a count")))?;
+            self.retry.max_attempts = n + 1;
+        }
+        if let Some(d) = var("RETRY_DELAY").filter(|v| !v.is_empty()) {
+            self.retry.initial_delay = humantime::parse_duration(&d)
+                .or_else(|_| d.parse::<u64>().map(Duration::from_secs))
+                .map_err(|_| bad("RETRY_DELAY", format!("`{d}` is not a duration like 5s")))?;
+        }
+        if let Some(m) = var("RETRY_MULTIPLIER").filter(|v| !v.is_empty()) {
+            self.retry.multiplier = m.parse().map_err(|_| bad("RETRY_MULTIPLIER", format!("`{m}` is not a number")))?;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| ConfigError::Key { key: key.into(), why };
+        let uri: http::Uri = self
+            .edge
+            .parse()
+            .map_err(|e| bad("edge", format!("`{}` is not a URL: {e}", self.edge)))?;
+        if uri.scheme_str() != Some("wss") {
+            return Err(bad("edge", format!("`{}` must start with wss:// (the tunnel is always TLS)", self.edge)));
+        }
+        if uri.host().is_none() {
+            return Err(bad("edge", format!("`{}` names no host", self.edge)));
+        }
+        if self.targets.is_empty() {
+            return Err(bad(
+                "target",
+                "no [[target]] configured: add one with channel and url (or set LOCAL_WEBHOOK_URL)".into(),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            if t.channel.is_empty() {
+                return Err(bad(&format!("target[{i}].channel"), "is empty".into()));
+            }
+            if !seen.insert(t.channel.as_str()) {
+                return Err(bad(&format!("target[{i}].channel"), format!("channel `{}` has two targets", t.channel)));
+            }
+            let u: http::Uri = t
+                .url
+                .parse()
+                .map_err(|e| bad(&format!("target[{i}].url"), format!("`{}` is not a URL: {e}", t.url)))?;
+            if u.scheme_str() != Some("http") || u.host().is_none() {
+                return Err(bad(&format!("target[{i}].url"), format!("`{}` must be an http:// URL", t.url)));
+            }
+        }
+        if self.window == 0 {
+            return Err(bad("window", "must be at least 1".into()));
+        }
+        if self.heartbeat < Duration::from_millis(50) {
+            return Err(bad("heartbeat", "must be at least 50ms".into()));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(bad("retry.max_attempts", "must be at least 1".into()));
+        }
+        if !(self.retry.multiplier >= 1.0 && self.retry.multiplier.is_finite()) {
+            return Err(bad("retry.multiplier", "must be a number ≥ 1".into()));
+        }
+        for (key, path) in [("cert", &self.cert), ("key", &self.key), ("ca", &self.ca)] {
+            if !path.is_file() {
+                return Err(bad(key, format!("{} does not exist", path.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// The channels this agent serves, in config order.
+    pub fn channels(&self) -> Vec<String> {
+        self.targets.iter().map(|t| t.channel.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_env_sets_default_target_and_retries() {
+        let mut cfg = AgentConfig::default();
+        cfg.apply_reference_env(|k| match k {
+            "LOCAL_WEBHOOK_URL" => Some("http://127.0.0.1:3000/webhook".into()),
+            "MAX_RETRIES" => Some("3".into()),
+            "RETRY_DELAY" => Some("5s".into()),
+            _ => None,
+        })
+        .expect("applies");
+        assert_eq!(cfg.targets[0].channel, LEGACY_CHANNEL);
+        assert_eq!(cfg.retry.max_attempts, 4);
+        assert_eq!(cfg.retry.initial_delay, Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,49 @@
+//! Recently acknowledged deliveries. A re-delivery of one of them (the edge
+//! did not get our ack before the link dropped) is acked again without
+//! posting it to the local endpoint twice.
+
+use std::collections::{HashSet, VecDeque};
+
+pub struct Recent {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+    capacity: usize,
+}
+
+impl Recent {
+    pub fn new(capacity: usize) -> Self {
+        Self { set: HashSet::with_capacity(capacity), order: VecDeque::with_capacity(capacity), capacity }
+    }
+
+    pub fn key(channel: &str, id: &str) -> String {
+        format!("{channel}\u{0}{id}")
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.set.contains(key)
+    }
+
+    pub fn insert(&mut self, key: String) {
+        if !self.set.insert(key.clone()) {
+            return;
+        }
+        self.order.push_back(key);
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn forgets_the_oldest() {
+        let mut r = super::Recent::new(2);
+        r.insert("a".into());
+        r.insert("b".into());
+        r.insert("c".into());
+        assert!(!r.contains("a") && r.contains("b") && r.contains("c"));
+    }
+}

@@ -1,0 +1,6 @@
+//! The tunnel client: [`connect`] dials, [`session`] runs one session,
+//! [`supervisor`] reconnects forever and owns the deliveries.
+
+pub mod connect;
+pub mod session;
+pub mod supervisor;

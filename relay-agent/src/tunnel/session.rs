@@ -1,0 +1,269 @@
+//! One tunnel session from the agent's side: `Hello` → `Welcome`, then a
+//! `select!` over the edge's frames, finished local deliveries, the
+//! heartbeat tick and shutdown. Acks are batched: every delivery that has
+//! finished by the time one is handled goes out in the same `Ack` frame.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use relay_protocol::{Frame, Limits, VERSION, Webhook};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::connect::Ws;
+use super::supervisor::{Outcome, Pipeline};
+use crate::config::AgentConfig;
+use crate::dedup::Recent;
+use crate::deliver::Verdict;
+use crate::error::SessionError;
+use crate::status::{Status, now_ms};
+
+pub async fn run(
+    mut ws: Ws,
+    addr: SocketAddr,
+    cfg: &Arc<AgentConfig>,
+    pipe: &mut Pipeline,
+    status: &Status,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let limits = Limits::default();
+    let hello = Frame::Hello {
+        version: VERSION,
+        window: cfg.window,
+        channels: Some(cfg.channels()),
+        agent_version: Some(concat!("relay-agent/", env!("CARGO_PKG_VERSION")).into()),
+    };
+    send(&mut ws, &hello, cfg.heartbeat * 3).await?;
+    let welcome = tokio::time::timeout(cfg.connect_timeout, recv(&mut ws, &limits))
+        .await
+        .map_err(|_| SessionError::ConnectTimeout(cfg.connect_timeout))??;
+    let (session, agent, channels, edge_heartbeat) = match welcome {
+        Some(Frame::Welcome { session, agent, channels, heartbeat_ms }) => (session, agent, channels, heartbeat_ms),
+        Some(Frame::Error { code, message }) => return Err(SessionError::Refused { code, message }),
+        Some(other) => return Err(SessionError::Protocol(format!("expected Welcome, got {}", other.kind()))),
+        None => return Err(SessionError::Closed),
+    };
+    tracing::info!(%addr, %session, %agent, ?channels, "tunnel up");
+    let heartbeat = cfg.heartbeat;
+    let deadline = heartbeat.max(Duration::from_millis(edge_heartbeat)) * 3;
+    status.update(|s| {
+        s.connected = true;
+        s.edge_addr = Some(addr.to_string());
+        s.session = Some(session.clone());
+        s.agent = Some(agent.clone());
+        s.connected_since_ms = Some(now_ms());
+        s.last_heartbeat_ms = Some(now_ms());
+        s.heartbeat_ms = deadline.as_millis() as u64 / 3;
+        s.window = cfg.window;
+    });
+    // Acks of deliveries that finished while we were disconnected.
+    if !pipe.unsent_acks.is_empty() {
+        let ids = std::mem::take(&mut pipe.unsent_acks);
+        send(&mut ws, &Frame::Ack { ids }, deadline).await?;
+    }
+
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rx = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), drain(&mut ws, pipe, status, deadline)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                return Ok(());
+            }
+            frame = recv(&mut ws, &limits) => {
+                let Some(frame) = frame? else { return Err(SessionError::Closed) };
+                last_rx = Instant::now();
+                status.update(|s| s.last_heartbeat_ms = Some(now_ms()));
+                on_frame(&mut ws, frame, pipe, status, deadline).await?;
+            }
+            Some(done) = pipe.tasks.join_next(), if !pipe.tasks.is_empty() => {
+                let mut outcomes = vec![done];
+                while let Some(more) = pipe.tasks.try_join_next() {
+                    outcomes.push(more);
+                }
+                settle(&mut ws, outcomes, pipe, status, deadline).await?;
+            }
+            _ = ticker.tick() => {
+                if last_rx.elapsed() > deadline {
+                    return Err(SessionError::HeartbeatTimeout(last_rx.elapsed()));
+                }
+                send(&mut ws, &Frame::Ping { t: now_ms() }, deadline).await?;
+            }
+        }
+    }
+}
+
+async fn on_frame(
+    ws: &mut Ws,
+    frame: Frame,
+    pipe: &mut Pipeline,
+    status: &Status,
+    deadline: Duration,
+) -> Result<(), SessionError> {
+    match frame {
+        Frame::Deliver { id, channel, attempt, webhook, .. } => {
+            let key = Recent::key(&channel, &id);
+            if pipe.recent.contains(&key) {
+                // Delivered already; the edge missed our ack.
+                status.update(|s| s.duplicates_dropped += 1);
+                return send(ws, &Frame::Ack { ids: vec![id] }, deadline).await;
+            }
+            if !pipe.running.insert(key) {
+                // Still being posted from an earlier session; its result
+                // will be acked when it finishes.
+                return Ok(());
+            }
+            if attempt > 1 {
+                status.update(|s| s.retried += 1);
+            }
+            spawn_delivery(pipe, channel, id, attempt, webhook);
+            status.update(|s| s.in_flight = pipe.running.len() as u64);
+            Ok(())
+        }
+        Frame::Ping { t } => send(ws, &Frame::Pong { t }, deadline).await,
+        Frame::Pong { t } => {
+            let rtt = now_ms().saturating_sub(t) as f64;
+            status.update(|s| s.last_rtt_ms = Some(rtt));
+            Ok(())
+        }
+        Frame::Stats { channels } => {
+            status.update(|s| s.channels = channels);
+            Ok(())
+        }
+        Frame::Error { code, message } => Err(SessionError::Refused { code, message }),
+        other => Err(SessionError::Protocol(format!("unexpected {} frame from the edge", other.kind()))),
+    }
+}
+
+fn spawn_delivery(pipe: &mut Pipeline, channel: String, id: String, attempt: u32, webhook: Webhook) {
+    let deliverer = pipe.deliverer.clone();
+    pipe.tasks.spawn(async move {
+        let verdict = deliverer.deliver(&channel, attempt, &webhook).await;
+        Outcome { channel, id, verdict }
+    });
+}
+
+/// Turns finished deliveries into one `Ack` frame plus any `Nack`s.
+async fn settle(
+    ws: &mut Ws,
+    outcomes: Vec<Result<Outcome, tokio::task::JoinError>>,
+    pipe: &mut Pipeline,
+    status: &Status,
+    deadline: Duration,
+) -> Result<(), SessionError> {
+    let mut acks = Vec::new();
+    let mut nacks = Vec::new();
+    for outcome in outcomes {
+        let Ok(Outcome { channel, id, verdict }) = outcome else { continue };
+        let key = Recent::key(&channel, &id);
+        pipe.running.remove(&key);
+        let target = pipe.deliverer.target(&channel).unwrap_or_default().to_string();
+        match verdict {
+            Verdict::Ack { status: code } => {
+                pipe.recent.insert(key);
+                acks.push(id);
+                status.update(|s| {
+                    s.delivered += 1;
+                    note_target(s, &channel, &target, Some(code), None);
+                });
+            }
+            Verdict::Retry { reason, status: code, after } => {
+                status.update(|s| {
+                    s.failed += 1;
+                    note_target(s, &channel, &target, code, Some(reason.clone()));
+                });
+                tracing::info!(%channel, %id, %reason, ?after, "delivery failed; edge will retry");
+                nacks.push(Frame::Nack {
+                    id,
+                    permanent: false,
+                    reason,
+                    retry_after_ms: Some(after.as_millis() as u64),
+                    status: code,
+                });
+            }
+            Verdict::DeadLetter { reason, status: code } => {
+                status.update(|s| {
+                    s.failed += 1;
+                    s.dead_lettered += 1;
+                    note_target(s, &channel, &target, code, Some(reason.clone()));
+                });
+                tracing::warn!(%channel, %id, %reason, "delivery failed permanently; dead-lettering");
+                nacks.push(Frame::Nack { id, permanent: true, reason, retry_after_ms: None, status: code });
+            }
+        }
+    }
+    status.update(|s| s.in_flight = pipe.running.len() as u64);
+    if !acks.is_empty() {
+        let frame = Frame::Ack { ids: acks };
+        if let Err(e) = send(ws, &frame, deadline).await {
+            if let Frame::Ack { ids } = frame {
+                pipe.unsent_acks.extend(ids);
+            }
+            return Err(e);
+        }
+    }
+    for nack in nacks {
+        send(ws, &nack, deadline).await?;
+    }
+    Ok(())
+}
+
+fn note_target(s: &mut crate::status::Snapshot, channel: &str, url: &str, code: Option<u16>, error: Option<String>) {
+    let now = now_ms();
+    match s.targets.iter_mut().find(|t| t.channel == channel) {
+        Some(t) => {
+            t.last_status = code;
+            t.last_error = error;
+            t.last_attempt_ms = Some(now);
+        }
+        None => s.targets.push(crate::status::TargetStatus {
+            channel: channel.into(),
+            url: url.into(),
+            last_status: code,
+            last_error: error,
+            last_attempt_ms: Some(now),
+        }),
+    }
+}
+
+/// On shutdown: wait for running deliveries and ack them before closing.
+async fn drain(ws: &mut Ws, pipe: &mut Pipeline, status: &Status, deadline: Duration) {
+    while let Some(done) = pipe.tasks.join_next().await {
+        if settle(ws, vec![done], pipe, status, deadline).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, frame: &Frame, deadline: Duration) -> Result<(), SessionError> {
+    let bytes = relay_protocol::encode(frame, &Limits::default()).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    match tokio::time::timeout(deadline, ws.send(Message::Binary(bytes.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(SessionError::Transport(e.to_string())),
+        Err(_) => Err(SessionError::Transport("the edge stopped reading".into())),
+    }
+}
+
+async fn recv(ws: &mut Ws, limits: &Limits) -> Result<Option<Frame>, SessionError> {
+    loop {
+        let msg = match ws.next().await {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(SessionError::Transport(e.to_string())),
+            Some(Ok(m)) => m,
+        };
+        match msg {
+            Message::Binary(bytes) => {
+                return relay_protocol::decode(&bytes, limits)
+                    .map(Some)
+                    .map_err(|e| SessionError::Protocol(e.to_string()));
+            }
+            Message::Close(_) => return Ok(None),
+            Message::Text(_) => return Err(SessionError::Protocol("text message from the edge".into())),
+            _ => continue,
+        }
+    }
+}

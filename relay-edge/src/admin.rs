@@ -1,0 +1,93 @@
+//! Admin listener (loopback by default): `/health` (liveness, Redis, queue
+//! depth, agents and the reference relay's counters), `/ready`, `/metrics`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
+    let result = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}
+
+/// Liveness and details; `200` while the process runs, `status` says
+/// whether Redis is reachable.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let redis = state.store.ping().await;
+    let mut channels = serde_json::Map::new();
+    if redis.is_ok() {
+        for ch in state.cfg.all_channels() {
+            if let Ok(s) = state.store.stats(&ch).await {
+                channels.insert(
+                    ch,
+                    serde_json::json!({ "backlog": s.backlog, "pending": s.pending, "oldest_ms": s.oldest_ms }),
+                );
+            }
+        }
+    }
+    let agents: Vec<_> = state
+        .registry
+        .list()
+        .into_iter()
+        .map(|s| serde_json::json!({ "agent": s.agent, "session": s.session, "addr": s.addr.to_string(), "channels": s.channels, "connected_at_ms": s.connected_at_ms }))
+        .collect();
+    let m = &state.metrics;
+    let body = serde_json::json!({
+        "status": if redis.is_ok() { "healthy" } else { "degraded" },
+        "redis": if redis.is_ok() { "ok" } else { "unreachable" },
+        "channels": channels,
+        "agents": agents,
+        "webhooks_received": m.received.load(Ordering::Relaxed),
+        "webhooks_processed": m.processed.load(Ordering::Relaxed),
+        "webhooks_failed": m.failed.load(Ordering::Relaxed),
+        "webhooks_retried": m.retried.load(Ordering::Relaxed),
+        "average_latency_ms": m.average_latency_ms(),
+        "last_webhook_time": m.last_webhook.lock().ok().and_then(|l| l.clone()),
+    });
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// For load balancers: `200` only when Redis answers.
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "redis unreachable\n").into_response(),
+    }
+}
+
+/// Minimal Prometheus text of the counters.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = &state.metrics;
+    let text = format!(
+        "# TYPE relay_webhooks_received_total counter\nrelay_webhooks_received_total {}\n\
+         # TYPE relay_webhooks_processed_total counter\nrelay_webhooks_processed_total {}\n\
+         # TYPE relay_webhooks_failed_total counter\nrelay_webhooks_failed_total {}\n\
+         # TYPE relay_webhooks_retried_total counter\nrelay_webhooks_retried_total {}\n\
+         # TYPE relay_agents_connected gauge\nrelay_agents_connected {}\n",
+        m.received.load(Ordering::Relaxed),
+        m.processed.load(Ordering::Relaxed),
+        m.failed.load(Ordering::Relaxed),
+        m.retried.load(Ordering::Relaxed),
+        state.registry.list().len(),
+    );
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,471 @@
+//! Edge configuration: defaults < TOML file < `RELAY_*` environment <
+//! the reference Go relay's flat variables (`API_KEY`, `REDIS_URL`, …).
+//!
+//! Every key has a default that works for a local trial; [`EdgeConfig::validate`]
+//! names the key and the reason for anything that cannot work.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Name of the route behind `POST /webhook` (reference relay compatibility).
+pub const LEGACY_ROUTE: &str = "webhook";
+/// Channel of the legacy route.
+pub const LEGACY_CHANNEL: &str = "default";
+
+/// The whole edge configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    pub ingest: IngestConfig,
+    pub tunnel: TunnelConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    /// Named webhook routes (`[[route]]`).
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    /// Agent identities and the channels granted to each (`[[agent]]`).
+    #[serde(rename = "agent")]
+    pub agents: Vec<AgentGrant>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Public webhook listener.
+    pub listen: String,
+    /// Largest accepted body; Meta batches reach 3 MB.
+    pub max_body: ByteSize,
+    /// Time allowed for reading a request and writing it to the store.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body: ByteSize::mib(4),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    /// `wss://` listener for agents (mutual TLS).
+    pub listen: String,
+    /// Edge server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Edge server private key (PEM).
+    pub key: PathBuf,
+    /// CA that signs agent client certificates (PEM).
+    pub client_ca: PathBuf,
+    /// Interval of edge → agent pings; a session silent for 3× this is closed.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Time allowed for TLS + WebSocket handshake + `Hello`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Visibility timeout: entries pending this long on another consumer are
+    /// reclaimed (`XAUTOCLAIM`). Must exceed the agent's request timeout plus
+    /// its heartbeat deadline, or slow local apps cause duplicates.
+    #[serde(with = "humantime_serde")]
+    pub reclaim_after: Duration,
+    /// Largest frame accepted from an agent.
+    pub max_frame: ByteSize,
+    /// Largest window an agent may ask for.
+    pub max_window: u32,
+    /// Delay before redelivering a nacked webhook when the agent gave none.
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8443".into(),
+            cert: "certs/dev/edge.pem".into(),
+            key: "certs/dev/edge-key.pem".into(),
+            client_ca: "certs/dev/ca.pem".into(),
+            heartbeat: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            reclaim_after: Duration::from_secs(120),
+            max_frame: ByteSize::mib(8),
+            max_window: 1000,
+            retry_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `/health`, `/ready`, `/metrics` and the admin API. Keep on loopback.
+    pub listen: String,
+    /// Bearer token for the admin API (not needed for /health, /ready).
+    pub token: Option<Secret>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Redis URL; may carry a password, so it is a secret.
+    pub redis_url: Secret,
+    /// Retention by age (`XTRIM MINID`); never cuts unacknowledged entries.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Timeout of one Redis command (ingest answers 503 past it).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// `BLOCK` of one `XREADGROUP`; kept short and looped.
+    #[serde(with = "humantime_serde")]
+    pub block: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: Secret::new("redis://127.0.0.1:6379/0"),
+            retention: Duration::from_secs(24 * 3600),
+            command_timeout: Duration::from_secs(3),
+            block: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// `POST /hooks/<name>`.
+    pub name: String,
+    /// Channels the webhook is appended to (several = fan-out).
+    pub channels: Vec<String>,
+    /// Accepted API keys (several allow rotation).
+    pub api_keys: Vec<Secret>,
+    /// Token for Meta's `hub.challenge` verification GET.
+    pub verify_token: Option<Secret>,
+    /// Meta app secret: `X-Hub-Signature-256` is verified when set.
+    pub app_secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentGrant {
+    /// Identity: the agent certificate's CN (or first DNS SAN).
+    pub name: String,
+    /// Channels this agent may receive.
+    pub channels: Vec<String>,
+}
+
+/// A string that never prints: API keys, tokens, app secrets, Redis URLs.
+/// Deserializes from any scalar, since the environment infers types
+/// (`RELAY_ADMIN__TOKEN=12345` would otherwise be an integer).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MASKED")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            S(String),
+            I(i64),
+            U(u64),
+            F(f64),
+            B(bool),
+        }
+        Ok(Secret(match Scalar::deserialize(d)? {
+            Scalar::S(s) => s,
+            Scalar::I(i) => i.to_string(),
+            Scalar::U(u) => u.to_string(),
+            Scalar::F(f) => f.to_string(),
+            Scalar::B(b) => b.to_string(),
+        }))
+    }
+}
+
+impl EdgeConfig {
+    /// Loads the layers and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(EdgeConfig::default()));
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(ConfigError::Missing(path.to_path_buf()));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig.merge(Env::prefixed("RELAY_").split("__"));
+        let mut cfg: EdgeConfig = fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        cfg.apply_reference_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Honours the reference Go relay's flat variables so its users can
+    /// switch binaries: `API_KEY` creates the `webhook` route on channel
+    /// `default`, `REDIS_URL`/`REDIS_PASSWORD`/`REDIS_DB` build the store URL,
+    /// `SERVER_PORT` moves the ingest listener, `MESSAGE_TTL` sets retention.
+    pub fn apply_reference_env(
+        &mut self,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(key) = var("API_KEY").filter(|k| !k.is_empty()) {
+            match self.routes.iter_mut().find(|r| r.name == LEGACY_ROUTE) {
+                Some(route) => route.api_keys.push(Secret::new(key)),
+                None => self.routes.push(RouteConfig {
+                    name: LEGACY_ROUTE.into(),
+                    channels: vec![LEGACY_CHANNEL.into()],
+                    api_keys: vec![Secret::new(key)],
+                    ..RouteConfig::default()
+                }),
+            }
+        }
+        if let Some(url) = var("REDIS_URL").filter(|u| !u.is_empty()) {
+            let mut url = if url.contains("://") { url } else { format!("redis://{url}") };
+            if let Some(pw) = var("REDIS_PASSWORD").filter(|p| !p.is_empty())
+                && !url.contains('@')
+            {
+                url = url.replacen("://", &format!("://:{pw}@"), 1);
+            }
+            if let Some(db) = var("REDIS_DB").filter(|d| !d.is_empty()) {
+                let db: u32 = db.parse().map_err(|_| ConfigError::Key {
+                    key: "REDIS_DB".into(),
+                    why: format!("`{db}` is not a database number"),
+                })?;
+                let base = url.trim_end_matches('/');
+                let has_db = base
+                    .rsplit_once('/')
+                    .is_some_and(|(head, tail)| !head.ends_with('/') && tail.parse::<u32>().is_ok());
+                url = if has_db { base.to_string() } else { format!("{base}/{db}") };
+            }
+            self.store.redis_url = Secret::new(url);
+        }
+        if let Some(port) = var("SERVER_PORT").filter(|p| !p.is_empty()) {
+            let port: u16 = port.parse().map_err(|_| ConfigError::Key {
+                key: "SERVER_PORT".into(),
+                why: format!("`{port}` is not a port number"),
+            })?;
+            self.ingest.listen = format!("0.0.0.0:{port}");
+        }
+        if let Some(ttl) = var("MESSAGE_TTL").filter(|t| !t.is_empty()) {
+            self.store.retention = parse_reference_duration(&ttl).ok_or_else(|| ConfigError::Key {
+                key: "MESSAGE_TTL".into(),
+                why: format!("`{ttl}` is not a duration like 24h or 86400"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks what the types cannot: names, references, files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| ConfigError::Key { key: key.into(), why };
+        for (key, addr) in [
+            ("ingest.listen", &self.ingest.listen),
+            ("tunnel.listen", &self.tunnel.listen),
+            ("admin.listen", &self.admin.listen),
+        ] {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| bad(key, format!("`{addr}` is not an address like 127.0.0.1:8080: {e}")))?;
+        }
+        if self.ingest.max_body.as_u64() == 0 {
+            return Err(bad("ingest.max_body", "must be above zero".into()));
+        }
+        if self.tunnel.max_frame.as_u64() < self.ingest.max_body.as_u64() + 64 * 1024 {
+            return Err(bad(
+                "tunnel.max_frame",
+                format!(
+                    "{} cannot carry a body of ingest.max_body = {} plus headers; raise it",
+                    self.tunnel.max_frame, self.ingest.max_body
+                ),
+            ));
+        }
+        if self.tunnel.heartbeat < Duration::from_millis(50) {
+            return Err(bad("tunnel.heartbeat", "must be at least 50ms".into()));
+        }
+        if self.tunnel.reclaim_after < self.tunnel.heartbeat * 3 {
+            return Err(bad(
+                "tunnel.reclaim_after",
+                "must exceed 3 × tunnel.heartbeat (the dead-session deadline)".into(),
+            ));
+        }
+        if self.store.block >= self.store.command_timeout * 4 {
+            return Err(bad("store.block", "keep it short (1–5 s) and below 4 × store.command_timeout".into()));
+        }
+        let url = self.store.redis_url.expose();
+        if redis::Client::open(url).is_err() {
+            // Never echo the URL: it may hold a password.
+            return Err(bad("store.redis_url", "is not a redis:// or rediss:// URL".into()));
+        }
+        let mut names = BTreeSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("route[{i}].{field}");
+            check_name(&route.name).map_err(|why| bad(&key("name"), why))?;
+            if !names.insert(route.name.as_str()) {
+                return Err(bad(&key("name"), format!("route `{}` is defined twice", route.name)));
+            }
+            if route.channels.is_empty() {
+                return Err(bad(&key("channels"), format!("route `{}` lists no channel", route.name)));
+            }
+            for ch in &route.channels {
+                check_name(ch).map_err(|why| bad(&key("channels"), why))?;
+            }
+            if route.api_keys.is_empty() {
+                return Err(bad(
+                    &key("api_keys"),
+                    format!("route `{}` has no API key; an open route would accept anyone's webhooks", route.name),
+                ));
+            }
+            if route.api_keys.iter().any(|k| k.expose().len() < 8) {
+                return Err(bad(&key("api_keys"), "every key needs at least 8 characters".into()));
+            }
+        }
+        let mut agents = BTreeSet::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            let key = |field: &str| format!("agent[{i}].{field}");
+            if agent.name.is_empty() {
+                return Err(bad(&key("name"), "is empty".into()));
+            }
+            if !agents.insert(agent.name.as_str()) {
+                return Err(bad(&key("name"), format!("agent `{}` is defined twice", agent.name)));
+            }
+            if agent.channels.is_empty() {
+                return Err(bad(&key("channels"), format!("agent `{}` is granted no channel", agent.name)));
+            }
+            for ch in &agent.channels {
+                check_name(ch).map_err(|why| bad(&key("channels"), why))?;
+            }
+        }
+        for (key, path) in [
+            ("tunnel.cert", &self.tunnel.cert),
+            ("tunnel.key", &self.tunnel.key),
+            ("tunnel.client_ca", &self.tunnel.client_ca),
+        ] {
+            if !path.is_file() {
+                return Err(bad(
+                    key,
+                    format!("{} does not exist (make dev certificates with `relay-edge certs init`)", path.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Channel → agents granted it; used to warn about undeliverable routes.
+    pub fn channel_grants(&self) -> BTreeMap<&str, Vec<&str>> {
+        let mut map: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for agent in &self.agents {
+            for ch in &agent.channels {
+                map.entry(ch.as_str()).or_default().push(agent.name.as_str());
+            }
+        }
+        map
+    }
+
+    /// Every channel any route writes to or any agent reads from.
+    pub fn all_channels(&self) -> BTreeSet<String> {
+        self.routes
+            .iter()
+            .flat_map(|r| r.channels.iter())
+            .chain(self.agents.iter().flat_map(|a| a.channels.iter()))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Route and channel names go into URLs and Redis keys: keep them plain.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("`{name}` must be 1–64 characters"));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+        return Err(format!("`{name}` may only hold letters, digits, `-`, `_` and `.`"));
+    }
+    Ok(())
+}
+
+/// The reference relay takes Go durations (`24h`) or plain seconds.
+pub(crate) fn parse_reference_duration(s: &str) -> Option<Duration> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_debug_is_masked() {
+        assert_eq!(format!("{:?}", Secret::new("k_live_1")), "MASKED");
+    }
+
+    #[test]
+    fn reference_env_creates_legacy_route_and_redis_url() {
+        let mut cfg = EdgeConfig::default();
+        let env = |k: &str| match k {
+            "API_KEY" => Some("legacy-key-123".to_string()),
+            "REDIS_URL" => Some("localhost:6380".to_string()),
+            "REDIS_PASSWORD" => Some("pw".to_string()),
+            "REDIS_DB" => Some("2".to_string()),
+            "SERVER_PORT" => Some("8081".to_string()),
+            "MESSAGE_TTL" => Some("12h".to_string()),
+            _ => None,
+        };
+        cfg.apply_reference_env(env).expect("applies");
+        assert_eq!(cfg.routes[0].name, LEGACY_ROUTE);
+        assert_eq!(cfg.routes[0].channels, vec![LEGACY_CHANNEL.to_string()]);
+        assert_eq!(cfg.store.redis_url.expose(), "redis://:pw@localhost:6380/2");
+        assert_eq!(cfg.ingest.listen, "0.0.0.0:8081");
+        assert_eq!(cfg.store.retention, Duration::from_secs(12 * 3600));
+    }
+
+    #[test]
+    fn bad_reference_port_names_the_variable() {
+        let mut cfg = EdgeConfig::default();
+        let err = cfg
+            .apply_reference_env(|k| (k == "SERVER_PORT").then(|| "eighty".to_string()))
+            .expect_err("must fail");
+        assert!(err.to_string().contains("SERVER_PORT"), "{err}");
+    }
+}

@@ -1,0 +1,96 @@
+//! Error types of the edge. Ingest errors map to a JSON answer with a stable
+//! code and a human message that never carries secrets or internals.
+
+use std::path::PathBuf;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use thiserror::Error;
+
+/// Configuration that cannot work; the message names the key.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config file {} does not exist", .0.display())]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {why}")]
+    Key { key: String, why: String },
+}
+
+/// Failures of the Redis store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("redis {op} failed: {source}")]
+    Redis {
+        op: &'static str,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("redis {op} timed out after {ms} ms")]
+    Timeout { op: &'static str, ms: u128 },
+    #[error("stream entry {id} is unreadable: {why}")]
+    Corrupt { id: String, why: String },
+}
+
+/// Failures while starting the edge.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An ingest request refused; rendered as
+/// `{"success":false,"error":"<code>","message":"<text>"}`.
+#[derive(Debug, Error)]
+pub enum IngestError {
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("unknown route `{0}`")]
+    UnknownRoute(String),
+    #[error("request body exceeds the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("signature missing or invalid")]
+    BadSignature,
+    #[error("verification token mismatch")]
+    VerifyFailed,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("store unavailable; retry later")]
+    StoreUnavailable,
+}
+
+impl IngestError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            IngestError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            IngestError::UnknownRoute(_) => (StatusCode::NOT_FOUND, "unknown_route"),
+            IngestError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            IngestError::BadSignature => (StatusCode::UNAUTHORIZED, "bad_signature"),
+            IngestError::VerifyFailed => (StatusCode::FORBIDDEN, "verify_failed"),
+            IngestError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            IngestError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = serde_json::json!({ "success": false, "error": code, "message": self.to_string() });
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,146 @@
+//! `relay-edge`: the public side of the webhook relay.
+//!
+//! Component map:
+//! - [`ingest`]: public HTTP listener; authenticates a webhook, appends it to
+//!   each of its route's channel streams, and only then answers `200`.
+//! - [`store`]: Redis Streams: append, consumer groups, pending lists,
+//!   reclaim, dead letters, age-based retention.
+//! - [`tunnel`]: the mutual-TLS WebSocket listener agents dial; one
+//!   [`tunnel::session`] per agent pushes entries and turns acks into `XACK`.
+//! - [`admin`]: `/health`, `/ready`, `/metrics` on a loopback listener.
+//! - [`certs`]: `relay-edge certs …`, dev CA and certificates.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod certs;
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod metrics;
+pub mod store;
+pub mod tunnel;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::EdgeConfig;
+pub use error::{ConfigError, StartError};
+
+use crate::store::Store;
+
+/// State shared by every listener and session.
+pub struct AppState {
+    pub cfg: EdgeConfig,
+    pub store: Store,
+    /// Agent identity → channels granted to it.
+    pub grants: HashMap<String, Vec<String>>,
+    pub registry: tunnel::registry::Registry,
+    pub metrics: metrics::Metrics,
+    /// Cancelled once, on SIGINT/SIGTERM (or by a test).
+    pub shutdown: CancellationToken,
+}
+
+/// The three listeners, bound by the caller so tests can use port 0.
+pub struct Listeners {
+    pub ingest: TcpListener,
+    pub tunnel: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(cfg: &EdgeConfig) -> Result<Self, StartError> {
+        async fn one(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr: addr.into(), source })
+        }
+        Ok(Self {
+            ingest: one("ingest", &cfg.ingest.listen).await?,
+            tunnel: one("tunnel", &cfg.tunnel.listen).await?,
+            admin: one("admin", &cfg.admin.listen).await?,
+        })
+    }
+
+    pub fn addrs(&self) -> (SocketAddr, SocketAddr, SocketAddr) {
+        let a = |l: &TcpListener| l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        (a(&self.ingest), a(&self.tunnel), a(&self.admin))
+    }
+}
+
+/// Runs the edge until `shutdown` is cancelled, then drains for a grace period.
+pub async fn run(cfg: EdgeConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), StartError> {
+    let tls = tunnel::tls::server_config(&cfg.tunnel)?;
+    let store = Store::open(&cfg.store)?;
+    let grants = cfg.agents.iter().map(|a| (a.name.clone(), a.channels.clone())).collect();
+    let (ingest_addr, tunnel_addr, admin_addr) = listeners.addrs();
+    let state = Arc::new(AppState {
+        cfg,
+        store,
+        grants,
+        registry: Default::default(),
+        metrics: Default::default(),
+        shutdown: shutdown.clone(),
+    });
+    warn_about_config(&state.cfg);
+    match state.store.ping().await {
+        Ok(()) => {
+            for ch in state.cfg.all_channels() {
+                if let Err(e) = state.store.ensure_group(&ch).await {
+                    tracing::warn!(channel = %ch, error = %e, "cannot create consumer group yet");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "Redis is not reachable yet; ingest answers 503 until it is"),
+    }
+    tracing::info!(%ingest_addr, %tunnel_addr, %admin_addr, "relay-edge listening");
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(ingest::serve(listeners.ingest, state.clone(), shutdown.clone()));
+    tracker.spawn(admin::serve(listeners.admin, state.clone(), shutdown.clone()));
+    tracker.spawn(tunnel::serve(listeners.tunnel, tls, state.clone(), shutdown.clone(), tracker.clone()));
+    tracker.spawn(retention_loop(state.clone(), shutdown.clone()));
+    tracker.close();
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down; draining connections");
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+        tracing::warn!("some tasks did not finish within 10 s; exiting anyway");
+    } else {
+        tracing::info!("drained");
+    }
+    Ok(())
+}
+
+fn warn_about_config(cfg: &EdgeConfig) {
+    let grants = cfg.channel_grants();
+    for route in &cfg.routes {
+        for ch in &route.channels {
+            if !grants.contains_key(ch.as_str()) {
+                tracing::warn!(route = %route.name, channel = %ch, "no [[agent]] is granted this channel: its webhooks will wait in the stream");
+            }
+        }
+    }
+}
+
+/// Trims every channel by age, never cutting unacknowledged entries.
+async fn retention_loop(state: Arc<AppState>, shutdown: CancellationToken) {
+    let retention = state.cfg.store.retention;
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for ch in state.cfg.all_channels() {
+            match state.store.trim(&ch, retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(channel = %ch, removed = n, "retention trimmed acknowledged entries"),
+                Err(e) => tracing::debug!(channel = %ch, error = %e, "retention trim failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! Durable store of webhooks: Redis Streams.
+//!
+//! # Layout
+//! One stream per channel (`relay:{<channel>}:stream`, see [`keys`]), one
+//! consumer group `relay` per stream created at id `0` so entries written
+//! before any agent ever connected are still delivered, and one consumer per
+//! agent identity. Agents granted the same channel share its load.
+//!
+//! # Delivery bookkeeping
+//! An entry read by a session sits in the group's pending list (PEL) under
+//! the agent's name until an `Ack` turns into `XACK`. On (re)connect a session
+//! first re-reads its own PEL (`XREADGROUP … 0`), then new entries (`>`).
+//! Entries idle in another consumer's PEL longer than the visibility timeout
+//! are taken over with `XAUTOCLAIM`. The delivery count of the PEL is the
+//! attempt number, so it survives reconnects and edge restarts.
+//!
+//! # Retention
+//! `XTRIM MINID` by age, but never past the oldest pending entry nor past the
+//! group's last delivered id: nothing unacknowledged is cut.
+//!
+//! # Connections
+//! Commands share one auto-reconnecting multiplexed connection with a short
+//! response timeout. Each session's blocking `XREADGROUP` runs on a
+//! dedicated connection (a blocking read would stall every other command on a
+//! shared one) whose timeout exceeds the `BLOCK`.
+
+pub mod keys;
+mod parse;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Value};
+use relay_protocol::{ChannelStats, Webhook};
+
+use crate::config::StoreConfig;
+use crate::error::StoreError;
+
+pub use parse::RawEntry;
+
+/// One stream entry handed to a session.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub channel: String,
+    /// Stream entry id, e.g. `1700000000000-0`.
+    pub id: String,
+    /// The webhook, or why it could not be read (trimmed, corrupt).
+    pub webhook: Result<Webhook, String>,
+}
+
+/// Handle on the Redis store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    client: redis::Client,
+    /// Shared connection for every non-blocking command.
+    conn: ConnectionManager,
+    /// Per-command deadline, on top of the connection's response timeout.
+    timeout: Duration,
+    /// `BLOCK` of one `XREADGROUP`.
+    block: Duration,
+}
+
+/// A dedicated connection for one session's blocking reads.
+pub struct Reader {
+    conn: MultiplexedConnection,
+    block: Duration,
+}
+
+fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> StoreError {
+    move |source| StoreError::Redis { op, source }
+}
+
+impl Store {
+    /// Opens the store lazily: the edge starts (and answers 503) while Redis
+    /// is down, and connects as soon as it is up.
+    pub fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
+        let client = redis::Client::open(cfg.redis_url.expose()).map_err(redis_err("open"))?;
+        let mcfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.command_timeout))
+            .set_response_timeout(Some(cfg.command_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))?;
+        Ok(Self {
+            client,
+            conn,
+            timeout: cfg.command_timeout,
+            block: cfg.block,
+        })
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, op: &'static str, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(r) => r.map_err(redis_err(op)),
+            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
+        }
+    }
+
+    async fn run_pipe<T: redis::FromRedisValue>(&self, op: &'static str, pipe: &redis::Pipeline) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
+            Ok(r) => r.map_err(redis_err(op)),
+            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = self.run("PING", &redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    /// Appends one webhook to each channel's stream and returns the entry
+    /// ids in channel order. Returns only after Redis answered.
+    pub async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<String>, StoreError> {
+        let bytes = rmp_serde::to_vec_named(webhook).map_err(|e| StoreError::Corrupt {
+            id: webhook.id.clone(),
+            why: e.to_string(),
+        })?;
+        if let [channel] = channels {
+            let id: String = self
+                .run(
+                    "XADD",
+                    redis::cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes),
+                )
+                .await?;
+            return Ok(vec![id]);
+        }
+        let mut pipe = redis::pipe();
+        for channel in channels {
+            pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
+        }
+        self.run_pipe("XADD", &pipe).await
+    }
+
+    /// Creates the channel's stream and group at id 0; an existing group is fine.
+    pub async fn ensure_group(&self, channel: &str) -> Result<(), StoreError> {
+        let cmd = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(keys::stream(channel))
+            .arg(keys::GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .to_owned();
+        match self.run::<Value>("XGROUP CREATE", &cmd).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::Redis { source, .. }) if source.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `XACK`s delivered entries; returns how many were pending.
+    pub async fn ack(&self, channel: &str, ids: &[String]) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.run("XACK", redis::cmd("XACK").arg(keys::stream(channel)).arg(keys::GROUP).arg(ids))
+            .await
+    }
+
+    /// Moves an entry to the channel's DLQ and acknowledges it, atomically.
+    pub async fn dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let xadd = pipe.cmd("XADD").arg(keys::dlq(letter.channel)).arg("*");
+        xadd.arg("stream_id").arg(letter.id);
+        xadd.arg("reason").arg(letter.reason);
+        xadd.arg("attempts").arg(letter.attempts);
+        xadd.arg("failed_at_ms").arg(now_ms());
+        if let Some(status) = letter.status {
+            xadd.arg("status").arg(status);
+        }
+        if let Some(raw) = letter.raw {
+            xadd.arg(keys::FIELD_WEBHOOK).arg(raw);
+        }
+        pipe.cmd("XACK").arg(keys::stream(letter.channel)).arg(keys::GROUP).arg(letter.id).ignore();
+        let _: Value = self.run_pipe("dead-letter", &pipe).await?;
+        Ok(())
+    }
+
+    /// Reads raw fields of entries by id (for dead-lettering).
+    pub async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let v: Value = self
+            .run("XRANGE", redis::cmd("XRANGE").arg(keys::stream(channel)).arg(id).arg(id))
+            .await?;
+        Ok(parse::entries(v)?.into_iter().next().and_then(|e| e.field(keys::FIELD_WEBHOOK)))
+    }
+
+    /// Opens a dedicated connection for one session's blocking reads.
+    pub async fn reader(&self) -> Result<Reader, StoreError> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.block + self.timeout));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(redis_err("connect reader"))?;
+        Ok(Reader { conn, block: self.block })
+    }
+
+    /// Takes over entries idle longer than `min_idle` in any consumer's PEL.
+    pub async fn autoclaim(
+        &self,
+        channel: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let v: Value = self
+            .run(
+                "XAUTOCLAIM",
+                redis::cmd("XAUTOCLAIM")
+                    .arg(keys::stream(channel))
+                    .arg(keys::GROUP)
+                    .arg(consumer)
+                    .arg(min_idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        // Reply: [next-cursor, [entries…], [deleted ids…]]
+        let Value::Array(mut parts) = v else {
+            return Ok(Vec::new());
+        };
+        if parts.len() < 2 {
+            return Ok(Vec::new());
+        }
+        let deleted = if parts.len() > 2 { parse::ids(parts.remove(2)) } else { Vec::new() };
+        let mut out: Vec<Entry> = parse::entries(parts.remove(1))?
+            .into_iter()
+            .map(|raw| raw.into_entry(channel))
+            .collect();
+        // Entries trimmed while pending: report them so the session can XACK them.
+        out.extend(deleted.into_iter().map(|id| Entry {
+            channel: channel.to_string(),
+            id,
+            webhook: Err("entry was deleted from the stream while pending".into()),
+        }));
+        Ok(out)
+    }
+
+    /// Delivery counts (attempts so far) of a consumer's pending entries.
+    pub async fn delivery_counts(
+        &self,
+        channel: &str,
+        consumer: &str,
+        first: &str,
+        last: &str,
+        count: usize,
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        let v: Value = self
+            .run(
+                "XPENDING",
+                redis::cmd("XPENDING")
+                    .arg(keys::stream(channel))
+                    .arg(keys::GROUP)
+                    .arg(first)
+                    .arg(last)
+                    .arg(count)
+                    .arg(consumer),
+            )
+            .await?;
+        Ok(parse::pending_counts(v))
+    }
+
+    /// Backlog figures of one channel for `status` and `/health`.
+    pub async fn stats(&self, channel: &str) -> Result<ChannelStats, StoreError> {
+        let stream = keys::stream(channel);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
+        pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP);
+        let res: Result<(Value, Value), _> = self.run_pipe("XINFO GROUPS", &pipe).await;
+        let (groups, pending) = match res {
+            Ok(v) => v,
+            // No stream yet: nothing waiting.
+            Err(StoreError::Redis { source, .. }) if source.code() == Some("ERR") || source.code() == Some("NOGROUP") => {
+                return Ok(ChannelStats { channel: channel.into(), backlog: 0, pending: 0, oldest_ms: None });
+            }
+            Err(e) => return Err(e),
+        };
+        let group = parse::group_info(groups, keys::GROUP);
+        let (pending_count, oldest_pending) = parse::pending_summary(pending);
+        let now = now_ms();
+        let age = |id: &str| id_ms(id).map(|t| now.saturating_sub(t));
+        // Oldest waiting entry: the oldest pending one, else the first undelivered.
+        let oldest_ms = match oldest_pending.as_deref().and_then(age) {
+            Some(a) => Some(a),
+            None if group.lag.unwrap_or(0) > 0 => {
+                let after = group.last_delivered.clone().unwrap_or_else(|| "0-0".into());
+                let v: Value = self
+                    .run("XRANGE", redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg("+").arg("COUNT").arg(1))
+                    .await?;
+                parse::entries(v)?.first().and_then(|e| age(&e.id))
+            }
+            None => None,
+        };
+        Ok(ChannelStats {
+            channel: channel.into(),
+            backlog: group.lag.unwrap_or(0),
+            pending: pending_count,
+            oldest_ms,
+        })
+    }
+
+    /// Trims entries older than `retention`, but never an entry that is
+    /// pending or not yet delivered to the group. Returns entries removed.
+    pub async fn trim(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
+        let stream = keys::stream(channel);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
+        pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP);
+        let (groups, pending): (Value, Value) = match self.run_pipe("XINFO GROUPS", &pipe).await {
+            Ok(v) => v,
+            Err(StoreError::Redis { source, .. }) if source.code() == Some("ERR") || source.code() == Some("NOGROUP") => {
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut min_ms = now_ms().saturating_sub(retention.as_millis() as u64);
+        let group = parse::group_info(groups, keys::GROUP);
+        if let Some(oldest) = parse::pending_summary(pending).1.as_deref().and_then(id_ms) {
+            min_ms = min_ms.min(oldest);
+        }
+        // Entries after last-delivered-id have not been read: keep them.
+        if group.lag != Some(0) {
+            let last = group.last_delivered.as_deref().and_then(id_ms).unwrap_or(0);
+            min_ms = min_ms.min(last);
+        }
+        self.run("XTRIM", redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(min_ms)).await
+    }
+}
+
+/// What [`Store::dead_letter`] records.
+pub struct DeadLetter<'a> {
+    pub channel: &'a str,
+    pub id: &'a str,
+    pub reason: &'a str,
+    pub status: Option<u16>,
+    pub attempts: u32,
+    /// The stored webhook bytes, copied verbatim.
+    pub raw: Option<&'a [u8]>,
+}
+
+impl Reader {
+    /// `XREADGROUP` over several streams, each from its own cursor (`0`-style
+    /// ids re-read the consumer's PEL, `>` reads new entries). Blocks up to
+    /// the configured `BLOCK` only when every cursor is `>`.
+    pub async fn read(
+        &mut self,
+        consumer: &str,
+        cursors: &[(String, String)],
+        count: usize,
+    ) -> Result<Vec<RawEntry>, StoreError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count.max(1));
+        if cursors.iter().all(|(_, c)| c == ">") {
+            cmd.arg("BLOCK").arg(self.block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS");
+        for (channel, _) in cursors {
+            cmd.arg(keys::stream(channel));
+        }
+        for (_, cursor) in cursors {
+            cmd.arg(cursor);
+        }
+        let v: Value = cmd.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
+        parse::read_reply(v)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Milliseconds part of a stream id (`1700000000000-3` → 1700000000000).
+pub fn id_ms(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
+}
+
+impl Store {
+    /// Claims one pending entry for `consumer` (increments its delivery
+    /// count); `None` when it is no longer pending.
+    pub async fn claim(&self, channel: &str, consumer: &str, id: &str) -> Result<Option<Entry>, StoreError> {
+        let v: Value = self
+            .run(
+                "XCLAIM",
+                redis::cmd("XCLAIM").arg(keys::stream(channel)).arg(keys::GROUP).arg(consumer).arg(0).arg(id),
+            )
+            .await?;
+        Ok(parse::entries(v)?.into_iter().next().map(|raw| raw.into_entry(channel)))
+    }
+}

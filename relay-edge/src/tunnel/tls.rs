@@ -1,0 +1,72 @@
+//! TLS for the tunnel: TLS 1.3 only, client certificates required and
+//! verified against the configured CA, ring as the one crypto provider.
+//! The agent's identity is its certificate's CN, else its first DNS SAN.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::config::TunnelConfig;
+use crate::error::StartError;
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn load_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, StartError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| StartError::Tls(format!("`{key}`: cannot read certificates from {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(format!("`{key}`: {} holds no PEM certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path, key: &str) -> Result<PrivateKeyDer<'static>, StartError> {
+    // The error names the file, never its content.
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| StartError::Tls(format!("`{key}`: cannot read a private key from {}: {e}", path.display())))
+}
+
+/// Builds the tunnel's server config from `[tunnel]`.
+pub fn server_config(cfg: &TunnelConfig) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for ca in load_certs(&cfg.client_ca, "tunnel.client_ca")? {
+        roots
+            .add(ca)
+            .map_err(|e| StartError::Tls(format!("`tunnel.client_ca`: {}: {e}", cfg.client_ca.display())))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| StartError::Tls(format!("client certificate verifier: {e}")))?;
+    let chain = load_certs(&cfg.cert, "tunnel.cert")?;
+    let key = load_key(&cfg.key, "tunnel.key")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| StartError::Tls(format!("TLS 1.3: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| StartError::Tls(format!("`tunnel.cert`/`tunnel.key` do not form a usable pair: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The identity of a verified peer certificate: CN, else first DNS SAN.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, x509) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    if let Some(cn) = x509.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()) {
+        return Some(cn.to_string());
+    }
+    let san = x509.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::DNSName(d) => Some(d.to_string()),
+        _ => None,
+    })
+}

@@ -1,0 +1,278 @@
+//! Dev-only harness for the relay's integration tests: a real
+//! `redis-server` on a free loopback port in a temp dir (killed on drop),
+//! throwaway certificates, the real edge and agent run in-process on
+//! `127.0.0.1:0`, and a recording HTTP receiver.
+#![forbid(unsafe_code)]
+
+pub mod receiver;
+pub mod redis_server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_agent::AgentConfig;
+use relay_edge::EdgeConfig;
+use relay_edge::config::{AgentGrant, RouteConfig, Secret};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use receiver::{Delivery, Receiver};
+pub use redis_server::RedisServer;
+
+/// API key of the test route `hooks` (channel `crm`) and the legacy route.
+pub const KEY: &str = "test-key-0001";
+
+/// Logs for tests: `RUST_LOG=debug cargo test` shows the relay's logs.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A CA, the edge certificate and agent certificates, in a temp dir.
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Certs {
+    /// CA + edge (`localhost`, `127.0.0.1`) + agents `lan-1`, `lan-2`,
+    /// `lan-3`, plus a second, unrelated CA in `rogue/` with its own `lan-1`.
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        relay_edge::certs::init(dir.path(), &["localhost".into(), "127.0.0.1".into()], false).expect("certs init");
+        for a in ["lan-1", "lan-2", "lan-3"] {
+            relay_edge::certs::agent(dir.path(), a).expect("agent cert");
+        }
+        let rogue = dir.path().join("rogue");
+        relay_edge::certs::init(&rogue, &["localhost".into()], false).expect("rogue init");
+        relay_edge::certs::agent(&rogue, "lan-1").expect("rogue agent");
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+}
+
+/// Edge config for tests: fast heartbeats, route `hooks` → `crm`, the
+/// legacy route → `default`, agents `lan-1`/`lan-2` granted `crm` and
+/// `default`, `lan-3` granted only `other`.
+pub fn edge_config(redis: &RedisServer, certs: &Certs) -> EdgeConfig {
+    let mut cfg = EdgeConfig::default();
+    cfg.ingest.listen = "127.0.0.1:0".into();
+    cfg.tunnel.listen = "127.0.0.1:0".into();
+    cfg.admin.listen = "127.0.0.1:0".into();
+    cfg.tunnel.cert = certs.path("edge.pem");
+    cfg.tunnel.key = certs.path("edge-key.pem");
+    cfg.tunnel.client_ca = certs.path("ca.pem");
+    cfg.tunnel.heartbeat = Duration::from_millis(300);
+    cfg.tunnel.handshake_timeout = Duration::from_secs(5);
+    cfg.tunnel.reclaim_after = Duration::from_secs(3);
+    cfg.tunnel.retry_delay = Duration::from_millis(100);
+    cfg.store.redis_url = Secret::new(redis.url());
+    cfg.store.block = Duration::from_millis(500);
+    cfg.store.command_timeout = Duration::from_secs(2);
+    cfg.routes = vec![
+        RouteConfig {
+            name: "hooks".into(),
+            channels: vec!["crm".into()],
+            api_keys: vec![Secret::new(KEY)],
+            verify_token: Some(Secret::new("verify-me")),
+            ..Default::default()
+        },
+        RouteConfig {
+            name: relay_edge::config::LEGACY_ROUTE.into(),
+            channels: vec![relay_edge::config::LEGACY_CHANNEL.into()],
+            api_keys: vec![Secret::new(KEY)],
+            ..Default::default()
+        },
+    ];
+    cfg.agents = vec![
+        AgentGrant { name: "lan-1".into(), channels: vec!["crm".into(), "default".into()] },
+        AgentGrant { name: "lan-2".into(), channels: vec!["crm".into(), "default".into()] },
+        AgentGrant { name: "lan-3".into(), channels: vec!["other".into()] },
+    ];
+    cfg.validate().expect("test edge config is valid");
+    cfg
+}
+
+/// Agent config for tests: identity `name`, fast heartbeats and reconnects.
+pub fn agent_config(edge: &Edge, certs: &Certs, name: &str, targets: &[(&str, String)]) -> AgentConfig {
+    let mut cfg = AgentConfig::default();
+    cfg.edge = format!("wss://127.0.0.1:{}", edge.tunnel.port());
+    cfg.cert = certs.path(&format!("{name}.pem"));
+    cfg.key = certs.path(&format!("{name}-key.pem"));
+    cfg.ca = certs.path("ca.pem");
+    cfg.status_socket = certs.path(&format!("{name}-{}.sock", unique()));
+    cfg.heartbeat = Duration::from_millis(300);
+    cfg.connect_timeout = Duration::from_secs(3);
+    cfg.request_timeout = Duration::from_secs(2);
+    cfg.reconnect.initial_delay = Duration::from_millis(50);
+    cfg.reconnect.max_delay = Duration::from_millis(500);
+    cfg.retry.initial_delay = Duration::from_millis(50);
+    cfg.retry.max_delay = Duration::from_millis(500);
+    cfg.targets = targets
+        .iter()
+        .map(|(c, u)| relay_agent::config::Target { channel: c.to_string(), url: u.clone() })
+        .collect();
+    cfg.validate().expect("test agent config is valid");
+    cfg
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed) + u64::from(std::process::id()) * 1000
+}
+
+/// A running in-process edge.
+pub struct Edge {
+    pub ingest: SocketAddr,
+    pub tunnel: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Edge {
+    pub async fn start(cfg: EdgeConfig) -> Self {
+        cfg.validate().expect("valid edge config");
+        let listeners = relay_edge::Listeners::bind(&cfg).await.expect("bind edge listeners");
+        let (ingest, tunnel, admin) = listeners.addrs();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            relay_edge::run(cfg, listeners, token).await.expect("edge runs");
+        });
+        Self { ingest, tunnel, admin, shutdown, task }
+    }
+
+    /// Starts again on the same ports (for restart tests).
+    pub async fn restart_like(&self, mut cfg: EdgeConfig) -> Self {
+        cfg.ingest.listen = self.ingest.to_string();
+        cfg.tunnel.listen = self.tunnel.to_string();
+        cfg.admin.listen = self.admin.to_string();
+        Self::start(cfg).await
+    }
+
+    /// Graceful stop: cancels and waits for the edge to drain.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+    }
+
+    pub fn webhook_url(&self) -> String {
+        format!("http://{}/webhook", self.ingest)
+    }
+
+    pub fn hook_url(&self, route: &str) -> String {
+        format!("http://{}/hooks/{route}", self.ingest)
+    }
+}
+
+/// A running in-process agent.
+pub struct Agent {
+    pub socket: PathBuf,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Agent {
+    pub fn start(cfg: AgentConfig) -> Self {
+        let socket = cfg.status_socket.clone();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            relay_agent::run(cfg, token).await.expect("agent runs");
+        });
+        Self { socket, shutdown, task }
+    }
+
+    /// Like `kill -9`: aborts the agent and every local request it had
+    /// running, with no goodbye to the edge.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+
+    pub fn status(&self) -> Result<relay_agent::status::Snapshot, String> {
+        relay_agent::status::client::query(&self.socket)
+    }
+
+    /// Waits until the agent reports a live session.
+    pub async fn wait_connected(&self, within: Duration) {
+        let socket = self.socket.clone();
+        wait_until(within, "agent connected", || {
+            relay_agent::status::client::query(&socket).is_ok_and(|s| s.connected)
+        })
+        .await;
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds, or panics after `within`.
+pub async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Posts a webhook with `X-API-Key`; returns status and JSON answer.
+pub async fn post(client: &reqwest::Client, url: &str, key: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+    let resp = client
+        .post(url)
+        .header("x-api-key", key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("post webhook");
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap_or_default();
+    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+/// Number of entries pending (delivered, unacked) on a channel.
+pub async fn pending(redis: &RedisServer, channel: &str) -> u64 {
+    let mut conn = redis.conn().await;
+    let v: redis::Value = redis::cmd("XPENDING")
+        .arg(format!("relay:{{{channel}}}:stream"))
+        .arg("relay")
+        .query_async(&mut conn)
+        .await
+        .expect("XPENDING");
+    match v {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// Length of a channel's DLQ.
+pub async fn dlq_len(redis: &RedisServer, channel: &str) -> u64 {
+    let mut conn = redis.conn().await;
+    redis::cmd("XLEN")
+        .arg(format!("relay:{{{channel}}}:dlq"))
+        .query_async(&mut conn)
+        .await
+        .expect("XLEN")
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
