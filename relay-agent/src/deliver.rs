@@ -15,13 +15,30 @@ use crate::backoff;
 use crate::config::{AgentConfig, RetryConfig};
 
 /// Headers not forwarded: hop-by-hop, and ones the HTTP client sets itself.
-const SKIP: &[&str] = &["host", "content-length", "connection", "transfer-encoding", "keep-alive", "te", "upgrade"];
+const SKIP: &[&str] = &[
+    "host",
+    "content-length",
+    "connection",
+    "transfer-encoding",
+    "keep-alive",
+    "te",
+    "upgrade",
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
-    Ack { status: u16 },
-    Retry { reason: String, status: Option<u16>, after: Duration },
-    DeadLetter { reason: String, status: Option<u16> },
+    Ack {
+        status: u16,
+    },
+    Retry {
+        reason: String,
+        status: Option<u16>,
+        after: Duration,
+    },
+    DeadLetter {
+        reason: String,
+        status: Option<u16>,
+    },
 }
 
 pub struct Deliverer {
@@ -40,7 +57,11 @@ impl Deliverer {
             .build()?;
         Ok(Self {
             client,
-            targets: cfg.targets.iter().map(|t| (t.channel.clone(), t.url.clone())).collect(),
+            targets: cfg
+                .targets
+                .iter()
+                .map(|t| (t.channel.clone(), t.url.clone()))
+                .collect(),
             retry: cfg.retry.clone(),
         })
     }
@@ -51,9 +72,13 @@ impl Deliverer {
 
     pub async fn deliver(&self, channel: &str, attempt: u32, webhook: &Webhook) -> Verdict {
         let Some(url) = self.targets.get(channel) else {
-            return Verdict::DeadLetter { reason: format!("no target configured for channel `{channel}`"), status: None };
+            return Verdict::DeadLetter {
+                reason: format!("no target configured for channel `{channel}`"),
+                status: None,
+            };
         };
-        let method = reqwest::Method::from_bytes(webhook.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+        let method =
+            reqwest::Method::from_bytes(webhook.method.as_bytes()).unwrap_or(reqwest::Method::POST);
         let mut req = self.client.request(method, url.as_str());
         for h in &webhook.headers {
             if SKIP.contains(&h.name.as_str()) || h.name.starts_with("x-relay-") {
@@ -84,9 +109,17 @@ impl Deliverer {
         match outcome {
             Ok(v) => v,
             Err((reason, status, retry_after)) if attempt < self.retry.max_attempts => {
-                let backoff =
-                    backoff::delay(attempt, self.retry.initial_delay, self.retry.multiplier, self.retry.max_delay);
-                Verdict::Retry { reason, status, after: retry_after.unwrap_or(backoff).min(self.retry.max_delay) }
+                let backoff = backoff::delay(
+                    attempt,
+                    self.retry.initial_delay,
+                    self.retry.multiplier,
+                    self.retry.max_delay,
+                );
+                Verdict::Retry {
+                    reason,
+                    status,
+                    after: retry_after.unwrap_or(backoff).min(self.retry.max_delay),
+                }
             }
             Err((reason, status, _)) => Verdict::DeadLetter {
                 reason: format!("gave up after {attempt} attempts: {reason}"),
@@ -101,8 +134,15 @@ type Retryable = (String, Option<u16>, Option<Duration>);
 fn classify(status: u16, retry_after: Option<Duration>) -> Result<Verdict, Retryable> {
     match status {
         200..=299 => Ok(Verdict::Ack { status }),
-        408 | 429 | 500..=599 => Err((format!("local endpoint answered {status}"), Some(status), retry_after)),
-        _ => Ok(Verdict::DeadLetter { reason: format!("local endpoint answered {status}"), status: Some(status) }),
+        408 | 429 | 500..=599 => Err((
+            format!("local endpoint answered {status}"),
+            Some(status),
+            retry_after,
+        )),
+        _ => Ok(Verdict::DeadLetter {
+            reason: format!("local endpoint answered {status}"),
+            status: Some(status),
+        }),
     }
 }
 
@@ -127,7 +167,16 @@ mod tests {
         assert!(classify(503, None).is_err());
         assert!(classify(408, None).is_err());
         assert!(classify(429, Some(Duration::from_secs(3))).is_err());
-        assert!(matches!(classify(404, None), Ok(Verdict::DeadLetter { status: Some(404), .. })));
-        assert!(matches!(classify(400, None), Ok(Verdict::DeadLetter { .. })));
+        assert!(matches!(
+            classify(404, None),
+            Ok(Verdict::DeadLetter {
+                status: Some(404),
+                ..
+            })
+        ));
+        assert!(matches!(
+            classify(400, None),
+            Ok(Verdict::DeadLetter { .. })
+        ));
     }
 }

@@ -23,7 +23,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
-    let result = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    let result = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "admin listener failed");
     }
@@ -89,5 +91,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         m.retried.load(Ordering::Relaxed),
         state.registry.list().len(),
     );
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response()
 }

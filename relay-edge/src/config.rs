@@ -234,8 +234,10 @@ impl EdgeConfig {
             }
             fig = fig.merge(Toml::file_exact(path));
         }
-        fig = fig.merge(Env::prefixed("RELAY_").split("__"));
-        let mut cfg: EdgeConfig = fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        fig = fig.merge(Env::prefixed("RELAY_").split("__").ignore(&["config"]));
+        let mut cfg: EdgeConfig = fig
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         cfg.apply_reference_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;
         Ok(cfg)
@@ -261,7 +263,11 @@ impl EdgeConfig {
             }
         }
         if let Some(url) = var("REDIS_URL").filter(|u| !u.is_empty()) {
-            let mut url = if url.contains("://") { url } else { format!("redis://{url}") };
+            let mut url = if url.contains("://") {
+                url
+            } else {
+                format!("redis://{url}")
+            };
             if let Some(pw) = var("REDIS_PASSWORD").filter(|p| !p.is_empty())
                 && !url.contains('@')
             {
@@ -273,10 +279,14 @@ impl EdgeConfig {
                     why: format!("`{db}` is not a database number"),
                 })?;
                 let base = url.trim_end_matches('/');
-                let has_db = base
-                    .rsplit_once('/')
-                    .is_some_and(|(head, tail)| !head.ends_with('/') && tail.parse::<u32>().is_ok());
-                url = if has_db { base.to_string() } else { format!("{base}/{db}") };
+                let has_db = base.rsplit_once('/').is_some_and(|(head, tail)| {
+                    !head.ends_with('/') && tail.parse::<u32>().is_ok()
+                });
+                url = if has_db {
+                    base.to_string()
+                } else {
+                    format!("{base}/{db}")
+                };
             }
             self.store.redis_url = Secret::new(url);
         }
@@ -288,24 +298,32 @@ impl EdgeConfig {
             self.ingest.listen = format!("0.0.0.0:{port}");
         }
         if let Some(ttl) = var("MESSAGE_TTL").filter(|t| !t.is_empty()) {
-            self.store.retention = parse_reference_duration(&ttl).ok_or_else(|| ConfigError::Key {
-                key: "MESSAGE_TTL".into(),
-                why: format!("`{ttl}` is not a duration like 24h or 86400"),
-            })?;
+            self.store.retention =
+                parse_reference_duration(&ttl).ok_or_else(|| ConfigError::Key {
+                    key: "MESSAGE_TTL".into(),
+                    why: format!("`{ttl}` is not a duration like 24h or 86400"),
+                })?;
         }
         Ok(())
     }
 
     /// Checks what the types cannot: names, references, files.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: String| ConfigError::Key { key: key.into(), why };
+        let bad = |key: &str, why: String| ConfigError::Key {
+            key: key.into(),
+            why,
+        };
         for (key, addr) in [
             ("ingest.listen", &self.ingest.listen),
             ("tunnel.listen", &self.tunnel.listen),
             ("admin.listen", &self.admin.listen),
         ] {
-            addr.parse::<std::net::SocketAddr>()
-                .map_err(|e| bad(key, format!("`{addr}` is not an address like 127.0.0.1:8080: {e}")))?;
+            addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                bad(
+                    key,
+                    format!("`{addr}` is not an address like 127.0.0.1:8080: {e}"),
+                )
+            })?;
         }
         if self.ingest.max_body.as_u64() == 0 {
             return Err(bad("ingest.max_body", "must be above zero".into()));
@@ -329,22 +347,34 @@ impl EdgeConfig {
             ));
         }
         if self.store.block >= self.store.command_timeout * 4 {
-            return Err(bad("store.block", "keep it short (1–5 s) and below 4 × store.command_timeout".into()));
+            return Err(bad(
+                "store.block",
+                "keep it short (1–5 s) and below 4 × store.command_timeout".into(),
+            ));
         }
         let url = self.store.redis_url.expose();
         if redis::Client::open(url).is_err() {
             // Never echo the URL: it may hold a password.
-            return Err(bad("store.redis_url", "is not a redis:// or rediss:// URL".into()));
+            return Err(bad(
+                "store.redis_url",
+                "is not a redis:// or rediss:// URL".into(),
+            ));
         }
         let mut names = BTreeSet::new();
         for (i, route) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("route[{i}].{field}");
             check_name(&route.name).map_err(|why| bad(&key("name"), why))?;
             if !names.insert(route.name.as_str()) {
-                return Err(bad(&key("name"), format!("route `{}` is defined twice", route.name)));
+                return Err(bad(
+                    &key("name"),
+                    format!("route `{}` is defined twice", route.name),
+                ));
             }
             if route.channels.is_empty() {
-                return Err(bad(&key("channels"), format!("route `{}` lists no channel", route.name)));
+                return Err(bad(
+                    &key("channels"),
+                    format!("route `{}` lists no channel", route.name),
+                ));
             }
             for ch in &route.channels {
                 check_name(ch).map_err(|why| bad(&key("channels"), why))?;
@@ -352,11 +382,17 @@ impl EdgeConfig {
             if route.api_keys.is_empty() {
                 return Err(bad(
                     &key("api_keys"),
-                    format!("route `{}` has no API key; an open route would accept anyone's webhooks", route.name),
+                    format!(
+                        "route `{}` has no API key; an open route would accept anyone's webhooks",
+                        route.name
+                    ),
                 ));
             }
             if route.api_keys.iter().any(|k| k.expose().len() < 8) {
-                return Err(bad(&key("api_keys"), "every key needs at least 8 characters".into()));
+                return Err(bad(
+                    &key("api_keys"),
+                    "every key needs at least 8 characters".into(),
+                ));
             }
         }
         let mut agents = BTreeSet::new();
@@ -366,10 +402,16 @@ impl EdgeConfig {
                 return Err(bad(&key("name"), "is empty".into()));
             }
             if !agents.insert(agent.name.as_str()) {
-                return Err(bad(&key("name"), format!("agent `{}` is defined twice", agent.name)));
+                return Err(bad(
+                    &key("name"),
+                    format!("agent `{}` is defined twice", agent.name),
+                ));
             }
             if agent.channels.is_empty() {
-                return Err(bad(&key("channels"), format!("agent `{}` is granted no channel", agent.name)));
+                return Err(bad(
+                    &key("channels"),
+                    format!("agent `{}` is granted no channel", agent.name),
+                ));
             }
             for ch in &agent.channels {
                 check_name(ch).map_err(|why| bad(&key("channels"), why))?;
@@ -383,7 +425,10 @@ impl EdgeConfig {
             if !path.is_file() {
                 return Err(bad(
                     key,
-                    format!("{} does not exist (make dev certificates with `relay-edge certs init`)", path.display()),
+                    format!(
+                        "{} does not exist (make dev certificates with `relay-edge certs init`)",
+                        path.display()
+                    ),
                 ));
             }
         }
@@ -395,7 +440,9 @@ impl EdgeConfig {
         let mut map: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for agent in &self.agents {
             for ch in &agent.channels {
-                map.entry(ch.as_str()).or_default().push(agent.name.as_str());
+                map.entry(ch.as_str())
+                    .or_default()
+                    .push(agent.name.as_str());
             }
         }
         map
@@ -417,8 +464,13 @@ fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
         return Err(format!("`{name}` must be 1–64 characters"));
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
-        return Err(format!("`{name}` may only hold letters, digits, `-`, `_` and `.`"));
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "`{name}` may only hold letters, digits, `-`, `_` and `.`"
+        ));
     }
     Ok(())
 }

@@ -56,7 +56,13 @@ pub struct Listeners {
 impl Listeners {
     pub async fn bind(cfg: &EdgeConfig) -> Result<Self, StartError> {
         async fn one(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
-            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr: addr.into(), source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what,
+                    addr: addr.into(),
+                    source,
+                })
         }
         Ok(Self {
             ingest: one("ingest", &cfg.ingest.listen).await?,
@@ -66,16 +72,27 @@ impl Listeners {
     }
 
     pub fn addrs(&self) -> (SocketAddr, SocketAddr, SocketAddr) {
-        let a = |l: &TcpListener| l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let a = |l: &TcpListener| {
+            l.local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        };
         (a(&self.ingest), a(&self.tunnel), a(&self.admin))
     }
 }
 
 /// Runs the edge until `shutdown` is cancelled, then drains for a grace period.
-pub async fn run(cfg: EdgeConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), StartError> {
+pub async fn run(
+    cfg: EdgeConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
     let tls = tunnel::tls::server_config(&cfg.tunnel)?;
     let store = Store::open(&cfg.store)?;
-    let grants = cfg.agents.iter().map(|a| (a.name.clone(), a.channels.clone())).collect();
+    let grants = cfg
+        .agents
+        .iter()
+        .map(|a| (a.name.clone(), a.channels.clone()))
+        .collect();
     let (ingest_addr, tunnel_addr, admin_addr) = listeners.addrs();
     let state = Arc::new(AppState {
         cfg,
@@ -94,20 +111,39 @@ pub async fn run(cfg: EdgeConfig, listeners: Listeners, shutdown: CancellationTo
                 }
             }
         }
-        Err(e) => tracing::warn!(error = %e, "Redis is not reachable yet; ingest answers 503 until it is"),
+        Err(e) => {
+            tracing::warn!(error = %e, "Redis is not reachable yet; ingest answers 503 until it is")
+        }
     }
     tracing::info!(%ingest_addr, %tunnel_addr, %admin_addr, "relay-edge listening");
 
     let tracker = TaskTracker::new();
-    tracker.spawn(ingest::serve(listeners.ingest, state.clone(), shutdown.clone()));
-    tracker.spawn(admin::serve(listeners.admin, state.clone(), shutdown.clone()));
-    tracker.spawn(tunnel::serve(listeners.tunnel, tls, state.clone(), shutdown.clone(), tracker.clone()));
+    tracker.spawn(ingest::serve(
+        listeners.ingest,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(admin::serve(
+        listeners.admin,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(tunnel::serve(
+        listeners.tunnel,
+        tls,
+        state.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
     tracker.spawn(retention_loop(state.clone(), shutdown.clone()));
     tracker.close();
 
     shutdown.cancelled().await;
     tracing::info!("shutting down; draining connections");
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some tasks did not finish within 10 s; exiting anyway");
     } else {
         tracing::info!("drained");
@@ -138,7 +174,9 @@ async fn retention_loop(state: Arc<AppState>, shutdown: CancellationToken) {
         for ch in state.cfg.all_channels() {
             match state.store.trim(&ch, retention).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(channel = %ch, removed = n, "retention trimmed acknowledged entries"),
+                Ok(n) => {
+                    tracing::info!(channel = %ch, removed = n, "retention trimmed acknowledged entries")
+                }
                 Err(e) => tracing::debug!(channel = %ch, error = %e, "retention trim failed"),
             }
         }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "relay-edge", version, about = "Public edge of the webhook relay")]
+#[command(
+    name = "relay-edge",
+    version,
+    about = "Public edge of the webhook relay"
+)]
 struct Cli {
     /// Config file (TOML). Environment `RELAY_*` overrides it.
     #[arg(long, short, global = true, env = "RELAY_CONFIG")]
@@ -104,7 +108,10 @@ async fn serve(cfg: relay_edge::EdgeConfig) -> anyhow::Result<()> {
 /// SIGINT or SIGTERM cancel the one shutdown token.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -117,7 +124,12 @@ async fn signals(shutdown: CancellationToken) {
 
 fn certs(cmd: CertsCommand) -> ExitCode {
     let result = match cmd {
-        CertsCommand::Init { dir, sans, agents, force } => relay_edge::certs::init(&dir, &sans, force).and_then(|mut w| {
+        CertsCommand::Init {
+            dir,
+            sans,
+            agents,
+            force,
+        } => relay_edge::certs::init(&dir, &sans, force).and_then(|mut w| {
             for a in &agents {
                 w.files.extend(relay_edge::certs::agent(&dir, a)?.files);
             }
@@ -142,5 +154,8 @@ fn certs(cmd: CertsCommand) -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -26,7 +26,8 @@ pub struct Metrics {
 impl Metrics {
     pub fn delivered(&self, received_at_ms: u64) {
         self.processed.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_ms.fetch_add(now_ms().saturating_sub(received_at_ms), Ordering::Relaxed);
+        self.latency_sum_ms
+            .fetch_add(now_ms().saturating_sub(received_at_ms), Ordering::Relaxed);
         self.latency_count.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -8,7 +8,7 @@ pub mod receiver;
 pub mod redis_server;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use relay_agent::AgentConfig;
@@ -44,7 +44,8 @@ impl Certs {
     /// `lan-3`, plus a second, unrelated CA in `rogue/` with its own `lan-1`.
     pub fn generate() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        relay_edge::certs::init(dir.path(), &["localhost".into(), "127.0.0.1".into()], false).expect("certs init");
+        relay_edge::certs::init(dir.path(), &["localhost".into(), "127.0.0.1".into()], false)
+            .expect("certs init");
         for a in ["lan-1", "lan-2", "lan-3"] {
             relay_edge::certs::agent(dir.path(), a).expect("agent cert");
         }
@@ -93,32 +94,51 @@ pub fn edge_config(redis: &RedisServer, certs: &Certs) -> EdgeConfig {
         },
     ];
     cfg.agents = vec![
-        AgentGrant { name: "lan-1".into(), channels: vec!["crm".into(), "default".into()] },
-        AgentGrant { name: "lan-2".into(), channels: vec!["crm".into(), "default".into()] },
-        AgentGrant { name: "lan-3".into(), channels: vec!["other".into()] },
+        AgentGrant {
+            name: "lan-1".into(),
+            channels: vec!["crm".into(), "default".into()],
+        },
+        AgentGrant {
+            name: "lan-2".into(),
+            channels: vec!["crm".into(), "default".into()],
+        },
+        AgentGrant {
+            name: "lan-3".into(),
+            channels: vec!["other".into()],
+        },
     ];
     cfg.validate().expect("test edge config is valid");
     cfg
 }
 
 /// Agent config for tests: identity `name`, fast heartbeats and reconnects.
-pub fn agent_config(edge: &Edge, certs: &Certs, name: &str, targets: &[(&str, String)]) -> AgentConfig {
-    let mut cfg = AgentConfig::default();
-    cfg.edge = format!("wss://127.0.0.1:{}", edge.tunnel.port());
-    cfg.cert = certs.path(&format!("{name}.pem"));
-    cfg.key = certs.path(&format!("{name}-key.pem"));
-    cfg.ca = certs.path("ca.pem");
-    cfg.status_socket = certs.path(&format!("{name}-{}.sock", unique()));
-    cfg.heartbeat = Duration::from_millis(300);
-    cfg.connect_timeout = Duration::from_secs(3);
-    cfg.request_timeout = Duration::from_secs(2);
+pub fn agent_config(
+    edge: &Edge,
+    certs: &Certs,
+    name: &str,
+    targets: &[(&str, String)],
+) -> AgentConfig {
+    let mut cfg = AgentConfig {
+        edge: format!("wss://127.0.0.1:{}", edge.tunnel.port()),
+        cert: certs.path(&format!("{name}.pem")),
+        key: certs.path(&format!("{name}-key.pem")),
+        ca: certs.path("ca.pem"),
+        status_socket: certs.path(&format!("{name}-{}.sock", unique())),
+        heartbeat: Duration::from_millis(300),
+        connect_timeout: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
     cfg.reconnect.initial_delay = Duration::from_millis(50);
     cfg.reconnect.max_delay = Duration::from_millis(500);
     cfg.retry.initial_delay = Duration::from_millis(50);
     cfg.retry.max_delay = Duration::from_millis(500);
     cfg.targets = targets
         .iter()
-        .map(|(c, u)| relay_agent::config::Target { channel: c.to_string(), url: u.clone() })
+        .map(|(c, u)| relay_agent::config::Target {
+            channel: c.to_string(),
+            url: u.clone(),
+        })
         .collect();
     cfg.validate().expect("test agent config is valid");
     cfg
@@ -128,6 +148,14 @@ fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed) + u64::from(std::process::id()) * 1000
+}
+
+/// The listening addresses of an edge.
+#[derive(Debug, Clone, Copy)]
+pub struct Addrs {
+    pub ingest: SocketAddr,
+    pub tunnel: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 /// A running in-process edge.
@@ -142,28 +170,44 @@ pub struct Edge {
 impl Edge {
     pub async fn start(cfg: EdgeConfig) -> Self {
         cfg.validate().expect("valid edge config");
-        let listeners = relay_edge::Listeners::bind(&cfg).await.expect("bind edge listeners");
+        let listeners = relay_edge::Listeners::bind(&cfg)
+            .await
+            .expect("bind edge listeners");
         let (ingest, tunnel, admin) = listeners.addrs();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
-            relay_edge::run(cfg, listeners, token).await.expect("edge runs");
+            relay_edge::run(cfg, listeners, token)
+                .await
+                .expect("edge runs");
         });
-        Self { ingest, tunnel, admin, shutdown, task }
+        Self {
+            ingest,
+            tunnel,
+            admin,
+            shutdown,
+            task,
+        }
     }
 
-    /// Starts again on the same ports (for restart tests).
-    pub async fn restart_like(&self, mut cfg: EdgeConfig) -> Self {
-        cfg.ingest.listen = self.ingest.to_string();
-        cfg.tunnel.listen = self.tunnel.to_string();
-        cfg.admin.listen = self.admin.to_string();
+    /// Starts on the addresses a stopped edge had (for restart tests).
+    pub async fn start_at(mut cfg: EdgeConfig, at: Addrs) -> Self {
+        cfg.ingest.listen = at.ingest.to_string();
+        cfg.tunnel.listen = at.tunnel.to_string();
+        cfg.admin.listen = at.admin.to_string();
         Self::start(cfg).await
     }
 
-    /// Graceful stop: cancels and waits for the edge to drain.
-    pub async fn stop(self) {
+    /// Graceful stop: cancels and waits for the edge to drain. Returns
+    /// its addresses so it can be started again on them.
+    pub async fn stop(self) -> Addrs {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+        Addrs {
+            ingest: self.ingest,
+            tunnel: self.tunnel,
+            admin: self.admin,
+        }
     }
 
     pub fn webhook_url(&self) -> String {
@@ -190,7 +234,11 @@ impl Agent {
         let task = tokio::spawn(async move {
             relay_agent::run(cfg, token).await.expect("agent runs");
         });
-        Self { socket, shutdown, task }
+        Self {
+            socket,
+            shutdown,
+            task,
+        }
     }
 
     /// Like `kill -9`: aborts the agent and every local request it had
@@ -231,7 +279,12 @@ pub async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> 
 }
 
 /// Posts a webhook with `X-API-Key`; returns status and JSON answer.
-pub async fn post(client: &reqwest::Client, url: &str, key: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
     let resp = client
         .post(url)
         .header("x-api-key", key)
@@ -242,7 +295,10 @@ pub async fn post(client: &reqwest::Client, url: &str, key: &str, body: Vec<u8>)
         .expect("post webhook");
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await.unwrap_or_default();
-    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// Number of entries pending (delivered, unacked) on a channel.
@@ -263,16 +319,111 @@ pub async fn pending(redis: &RedisServer, channel: &str) -> u64 {
     }
 }
 
-/// Length of a channel's DLQ.
-pub async fn dlq_len(redis: &RedisServer, channel: &str) -> u64 {
+/// Waits (up to 10 s) until no entry of `channel` is pending, and asserts it.
+pub async fn assert_drained(redis: &RedisServer, channel: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = pending(redis, channel).await;
+        if n == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} entries still pending on `{channel}`"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `XLEN` of a channel's stream (`kind` = "stream") or DLQ (`kind` = "dlq").
+pub async fn xlen(redis: &RedisServer, channel: &str, kind: &str) -> u64 {
     let mut conn = redis.conn().await;
     redis::cmd("XLEN")
-        .arg(format!("relay:{{{channel}}}:dlq"))
+        .arg(format!("relay:{{{channel}}}:{kind}"))
         .query_async(&mut conn)
         .await
         .expect("XLEN")
 }
 
-pub fn path_exists(p: &Path) -> bool {
-    p.exists()
+/// A hand-driven tunnel session, for tests that misbehave on purpose.
+pub mod raw {
+    use futures_util::{SinkExt, StreamExt};
+    use relay_agent::tunnel::connect::{Connector, Ws};
+    use relay_protocol::{Frame, Limits};
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::*;
+
+    /// Connects with `cert` (a file stem in the certs dir, or `rogue/lan-1`).
+    pub async fn connect(edge: &Edge, certs: &Certs, cert: &str) -> Result<Ws, String> {
+        let mut cfg = agent_config(
+            edge,
+            certs,
+            "lan-1",
+            &[("crm", "http://127.0.0.1:9/".into())],
+        );
+        cfg.cert = certs.path(&format!("{cert}.pem"));
+        cfg.key = certs.path(&format!("{cert}-key.pem"));
+        let connector = Connector::new(&cfg).map_err(|e| e.to_string())?;
+        connector
+            .connect()
+            .await
+            .map(|(ws, _)| ws)
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn send(ws: &mut Ws, frame: &Frame) -> Result<(), String> {
+        let bytes = relay_protocol::encode(frame, &Limits::default()).map_err(|e| e.to_string())?;
+        ws.send(Message::Binary(bytes.into()))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Next frame, `Ok(None)` on close, `Err` on a transport error.
+    pub async fn recv(ws: &mut Ws) -> Result<Option<Frame>, String> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                Err(_) => return Err("timed out".into()),
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(e))) => return Err(e.to_string()),
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    return relay_protocol::decode(&b, &Limits::default())
+                        .map(Some)
+                        .map_err(|e| e.to_string());
+                }
+                Ok(Some(Ok(Message::Close(_)))) => return Ok(None),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Reads frames until an `Error` (returned) or the end of the session.
+    pub async fn recv_error(ws: &mut Ws) -> Option<(String, String)> {
+        loop {
+            match recv(ws).await {
+                Ok(Some(Frame::Error { code, message })) => return Some((code, message)),
+                Ok(Some(_)) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Hello with window 0 (receives nothing) and waits for Welcome.
+    pub async fn hello_idle(ws: &mut Ws, channels: Option<Vec<String>>) -> Result<Frame, String> {
+        send(
+            ws,
+            &Frame::Hello {
+                version: relay_protocol::VERSION,
+                window: 0,
+                channels,
+                agent_version: None,
+            },
+        )
+        .await?;
+        recv(ws).await?.ok_or_else(|| "closed".to_string())
+    }
+
+    pub async fn send_raw(ws: &mut Ws, msg: Message) -> Result<(), String> {
+        ws.send(msg).await.map_err(|e| e.to_string())
+    }
 }

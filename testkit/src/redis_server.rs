@@ -21,7 +21,11 @@ impl RedisServer {
             match spawn(dir.path(), port) {
                 Ok(mut child) => {
                     if wait_ready(&mut child, port, Duration::from_secs(5)) {
-                        return Self { port, dir, child: Some(child) };
+                        return Self {
+                            port,
+                            dir,
+                            child: Some(child),
+                        };
                     }
                     let _ = child.kill();
                     let _ = child.wait();
@@ -66,7 +70,11 @@ impl RedisServer {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            assert!(Instant::now() < deadline, "redis-server did not come back on port {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not come back on port {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -40,9 +40,21 @@ pub async fn run(
         .await
         .map_err(|_| SessionError::ConnectTimeout(cfg.connect_timeout))??;
     let (session, agent, channels, edge_heartbeat) = match welcome {
-        Some(Frame::Welcome { session, agent, channels, heartbeat_ms }) => (session, agent, channels, heartbeat_ms),
-        Some(Frame::Error { code, message }) => return Err(SessionError::Refused { code, message }),
-        Some(other) => return Err(SessionError::Protocol(format!("expected Welcome, got {}", other.kind()))),
+        Some(Frame::Welcome {
+            session,
+            agent,
+            channels,
+            heartbeat_ms,
+        }) => (session, agent, channels, heartbeat_ms),
+        Some(Frame::Error { code, message }) => {
+            return Err(SessionError::Refused { code, message });
+        }
+        Some(other) => {
+            return Err(SessionError::Protocol(format!(
+                "expected Welcome, got {}",
+                other.kind()
+            )));
+        }
         None => return Err(SessionError::Closed),
     };
     tracing::info!(%addr, %session, %agent, ?channels, "tunnel up");
@@ -105,7 +117,13 @@ async fn on_frame(
     deadline: Duration,
 ) -> Result<(), SessionError> {
     match frame {
-        Frame::Deliver { id, channel, attempt, webhook, .. } => {
+        Frame::Deliver {
+            id,
+            channel,
+            attempt,
+            webhook,
+            ..
+        } => {
             let key = Recent::key(&channel, &id);
             if pipe.recent.contains(&key) {
                 // Delivered already; the edge missed our ack.
@@ -135,15 +153,28 @@ async fn on_frame(
             Ok(())
         }
         Frame::Error { code, message } => Err(SessionError::Refused { code, message }),
-        other => Err(SessionError::Protocol(format!("unexpected {} frame from the edge", other.kind()))),
+        other => Err(SessionError::Protocol(format!(
+            "unexpected {} frame from the edge",
+            other.kind()
+        ))),
     }
 }
 
-fn spawn_delivery(pipe: &mut Pipeline, channel: String, id: String, attempt: u32, webhook: Webhook) {
+fn spawn_delivery(
+    pipe: &mut Pipeline,
+    channel: String,
+    id: String,
+    attempt: u32,
+    webhook: Webhook,
+) {
     let deliverer = pipe.deliverer.clone();
     pipe.tasks.spawn(async move {
         let verdict = deliverer.deliver(&channel, attempt, &webhook).await;
-        Outcome { channel, id, verdict }
+        Outcome {
+            channel,
+            id,
+            verdict,
+        }
     });
 }
 
@@ -158,10 +189,21 @@ async fn settle(
     let mut acks = Vec::new();
     let mut nacks = Vec::new();
     for outcome in outcomes {
-        let Ok(Outcome { channel, id, verdict }) = outcome else { continue };
+        let Ok(Outcome {
+            channel,
+            id,
+            verdict,
+        }) = outcome
+        else {
+            continue;
+        };
         let key = Recent::key(&channel, &id);
         pipe.running.remove(&key);
-        let target = pipe.deliverer.target(&channel).unwrap_or_default().to_string();
+        let target = pipe
+            .deliverer
+            .target(&channel)
+            .unwrap_or_default()
+            .to_string();
         match verdict {
             Verdict::Ack { status: code } => {
                 pipe.recent.insert(key);
@@ -171,7 +213,11 @@ async fn settle(
                     note_target(s, &channel, &target, Some(code), None);
                 });
             }
-            Verdict::Retry { reason, status: code, after } => {
+            Verdict::Retry {
+                reason,
+                status: code,
+                after,
+            } => {
                 status.update(|s| {
                     s.failed += 1;
                     note_target(s, &channel, &target, code, Some(reason.clone()));
@@ -185,14 +231,23 @@ async fn settle(
                     status: code,
                 });
             }
-            Verdict::DeadLetter { reason, status: code } => {
+            Verdict::DeadLetter {
+                reason,
+                status: code,
+            } => {
                 status.update(|s| {
                     s.failed += 1;
                     s.dead_lettered += 1;
                     note_target(s, &channel, &target, code, Some(reason.clone()));
                 });
                 tracing::warn!(%channel, %id, %reason, "delivery failed permanently; dead-lettering");
-                nacks.push(Frame::Nack { id, permanent: true, reason, retry_after_ms: None, status: code });
+                nacks.push(Frame::Nack {
+                    id,
+                    permanent: true,
+                    reason,
+                    retry_after_ms: None,
+                    status: code,
+                });
             }
         }
     }
@@ -212,7 +267,13 @@ async fn settle(
     Ok(())
 }
 
-fn note_target(s: &mut crate::status::Snapshot, channel: &str, url: &str, code: Option<u16>, error: Option<String>) {
+fn note_target(
+    s: &mut crate::status::Snapshot,
+    channel: &str,
+    url: &str,
+    code: Option<u16>,
+    error: Option<String>,
+) {
     let now = now_ms();
     match s.targets.iter_mut().find(|t| t.channel == channel) {
         Some(t) => {
@@ -233,14 +294,18 @@ fn note_target(s: &mut crate::status::Snapshot, channel: &str, url: &str, code: 
 /// On shutdown: wait for running deliveries and ack them before closing.
 async fn drain(ws: &mut Ws, pipe: &mut Pipeline, status: &Status, deadline: Duration) {
     while let Some(done) = pipe.tasks.join_next().await {
-        if settle(ws, vec![done], pipe, status, deadline).await.is_err() {
+        if settle(ws, vec![done], pipe, status, deadline)
+            .await
+            .is_err()
+        {
             return;
         }
     }
 }
 
 async fn send(ws: &mut Ws, frame: &Frame, deadline: Duration) -> Result<(), SessionError> {
-    let bytes = relay_protocol::encode(frame, &Limits::default()).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    let bytes = relay_protocol::encode(frame, &Limits::default())
+        .map_err(|e| SessionError::Protocol(e.to_string()))?;
     match tokio::time::timeout(deadline, ws.send(Message::Binary(bytes.into()))).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(SessionError::Transport(e.to_string())),
@@ -262,7 +327,9 @@ async fn recv(ws: &mut Ws, limits: &Limits) -> Result<Option<Frame>, SessionErro
                     .map_err(|e| SessionError::Protocol(e.to_string()));
             }
             Message::Close(_) => return Ok(None),
-            Message::Text(_) => return Err(SessionError::Protocol("text message from the edge".into())),
+            Message::Text(_) => {
+                return Err(SessionError::Protocol("text message from the edge".into()));
+            }
             _ => continue,
         }
     }

@@ -15,12 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::connect::Connector;
 use super::session;
+use crate::backoff;
 use crate::config::AgentConfig;
 use crate::dedup::Recent;
 use crate::deliver::{Deliverer, Verdict};
 use crate::error::SessionError;
 use crate::status::{Status, now_ms};
-use crate::backoff;
 
 /// Result of one local delivery task.
 pub struct Outcome {
@@ -85,7 +85,9 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
         let end = match result {
             Err(_) => Err(SessionError::ConnectTimeout(cfg.connect_timeout)),
             Ok(Err(e)) => Err(e),
-            Ok(Ok((ws, addr))) => session::run(ws, addr, &cfg, &mut pipeline, &status, &shutdown).await,
+            Ok(Ok((ws, addr))) => {
+                session::run(ws, addr, &cfg, &mut pipeline, &status, &shutdown).await
+            }
         };
         status.update(|s| {
             s.connected = false;
@@ -107,7 +109,12 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
             failures = 0;
         }
         failures = failures.saturating_add(1);
-        let wait = backoff::delay(failures, cfg.reconnect.initial_delay, 2.0, cfg.reconnect.max_delay);
+        let wait = backoff::delay(
+            failures,
+            cfg.reconnect.initial_delay,
+            2.0,
+            cfg.reconnect.max_delay,
+        );
         tracing::debug!(?wait, failures, "waiting before reconnect");
         tokio::select! {
             _ = shutdown.cancelled() => break,

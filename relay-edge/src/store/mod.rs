@@ -81,7 +81,8 @@ impl Store {
             .set_response_timeout(Some(cfg.command_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg)
+            .map_err(redis_err("connect"))?;
         Ok(Self {
             client,
             conn,
@@ -90,19 +91,33 @@ impl Store {
         })
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, op: &'static str, cmd: &redis::Cmd) -> Result<T, StoreError> {
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
+            Err(_) => Err(StoreError::Timeout {
+                op,
+                ms: self.timeout.as_millis(),
+            }),
         }
     }
 
-    async fn run_pipe<T: redis::FromRedisValue>(&self, op: &'static str, pipe: &redis::Pipeline) -> Result<T, StoreError> {
+    async fn run_pipe<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
             Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
+            Err(_) => Err(StoreError::Timeout {
+                op,
+                ms: self.timeout.as_millis(),
+            }),
         }
     }
 
@@ -113,7 +128,11 @@ impl Store {
 
     /// Appends one webhook to each channel's stream and returns the entry
     /// ids in channel order. Returns only after Redis answered.
-    pub async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<String>, StoreError> {
+    pub async fn append(
+        &self,
+        channels: &[String],
+        webhook: &Webhook,
+    ) -> Result<Vec<String>, StoreError> {
         let bytes = rmp_serde::to_vec_named(webhook).map_err(|e| StoreError::Corrupt {
             id: webhook.id.clone(),
             why: e.to_string(),
@@ -122,14 +141,22 @@ impl Store {
             let id: String = self
                 .run(
                     "XADD",
-                    redis::cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes),
+                    redis::cmd("XADD")
+                        .arg(keys::stream(channel))
+                        .arg("*")
+                        .arg(keys::FIELD_WEBHOOK)
+                        .arg(&bytes),
                 )
                 .await?;
             return Ok(vec![id]);
         }
         let mut pipe = redis::pipe();
         for channel in channels {
-            pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
+            pipe.cmd("XADD")
+                .arg(keys::stream(channel))
+                .arg("*")
+                .arg(keys::FIELD_WEBHOOK)
+                .arg(&bytes);
         }
         self.run_pipe("XADD", &pipe).await
     }
@@ -155,8 +182,14 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        self.run("XACK", redis::cmd("XACK").arg(keys::stream(channel)).arg(keys::GROUP).arg(ids))
-            .await
+        self.run(
+            "XACK",
+            redis::cmd("XACK")
+                .arg(keys::stream(channel))
+                .arg(keys::GROUP)
+                .arg(ids),
+        )
+        .await
     }
 
     /// Moves an entry to the channel's DLQ and acknowledges it, atomically.
@@ -174,7 +207,11 @@ impl Store {
         if let Some(raw) = letter.raw {
             xadd.arg(keys::FIELD_WEBHOOK).arg(raw);
         }
-        pipe.cmd("XACK").arg(keys::stream(letter.channel)).arg(keys::GROUP).arg(letter.id).ignore();
+        pipe.cmd("XACK")
+            .arg(keys::stream(letter.channel))
+            .arg(keys::GROUP)
+            .arg(letter.id)
+            .ignore();
         let _: Value = self.run_pipe("dead-letter", &pipe).await?;
         Ok(())
     }
@@ -182,9 +219,18 @@ impl Store {
     /// Reads raw fields of entries by id (for dead-lettering).
     pub async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let v: Value = self
-            .run("XRANGE", redis::cmd("XRANGE").arg(keys::stream(channel)).arg(id).arg(id))
+            .run(
+                "XRANGE",
+                redis::cmd("XRANGE")
+                    .arg(keys::stream(channel))
+                    .arg(id)
+                    .arg(id),
+            )
             .await?;
-        Ok(parse::entries(v)?.into_iter().next().and_then(|e| e.field(keys::FIELD_WEBHOOK)))
+        Ok(parse::entries(v)?
+            .into_iter()
+            .next()
+            .and_then(|e| e.field(keys::FIELD_WEBHOOK)))
     }
 
     /// Opens a dedicated connection for one session's blocking reads.
@@ -197,7 +243,10 @@ impl Store {
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
             .map_err(redis_err("connect reader"))?;
-        Ok(Reader { conn, block: self.block })
+        Ok(Reader {
+            conn,
+            block: self.block,
+        })
     }
 
     /// Takes over entries idle longer than `min_idle` in any consumer's PEL.
@@ -228,7 +277,11 @@ impl Store {
         if parts.len() < 2 {
             return Ok(Vec::new());
         }
-        let deleted = if parts.len() > 2 { parse::ids(parts.remove(2)) } else { Vec::new() };
+        let deleted = if parts.len() > 2 {
+            parse::ids(parts.remove(2))
+        } else {
+            Vec::new()
+        };
         let mut out: Vec<Entry> = parse::entries(parts.remove(1))?
             .into_iter()
             .map(|raw| raw.into_entry(channel))
@@ -276,8 +329,15 @@ impl Store {
         let (groups, pending) = match res {
             Ok(v) => v,
             // No stream yet: nothing waiting.
-            Err(StoreError::Redis { source, .. }) if source.code() == Some("ERR") || source.code() == Some("NOGROUP") => {
-                return Ok(ChannelStats { channel: channel.into(), backlog: 0, pending: 0, oldest_ms: None });
+            Err(StoreError::Redis { source, .. })
+                if source.code() == Some("ERR") || source.code() == Some("NOGROUP") =>
+            {
+                return Ok(ChannelStats {
+                    channel: channel.into(),
+                    backlog: 0,
+                    pending: 0,
+                    oldest_ms: None,
+                });
             }
             Err(e) => return Err(e),
         };
@@ -291,7 +351,15 @@ impl Store {
             None if group.lag.unwrap_or(0) > 0 => {
                 let after = group.last_delivered.clone().unwrap_or_else(|| "0-0".into());
                 let v: Value = self
-                    .run("XRANGE", redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg("+").arg("COUNT").arg(1))
+                    .run(
+                        "XRANGE",
+                        redis::cmd("XRANGE")
+                            .arg(&stream)
+                            .arg(format!("({after}"))
+                            .arg("+")
+                            .arg("COUNT")
+                            .arg(1),
+                    )
                     .await?;
                 parse::entries(v)?.first().and_then(|e| age(&e.id))
             }
@@ -314,7 +382,9 @@ impl Store {
         pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP);
         let (groups, pending): (Value, Value) = match self.run_pipe("XINFO GROUPS", &pipe).await {
             Ok(v) => v,
-            Err(StoreError::Redis { source, .. }) if source.code() == Some("ERR") || source.code() == Some("NOGROUP") => {
+            Err(StoreError::Redis { source, .. })
+                if source.code() == Some("ERR") || source.code() == Some("NOGROUP") =>
+            {
                 return Ok(0);
             }
             Err(e) => return Err(e),
@@ -329,7 +399,11 @@ impl Store {
             let last = group.last_delivered.as_deref().and_then(id_ms).unwrap_or(0);
             min_ms = min_ms.min(last);
         }
-        self.run("XTRIM", redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(min_ms)).await
+        self.run(
+            "XTRIM",
+            redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(min_ms),
+        )
+        .await
     }
 }
 
@@ -355,7 +429,11 @@ impl Reader {
         count: usize,
     ) -> Result<Vec<RawEntry>, StoreError> {
         let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count.max(1));
+        cmd.arg("GROUP")
+            .arg(keys::GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count.max(1));
         if cursors.iter().all(|(_, c)| c == ">") {
             cmd.arg("BLOCK").arg(self.block.as_millis() as u64);
         }
@@ -366,7 +444,10 @@ impl Reader {
         for (_, cursor) in cursors {
             cmd.arg(cursor);
         }
-        let v: Value = cmd.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
+        let v: Value = cmd
+            .query_async(&mut self.conn)
+            .await
+            .map_err(redis_err("XREADGROUP"))?;
         parse::read_reply(v)
     }
 }
@@ -386,13 +467,26 @@ pub fn id_ms(id: &str) -> Option<u64> {
 impl Store {
     /// Claims one pending entry for `consumer` (increments its delivery
     /// count); `None` when it is no longer pending.
-    pub async fn claim(&self, channel: &str, consumer: &str, id: &str) -> Result<Option<Entry>, StoreError> {
+    pub async fn claim(
+        &self,
+        channel: &str,
+        consumer: &str,
+        id: &str,
+    ) -> Result<Option<Entry>, StoreError> {
         let v: Value = self
             .run(
                 "XCLAIM",
-                redis::cmd("XCLAIM").arg(keys::stream(channel)).arg(keys::GROUP).arg(consumer).arg(0).arg(id),
+                redis::cmd("XCLAIM")
+                    .arg(keys::stream(channel))
+                    .arg(keys::GROUP)
+                    .arg(consumer)
+                    .arg(0)
+                    .arg(id),
             )
             .await?;
-        Ok(parse::entries(v)?.into_iter().next().map(|raw| raw.into_entry(channel)))
+        Ok(parse::entries(v)?
+            .into_iter()
+            .next()
+            .map(|raw| raw.into_entry(channel)))
     }
 }

@@ -123,7 +123,9 @@ async fn upgrade(
         tracing::info!(agent = %peer.agent, peer = %peer.addr, "refused: agent did not offer subprotocol {SUBPROTOCOL}");
         return (
             StatusCode::BAD_REQUEST,
-            format!("this edge speaks WebSocket subprotocol `{SUBPROTOCOL}` only; upgrade the agent\n"),
+            format!(
+                "this edge speaks WebSocket subprotocol `{SUBPROTOCOL}` only; upgrade the agent\n"
+            ),
         )
             .into_response();
     }

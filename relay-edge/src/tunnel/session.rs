@@ -35,7 +35,10 @@ struct Close {
 
 impl Close {
     fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -80,14 +83,29 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     let _enter = span.enter();
     drop(_enter);
 
-    let handshake = tokio::time::timeout(tunnel.handshake_timeout, recv_frame(&mut ws, &limits)).await;
+    let handshake =
+        tokio::time::timeout(tunnel.handshake_timeout, recv_frame(&mut ws, &limits)).await;
     let (window, channels) = match handshake {
-        Err(_) => return close(ws, &peer, Close::new("handshake_timeout", "no Hello frame in time")).await,
+        Err(_) => {
+            return close(
+                ws,
+                &peer,
+                Close::new("handshake_timeout", "no Hello frame in time"),
+            )
+            .await;
+        }
         Ok(Err(c)) => return close(ws, &peer, c).await,
         Ok(Ok(None)) => return,
-        Ok(Ok(Some(Frame::Hello { version, window, channels, .. }))) => {
+        Ok(Ok(Some(Frame::Hello {
+            version,
+            window,
+            channels,
+            ..
+        }))) => {
             if version != VERSION {
-                let msg = format!("protocol version {version} is not supported; this edge speaks {VERSION}");
+                let msg = format!(
+                    "protocol version {version} is not supported; this edge speaks {VERSION}"
+                );
                 return close(ws, &peer, Close::new("unsupported_version", msg)).await;
             }
             match resolve_channels(&state, &peer.agent, channels) {
@@ -100,17 +118,22 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
             return close(ws, &peer, Close::new("protocol_error", msg)).await;
         }
     };
-    for channel in &channels {
-        if let Err(e) = state.store.ensure_group(channel).await {
-            tracing::warn!(agent = %peer.agent, error = %e, "cannot prepare channel");
-            return close(ws, &peer, Close::new("store_unavailable", "the edge's store is unavailable; retry later")).await;
+    let prepared = async {
+        for channel in &channels {
+            state.store.ensure_group(channel).await?;
         }
+        state.store.reader().await
     }
-    let reader = match state.store.reader().await {
+    .await;
+    let reader = match prepared {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(agent = %peer.agent, error = %e, "cannot open a store reader");
-            return close(ws, &peer, Close::new("store_unavailable", "the edge's store is unavailable; retry later")).await;
+            tracing::warn!(agent = %peer.agent, error = %e, "cannot prepare the session's channels");
+            let c = Close::new(
+                "store_unavailable",
+                "the edge's store is unavailable; retry later",
+            );
+            return close(ws, &peer, c).await;
         }
     };
 
@@ -175,14 +198,22 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     }
 }
 
-fn resolve_channels(state: &AppState, agent: &str, asked: Option<Vec<String>>) -> Result<Vec<String>, Close> {
+fn resolve_channels(
+    state: &AppState,
+    agent: &str,
+    asked: Option<Vec<String>>,
+) -> Result<Vec<String>, Close> {
     let Some(granted) = state.grants.get(agent) else {
         return Err(Close::new(
             "unknown_agent",
-            format!("agent `{agent}` is not configured on this edge ([[agent]] name = \"{agent}\")"),
+            format!(
+                "agent `{agent}` is not configured on this edge ([[agent]] name = \"{agent}\")"
+            ),
         ));
     };
-    let Some(asked) = asked else { return Ok(granted.clone()) };
+    let Some(asked) = asked else {
+        return Ok(granted.clone());
+    };
     if asked.is_empty() {
         return Err(Close::new("protocol_error", "Hello lists no channel"));
     }
@@ -201,14 +232,24 @@ fn resolve_channels(state: &AppState, agent: &str, asked: Option<Vec<String>>) -
 /// Sends `Error`, then a close frame, and lets the socket go.
 async fn close(mut ws: WebSocket, peer: &Peer, c: Close) {
     tracing::info!(agent = %peer.agent, peer = %peer.addr, code = c.code, reason = %c.message, "closing tunnel session");
-    let frame = Frame::Error { code: c.code.into(), message: c.message.clone() };
+    let frame = Frame::Error {
+        code: c.code.into(),
+        message: c.message.clone(),
+    };
     if let Ok(bytes) = relay_protocol::encode(&frame, &Limits::default()) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), ws.send(Message::Binary(bytes.into()))).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            ws.send(Message::Binary(bytes.into())),
+        )
+        .await;
     }
     let reason: String = c.code.chars().take(100).collect();
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
-        ws.send(Message::Close(Some(CloseFrame { code: 1008, reason: reason.into() }))),
+        ws.send(Message::Close(Some(CloseFrame {
+            code: 1008,
+            reason: reason.into(),
+        }))),
     )
     .await;
 }
@@ -218,17 +259,31 @@ async fn recv_frame(ws: &mut WebSocket, limits: &Limits) -> Result<Option<Frame>
     loop {
         let msg = match ws.recv().await {
             None => return Ok(None),
-            Some(Err(e)) => return Err(Close::new("transport_error", format!("websocket error: {e}"))),
+            Some(Err(e)) => {
+                return Err(Close::new(
+                    "transport_error",
+                    format!("websocket error: {e}"),
+                ));
+            }
             Some(Ok(m)) => m,
         };
         match msg {
             Message::Binary(bytes) => {
-                return relay_protocol::decode(&bytes, limits).map(Some).map_err(|e| match e {
-                    DecodeError::TooLarge { .. } => Close::new("frame_too_large", e.to_string()),
-                    other => Close::new("bad_frame", other.to_string()),
-                });
+                return relay_protocol::decode(&bytes, limits)
+                    .map(Some)
+                    .map_err(|e| match e {
+                        DecodeError::TooLarge { .. } => {
+                            Close::new("frame_too_large", e.to_string())
+                        }
+                        other => Close::new("bad_frame", other.to_string()),
+                    });
             }
-            Message::Text(_) => return Err(Close::new("text_frame", "text messages are not part of relay.v1; send binary MessagePack frames")),
+            Message::Text(_) => {
+                return Err(Close::new(
+                    "text_frame",
+                    "text messages are not part of relay.v1; send binary MessagePack frames",
+                ));
+            }
             Message::Close(_) => return Ok(None),
             Message::Ping(_) | Message::Pong(_) => continue,
         }
@@ -328,14 +383,24 @@ impl Session {
                 self.on_ack(ids).await;
                 self.dispatch_held(ws).await?;
             }
-            Frame::Nack { id, permanent, reason, retry_after_ms, status } => {
-                self.on_nack(ws, id, permanent, reason, retry_after_ms, status).await?
+            Frame::Nack {
+                id,
+                permanent,
+                reason,
+                retry_after_ms,
+                status,
+            } => {
+                self.on_nack(ws, id, permanent, reason, retry_after_ms, status)
+                    .await?
             }
             Frame::Flow { window } => self.on_flow(window),
             Frame::Ping { t } => self.send(ws, &Frame::Pong { t }).await?,
             Frame::Pong { .. } => {}
             other => {
-                return Err(Close::new("protocol_error", format!("unexpected {} frame from an agent", other.kind())));
+                return Err(Close::new(
+                    "protocol_error",
+                    format!("unexpected {} frame from an agent", other.kind()),
+                ));
             }
         }
         Ok(())
@@ -382,7 +447,10 @@ impl Session {
         // session (XACK of an id that is not pending is a no-op).
         if !unknown.is_empty() {
             for channel in &self.channels {
-                by_channel.entry(channel.clone()).or_default().extend(unknown.iter().cloned());
+                by_channel
+                    .entry(channel.clone())
+                    .or_default()
+                    .extend(unknown.iter().cloned());
             }
         }
         for (channel, ids) in by_channel {
@@ -416,7 +484,14 @@ impl Session {
                     return Ok(());
                 }
             };
-            let letter = DeadLetter { channel: &channel, id: &id, reason: &reason, status, attempts, raw: raw.as_deref() };
+            let letter = DeadLetter {
+                channel: &channel,
+                id: &id,
+                reason: &reason,
+                status,
+                attempts,
+                raw: raw.as_deref(),
+            };
             match self.state.store.dead_letter(&letter).await {
                 Ok(()) => {
                     tracing::warn!(agent = %self.peer.agent, channel, id, attempts, reason, "webhook dead-lettered");
@@ -424,7 +499,9 @@ impl Session {
                     self.release();
                     self.dispatch_held(ws).await?;
                 }
-                Err(e) => tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "dead-letter failed; left pending"),
+                Err(e) => {
+                    tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "dead-letter failed; left pending")
+                }
             }
             return Ok(());
         }
@@ -441,9 +518,21 @@ impl Session {
         Ok(())
     }
 
-    async fn redeliver(&mut self, ws: &mut WebSocket, channel: String, id: String) -> Result<(), Close> {
-        let Some(attempt) = self.inflight.get(&id).map(|f| f.attempt + 1) else { return Ok(()) };
-        match self.state.store.claim(&channel, &self.peer.agent, &id).await {
+    async fn redeliver(
+        &mut self,
+        ws: &mut WebSocket,
+        channel: String,
+        id: String,
+    ) -> Result<(), Close> {
+        let Some(attempt) = self.inflight.get(&id).map(|f| f.attempt + 1) else {
+            return Ok(());
+        };
+        match self
+            .state
+            .store
+            .claim(&channel, &self.peer.agent, &id)
+            .await
+        {
             Ok(Some(entry)) => {
                 if let Ok(webhook) = entry.webhook {
                     if let Some(f) = self.inflight.get_mut(&id) {
@@ -496,14 +585,19 @@ impl Session {
         let webhook = match entry.webhook {
             Ok(w) => w,
             Err(why) => {
-                self.discard_unreadable(&entry.channel, &entry.id, &why).await;
+                self.discard_unreadable(&entry.channel, &entry.id, &why)
+                    .await;
                 self.release();
                 return Ok(());
             }
         };
         self.inflight.insert(
             entry.id.clone(),
-            Inflight { channel: entry.channel.clone(), attempt, received_at_ms: webhook.received_at_ms },
+            Inflight {
+                channel: entry.channel.clone(),
+                attempt,
+                received_at_ms: webhook.received_at_ms,
+            },
         );
         let frame = Frame::Deliver {
             id: entry.id,
@@ -533,10 +627,21 @@ impl Session {
     async fn discard_unreadable(&self, channel: &str, id: &str, why: &str) {
         tracing::warn!(agent = %self.peer.agent, channel, id, why, "unreadable stream entry");
         let result = if why.contains("deleted") {
-            self.state.store.ack(channel, &[id.to_string()]).await.map(|_| ())
+            self.state
+                .store
+                .ack(channel, &[id.to_string()])
+                .await
+                .map(|_| ())
         } else {
             let raw = self.state.store.raw_entry(channel, id).await.ok().flatten();
-            let letter = DeadLetter { channel, id, reason: why, status: None, attempts: 0, raw: raw.as_deref() };
+            let letter = DeadLetter {
+                channel,
+                id,
+                reason: why,
+                status: None,
+                attempts: 0,
+                raw: raw.as_deref(),
+            };
             self.state.store.dead_letter(&letter).await
         };
         if let Err(e) = result {
@@ -580,7 +685,10 @@ async fn fetch_loop(
     reclaim_after: Duration,
 ) {
     const MAX_BATCH: usize = 256;
-    let mut cursors: Vec<(String, String)> = channels.iter().map(|c| (c.clone(), "0".to_string())).collect();
+    let mut cursors: Vec<(String, String)> = channels
+        .iter()
+        .map(|c| (c.clone(), "0".to_string()))
+        .collect();
     let reclaim_every = (reclaim_after / 2).max(Duration::from_millis(200));
     let mut next_reclaim = Instant::now();
     loop {
@@ -608,7 +716,10 @@ async fn fetch_loop(
                 if batch.len() >= slots {
                     break;
                 }
-                match store.autoclaim(ch, &consumer, reclaim_after, slots - batch.len()).await {
+                match store
+                    .autoclaim(ch, &consumer, reclaim_after, slots - batch.len())
+                    .await
+                {
                     Ok(entries) if !entries.is_empty() => {
                         tracing::info!(agent = %consumer, channel = %ch, count = entries.len(), "reclaimed stale pending entries");
                         let counts = counts_for(&store, ch, &consumer, &entries).await;
@@ -643,7 +754,12 @@ async fn fetch_loop(
                         if cursor == ">" {
                             continue;
                         }
-                        match raws.iter().rev().find(|r| &r.channel == ch).map(|r| r.id.clone()) {
+                        match raws
+                            .iter()
+                            .rev()
+                            .find(|r| &r.channel == ch)
+                            .map(|r| r.id.clone())
+                        {
                             Some(last) => *cursor = last,
                             None => *cursor = ">".into(),
                         }
@@ -651,7 +767,10 @@ async fn fetch_loop(
                     let mut by_channel: HashMap<String, Vec<Entry>> = HashMap::new();
                     for raw in raws {
                         let ch = raw.channel.clone();
-                        by_channel.entry(ch.clone()).or_default().push(raw.into_entry(&ch));
+                        by_channel
+                            .entry(ch.clone())
+                            .or_default()
+                            .push(raw.into_entry(&ch));
                     }
                     for (ch, entries) in by_channel {
                         let from_history = history.iter().any(|(c, _)| c == &ch);
@@ -678,7 +797,15 @@ async fn fetch_loop(
             credit.add_permits(unused);
         }
         let overdraft = batch.len().saturating_sub(slots) as u32;
-        if !batch.is_empty() && tx.send(Batch { entries: batch, overdraft }).await.is_err() {
+        if !batch.is_empty()
+            && tx
+                .send(Batch {
+                    entries: batch,
+                    overdraft,
+                })
+                .await
+                .is_err()
+        {
             return;
         }
         if failed {
@@ -694,7 +821,12 @@ async fn fetch_loop(
 }
 
 /// Delivery counts of entries that came from a pending list.
-async fn counts_for(store: &Store, channel: &str, consumer: &str, entries: &[Entry]) -> HashMap<String, u32> {
+async fn counts_for(
+    store: &Store,
+    channel: &str,
+    consumer: &str,
+    entries: &[Entry],
+) -> HashMap<String, u32> {
     let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
         return HashMap::new();
     };

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs every test: formatting check, then the whole workspace's tests
+# (unit, property and end-to-end against a real redis-server they start).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v redis-server >/dev/null || {
+  echo "redis-server is required by the end-to-end tests: apt-get install -y redis-server" >&2
+  exit 1
+}
+cargo fmt --all --check
+cargo test --workspace --locked "$@"
