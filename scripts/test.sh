@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: formatting check, then the whole workspace's tests
-# (unit, property and end-to-end against a real redis-server they start).
+# (unit, property and end-to-end against a real redis-server they start),
+# then one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v redis-server >/dev/null || {
@@ -8,4 +9,7 @@ command -v redis-server >/dev/null || {
   exit 1
 }
 cargo fmt --all --check
-cargo test --workspace --locked "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "summary: %d passed, %d failed\n", p, f }' "$log"

@@ -27,13 +27,7 @@ pub enum Frame {
         heartbeat_ms: u64,
     },
     /// edge → agent: one webhook. `id` is the stream entry id.
-    Deliver {
-        id: String,
-        channel: String,
-        attempt: u32,
-        received_at_ms: u64,
-        webhook: Webhook,
-    },
+    Deliver { id: String, channel: String, attempt: u32, received_at_ms: u64, webhook: Webhook },
     /// agent → edge: delivered (local endpoint answered 2xx).
     Ack { ids: Vec<String> },
     /// agent → edge: not delivered; retry later, or dead-letter if `permanent`.
@@ -47,8 +41,14 @@ pub enum Frame {
         #[serde(default)]
         status: Option<u16>,
     },
-    /// agent → edge: change the window; `0` pauses.
-    Flow { window: u32 },
+    /// agent → edge: change the window; `0` pauses. With `channel`, pauses
+    /// (`window = 0`) or resumes (`window > 0`) that channel only, e.g.
+    /// while its local endpoint is down; the session window is unchanged.
+    Flow {
+        window: u32,
+        #[serde(default)]
+        channel: Option<String>,
+    },
     /// Heartbeat; `t` is the sender's clock in milliseconds.
     Ping { t: u64 },
     /// Heartbeat answer echoing the `t` of the `Ping`.

@@ -20,10 +20,6 @@ impl Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_frame: Self::DEFAULT_MAX_FRAME,
-            max_window: 10_000,
-            max_ack_batch: 10_000,
-        }
+        Self { max_frame: Self::DEFAULT_MAX_FRAME, max_window: 10_000, max_ack_batch: 10_000 }
     }
 }

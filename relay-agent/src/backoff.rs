@@ -27,10 +27,7 @@ mod tests {
             let d1 = delay(1, i, 2.0, max);
             assert!(d1 >= Duration::from_millis(50) && d1 <= i, "{d1:?}");
             let d4 = delay(4, i, 2.0, max);
-            assert!(
-                d4 >= Duration::from_millis(400) && d4 <= Duration::from_millis(800),
-                "{d4:?}"
-            );
+            assert!(d4 >= Duration::from_millis(400) && d4 <= Duration::from_millis(800), "{d4:?}");
             assert!(delay(40, i, 2.0, max) <= max);
         }
     }

@@ -141,39 +141,22 @@ impl AgentConfig {
             fig = fig.merge(Toml::file_exact(path));
         }
         fig = fig.merge(Env::prefixed("RELAY_").split("__").ignore(&["config"]));
-        let mut cfg: AgentConfig = fig
-            .extract()
-            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        let mut cfg: AgentConfig = fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         cfg.apply_reference_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    pub fn apply_reference_env(
-        &mut self,
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: String| ConfigError::Key {
-            key: key.into(),
-            why,
-        };
+    pub fn apply_reference_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| ConfigError::Key { key: key.into(), why };
         if let Some(url) = var("LOCAL_WEBHOOK_URL").filter(|u| !u.is_empty()) {
-            match self
-                .targets
-                .iter_mut()
-                .find(|t| t.channel == LEGACY_CHANNEL)
-            {
+            match self.targets.iter_mut().find(|t| t.channel == LEGACY_CHANNEL) {
                 Some(t) => t.url = url,
-                None => self.targets.push(Target {
-                    channel: LEGACY_CHANNEL.into(),
-                    url,
-                }),
+                None => self.targets.push(Target { channel: LEGACY_CHANNEL.into(), url }),
             }
         }
         if let Some(n) = var("MAX_RETRIES").filter(|v| !v.is_empty()) {
-            let n: u32 = n
-                .parse()
-                .map_err(|_| bad("MAX_RETRIES", format!("`{n}` is not a count")))?;
+            let n: u32 = n.parse().map_err(|_| bad("MAX_RETRIES", format!("`{n}` is not a count")))?;
             self.retry.max_attempts = n + 1;
         }
         if let Some(d) = var("RETRY_DELAY").filter(|v| !v.is_empty()) {
@@ -182,30 +165,17 @@ impl AgentConfig {
                 .map_err(|_| bad("RETRY_DELAY", format!("`{d}` is not a duration like 5s")))?;
         }
         if let Some(m) = var("RETRY_MULTIPLIER").filter(|v| !v.is_empty()) {
-            self.retry.multiplier = m
-                .parse()
-                .map_err(|_| bad("RETRY_MULTIPLIER", format!("`{m}` is not a number")))?;
+            self.retry.multiplier = m.parse().map_err(|_| bad("RETRY_MULTIPLIER", format!("`{m}` is not a number")))?;
         }
         Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: String| ConfigError::Key {
-            key: key.into(),
-            why,
-        };
-        let uri: http::Uri = self
-            .edge
-            .parse()
-            .map_err(|e| bad("edge", format!("`{}` is not a URL: {e}", self.edge)))?;
+        let bad = |key: &str, why: String| ConfigError::Key { key: key.into(), why };
+        let uri: http::Uri =
+            self.edge.parse().map_err(|e| bad("edge", format!("`{}` is not a URL: {e}", self.edge)))?;
         if uri.scheme_str() != Some("wss") {
-            return Err(bad(
-                "edge",
-                format!(
-                    "`{}` must start with wss:// (the tunnel is always TLS)",
-                    self.edge
-                ),
-            ));
+            return Err(bad("edge", format!("`{}` must start with wss:// (the tunnel is always TLS)", self.edge)));
         }
         if uri.host().is_none() {
             return Err(bad("edge", format!("`{}` names no host", self.edge)));
@@ -213,8 +183,7 @@ impl AgentConfig {
         if self.targets.is_empty() {
             return Err(bad(
                 "target",
-                "no [[target]] configured: add one with channel and url (or set LOCAL_WEBHOOK_URL)"
-                    .into(),
+                "no [[target]] configured: add one with channel and url (or set LOCAL_WEBHOOK_URL)".into(),
             ));
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -223,22 +192,14 @@ impl AgentConfig {
                 return Err(bad(&format!("target[{i}].channel"), "is empty".into()));
             }
             if !seen.insert(t.channel.as_str()) {
-                return Err(bad(
-                    &format!("target[{i}].channel"),
-                    format!("channel `{}` has two targets", t.channel),
-                ));
+                return Err(bad(&format!("target[{i}].channel"), format!("channel `{}` has two targets", t.channel)));
             }
-            let u: http::Uri = t.url.parse().map_err(|e| {
-                bad(
-                    &format!("target[{i}].url"),
-                    format!("`{}` is not a URL: {e}", t.url),
-                )
-            })?;
+            let u: http::Uri = t
+                .url
+                .parse()
+                .map_err(|e| bad(&format!("target[{i}].url"), format!("`{}` is not a URL: {e}", t.url)))?;
             if u.scheme_str() != Some("http") || u.host().is_none() {
-                return Err(bad(
-                    &format!("target[{i}].url"),
-                    format!("`{}` must be an http:// URL", t.url),
-                ));
+                return Err(bad(&format!("target[{i}].url"), format!("`{}` must be an http:// URL", t.url)));
             }
         }
         if self.window == 0 {

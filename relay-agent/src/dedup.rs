@@ -12,11 +12,7 @@ pub struct Recent {
 
 impl Recent {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            set: HashSet::with_capacity(capacity),
-            order: VecDeque::with_capacity(capacity),
-            capacity,
-        }
+        Self { set: HashSet::with_capacity(capacity), order: VecDeque::with_capacity(capacity), capacity }
     }
 
     pub fn key(channel: &str, id: &str) -> String {

@@ -2,9 +2,11 @@
 //! original headers and raw body, plus `X-Relay-Id` / `X-Relay-Attempt`,
 //! and classify the outcome.
 //!
-//! 2xx → ack. 408, 429, 5xx, timeouts and connection errors → retry with
+//! 2xx → ack. 408, 429, 5xx and other transport errors → retry with
 //! backoff (honouring `Retry-After`). Any other status → dead letter at
-//! once. Attempts exhausted → dead letter with the last outcome.
+//! once. Attempts exhausted → dead letter with the last outcome. Connection
+//! refused and timeouts are reported as `Down`: the session decides whether
+//! to pause the channel (see `tunnel::pause`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,15 +17,7 @@ use crate::backoff;
 use crate::config::{AgentConfig, RetryConfig};
 
 /// Headers not forwarded: hop-by-hop, and ones the HTTP client sets itself.
-const SKIP: &[&str] = &[
-    "host",
-    "content-length",
-    "connection",
-    "transfer-encoding",
-    "keep-alive",
-    "te",
-    "upgrade",
-];
+const SKIP: &[&str] = &["host", "content-length", "connection", "transfer-encoding", "keep-alive", "te", "upgrade"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -33,6 +27,13 @@ pub enum Verdict {
     Retry {
         reason: String,
         status: Option<u16>,
+        after: Duration,
+    },
+    /// The endpoint did not answer at all: connection refused (`refused`)
+    /// or timed out. The session pauses the channel rather than burn attempts.
+    Down {
+        reason: String,
+        refused: bool,
         after: Duration,
     },
     DeadLetter {
@@ -57,11 +58,7 @@ impl Deliverer {
             .build()?;
         Ok(Self {
             client,
-            targets: cfg
-                .targets
-                .iter()
-                .map(|t| (t.channel.clone(), t.url.clone()))
-                .collect(),
+            targets: cfg.targets.iter().map(|t| (t.channel.clone(), t.url.clone())).collect(),
             retry: cfg.retry.clone(),
         })
     }
@@ -77,8 +74,7 @@ impl Deliverer {
                 status: None,
             };
         };
-        let method =
-            reqwest::Method::from_bytes(webhook.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+        let method = reqwest::Method::from_bytes(webhook.method.as_bytes()).unwrap_or(reqwest::Method::POST);
         let mut req = self.client.request(method, url.as_str());
         for h in &webhook.headers {
             if SKIP.contains(&h.name.as_str()) || h.name.starts_with("x-relay-") {
@@ -104,27 +100,23 @@ impl Deliverer {
                 let _ = resp.bytes().await;
                 classify(status, retry_after)
             }
+            Err(e) if e.is_connect() || e.is_timeout() => {
+                let after =
+                    backoff::delay(attempt, self.retry.initial_delay, self.retry.multiplier, self.retry.max_delay);
+                return Verdict::Down { reason: describe(&e), refused: e.is_connect(), after };
+            }
             Err(e) => Err((describe(&e), None, None)),
         };
         match outcome {
             Ok(v) => v,
             Err((reason, status, retry_after)) if attempt < self.retry.max_attempts => {
-                let backoff = backoff::delay(
-                    attempt,
-                    self.retry.initial_delay,
-                    self.retry.multiplier,
-                    self.retry.max_delay,
-                );
-                Verdict::Retry {
-                    reason,
-                    status,
-                    after: retry_after.unwrap_or(backoff).min(self.retry.max_delay),
-                }
+                let backoff =
+                    backoff::delay(attempt, self.retry.initial_delay, self.retry.multiplier, self.retry.max_delay);
+                Verdict::Retry { reason, status, after: retry_after.unwrap_or(backoff).min(self.retry.max_delay) }
             }
-            Err((reason, status, _)) => Verdict::DeadLetter {
-                reason: format!("gave up after {attempt} attempts: {reason}"),
-                status,
-            },
+            Err((reason, status, _)) => {
+                Verdict::DeadLetter { reason: format!("gave up after {attempt} attempts: {reason}"), status }
+            }
         }
     }
 }
@@ -134,15 +126,8 @@ type Retryable = (String, Option<u16>, Option<Duration>);
 fn classify(status: u16, retry_after: Option<Duration>) -> Result<Verdict, Retryable> {
     match status {
         200..=299 => Ok(Verdict::Ack { status }),
-        408 | 429 | 500..=599 => Err((
-            format!("local endpoint answered {status}"),
-            Some(status),
-            retry_after,
-        )),
-        _ => Ok(Verdict::DeadLetter {
-            reason: format!("local endpoint answered {status}"),
-            status: Some(status),
-        }),
+        408 | 429 | 500..=599 => Err((format!("local endpoint answered {status}"), Some(status), retry_after)),
+        _ => Ok(Verdict::DeadLetter { reason: format!("local endpoint answered {status}"), status: Some(status) }),
     }
 }
 
@@ -167,16 +152,7 @@ mod tests {
         assert!(classify(503, None).is_err());
         assert!(classify(408, None).is_err());
         assert!(classify(429, Some(Duration::from_secs(3))).is_err());
-        assert!(matches!(
-            classify(404, None),
-            Ok(Verdict::DeadLetter {
-                status: Some(404),
-                ..
-            })
-        ));
-        assert!(matches!(
-            classify(400, None),
-            Ok(Verdict::DeadLetter { .. })
-        ));
+        assert!(matches!(classify(404, None), Ok(Verdict::DeadLetter { status: Some(404), .. })));
+        assert!(matches!(classify(400, None), Ok(Verdict::DeadLetter { .. })));
     }
 }

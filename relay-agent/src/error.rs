@@ -20,15 +20,9 @@ pub enum SessionError {
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("cannot connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    Connect { addr: String, source: std::io::Error },
     #[error("TLS handshake with {addr} failed: {source}")]
-    Handshake {
-        addr: String,
-        source: std::io::Error,
-    },
+    Handshake { addr: String, source: std::io::Error },
     #[error("WebSocket handshake failed: {0}")]
     Upgrade(String),
     #[error("connect timed out after {0:?}")]

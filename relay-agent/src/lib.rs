@@ -32,35 +32,17 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> std::io::Resu
         targets: cfg
             .targets
             .iter()
-            .map(|t| TargetStatus {
-                channel: t.channel.clone(),
-                url: t.url.clone(),
-                ..Default::default()
-            })
+            .map(|t| TargetStatus { channel: t.channel.clone(), url: t.url.clone(), ..Default::default() })
             .collect(),
         ..Default::default()
     });
     let listener = status::server::bind(&cfg.status_socket).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!(
-                "cannot bind status socket {}: {e}",
-                cfg.status_socket.display()
-            ),
-        )
+        std::io::Error::new(e.kind(), format!("cannot bind status socket {}: {e}", cfg.status_socket.display()))
     })?;
     tracing::info!(edge = %cfg.edge, socket = %cfg.status_socket.display(), "relay-agent starting");
     // Joined, not spawned: dropping this future (a test's "kill") stops
     // everything the agent runs, like a killed process.
-    let server = status::server::serve(
-        listener,
-        cfg.status_socket.clone(),
-        status.clone(),
-        shutdown.clone(),
-    );
-    tokio::join!(
-        server,
-        tunnel::supervisor::run(Arc::new(cfg), status, shutdown.clone())
-    );
+    let server = status::server::serve(listener, cfg.status_socket.clone(), status.clone(), shutdown.clone());
+    tokio::join!(server, tunnel::supervisor::run(Arc::new(cfg), status, shutdown.clone()));
     Ok(())
 }

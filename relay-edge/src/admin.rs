@@ -19,13 +19,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .merge(crate::admin_api::router(state.clone()))
         .with_state(state)
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
-    let result = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let result = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
     if let Err(e) = result {
         tracing::error!(error = %e, "admin listener failed");
     }
@@ -84,19 +83,16 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
          # TYPE relay_webhooks_processed_total counter\nrelay_webhooks_processed_total {}\n\
          # TYPE relay_webhooks_failed_total counter\nrelay_webhooks_failed_total {}\n\
          # TYPE relay_webhooks_retried_total counter\nrelay_webhooks_retried_total {}\n\
-         # TYPE relay_agents_connected gauge\nrelay_agents_connected {}\n",
+         # TYPE relay_agents_connected gauge\nrelay_agents_connected {}\n\
+         # TYPE relay_backlog_rejections_total counter\nrelay_backlog_rejections_total {}\n\
+         # TYPE relay_expired_total counter\nrelay_expired_total {}\n",
         m.received.load(Ordering::Relaxed),
         m.processed.load(Ordering::Relaxed),
         m.failed.load(Ordering::Relaxed),
         m.retried.load(Ordering::Relaxed),
         state.registry.list().len(),
+        m.backlog_rejected.load(Ordering::Relaxed),
+        m.expired.load(Ordering::Relaxed),
     );
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        text,
-    )
-        .into_response()
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use thiserror::Error;
 
@@ -18,15 +18,9 @@ pub enum CertError {
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
     #[error("cannot write {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("no CA in {} — run `relay-edge certs init` first", .0.display())]
     NoCa(PathBuf),
     #[error("`{0}` is not a usable name (letters, digits, `.`, `-`, `_`)")]
@@ -45,10 +39,7 @@ fn validity(params: &mut CertificateParams, days: i64) {
 }
 
 fn write(path: &Path, content: &str, secret: bool) -> Result<(), CertError> {
-    let err = |source| CertError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+    let err = |source| CertError::Write { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(err)?;
     }
@@ -64,18 +55,11 @@ fn write(path: &Path, content: &str, secret: bool) -> Result<(), CertError> {
 }
 
 fn read(path: &Path) -> Result<String, CertError> {
-    fs::read_to_string(path).map_err(|source| CertError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| CertError::Read { path: path.to_path_buf(), source })
 }
 
 fn check_name(name: &str) -> Result<(), CertError> {
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
         return Err(CertError::BadName(name.into()));
     }
     Ok(())
@@ -89,14 +73,9 @@ pub fn init(dir: &Path, sans: &[String], force: bool) -> Result<Written, CertErr
     if force || !ca_cert.is_file() || !ca_key.is_file() {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "relay dev CA");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.distinguished_name.push(DnType::CommonName, "relay dev CA");
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         validity(&mut params, 3650);
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
@@ -106,9 +85,7 @@ pub fn init(dir: &Path, sans: &[String], force: bool) -> Result<Written, CertErr
     }
     let issuer = load_issuer(dir)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "relay-edge");
+    params.distinguished_name.push(DnType::CommonName, "relay-edge");
     for san in sans {
         params.subject_alt_names.push(match san.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
@@ -149,15 +126,10 @@ pub fn agent(dir: &Path, name: &str) -> Result<Written, CertError> {
     validity(&mut params, 825);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
-    let (cp, kp) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}-key.pem")),
-    );
+    let (cp, kp) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
     write(&cp, &cert.pem(), false)?;
     write(&kp, &key.serialize_pem(), true)?;
-    Ok(Written {
-        files: vec![cp, kp],
-    })
+    Ok(Written { files: vec![cp, kp] })
 }
 
 #[cfg(test)]
@@ -166,16 +138,12 @@ mod tests {
     fn init_then_agent_writes_a_verifiable_chain() {
         use rustls_pki_types::pem::PemObject;
         let dir = tempfile::tempdir().expect("tempdir");
-        let w = super::init(dir.path(), &["localhost".into(), "127.0.0.1".into()], false)
-            .expect("init");
+        let w = super::init(dir.path(), &["localhost".into(), "127.0.0.1".into()], false).expect("init");
         assert_eq!(w.files.len(), 4);
         super::agent(dir.path(), "lan-1").expect("agent");
         let pem = std::fs::read(dir.path().join("lan-1.pem")).expect("read");
         let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).expect("pem");
-        assert_eq!(
-            crate::tunnel::tls::identity_of(&der).as_deref(),
-            Some("lan-1")
-        );
+        assert_eq!(crate::tunnel::tls::identity_of(&der).as_deref(), Some("lan-1"));
         // A second init keeps the CA, so existing agent certificates stay valid.
         let w2 = super::init(dir.path(), &["localhost".into()], false).expect("init again");
         assert_eq!(w2.files.len(), 2);

@@ -51,11 +51,7 @@ pub struct IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:8080".into(),
-            max_body: ByteSize::mib(4),
-            request_timeout: Duration::from_secs(10),
-        }
+        Self { listen: "127.0.0.1:8080".into(), max_body: ByteSize::mib(4), request_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -118,10 +114,7 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:9090".into(),
-            token: None,
-        }
+        Self { listen: "127.0.0.1:9090".into(), token: None }
     }
 }
 
@@ -139,6 +132,9 @@ pub struct StoreConfig {
     /// `BLOCK` of one `XREADGROUP`; kept short and looped.
     #[serde(with = "humantime_serde")]
     pub block: Duration,
+    /// Hard cap of unacknowledged entries per channel: past it ingest answers
+    /// `503` + `Retry-After` instead of storing (and never drops anything).
+    pub max_backlog: u64,
 }
 
 impl Default for StoreConfig {
@@ -148,6 +144,7 @@ impl Default for StoreConfig {
             retention: Duration::from_secs(24 * 3600),
             command_timeout: Duration::from_secs(3),
             block: Duration::from_secs(2),
+            max_backlog: 1_000_000,
         }
     }
 }
@@ -235,9 +232,7 @@ impl EdgeConfig {
             fig = fig.merge(Toml::file_exact(path));
         }
         fig = fig.merge(Env::prefixed("RELAY_").split("__").ignore(&["config"]));
-        let mut cfg: EdgeConfig = fig
-            .extract()
-            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        let mut cfg: EdgeConfig = fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         cfg.apply_reference_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;
         Ok(cfg)
@@ -247,10 +242,7 @@ impl EdgeConfig {
     /// switch binaries: `API_KEY` creates the `webhook` route on channel
     /// `default`, `REDIS_URL`/`REDIS_PASSWORD`/`REDIS_DB` build the store URL,
     /// `SERVER_PORT` moves the ingest listener, `MESSAGE_TTL` sets retention.
-    pub fn apply_reference_env(
-        &mut self,
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
+    pub fn apply_reference_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(key) = var("API_KEY").filter(|k| !k.is_empty()) {
             match self.routes.iter_mut().find(|r| r.name == LEGACY_ROUTE) {
                 Some(route) => route.api_keys.push(Secret::new(key)),
@@ -263,11 +255,7 @@ impl EdgeConfig {
             }
         }
         if let Some(url) = var("REDIS_URL").filter(|u| !u.is_empty()) {
-            let mut url = if url.contains("://") {
-                url
-            } else {
-                format!("redis://{url}")
-            };
+            let mut url = if url.contains("://") { url } else { format!("redis://{url}") };
             if let Some(pw) = var("REDIS_PASSWORD").filter(|p| !p.is_empty())
                 && !url.contains('@')
             {
@@ -279,14 +267,10 @@ impl EdgeConfig {
                     why: format!("`{db}` is not a database number"),
                 })?;
                 let base = url.trim_end_matches('/');
-                let has_db = base.rsplit_once('/').is_some_and(|(head, tail)| {
-                    !head.ends_with('/') && tail.parse::<u32>().is_ok()
-                });
-                url = if has_db {
-                    base.to_string()
-                } else {
-                    format!("{base}/{db}")
-                };
+                let has_db = base
+                    .rsplit_once('/')
+                    .is_some_and(|(head, tail)| !head.ends_with('/') && tail.parse::<u32>().is_ok());
+                url = if has_db { base.to_string() } else { format!("{base}/{db}") };
             }
             self.store.redis_url = Secret::new(url);
         }
@@ -298,32 +282,34 @@ impl EdgeConfig {
             self.ingest.listen = format!("0.0.0.0:{port}");
         }
         if let Some(ttl) = var("MESSAGE_TTL").filter(|t| !t.is_empty()) {
-            self.store.retention =
-                parse_reference_duration(&ttl).ok_or_else(|| ConfigError::Key {
-                    key: "MESSAGE_TTL".into(),
-                    why: format!("`{ttl}` is not a duration like 24h or 86400"),
-                })?;
+            self.store.retention = parse_reference_duration(&ttl).ok_or_else(|| ConfigError::Key {
+                key: "MESSAGE_TTL".into(),
+                why: format!("`{ttl}` is not a duration like 24h or 86400"),
+            })?;
         }
         Ok(())
     }
 
     /// Checks what the types cannot: names, references, files.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: String| ConfigError::Key {
-            key: key.into(),
-            why,
-        };
+        let bad = |key: &str, why: String| ConfigError::Key { key: key.into(), why };
         for (key, addr) in [
             ("ingest.listen", &self.ingest.listen),
             ("tunnel.listen", &self.tunnel.listen),
             ("admin.listen", &self.admin.listen),
         ] {
-            addr.parse::<std::net::SocketAddr>().map_err(|e| {
-                bad(
-                    key,
-                    format!("`{addr}` is not an address like 127.0.0.1:8080: {e}"),
-                )
-            })?;
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| bad(key, format!("`{addr}` is not an address like 127.0.0.1:8080: {e}")))?;
+        }
+        let admin_loopback = self.admin.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+        if !admin_loopback && self.admin.token.is_none() {
+            return Err(bad(
+                "admin.token",
+                format!("must be set when admin.listen ({}) is not a loopback address", self.admin.listen),
+            ));
+        }
+        if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 8) {
+            return Err(bad("admin.token", "needs at least 8 characters".into()));
         }
         if self.ingest.max_body.as_u64() == 0 {
             return Err(bad("ingest.max_body", "must be above zero".into()));
@@ -347,34 +333,22 @@ impl EdgeConfig {
             ));
         }
         if self.store.block >= self.store.command_timeout * 4 {
-            return Err(bad(
-                "store.block",
-                "keep it short (1–5 s) and below 4 × store.command_timeout".into(),
-            ));
+            return Err(bad("store.block", "keep it short (1–5 s) and below 4 × store.command_timeout".into()));
         }
         let url = self.store.redis_url.expose();
         if redis::Client::open(url).is_err() {
             // Never echo the URL: it may hold a password.
-            return Err(bad(
-                "store.redis_url",
-                "is not a redis:// or rediss:// URL".into(),
-            ));
+            return Err(bad("store.redis_url", "is not a redis:// or rediss:// URL".into()));
         }
         let mut names = BTreeSet::new();
         for (i, route) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("route[{i}].{field}");
             check_name(&route.name).map_err(|why| bad(&key("name"), why))?;
             if !names.insert(route.name.as_str()) {
-                return Err(bad(
-                    &key("name"),
-                    format!("route `{}` is defined twice", route.name),
-                ));
+                return Err(bad(&key("name"), format!("route `{}` is defined twice", route.name)));
             }
             if route.channels.is_empty() {
-                return Err(bad(
-                    &key("channels"),
-                    format!("route `{}` lists no channel", route.name),
-                ));
+                return Err(bad(&key("channels"), format!("route `{}` lists no channel", route.name)));
             }
             for ch in &route.channels {
                 check_name(ch).map_err(|why| bad(&key("channels"), why))?;
@@ -382,17 +356,11 @@ impl EdgeConfig {
             if route.api_keys.is_empty() {
                 return Err(bad(
                     &key("api_keys"),
-                    format!(
-                        "route `{}` has no API key; an open route would accept anyone's webhooks",
-                        route.name
-                    ),
+                    format!("route `{}` has no API key; an open route would accept anyone's webhooks", route.name),
                 ));
             }
             if route.api_keys.iter().any(|k| k.expose().len() < 8) {
-                return Err(bad(
-                    &key("api_keys"),
-                    "every key needs at least 8 characters".into(),
-                ));
+                return Err(bad(&key("api_keys"), "every key needs at least 8 characters".into()));
             }
         }
         let mut agents = BTreeSet::new();
@@ -402,16 +370,10 @@ impl EdgeConfig {
                 return Err(bad(&key("name"), "is empty".into()));
             }
             if !agents.insert(agent.name.as_str()) {
-                return Err(bad(
-                    &key("name"),
-                    format!("agent `{}` is defined twice", agent.name),
-                ));
+                return Err(bad(&key("name"), format!("agent `{}` is defined twice", agent.name)));
             }
             if agent.channels.is_empty() {
-                return Err(bad(
-                    &key("channels"),
-                    format!("agent `{}` is granted no channel", agent.name),
-                ));
+                return Err(bad(&key("channels"), format!("agent `{}` is granted no channel", agent.name)));
             }
             for ch in &agent.channels {
                 check_name(ch).map_err(|why| bad(&key("channels"), why))?;
@@ -425,10 +387,7 @@ impl EdgeConfig {
             if !path.is_file() {
                 return Err(bad(
                     key,
-                    format!(
-                        "{} does not exist (make dev certificates with `relay-edge certs init`)",
-                        path.display()
-                    ),
+                    format!("{} does not exist (make dev certificates with `relay-edge certs init`)", path.display()),
                 ));
             }
         }
@@ -440,9 +399,7 @@ impl EdgeConfig {
         let mut map: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for agent in &self.agents {
             for ch in &agent.channels {
-                map.entry(ch.as_str())
-                    .or_default()
-                    .push(agent.name.as_str());
+                map.entry(ch.as_str()).or_default().push(agent.name.as_str());
             }
         }
         map
@@ -464,13 +421,8 @@ fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
         return Err(format!("`{name}` must be 1–64 characters"));
     }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        return Err(format!(
-            "`{name}` may only hold letters, digits, `-`, `_` and `.`"
-        ));
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+        return Err(format!("`{name}` may only hold letters, digits, `-`, `_` and `.`"));
     }
     Ok(())
 }
@@ -515,9 +467,8 @@ mod tests {
     #[test]
     fn bad_reference_port_names_the_variable() {
         let mut cfg = EdgeConfig::default();
-        let err = cfg
-            .apply_reference_env(|k| (k == "SERVER_PORT").then(|| "eighty".to_string()))
-            .expect_err("must fail");
+        let err =
+            cfg.apply_reference_env(|k| (k == "SERVER_PORT").then(|| "eighty".to_string())).expect_err("must fail");
         assert!(err.to_string().contains("SERVER_PORT"), "{err}");
     }
 }

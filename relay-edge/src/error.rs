@@ -67,6 +67,8 @@ pub enum IngestError {
     BadRequest(String),
     #[error("store unavailable; retry later")]
     StoreUnavailable,
+    #[error("channel `{channel}` holds {backlog} undelivered webhooks (cap {cap}); retry later")]
+    BacklogFull { channel: String, backlog: u64, cap: u64 },
 }
 
 impl IngestError {
@@ -79,6 +81,7 @@ impl IngestError {
             IngestError::VerifyFailed => (StatusCode::FORBIDDEN, "verify_failed"),
             IngestError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             IngestError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            IngestError::BacklogFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "backlog_full"),
         }
     }
 }
@@ -86,12 +89,10 @@ impl IngestError {
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let body =
-            serde_json::json!({ "success": false, "error": code, "message": self.to_string() });
+        let body = serde_json::json!({ "success": false, "error": code, "message": self.to_string() });
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         resp
     }

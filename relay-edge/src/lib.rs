@@ -12,7 +12,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_api;
+pub mod backlog;
 pub mod certs;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod ingest;
@@ -42,6 +45,8 @@ pub struct AppState {
     pub grants: HashMap<String, Vec<String>>,
     pub registry: tunnel::registry::Registry,
     pub metrics: metrics::Metrics,
+    /// Unacknowledged entries per channel, for the ingest cap.
+    pub backlog: backlog::Backlog,
     /// Cancelled once, on SIGINT/SIGTERM (or by a test).
     pub shutdown: CancellationToken,
 }
@@ -56,13 +61,7 @@ pub struct Listeners {
 impl Listeners {
     pub async fn bind(cfg: &EdgeConfig) -> Result<Self, StartError> {
         async fn one(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what,
-                    addr: addr.into(),
-                    source,
-                })
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr: addr.into(), source })
         }
         Ok(Self {
             ingest: one("ingest", &cfg.ingest.listen).await?,
@@ -72,27 +71,16 @@ impl Listeners {
     }
 
     pub fn addrs(&self) -> (SocketAddr, SocketAddr, SocketAddr) {
-        let a = |l: &TcpListener| {
-            l.local_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-        };
+        let a = |l: &TcpListener| l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         (a(&self.ingest), a(&self.tunnel), a(&self.admin))
     }
 }
 
 /// Runs the edge until `shutdown` is cancelled, then drains for a grace period.
-pub async fn run(
-    cfg: EdgeConfig,
-    listeners: Listeners,
-    shutdown: CancellationToken,
-) -> Result<(), StartError> {
+pub async fn run(cfg: EdgeConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), StartError> {
     let tls = tunnel::tls::server_config(&cfg.tunnel)?;
     let store = Store::open(&cfg.store)?;
-    let grants = cfg
-        .agents
-        .iter()
-        .map(|a| (a.name.clone(), a.channels.clone()))
-        .collect();
+    let grants = cfg.agents.iter().map(|a| (a.name.clone(), a.channels.clone())).collect();
     let (ingest_addr, tunnel_addr, admin_addr) = listeners.addrs();
     let state = Arc::new(AppState {
         cfg,
@@ -100,6 +88,7 @@ pub async fn run(
         grants,
         registry: Default::default(),
         metrics: Default::default(),
+        backlog: Default::default(),
         shutdown: shutdown.clone(),
     });
     warn_about_config(&state.cfg);
@@ -118,32 +107,16 @@ pub async fn run(
     tracing::info!(%ingest_addr, %tunnel_addr, %admin_addr, "relay-edge listening");
 
     let tracker = TaskTracker::new();
-    tracker.spawn(ingest::serve(
-        listeners.ingest,
-        state.clone(),
-        shutdown.clone(),
-    ));
-    tracker.spawn(admin::serve(
-        listeners.admin,
-        state.clone(),
-        shutdown.clone(),
-    ));
-    tracker.spawn(tunnel::serve(
-        listeners.tunnel,
-        tls,
-        state.clone(),
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    tracker.spawn(ingest::serve(listeners.ingest, state.clone(), shutdown.clone()));
+    tracker.spawn(admin::serve(listeners.admin, state.clone(), shutdown.clone()));
+    tracker.spawn(tunnel::serve(listeners.tunnel, tls, state.clone(), shutdown.clone(), tracker.clone()));
     tracker.spawn(retention_loop(state.clone(), shutdown.clone()));
+    tracker.spawn(backlog::refresh_loop(state.clone(), shutdown.clone()));
     tracker.close();
 
     shutdown.cancelled().await;
     tracing::info!("shutting down; draining connections");
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
         tracing::warn!("some tasks did not finish within 10 s; exiting anyway");
     } else {
         tracing::info!("drained");
@@ -172,6 +145,14 @@ async fn retention_loop(state: Arc<AppState>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
         for ch in state.cfg.all_channels() {
+            match state.store.expire(&ch, retention).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    state.metrics.expired.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(channel = %ch, count = n, "unacknowledged webhooks reached the retention age; moved to the DLQ with reason `expired`");
+                }
+                Err(e) => tracing::debug!(channel = %ch, error = %e, "expiry failed"),
+            }
             match state.store.trim(&ch, retention).await {
                 Ok(0) => {}
                 Ok(n) => {

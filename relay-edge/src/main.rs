@@ -5,14 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use relay_edge::cli;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(
-    name = "relay-edge",
-    version,
-    about = "Public edge of the webhook relay"
-)]
+#[command(name = "relay-edge", version, about = "Public edge of the webhook relay")]
 struct Cli {
     /// Config file (TOML). Environment `RELAY_*` overrides it.
     #[arg(long, short, global = true, env = "RELAY_CONFIG")]
@@ -30,6 +27,73 @@ enum Command {
     /// Make development certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Dead letters: list, show, replay, purge (calls the admin API).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Re-deliver webhooks from the stream's retained history.
+    Replay {
+        #[arg(long)]
+        channel: String,
+        /// RFC 3339 time, or a duration meaning "that long ago" (2h).
+        #[arg(long)]
+        since: String,
+        /// Same forms as --since; default now.
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin API address (default: admin.listen from the config).
+    #[arg(long, env = "RELAY_ADMIN_URL", global = true)]
+    admin: Option<String>,
+    /// Bearer token (default: admin.token from the config).
+    #[arg(long, env = "RELAY_ADMIN_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Print the API's JSON answer.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Dead letters of a channel, oldest first.
+    List {
+        #[arg(long)]
+        channel: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One dead letter with its headers and body.
+    Show {
+        id: String,
+        /// Channel (default: search every configured channel).
+        #[arg(long)]
+        channel: Option<String>,
+    },
+    /// Put dead letters back into the stream (same X-Relay-Id).
+    Replay {
+        #[arg(long)]
+        channel: String,
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete dead letters (all, or those that failed before a time).
+    Purge {
+        #[arg(long)]
+        channel: String,
+        /// RFC 3339 time, or a duration meaning "that long ago" (7d).
+        #[arg(long)]
+        before: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -61,6 +125,28 @@ fn main() -> ExitCode {
     init_tracing();
     match cli.command.unwrap_or(Command::Run) {
         Command::Certs(cmd) => certs(cmd),
+        Command::Dlq { command, admin } => admin_command(cli.config.as_deref(), admin, |now, channels| {
+            Ok(match command {
+                DlqCommand::List { channel, limit } => cli::Command::List { channel, limit },
+                DlqCommand::Show { id, channel } => cli::Command::Show { channel, id, channels },
+                DlqCommand::Replay { channel, ids, all } => {
+                    if ids.is_empty() && !all {
+                        return Err("name the dead letters to replay, or pass --all".into());
+                    }
+                    cli::Command::ReplayDlq { channel, ids, all }
+                }
+                DlqCommand::Purge { channel, before } => {
+                    cli::Command::Purge { channel, before_ms: before.map(|b| cli::parse_time(&b, now)).transpose()? }
+                }
+            })
+        }),
+        Command::Replay { channel, since, until, admin } => admin_command(cli.config.as_deref(), admin, |now, _| {
+            Ok(cli::Command::ReplayHistory {
+                channel,
+                since_ms: cli::parse_time(&since, now)?,
+                until_ms: until.map(|u| cli::parse_time(&u, now)).transpose()?,
+            })
+        }),
         Command::CheckConfig => match relay_edge::EdgeConfig::load(cli.config.as_deref()) {
             Ok(_) => {
                 println!("configuration is valid");
@@ -108,10 +194,7 @@ async fn serve(cfg: relay_edge::EdgeConfig) -> anyhow::Result<()> {
 /// SIGINT or SIGTERM cancel the one shutdown token.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -122,19 +205,64 @@ async fn signals(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
+/// Resolves the admin API (flags, else config), builds and runs a command.
+fn admin_command(
+    config: Option<&std::path::Path>,
+    args: AdminArgs,
+    build: impl FnOnce(u64, Vec<String>) -> Result<cli::Command, String>,
+) -> ExitCode {
+    let (base, token, channels) = match (args.admin, config) {
+        (Some(base), _) => (base, args.token, Vec::new()),
+        (None, path) => match relay_edge::EdgeConfig::load(path) {
+            Ok(cfg) => (
+                cfg.admin.listen.clone(),
+                args.token.or(cfg.admin.token.as_ref().map(|t| t.expose().to_string())),
+                cfg.all_channels().into_iter().collect(),
+            ),
+            Err(e) => {
+                eprintln!("relay-edge: {e} (or pass --admin URL)");
+                return ExitCode::from(64);
+            }
+        },
+    };
+    let now = relay_edge::store::now_ms();
+    let cmd = match build(now, channels) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relay-edge: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay-edge: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = cli::AdminClient::new(base, token);
+    match rt.block_on(cli::run(&client, cmd, args.json)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("relay-edge: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn certs(cmd: CertsCommand) -> ExitCode {
     let result = match cmd {
-        CertsCommand::Init {
-            dir,
-            sans,
-            agents,
-            force,
-        } => relay_edge::certs::init(&dir, &sans, force).and_then(|mut w| {
-            for a in &agents {
-                w.files.extend(relay_edge::certs::agent(&dir, a)?.files);
-            }
-            Ok(w)
-        }),
+        CertsCommand::Init { dir, sans, agents, force } => {
+            relay_edge::certs::init(&dir, &sans, force).and_then(|mut w| {
+                for a in &agents {
+                    w.files.extend(relay_edge::certs::agent(&dir, a)?.files);
+                }
+                Ok(w)
+            })
+        }
         CertsCommand::Agent { name, dir } => relay_edge::certs::agent(&dir, &name),
     };
     match result {
@@ -154,8 +282,5 @@ fn certs(cmd: CertsCommand) -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

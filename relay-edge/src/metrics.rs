@@ -16,6 +16,10 @@ pub struct Metrics {
     pub failed: AtomicU64,
     /// Redeliveries after a transient nack.
     pub retried: AtomicU64,
+    /// Ingest requests refused because a channel's backlog is at the cap.
+    pub backlog_rejected: AtomicU64,
+    /// Entries moved to the DLQ by retention (reason `expired`).
+    pub expired: AtomicU64,
     /// Sum and count of received → acked latencies, for the average.
     latency_sum_ms: AtomicU64,
     latency_count: AtomicU64,
@@ -26,8 +30,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn delivered(&self, received_at_ms: u64) {
         self.processed.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_ms
-            .fetch_add(now_ms().saturating_sub(received_at_ms), Ordering::Relaxed);
+        self.latency_sum_ms.fetch_add(now_ms().saturating_sub(received_at_ms), Ordering::Relaxed);
         self.latency_count.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -9,33 +9,15 @@ fn bin() -> Command {
 }
 
 fn certs_in(dir: &Path) {
-    let out = bin()
-        .args(["certs", "init", "--agent", "lan-1", "--dir"])
-        .arg(dir)
-        .output()
-        .expect("run certs init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for f in [
-        "ca.pem",
-        "ca-key.pem",
-        "edge.pem",
-        "edge-key.pem",
-        "lan-1.pem",
-        "lan-1-key.pem",
-    ] {
+    let out = bin().args(["certs", "init", "--agent", "lan-1", "--dir"]).arg(dir).output().expect("run certs init");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["ca.pem", "ca-key.pem", "edge.pem", "edge-key.pem", "lan-1.pem", "lan-1-key.pem"] {
         assert!(dir.join(f).is_file(), "{f} written");
     }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join("lan-1-key.pem"))
-            .expect("meta")
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(dir.join("lan-1-key.pem")).expect("meta").permissions().mode();
         assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
     }
 }
@@ -44,11 +26,7 @@ fn certs_in(dir: &Path) {
 fn certs_init_writes_ca_edge_and_agent() {
     let dir = tempfile::tempdir().expect("tempdir");
     certs_in(dir.path());
-    let out = bin()
-        .args(["certs", "agent", "bad name", "--dir"])
-        .arg(dir.path())
-        .output()
-        .expect("run");
+    let out = bin().args(["certs", "agent", "bad name", "--dir"]).arg(dir.path()).output().expect("run");
     assert!(!out.status.success());
 }
 
@@ -57,18 +35,10 @@ fn bad_config_fails_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     certs_in(dir.path());
     let d = dir.path().display();
-    let base = format!(
-        "[tunnel]\ncert = \"{d}/edge.pem\"\nkey = \"{d}/edge-key.pem\"\nclient_ca = \"{d}/ca.pem\"\n"
-    );
+    let base = format!("[tunnel]\ncert = \"{d}/edge.pem\"\nkey = \"{d}/edge-key.pem\"\nclient_ca = \"{d}/ca.pem\"\n");
     let cases = [
-        (
-            "[[route]]\nname = \"meta\"\nchannels = [\"crm\"]\napi_keys = []\n",
-            "route[0].api_keys",
-        ),
-        (
-            "[[route]]\nname = \"bad name\"\nchannels = [\"crm\"]\napi_keys = [\"long-enough-key\"]\n",
-            "route[0].name",
-        ),
+        ("[[route]]\nname = \"meta\"\nchannels = [\"crm\"]\napi_keys = []\n", "route[0].api_keys"),
+        ("[[route]]\nname = \"bad name\"\nchannels = [\"crm\"]\napi_keys = [\"long-enough-key\"]\n", "route[0].name"),
         ("[ingest]\nlisten = \"nowhere\"\n", "ingest.listen"),
         ("[ingest]\nmax_body = \"lots\"\n", "max_body"),
         ("[store]\nretention = \"forever\"\n", "retention"),
@@ -78,19 +48,11 @@ fn bad_config_fails_naming_the_key() {
         let cfg = dir.path().join("edge.toml");
         // Sections may repeat across base/extra only if distinct; put extra first.
         std::fs::write(&cfg, format!("{extra}\n{base}")).expect("write");
-        let out = bin()
-            .arg("--config")
-            .arg(&cfg)
-            .arg("check-config")
-            .output()
-            .expect("run");
+        let out = bin().arg("--config").arg(&cfg).arg("check-config").output().expect("run");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{key}: {err}");
         assert!(err.contains(key), "error must name `{key}`: {err}");
-        assert!(
-            !err.contains("long-enough-key"),
-            "secrets never printed: {err}"
-        );
+        assert!(!err.contains("long-enough-key"), "secrets never printed: {err}");
     }
     let cfg = dir.path().join("missing.toml");
     let out = bin().arg("--config").arg(&cfg).output().expect("run");
@@ -106,21 +68,10 @@ fn shipped_example_configs_parse() {
     {
         let file = "systemd/edge.example.toml";
         let text = std::fs::read_to_string(root.join(file)).expect("example exists");
-        let text = text
-            .replace("/etc/relay/certs", &d.to_string())
-            .replace("certs/dev", &d.to_string());
+        let text = text.replace("/etc/relay/certs", &d.to_string()).replace("certs/dev", &d.to_string());
         let cfg = dir.path().join("edge.toml");
         std::fs::write(&cfg, text).expect("write");
-        let out = bin()
-            .arg("--config")
-            .arg(&cfg)
-            .arg("check-config")
-            .output()
-            .expect("run");
-        assert!(
-            out.status.success(),
-            "{file}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = bin().arg("--config").arg(&cfg).arg("check-config").output().expect("run");
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -44,8 +44,7 @@ impl Certs {
     /// `lan-3`, plus a second, unrelated CA in `rogue/` with its own `lan-1`.
     pub fn generate() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        relay_edge::certs::init(dir.path(), &["localhost".into(), "127.0.0.1".into()], false)
-            .expect("certs init");
+        relay_edge::certs::init(dir.path(), &["localhost".into(), "127.0.0.1".into()], false).expect("certs init");
         for a in ["lan-1", "lan-2", "lan-3"] {
             relay_edge::certs::agent(dir.path(), a).expect("agent cert");
         }
@@ -94,30 +93,16 @@ pub fn edge_config(redis: &RedisServer, certs: &Certs) -> EdgeConfig {
         },
     ];
     cfg.agents = vec![
-        AgentGrant {
-            name: "lan-1".into(),
-            channels: vec!["crm".into(), "default".into()],
-        },
-        AgentGrant {
-            name: "lan-2".into(),
-            channels: vec!["crm".into(), "default".into()],
-        },
-        AgentGrant {
-            name: "lan-3".into(),
-            channels: vec!["other".into()],
-        },
+        AgentGrant { name: "lan-1".into(), channels: vec!["crm".into(), "default".into()] },
+        AgentGrant { name: "lan-2".into(), channels: vec!["crm".into(), "default".into()] },
+        AgentGrant { name: "lan-3".into(), channels: vec!["other".into()] },
     ];
     cfg.validate().expect("test edge config is valid");
     cfg
 }
 
 /// Agent config for tests: identity `name`, fast heartbeats and reconnects.
-pub fn agent_config(
-    edge: &Edge,
-    certs: &Certs,
-    name: &str,
-    targets: &[(&str, String)],
-) -> AgentConfig {
+pub fn agent_config(edge: &Edge, certs: &Certs, name: &str, targets: &[(&str, String)]) -> AgentConfig {
     let mut cfg = AgentConfig {
         edge: format!("wss://127.0.0.1:{}", edge.tunnel.port()),
         cert: certs.path(&format!("{name}.pem")),
@@ -133,13 +118,8 @@ pub fn agent_config(
     cfg.reconnect.max_delay = Duration::from_millis(500);
     cfg.retry.initial_delay = Duration::from_millis(50);
     cfg.retry.max_delay = Duration::from_millis(500);
-    cfg.targets = targets
-        .iter()
-        .map(|(c, u)| relay_agent::config::Target {
-            channel: c.to_string(),
-            url: u.clone(),
-        })
-        .collect();
+    cfg.targets =
+        targets.iter().map(|(c, u)| relay_agent::config::Target { channel: c.to_string(), url: u.clone() }).collect();
     cfg.validate().expect("test agent config is valid");
     cfg
 }
@@ -170,24 +150,14 @@ pub struct Edge {
 impl Edge {
     pub async fn start(cfg: EdgeConfig) -> Self {
         cfg.validate().expect("valid edge config");
-        let listeners = relay_edge::Listeners::bind(&cfg)
-            .await
-            .expect("bind edge listeners");
+        let listeners = relay_edge::Listeners::bind(&cfg).await.expect("bind edge listeners");
         let (ingest, tunnel, admin) = listeners.addrs();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
-            relay_edge::run(cfg, listeners, token)
-                .await
-                .expect("edge runs");
+            relay_edge::run(cfg, listeners, token).await.expect("edge runs");
         });
-        Self {
-            ingest,
-            tunnel,
-            admin,
-            shutdown,
-            task,
-        }
+        Self { ingest, tunnel, admin, shutdown, task }
     }
 
     /// Starts on the addresses a stopped edge had (for restart tests).
@@ -203,11 +173,7 @@ impl Edge {
     pub async fn stop(self) -> Addrs {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
-        Addrs {
-            ingest: self.ingest,
-            tunnel: self.tunnel,
-            admin: self.admin,
-        }
+        Addrs { ingest: self.ingest, tunnel: self.tunnel, admin: self.admin }
     }
 
     pub fn webhook_url(&self) -> String {
@@ -234,11 +200,7 @@ impl Agent {
         let task = tokio::spawn(async move {
             relay_agent::run(cfg, token).await.expect("agent runs");
         });
-        Self {
-            socket,
-            shutdown,
-            task,
-        }
+        Self { socket, shutdown, task }
     }
 
     /// Like `kill -9`: aborts the agent and every local request it had
@@ -279,12 +241,7 @@ pub async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> 
 }
 
 /// Posts a webhook with `X-API-Key`; returns status and JSON answer.
-pub async fn post(
-    client: &reqwest::Client,
-    url: &str,
-    key: &str,
-    body: Vec<u8>,
-) -> (u16, serde_json::Value) {
+pub async fn post(client: &reqwest::Client, url: &str, key: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
     let resp = client
         .post(url)
         .header("x-api-key", key)
@@ -295,10 +252,7 @@ pub async fn post(
         .expect("post webhook");
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-    )
+    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
 }
 
 /// Number of entries pending (delivered, unacked) on a channel.
@@ -327,10 +281,7 @@ pub async fn assert_drained(redis: &RedisServer, channel: &str) {
         if n == 0 {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{n} entries still pending on `{channel}`"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "{n} entries still pending on `{channel}`");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -338,11 +289,7 @@ pub async fn assert_drained(redis: &RedisServer, channel: &str) {
 /// `XLEN` of a channel's stream (`kind` = "stream") or DLQ (`kind` = "dlq").
 pub async fn xlen(redis: &RedisServer, channel: &str, kind: &str) -> u64 {
     let mut conn = redis.conn().await;
-    redis::cmd("XLEN")
-        .arg(format!("relay:{{{channel}}}:{kind}"))
-        .query_async(&mut conn)
-        .await
-        .expect("XLEN")
+    redis::cmd("XLEN").arg(format!("relay:{{{channel}}}:{kind}")).query_async(&mut conn).await.expect("XLEN")
 }
 
 /// A hand-driven tunnel session, for tests that misbehave on purpose.
@@ -356,27 +303,16 @@ pub mod raw {
 
     /// Connects with `cert` (a file stem in the certs dir, or `rogue/lan-1`).
     pub async fn connect(edge: &Edge, certs: &Certs, cert: &str) -> Result<Ws, String> {
-        let mut cfg = agent_config(
-            edge,
-            certs,
-            "lan-1",
-            &[("crm", "http://127.0.0.1:9/".into())],
-        );
+        let mut cfg = agent_config(edge, certs, "lan-1", &[("crm", "http://127.0.0.1:9/".into())]);
         cfg.cert = certs.path(&format!("{cert}.pem"));
         cfg.key = certs.path(&format!("{cert}-key.pem"));
         let connector = Connector::new(&cfg).map_err(|e| e.to_string())?;
-        connector
-            .connect()
-            .await
-            .map(|(ws, _)| ws)
-            .map_err(|e| e.to_string())
+        connector.connect().await.map(|(ws, _)| ws).map_err(|e| e.to_string())
     }
 
     pub async fn send(ws: &mut Ws, frame: &Frame) -> Result<(), String> {
         let bytes = relay_protocol::encode(frame, &Limits::default()).map_err(|e| e.to_string())?;
-        ws.send(Message::Binary(bytes.into()))
-            .await
-            .map_err(|e| e.to_string())
+        ws.send(Message::Binary(bytes.into())).await.map_err(|e| e.to_string())
     }
 
     /// Next frame, `Ok(None)` on close, `Err` on a transport error.
@@ -387,9 +323,7 @@ pub mod raw {
                 Ok(None) => return Ok(None),
                 Ok(Some(Err(e))) => return Err(e.to_string()),
                 Ok(Some(Ok(Message::Binary(b)))) => {
-                    return relay_protocol::decode(&b, &Limits::default())
-                        .map(Some)
-                        .map_err(|e| e.to_string());
+                    return relay_protocol::decode(&b, &Limits::default()).map(Some).map_err(|e| e.to_string());
                 }
                 Ok(Some(Ok(Message::Close(_)))) => return Ok(None),
                 Ok(Some(Ok(_))) => continue,
@@ -410,16 +344,7 @@ pub mod raw {
 
     /// Hello with window 0 (receives nothing) and waits for Welcome.
     pub async fn hello_idle(ws: &mut Ws, channels: Option<Vec<String>>) -> Result<Frame, String> {
-        send(
-            ws,
-            &Frame::Hello {
-                version: relay_protocol::VERSION,
-                window: 0,
-                channels,
-                agent_version: None,
-            },
-        )
-        .await?;
+        send(ws, &Frame::Hello { version: relay_protocol::VERSION, window: 0, channels, agent_version: None }).await?;
         recv(ws).await?.ok_or_else(|| "closed".to_string())
     }
 

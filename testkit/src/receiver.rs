@@ -38,16 +38,9 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start() -> Self {
-        let inner = Arc::new(Inner {
-            status: AtomicU16::new(200),
-            ..Default::default()
-        });
-        let app = Router::new()
-            .route("/{*path}", any(handle))
-            .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind receiver");
+        let inner = Arc::new(Inner { status: AtomicU16::new(200), ..Default::default() });
+        let app = Router::new().route("/{*path}", any(handle)).with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
         let addr = listener.local_addr().expect("receiver addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -66,9 +59,7 @@ impl Receiver {
 
     /// Delay before answering the following requests.
     pub fn delay(&self, d: Duration) {
-        self.inner
-            .delay_ms
-            .store(d.as_millis() as u64, Ordering::SeqCst);
+        self.inner.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn deliveries(&self) -> Vec<Delivery> {
@@ -77,19 +68,12 @@ impl Receiver {
 
     /// Deliveries answered 2xx.
     pub fn accepted(&self) -> Vec<Delivery> {
-        self.deliveries()
-            .into_iter()
-            .filter(|d| (200..300).contains(&d.answered))
-            .collect()
+        self.deliveries().into_iter().filter(|d| (200..300).contains(&d.answered)).collect()
     }
 
     /// Distinct `X-Relay-Id`s answered 2xx.
     pub fn distinct_accepted(&self) -> usize {
-        self.accepted()
-            .iter()
-            .map(|d| d.relay_id.clone())
-            .collect::<std::collections::HashSet<_>>()
-            .len()
+        self.accepted().iter().map(|d| d.relay_id.clone()).collect::<std::collections::HashSet<_>>().len()
     }
 
     pub fn count(&self) -> usize {
@@ -103,21 +87,12 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let answered = inner.status.load(Ordering::SeqCst);
-    let get = |n: &str| {
-        headers
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
+    let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let d = Delivery {
         relay_id: get("x-relay-id"),
         attempt: get("x-relay-attempt").parse().unwrap_or(0),
         body: body.to_vec(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
-            .collect(),
+        headers: headers.iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())).collect(),
         answered,
     };
     if let Ok(mut log) = inner.log.lock() {

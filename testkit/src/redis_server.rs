@@ -21,11 +21,7 @@ impl RedisServer {
             match spawn(dir.path(), port) {
                 Ok(mut child) => {
                     if wait_ready(&mut child, port, Duration::from_secs(5)) {
-                        return Self {
-                            port,
-                            dir,
-                            child: Some(child),
-                        };
+                        return Self { port, dir, child: Some(child) };
                     }
                     let _ = child.kill();
                     let _ = child.wait();
@@ -70,11 +66,7 @@ impl RedisServer {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not come back on port {}",
-                self.port
-            );
+            assert!(Instant::now() < deadline, "redis-server did not come back on port {}", self.port);
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -119,8 +111,5 @@ fn spawn(dir: &std::path::Path, port: u16) -> Result<Child, String> {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }

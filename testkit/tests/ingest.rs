@@ -27,20 +27,13 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
     let (s, j) = post(&client, &url, "wrong-key-000", b"{}".to_vec()).await;
     assert_eq!((s, j["error"].as_str()), (401, Some("unauthorized")), "{j}");
     assert_eq!(j["success"], false);
-    assert!(
-        !j.to_string().contains("wrong-key"),
-        "the key must not be echoed: {j}"
-    );
+    assert!(!j.to_string().contains("wrong-key"), "the key must not be echoed: {j}");
 
     let resp = client.post(&url).body("{}").send().await.expect("post");
     assert_eq!(resp.status(), 401, "missing key");
 
     let (s, j) = post(&client, &edge.hook_url("nope"), KEY, b"{}".to_vec()).await;
-    assert_eq!(
-        (s, j["error"].as_str()),
-        (404, Some("unknown_route")),
-        "{j}"
-    );
+    assert_eq!((s, j["error"].as_str()), (404, Some("unknown_route")), "{j}");
 
     // Oversize: answered 413 from the declared length, before the body is
     // read (a raw socket, since an HTTP client would still be uploading).
@@ -56,56 +49,33 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("body_too_large"), "{answer}");
     // Chunked (no declared length): cut off at the limit while reading.
-    let mut chunked = format!(
-        "POST /hooks/hooks HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY}\r\ntransfer-encoding: chunked\r\n\r\n"
-    );
+    let mut chunked =
+        format!("POST /hooks/hooks HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY}\r\ntransfer-encoding: chunked\r\n\r\n");
     for _ in 0..5 {
         chunked.push_str(&format!("100000\r\n{}\r\n", "y".repeat(0x100000)));
     }
     let answer = raw_http(edge.ingest, &chunked).await;
-    assert!(
-        answer.starts_with("HTTP/1.1 413"),
-        "{}",
-        &answer[..answer.len().min(200)]
-    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{}", &answer[..answer.len().min(200)]);
 
-    assert_eq!(
-        xlen(&redis, "crm", "stream").await,
-        0,
-        "nothing stored by refused requests"
-    );
+    assert_eq!(xlen(&redis, "crm", "stream").await, 0, "nothing stored by refused requests");
 
     // Key as a path segment and as ?api_key= (Meta cannot send headers).
-    let r = client
-        .post(format!("{url}/{KEY}"))
-        .body("{\"a\":1}")
-        .send()
-        .await
-        .expect("post");
+    let r = client.post(format!("{url}/{KEY}")).body("{\"a\":1}").send().await.expect("post");
     assert_eq!(r.status(), 200);
-    let r = client
-        .post(format!("{url}?api_key={KEY}&x=1"))
-        .body("{\"a\":2}")
-        .send()
-        .await
-        .expect("post");
+    let r = client.post(format!("{url}?api_key={KEY}&x=1")).body("{\"a\":2}").send().await.expect("post");
     assert_eq!(r.status(), 200);
     assert_eq!(xlen(&redis, "crm", "stream").await, 2);
 
     // Meta verification handshake.
     let r = client
-        .get(format!(
-            "{url}?hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=12345"
-        ))
+        .get(format!("{url}?hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=12345"))
         .send()
         .await
         .expect("get");
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.expect("text"), "12345");
     let r = client
-        .get(format!(
-            "{url}?hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=12345"
-        ))
+        .get(format!("{url}?hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=12345"))
         .send()
         .await
         .expect("get");
@@ -114,22 +84,12 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
     // Redis down: 503 with Retry-After, never a 200.
     redis.kill();
     let started = std::time::Instant::now();
-    let resp = client
-        .post(&url)
-        .header("x-api-key", KEY)
-        .body("{}")
-        .send()
-        .await
-        .expect("post");
+    let resp = client.post(&url).header("x-api-key", KEY).body("{}").send().await.expect("post");
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().get("retry-after").is_some());
-    let j: serde_json::Value =
-        serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
+    let j: serde_json::Value = serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
     assert_eq!(j["error"], "store_unavailable");
-    assert!(
-        started.elapsed() < Duration::from_secs(12),
-        "answered within the request timeout"
-    );
+    assert!(started.elapsed() < Duration::from_secs(12), "answered within the request timeout");
 
     // Redis back: accepted again, and the earlier entries survived (AOF).
     redis.restart();

@@ -29,9 +29,7 @@ async fn connect_without_cert(edge: &Edge, certs: &Certs) -> Result<(), String> 
         .expect("versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(edge.tunnel)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(edge.tunnel).await.map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect(name, tcp)
@@ -39,17 +37,9 @@ async fn connect_without_cert(edge: &Edge, certs: &Certs) -> Result<(), String> 
         .map_err(|e| e.to_string())?;
     // TLS 1.3: a refused client shows up on the first read after connect.
     let url = format!("wss://127.0.0.1:{}/", edge.tunnel.port());
-    let mut req =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
-            .expect("req");
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        relay_protocol::SUBPROTOCOL.parse().expect("hv"),
-    );
-    tokio_tungstenite::client_async(req, tls)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).expect("req");
+    req.headers_mut().insert("sec-websocket-protocol", relay_protocol::SUBPROTOCOL.parse().expect("hv"));
+    tokio_tungstenite::client_async(req, tls).await.map(|_| ()).map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -57,40 +47,23 @@ async fn unauthenticated_and_unauthorized_agents_are_refused_and_get_nothing() {
     let (redis, certs, rx, edge) = setup().await;
     let client = reqwest::Client::new();
     for i in 0..5 {
-        let (s, _) = post(
-            &client,
-            &edge.hook_url("hooks"),
-            KEY,
-            format!("{{\"i\":{i}}}").into_bytes(),
-        )
-        .await;
+        let (s, _) = post(&client, &edge.hook_url("hooks"), KEY, format!("{{\"i\":{i}}}").into_bytes()).await;
         assert_eq!(s, 200);
     }
 
     // 1. No client certificate.
-    let err = connect_without_cert(&edge, &certs)
-        .await
-        .expect_err("no cert must be refused");
+    let err = connect_without_cert(&edge, &certs).await.expect_err("no cert must be refused");
     eprintln!("no certificate: {err}");
 
     // 2. A certificate from another CA (same CN as a granted agent).
-    let err = raw::connect(&edge, &certs, "rogue/lan-1")
-        .await
-        .expect_err("foreign CA must be refused");
+    let err = raw::connect(&edge, &certs, "rogue/lan-1").await.expect_err("foreign CA must be refused");
     eprintln!("foreign CA: {err}");
 
     // 3. A valid agent asking for a channel it was not granted.
-    let mut ws = raw::connect(&edge, &certs, "lan-3")
-        .await
-        .expect("lan-3 has a valid certificate");
+    let mut ws = raw::connect(&edge, &certs, "lan-3").await.expect("lan-3 has a valid certificate");
     raw::send(
         &mut ws,
-        &Frame::Hello {
-            version: 1,
-            window: 10,
-            channels: Some(vec!["crm".into()]),
-            agent_version: None,
-        },
+        &Frame::Hello { version: 1, window: 10, channels: Some(vec!["crm".into()]), agent_version: None },
     )
     .await
     .expect("hello");
@@ -101,37 +74,23 @@ async fn unauthenticated_and_unauthorized_agents_are_refused_and_get_nothing() {
         }
         other => panic!("expected Error forbidden_channel, got {other:?}"),
     }
-    assert!(
-        matches!(raw::recv(&mut ws).await, Ok(None) | Err(_)),
-        "session must be closed"
-    );
+    assert!(matches!(raw::recv(&mut ws).await, Ok(None) | Err(_)), "session must be closed");
 
     // 3b. The real agent binary's logic with the same mistake reports it.
     let agent = Agent::start(agent_config(&edge, &certs, "lan-3", &[("crm", rx.url())]));
     wait_until(Duration::from_secs(10), "agent reports the refusal", || {
-        agent.status().is_ok_and(|s| {
-            !s.connected
-                && s.last_error
-                    .as_deref()
-                    .is_some_and(|e| e.contains("forbidden_channel"))
-        })
+        agent
+            .status()
+            .is_ok_and(|s| !s.connected && s.last_error.as_deref().is_some_and(|e| e.contains("forbidden_channel")))
     })
     .await;
     agent.stop().await;
 
     // 4. Wrong protocol version and missing subprotocol.
     let mut ws = raw::connect(&edge, &certs, "lan-2").await.expect("connect");
-    raw::send(
-        &mut ws,
-        &Frame::Hello {
-            version: 99,
-            window: 1,
-            channels: None,
-            agent_version: None,
-        },
-    )
-    .await
-    .expect("hello");
+    raw::send(&mut ws, &Frame::Hello { version: 99, window: 1, channels: None, agent_version: None })
+        .await
+        .expect("hello");
     let (code, _) = raw::recv_error(&mut ws).await.expect("error frame");
     assert_eq!(code, "unsupported_version");
 
@@ -139,12 +98,7 @@ async fn unauthenticated_and_unauthorized_agents_are_refused_and_get_nothing() {
     assert_eq!(rx.count(), 0);
     assert_eq!(pending(&redis, "crm").await, 0);
     let good = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
-    wait_until(
-        Duration::from_secs(10),
-        "the granted agent gets all five",
-        || rx.accepted().len() == 5,
-    )
-    .await;
+    wait_until(Duration::from_secs(10), "the granted agent gets all five", || rx.accepted().len() == 5).await;
     good.stop().await;
     edge.stop().await;
 }
@@ -157,15 +111,9 @@ async fn bad_frames_close_only_their_own_session() {
     let client = reqwest::Client::new();
 
     let cases: Vec<(&str, Message)> = vec![
-        (
-            "bad_frame",
-            Message::Binary(b"\xc1\xc1\xc1 definitely not msgpack".to_vec().into()),
-        ),
+        ("bad_frame", Message::Binary(b"\xc1\xc1\xc1 definitely not msgpack".to_vec().into())),
         ("text_frame", Message::Text("{\"Ack\":{\"ids\":[]}}".into())),
-        (
-            "frame_too_large",
-            Message::Binary(vec![0x80u8; 8 * 1024 * 1024 + 1].into()),
-        ),
+        ("frame_too_large", Message::Binary(vec![0x80u8; 8 * 1024 * 1024 + 1].into())),
     ];
     for (i, (code, msg)) in cases.into_iter().enumerate() {
         let expected = i + 1;
@@ -177,26 +125,13 @@ async fn bad_frames_close_only_their_own_session() {
         raw::send_raw(&mut ws, msg).await.expect("send");
         let got = raw::recv_error(&mut ws).await;
         assert_eq!(got.as_ref().map(|(c, _)| c.as_str()), Some(code), "{got:?}");
-        assert!(
-            matches!(raw::recv(&mut ws).await, Ok(None) | Err(_)),
-            "{code}: session must be closed"
-        );
+        assert!(matches!(raw::recv(&mut ws).await, Ok(None) | Err(_)), "{code}: session must be closed");
 
         // The other agent's session keeps delivering.
-        let (s, _) = post(
-            &client,
-            &edge.hook_url("hooks"),
-            KEY,
-            format!("{{\"after\":\"{code}\"}}").into_bytes(),
-        )
-        .await;
+        let (s, _) =
+            post(&client, &edge.hook_url("hooks"), KEY, format!("{{\"after\":\"{code}\"}}").into_bytes()).await;
         assert_eq!(s, 200);
-        wait_until(
-            Duration::from_secs(10),
-            "delivery after a bad session",
-            || rx.accepted().len() == expected,
-        )
-        .await;
+        wait_until(Duration::from_secs(10), "delivery after a bad session", || rx.accepted().len() == expected).await;
         assert!(agent.status().expect("status").connected);
     }
     agent.stop().await;
@@ -212,17 +147,12 @@ async fn status_exit_codes_follow_the_tunnel() {
     assert_eq!(client::run(&socket, false), client::EXIT_NOT_RUNNING);
     let agent = Agent::start(cfg);
     agent.wait_connected(Duration::from_secs(10)).await;
-    wait_until(Duration::from_secs(5), "healthy", || {
-        client::run(&socket, true) == client::EXIT_HEALTHY
-    })
-    .await;
+    wait_until(Duration::from_secs(5), "healthy", || client::run(&socket, true) == client::EXIT_HEALTHY).await;
     let snap = agent.status().expect("status");
     assert_eq!(snap.agent.as_deref(), Some("lan-1"));
     edge.stop().await;
-    wait_until(Duration::from_secs(10), "disconnected", || {
-        client::run(&socket, false) == client::EXIT_DISCONNECTED
-    })
-    .await;
+    wait_until(Duration::from_secs(10), "disconnected", || client::run(&socket, false) == client::EXIT_DISCONNECTED)
+        .await;
     assert!(agent.status().expect("status").last_error.is_some());
     agent.stop().await;
     assert_eq!(client::run(&socket, false), client::EXIT_NOT_RUNNING);

@@ -8,11 +8,7 @@ use testkit::*;
 
 fn body(i: usize) -> Vec<u8> {
     // Bytes a re-encoder would change: escaped unicode, odd spacing.
-    format!(
-        "{{\"n\": {i},  \"text\":\"caf\\u00e9 \u{1F600}\", \"pad\":\"{}\"}}",
-        "x".repeat(i % 300)
-    )
-    .into_bytes()
+    format!("{{\"n\": {i},  \"text\":\"caf\\u00e9 \u{1F600}\", \"pad\":\"{}\"}}", "x".repeat(i % 300)).into_bytes()
 }
 
 /// Posts `n` webhooks concurrently; returns webhook id → body for every 200.
@@ -36,14 +32,8 @@ async fn post_many(url: &str, n: usize, concurrency: usize) -> HashMap<String, V
         let (status, json, b) = r.expect("task");
         if status == 200 {
             assert_eq!(json["success"], true, "{json}");
-            assert!(
-                json["message_id"].as_str().is_some_and(|s| s.contains('-')),
-                "{json}"
-            );
-            ok.insert(
-                json["webhook_id"].as_str().expect("webhook_id").to_string(),
-                b,
-            );
+            assert!(json["message_id"].as_str().is_some_and(|s| s.contains('-')), "{json}");
+            ok.insert(json["webhook_id"].as_str().expect("webhook_id").to_string(), b);
         }
     }
     ok
@@ -54,20 +44,11 @@ fn check_all_delivered(sent: &HashMap<String, Vec<u8>>, rx: &Receiver) -> usize 
     let got = rx.accepted();
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for d in &got {
-        let expected = sent
-            .get(&d.relay_id)
-            .unwrap_or_else(|| panic!("unknown X-Relay-Id {}", d.relay_id));
-        assert_eq!(
-            &d.body, expected,
-            "body bytes must be identical for {}",
-            d.relay_id
-        );
+        let expected = sent.get(&d.relay_id).unwrap_or_else(|| panic!("unknown X-Relay-Id {}", d.relay_id));
+        assert_eq!(&d.body, expected, "body bytes must be identical for {}", d.relay_id);
         *seen.entry(d.relay_id.as_str()).or_default() += 1;
     }
-    let missing: Vec<_> = sent
-        .keys()
-        .filter(|k| !seen.contains_key(k.as_str()))
-        .collect();
+    let missing: Vec<_> = sent.keys().filter(|k| !seen.contains_key(k.as_str())).collect();
     assert!(
         missing.is_empty(),
         "{} webhooks answered 200 were never delivered, e.g. {:?}",
@@ -89,29 +70,15 @@ async fn thousand_concurrent_webhooks_are_each_delivered_once() {
 
     let sent = post_many(&edge.hook_url("hooks"), 1000, 64).await;
     assert_eq!(sent.len(), 1000, "every webhook must be answered 200");
-    wait_until(Duration::from_secs(30), "1000 deliveries", || {
-        rx.accepted().len() >= 1000
-    })
-    .await;
+    wait_until(Duration::from_secs(30), "1000 deliveries", || rx.accepted().len() >= 1000).await;
     let dups = check_all_delivered(&sent, &rx);
     assert_eq!(dups, 0, "no duplicates without faults");
     // Headers: original ones kept, relay ones added, credentials dropped.
     let d = &rx.accepted()[0];
-    let header = |n: &str| {
-        d.headers
-            .iter()
-            .find(|(k, _)| k == n)
-            .map(|(_, v)| v.clone())
-    };
-    assert_eq!(
-        header("content-type").as_deref(),
-        Some(&b"application/json"[..])
-    );
+    let header = |n: &str| d.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    assert_eq!(header("content-type").as_deref(), Some(&b"application/json"[..]));
     assert_eq!(header("x-relay-attempt").as_deref(), Some(&b"1"[..]));
-    assert!(
-        header("x-api-key").is_none(),
-        "the API key must never reach the receiver"
-    );
+    assert!(header("x-api-key").is_none(), "the API key must never reach the receiver");
     assert_drained(&redis, "crm").await;
     agent.stop().await;
     edge.stop().await;
@@ -131,33 +98,18 @@ async fn killed_agent_loses_nothing_after_restart() {
 
     let sent = post_many(&edge.hook_url("hooks"), 500, 64).await;
     assert_eq!(sent.len(), 500);
-    wait_until(
-        Duration::from_secs(20),
-        "some deliveries before the kill",
-        || rx.count() >= 40,
-    )
-    .await;
+    wait_until(Duration::from_secs(20), "some deliveries before the kill", || rx.count() >= 40).await;
     agent.kill().await;
     let at_kill = rx.count();
-    assert!(
-        at_kill < 500,
-        "the kill must land while webhooks are in flight (had {at_kill})"
-    );
+    assert!(at_kill < 500, "the kill must land while webhooks are in flight (had {at_kill})");
 
     let agent = Agent::start(cfg);
-    wait_until(
-        Duration::from_secs(60),
-        "all 500 delivered after restart",
-        || rx.distinct_accepted() >= 500,
-    )
-    .await;
+    wait_until(Duration::from_secs(60), "all 500 delivered after restart", || rx.distinct_accepted() >= 500).await;
     let dups = check_all_delivered(&sent, &rx);
     // Duplicates are allowed after a kill; each carries the same X-Relay-Id
     // (checked above: every delivery maps to a sent id) and a higher attempt.
     let redelivered = rx.accepted().iter().filter(|d| d.attempt > 1).count();
-    eprintln!(
-        "killed agent: {at_kill} delivered before the kill, {dups} duplicates, {redelivered} redeliveries"
-    );
+    eprintln!("killed agent: {at_kill} delivered before the kill, {dups} duplicates, {redelivered} redeliveries");
     assert_drained(&redis, "crm").await;
     agent.stop().await;
     edge.stop().await;
@@ -177,31 +129,20 @@ async fn edge_restart_mid_stream_loses_nothing() {
 
     let mut sent = post_many(&edge.hook_url("hooks"), 300, 32).await;
     assert_eq!(sent.len(), 300);
-    wait_until(Duration::from_secs(20), "some deliveries", || {
-        rx.count() >= 30
-    })
-    .await;
+    wait_until(Duration::from_secs(20), "some deliveries", || rx.count() >= 30).await;
     let url = edge.hook_url("hooks");
     let addrs = edge.stop().await;
-    wait_until(
-        Duration::from_secs(10),
-        "agent notices the edge is gone",
-        || agent.status().is_ok_and(|s| !s.connected),
-    )
+    wait_until(Duration::from_secs(10), "agent notices the edge is gone", || {
+        agent.status().is_ok_and(|s| !s.connected)
+    })
     .await;
     let edge = Edge::start_at(cfg, addrs).await;
     agent.wait_connected(Duration::from_secs(15)).await;
     sent.extend(post_many(&url, 200, 32).await);
     assert_eq!(sent.len(), 500);
-    wait_until(Duration::from_secs(60), "all 500 delivered", || {
-        rx.distinct_accepted() >= 500
-    })
-    .await;
+    wait_until(Duration::from_secs(60), "all 500 delivered", || rx.distinct_accepted() >= 500).await;
     let dups = check_all_delivered(&sent, &rx);
-    eprintln!(
-        "edge restart: {dups} duplicates; reconnects {:?}",
-        agent.status().map(|s| s.reconnects)
-    );
+    eprintln!("edge restart: {dups} duplicates; reconnects {:?}", agent.status().map(|s| s.reconnects));
     assert!(agent.status().expect("status").reconnects >= 1);
     agent.stop().await;
     edge.stop().await;
@@ -219,16 +160,8 @@ async fn webhooks_stored_while_no_agent_is_connected_are_delivered_on_connect() 
     assert_eq!(sent.len(), 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rx.count(), 0);
-    let agent = Agent::start(agent_config(
-        &edge,
-        &certs,
-        "lan-2",
-        &[("default", rx.url())],
-    ));
-    wait_until(Duration::from_secs(20), "backlog delivered", || {
-        rx.accepted().len() >= 200
-    })
-    .await;
+    let agent = Agent::start(agent_config(&edge, &certs, "lan-2", &[("default", rx.url())]));
+    wait_until(Duration::from_secs(20), "backlog delivered", || rx.accepted().len() >= 200).await;
     assert_eq!(check_all_delivered(&sent, &rx), 0);
     agent.stop().await;
     edge.stop().await;

@@ -17,11 +17,9 @@ pub fn query(socket: &Path) -> Result<Snapshot, String> {
         .map_err(|e| format!("no agent answers on {}: {e}", socket.display()))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
     let mut buf = Vec::new();
-    stream
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("reading {} failed: {e}", socket.display()))?;
-    let v: serde_json::Value = serde_json::from_slice(&buf)
-        .map_err(|e| format!("unreadable answer from {}: {e}", socket.display()))?;
+    stream.read_to_end(&mut buf).map_err(|e| format!("reading {} failed: {e}", socket.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&buf).map_err(|e| format!("unreadable answer from {}: {e}", socket.display()))?;
     serde_json::from_value(v["status"].clone()).map_err(|e| format!("unexpected answer: {e}"))
 }
 
@@ -48,19 +46,12 @@ pub fn run(socket: &Path, json: bool) -> u8 {
     } else {
         print!("{}", render(&snapshot, now, healthy));
     }
-    if healthy {
-        EXIT_HEALTHY
-    } else {
-        EXIT_DISCONNECTED
-    }
+    if healthy { EXIT_HEALTHY } else { EXIT_DISCONNECTED }
 }
 
 fn age(now: u64, t: Option<u64>) -> String {
     match t {
-        Some(t) => format!(
-            "{} ago",
-            humantime::format_duration(Duration::from_secs(now.saturating_sub(t) / 1000))
-        ),
+        Some(t) => format!("{} ago", humantime::format_duration(Duration::from_secs(now.saturating_sub(t) / 1000))),
         None => "never".into(),
     }
 }
@@ -74,49 +65,25 @@ pub fn render(s: &Snapshot, now: u64, healthy: bool) -> String {
     };
     let mut rows: Vec<(String, String)> = vec![
         ("state".into(), state.into()),
-        (
-            "edge".into(),
-            format!(
-                "{}{}",
-                s.edge,
-                s.edge_addr
-                    .as_deref()
-                    .map(|a| format!(" ({a})"))
-                    .unwrap_or_default()
-            ),
-        ),
-        (
-            "agent".into(),
-            s.agent.clone().unwrap_or_else(|| "-".into()),
-        ),
-        (
-            "session".into(),
-            s.session.clone().unwrap_or_else(|| "-".into()),
-        ),
+        ("edge".into(), format!("{}{}", s.edge, s.edge_addr.as_deref().map(|a| format!(" ({a})")).unwrap_or_default())),
+        ("agent".into(), s.agent.clone().unwrap_or_else(|| "-".into())),
+        ("session".into(), s.session.clone().unwrap_or_else(|| "-".into())),
         (
             "uptime".into(),
             s.connected_since_ms
                 .filter(|_| s.connected)
-                .map(|t| {
-                    humantime::format_duration(Duration::from_secs(now.saturating_sub(t) / 1000))
-                        .to_string()
-                })
+                .map(|t| humantime::format_duration(Duration::from_secs(now.saturating_sub(t) / 1000)).to_string())
                 .unwrap_or_else(|| "-".into()),
         ),
         (
             "heartbeat".into(),
             format!(
                 "rtt {} · last {}",
-                s.last_rtt_ms
-                    .map(|r| format!("{r:.1} ms"))
-                    .unwrap_or_else(|| "-".into()),
+                s.last_rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into()),
                 age(now, s.last_heartbeat_ms)
             ),
         ),
-        (
-            "window".into(),
-            format!("{} · in flight {}", s.window, s.in_flight),
-        ),
+        ("window".into(), format!("{} · in flight {}", s.window, s.in_flight)),
         (
             "deliveries".into(),
             format!(
@@ -135,14 +102,16 @@ pub fn render(s: &Snapshot, now: u64, healthy: bool) -> String {
     ];
     for t in &s.targets {
         let health = match (t.last_status, &t.last_error) {
+            _ if t.paused => format!(
+                "PAUSED: endpoint down, probing ({} parked){}",
+                t.parked,
+                t.last_error.as_deref().map(|e| format!(" — {e}")).unwrap_or_default()
+            ),
             (_, Some(e)) => format!("error: {e}"),
             (Some(st), None) => format!("last status {st}"),
             (None, None) => "not used yet".into(),
         };
-        rows.push((
-            format!("target {}", t.channel),
-            format!("{} · {health}", t.url),
-        ));
+        rows.push((format!("target {}", t.channel), format!("{} · {health}", t.url)));
     }
     for c in &s.channels {
         rows.push((
@@ -151,14 +120,10 @@ pub fn render(s: &Snapshot, now: u64, healthy: bool) -> String {
                 "{} waiting · {} pending · oldest {}",
                 c.backlog,
                 c.pending,
-                c.oldest_ms
-                    .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
-                    .unwrap_or_else(|| "-".into())
+                c.oldest_ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into())
             ),
         ));
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    rows.iter()
-        .map(|(k, v)| format!("{k:<width$}  {v}\n"))
-        .collect()
+    rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
 }

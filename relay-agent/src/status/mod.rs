@@ -52,15 +52,17 @@ pub struct TargetStatus {
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
     pub last_attempt_ms: Option<u64>,
+    /// Paused because the endpoint is down; the agent probes it.
+    pub paused: bool,
+    /// Deliveries held while paused.
+    pub parked: u64,
 }
 
 impl Snapshot {
     /// Connected and heard from the edge within the heartbeat deadline.
     pub fn healthy(&self, now_ms: u64) -> bool {
         self.connected
-            && self
-                .last_heartbeat_ms
-                .is_some_and(|t| now_ms.saturating_sub(t) <= self.heartbeat_ms.saturating_mul(3))
+            && self.last_heartbeat_ms.is_some_and(|t| now_ms.saturating_sub(t) <= self.heartbeat_ms.saturating_mul(3))
     }
 }
 
@@ -84,8 +86,5 @@ impl Status {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

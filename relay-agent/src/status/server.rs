@@ -21,12 +21,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-pub async fn serve(
-    listener: UnixListener,
-    path: PathBuf,
-    status: Status,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: UnixListener, path: PathBuf, status: Status, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -42,12 +37,9 @@ pub async fn serve(
         tokio::spawn(async move {
             let mut stream = stream;
             let mut body =
-                serde_json::to_vec(&serde_json::json!({ "now_ms": now_ms(), "status": snapshot }))
-                    .unwrap_or_default();
+                serde_json::to_vec(&serde_json::json!({ "now_ms": now_ms(), "status": snapshot })).unwrap_or_default();
             body.push(b'\n');
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), stream.write_all(&body))
-                    .await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream.write_all(&body)).await;
         });
     }
     let _ = std::fs::remove_file(&path);

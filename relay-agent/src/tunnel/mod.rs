@@ -2,5 +2,6 @@
 //! [`supervisor`] reconnects forever and owns the deliveries.
 
 pub mod connect;
+pub mod pause;
 pub mod session;
 pub mod supervisor;

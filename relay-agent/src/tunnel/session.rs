@@ -40,20 +40,12 @@ pub async fn run(
         .await
         .map_err(|_| SessionError::ConnectTimeout(cfg.connect_timeout))??;
     let (session, agent, channels, edge_heartbeat) = match welcome {
-        Some(Frame::Welcome {
-            session,
-            agent,
-            channels,
-            heartbeat_ms,
-        }) => (session, agent, channels, heartbeat_ms),
+        Some(Frame::Welcome { session, agent, channels, heartbeat_ms }) => (session, agent, channels, heartbeat_ms),
         Some(Frame::Error { code, message }) => {
             return Err(SessionError::Refused { code, message });
         }
         Some(other) => {
-            return Err(SessionError::Protocol(format!(
-                "expected Welcome, got {}",
-                other.kind()
-            )));
+            return Err(SessionError::Protocol(format!("expected Welcome, got {}", other.kind())));
         }
         None => return Err(SessionError::Closed),
     };
@@ -70,6 +62,16 @@ pub async fn run(
         s.heartbeat_ms = deadline.as_millis() as u64 / 3;
         s.window = cfg.window;
     });
+    // Parked deliveries of the last session come back as redeliveries.
+    for (channel, h) in pipe.health.iter_mut() {
+        for p in h.parked.drain(..) {
+            pipe.running.remove(&Recent::key(channel, &p.id));
+        }
+        if h.paused {
+            let flow = Frame::Flow { window: 0, channel: Some(channel.clone()) };
+            send(&mut ws, &flow, deadline).await?;
+        }
+    }
     // Acks of deliveries that finished while we were disconnected.
     if !pipe.unsent_acks.is_empty() {
         let ids = std::mem::take(&mut pipe.unsent_acks);
@@ -80,9 +82,10 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rx = Instant::now();
     loop {
+        let probe_at = next_probe(pipe);
         tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), drain(&mut ws, pipe, status, deadline)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), drain(&mut ws, cfg, pipe, status, deadline)).await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
                 return Ok(());
             }
@@ -97,7 +100,15 @@ pub async fn run(
                 while let Some(more) = pipe.tasks.try_join_next() {
                     outcomes.push(more);
                 }
-                settle(&mut ws, outcomes, pipe, status, deadline).await?;
+                settle(&mut ws, outcomes, cfg, pipe, status, deadline).await?;
+            }
+            _ = sleep_until(probe_at) => start_probes(pipe, cfg),
+            Some(Ok((channel, up))) = pipe.probes.join_next(), if !pipe.probes.is_empty() => {
+                if up {
+                    resume(&mut ws, &channel, cfg, pipe, status, deadline).await?;
+                } else if let Some(h) = pipe.health.get_mut(&channel) {
+                    h.probe_failed();
+                }
             }
             _ = ticker.tick() => {
                 if last_rx.elapsed() > deadline {
@@ -117,13 +128,7 @@ async fn on_frame(
     deadline: Duration,
 ) -> Result<(), SessionError> {
     match frame {
-        Frame::Deliver {
-            id,
-            channel,
-            attempt,
-            webhook,
-            ..
-        } => {
+        Frame::Deliver { id, channel, attempt, webhook, .. } => {
             let key = Recent::key(&channel, &id);
             if pipe.recent.contains(&key) {
                 // Delivered already; the edge missed our ack.
@@ -131,8 +136,16 @@ async fn on_frame(
                 return send(ws, &Frame::Ack { ids: vec![id] }, deadline).await;
             }
             if !pipe.running.insert(key) {
-                // Still being posted from an earlier session; its result
-                // will be acked when it finishes.
+                // Still being posted from an earlier session (or parked);
+                // its result will be acked when it finishes.
+                return Ok(());
+            }
+            if let Some(h) = pipe.health.get_mut(&channel)
+                && h.paused
+            {
+                h.parked.push_back(super::pause::Parked { id, attempt, webhook });
+                let parked = h.parked.len() as u64;
+                status.update(|s| set_paused(s, &channel, true, parked));
                 return Ok(());
             }
             if attempt > 1 {
@@ -153,28 +166,15 @@ async fn on_frame(
             Ok(())
         }
         Frame::Error { code, message } => Err(SessionError::Refused { code, message }),
-        other => Err(SessionError::Protocol(format!(
-            "unexpected {} frame from the edge",
-            other.kind()
-        ))),
+        other => Err(SessionError::Protocol(format!("unexpected {} frame from the edge", other.kind()))),
     }
 }
 
-fn spawn_delivery(
-    pipe: &mut Pipeline,
-    channel: String,
-    id: String,
-    attempt: u32,
-    webhook: Webhook,
-) {
+fn spawn_delivery(pipe: &mut Pipeline, channel: String, id: String, attempt: u32, webhook: Webhook) {
     let deliverer = pipe.deliverer.clone();
     pipe.tasks.spawn(async move {
         let verdict = deliverer.deliver(&channel, attempt, &webhook).await;
-        Outcome {
-            channel,
-            id,
-            verdict,
-        }
+        Outcome { channel, id, attempt, webhook, verdict }
     });
 }
 
@@ -182,28 +182,53 @@ fn spawn_delivery(
 async fn settle(
     ws: &mut Ws,
     outcomes: Vec<Result<Outcome, tokio::task::JoinError>>,
+    cfg: &AgentConfig,
     pipe: &mut Pipeline,
     status: &Status,
     deadline: Duration,
 ) -> Result<(), SessionError> {
     let mut acks = Vec::new();
     let mut nacks = Vec::new();
+    let mut resumed = Vec::new();
     for outcome in outcomes {
-        let Ok(Outcome {
-            channel,
-            id,
-            verdict,
-        }) = outcome
-        else {
-            continue;
-        };
+        let Ok(Outcome { channel, id, attempt, webhook, verdict }) = outcome else { continue };
         let key = Recent::key(&channel, &id);
+        let target = pipe.deliverer.target(&channel).unwrap_or_default().to_string();
+        let health = pipe.health.entry(channel.clone()).or_default();
+        let verdict = match verdict {
+            Verdict::Down { reason, refused, after } => {
+                health.timeouts += 1;
+                if health.paused || refused || health.timeouts >= super::pause::TIMEOUTS_TO_PAUSE {
+                    // Keep it (no attempt used) until the endpoint answers.
+                    if !health.paused {
+                        health.pause();
+                        tracing::warn!(%channel, %reason, "local endpoint down: pausing the channel and probing it");
+                        nacks.push(Frame::Flow { window: 0, channel: Some(channel.clone()) });
+                    }
+                    health.parked.push_back(super::pause::Parked { id, attempt, webhook });
+                    let parked = health.parked.len() as u64;
+                    status.update(|s| {
+                        note_target(s, &channel, &target, None, Some(reason.clone()));
+                        set_paused(s, &channel, true, parked);
+                    });
+                    continue;
+                }
+                if attempt >= cfg.retry.max_attempts {
+                    Verdict::DeadLetter { reason: format!("gave up after {attempt} attempts: {reason}"), status: None }
+                } else {
+                    Verdict::Retry { reason, status: None, after }
+                }
+            }
+            answered => {
+                // The endpoint answered: it is up.
+                health.timeouts = 0;
+                if health.paused {
+                    resumed.push(channel.clone());
+                }
+                answered
+            }
+        };
         pipe.running.remove(&key);
-        let target = pipe
-            .deliverer
-            .target(&channel)
-            .unwrap_or_default()
-            .to_string();
         match verdict {
             Verdict::Ack { status: code } => {
                 pipe.recent.insert(key);
@@ -213,11 +238,7 @@ async fn settle(
                     note_target(s, &channel, &target, Some(code), None);
                 });
             }
-            Verdict::Retry {
-                reason,
-                status: code,
-                after,
-            } => {
+            Verdict::Retry { reason, status: code, after } => {
                 status.update(|s| {
                     s.failed += 1;
                     note_target(s, &channel, &target, code, Some(reason.clone()));
@@ -231,23 +252,15 @@ async fn settle(
                     status: code,
                 });
             }
-            Verdict::DeadLetter {
-                reason,
-                status: code,
-            } => {
+            Verdict::Down { .. } => {}
+            Verdict::DeadLetter { reason, status: code } => {
                 status.update(|s| {
                     s.failed += 1;
                     s.dead_lettered += 1;
                     note_target(s, &channel, &target, code, Some(reason.clone()));
                 });
                 tracing::warn!(%channel, %id, %reason, "delivery failed permanently; dead-lettering");
-                nacks.push(Frame::Nack {
-                    id,
-                    permanent: true,
-                    reason,
-                    retry_after_ms: None,
-                    status: code,
-                });
+                nacks.push(Frame::Nack { id, permanent: true, reason, retry_after_ms: None, status: code });
             }
         }
     }
@@ -264,16 +277,70 @@ async fn settle(
     for nack in nacks {
         send(ws, &nack, deadline).await?;
     }
+    for channel in resumed {
+        resume(ws, &channel, cfg, pipe, status, deadline).await?;
+    }
     Ok(())
 }
 
-fn note_target(
-    s: &mut crate::status::Snapshot,
+fn set_paused(s: &mut crate::status::Snapshot, channel: &str, paused: bool, parked: u64) {
+    if let Some(t) = s.targets.iter_mut().find(|t| t.channel == channel) {
+        t.paused = paused;
+        t.parked = parked;
+    }
+}
+
+/// The endpoint answers again: resume the channel and post what was parked.
+async fn resume(
+    ws: &mut Ws,
     channel: &str,
-    url: &str,
-    code: Option<u16>,
-    error: Option<String>,
-) {
+    cfg: &AgentConfig,
+    pipe: &mut Pipeline,
+    status: &Status,
+    deadline: Duration,
+) -> Result<(), SessionError> {
+    let Some(h) = pipe.health.get_mut(channel) else { return Ok(()) };
+    if !h.paused {
+        return Ok(());
+    }
+    let parked = h.resume();
+    tracing::info!(%channel, parked = parked.len(), "local endpoint is back: resuming the channel");
+    status.update(|s| set_paused(s, channel, false, 0));
+    for p in parked {
+        spawn_delivery(pipe, channel.to_string(), p.id, p.attempt, p.webhook);
+    }
+    send(ws, &Frame::Flow { window: cfg.window, channel: Some(channel.to_string()) }, deadline).await
+}
+
+/// When the earliest probe of a paused channel is due.
+fn next_probe(pipe: &Pipeline) -> Option<std::time::Instant> {
+    pipe.health.values().filter(|h| h.paused && !h.probing).filter_map(|h| h.next_probe).min()
+}
+
+/// Sleeps until `at`, forever when `None`.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn start_probes(pipe: &mut Pipeline, cfg: &AgentConfig) {
+    let now = std::time::Instant::now();
+    for (channel, h) in pipe.health.iter_mut() {
+        if h.paused && !h.probing && h.next_probe.is_some_and(|t| t <= now) {
+            h.probing = true;
+            let url = cfg.targets.iter().find(|t| &t.channel == channel).map(|t| t.url.clone()).unwrap_or_default();
+            let channel = channel.clone();
+            pipe.probes.spawn(async move {
+                let up = super::pause::probe(&url).await;
+                (channel, up)
+            });
+        }
+    }
+}
+
+fn note_target(s: &mut crate::status::Snapshot, channel: &str, url: &str, code: Option<u16>, error: Option<String>) {
     let now = now_ms();
     match s.targets.iter_mut().find(|t| t.channel == channel) {
         Some(t) => {
@@ -287,25 +354,22 @@ fn note_target(
             last_status: code,
             last_error: error,
             last_attempt_ms: Some(now),
+            ..Default::default()
         }),
     }
 }
 
 /// On shutdown: wait for running deliveries and ack them before closing.
-async fn drain(ws: &mut Ws, pipe: &mut Pipeline, status: &Status, deadline: Duration) {
+async fn drain(ws: &mut Ws, cfg: &AgentConfig, pipe: &mut Pipeline, status: &Status, deadline: Duration) {
     while let Some(done) = pipe.tasks.join_next().await {
-        if settle(ws, vec![done], pipe, status, deadline)
-            .await
-            .is_err()
-        {
+        if settle(ws, vec![done], cfg, pipe, status, deadline).await.is_err() {
             return;
         }
     }
 }
 
 async fn send(ws: &mut Ws, frame: &Frame, deadline: Duration) -> Result<(), SessionError> {
-    let bytes = relay_protocol::encode(frame, &Limits::default())
-        .map_err(|e| SessionError::Protocol(e.to_string()))?;
+    let bytes = relay_protocol::encode(frame, &Limits::default()).map_err(|e| SessionError::Protocol(e.to_string()))?;
     match tokio::time::timeout(deadline, ws.send(Message::Binary(bytes.into()))).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(SessionError::Transport(e.to_string())),

@@ -22,10 +22,13 @@ use crate::deliver::{Deliverer, Verdict};
 use crate::error::SessionError;
 use crate::status::{Status, now_ms};
 
-/// Result of one local delivery task.
+/// Result of one local delivery task (the webhook comes back so it can be
+/// parked if the endpoint turned out to be down).
 pub struct Outcome {
     pub channel: String,
     pub id: String,
+    pub attempt: u32,
+    pub webhook: relay_protocol::Webhook,
     pub verdict: Verdict,
 }
 
@@ -40,6 +43,10 @@ pub struct Pipeline {
     pub recent: Recent,
     /// Acks whose session died before they could be sent.
     pub unsent_acks: Vec<String>,
+    /// Endpoint health per channel (pause/probe state, parked deliveries).
+    pub health: std::collections::HashMap<String, super::pause::Health>,
+    /// Running endpoint probes: (channel, endpoint reachable).
+    pub probes: JoinSet<(String, bool)>,
 }
 
 pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationToken) {
@@ -69,6 +76,8 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
         running: HashSet::new(),
         recent: Recent::new(16_384),
         unsent_acks: Vec::new(),
+        health: cfg.channels().into_iter().map(|c| (c, Default::default())).collect(),
+        probes: JoinSet::new(),
     };
     let mut failures: u32 = 0;
     let mut first = true;
@@ -85,9 +94,7 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
         let end = match result {
             Err(_) => Err(SessionError::ConnectTimeout(cfg.connect_timeout)),
             Ok(Err(e)) => Err(e),
-            Ok(Ok((ws, addr))) => {
-                session::run(ws, addr, &cfg, &mut pipeline, &status, &shutdown).await
-            }
+            Ok(Ok((ws, addr))) => session::run(ws, addr, &cfg, &mut pipeline, &status, &shutdown).await,
         };
         status.update(|s| {
             s.connected = false;
@@ -109,12 +116,7 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
             failures = 0;
         }
         failures = failures.saturating_add(1);
-        let wait = backoff::delay(
-            failures,
-            cfg.reconnect.initial_delay,
-            2.0,
-            cfg.reconnect.max_delay,
-        );
+        let wait = backoff::delay(failures, cfg.reconnect.initial_delay, 2.0, cfg.reconnect.max_delay);
         tracing::debug!(?wait, failures, "waiting before reconnect");
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -123,8 +125,6 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
     }
     // Let running local deliveries finish briefly; their acks are lost with
     // the link, and the edge redelivers them to the next agent session.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while pipeline.tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while pipeline.tasks.join_next().await.is_some() {} })
+        .await;
 }

@@ -47,19 +47,14 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/webhook", post(legacy))
         .route("/hooks/{route}", post(hook).get(verify))
-        .route(
-            "/hooks/{route}/{key}",
-            post(hook_with_key).get(verify_with_key),
-        )
+        .route("/hooks/{route}/{key}", post(hook_with_key).get(verify_with_key))
         .route("/health", get(crate::admin::health))
         .with_state(state)
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
     let app = router(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
     if let Err(e) = result {
         tracing::error!(error = %e, "ingest listener failed");
     }
@@ -70,11 +65,7 @@ struct KeyQuery {
     api_key: Option<String>,
 }
 
-async fn legacy(
-    State(state): State<Arc<AppState>>,
-    Query(q): Query<KeyQuery>,
-    req: Request,
-) -> Response {
+async fn legacy(State(state): State<Arc<AppState>>, Query(q): Query<KeyQuery>, req: Request) -> Response {
     let key = header_key(req.headers()).or(q.api_key);
     accept(&state, LEGACY_ROUTE, key, req).await
 }
@@ -98,19 +89,13 @@ async fn hook_with_key(
 }
 
 fn header_key(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 async fn accept(state: &AppState, route_name: &str, key: Option<String>, req: Request) -> Response {
     let started = std::time::Instant::now();
-    let result = tokio::time::timeout(
-        state.cfg.ingest.request_timeout,
-        store_webhook(state, route_name, key, req),
-    )
-    .await;
+    let result =
+        tokio::time::timeout(state.cfg.ingest.request_timeout, store_webhook(state, route_name, key, req)).await;
     let result = match result {
         Ok(r) => r,
         Err(_) => Err(IngestError::StoreUnavailable),
@@ -118,11 +103,7 @@ async fn accept(state: &AppState, route_name: &str, key: Option<String>, req: Re
     match result {
         Ok(body) => {
             state.metrics.received.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                route = route_name,
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "webhook stored"
-            );
+            tracing::debug!(route = route_name, elapsed_us = started.elapsed().as_micros() as u64, "webhook stored");
             (StatusCode::OK, axum::Json(body)).into_response()
         }
         Err(e) => {
@@ -140,9 +121,7 @@ async fn store_webhook(
     req: Request,
 ) -> Result<serde_json::Value, IngestError> {
     let route = find_route(state, route_name)?;
-    let authorized = key
-        .as_deref()
-        .is_some_and(|k| auth::key_matches(k, &route.api_keys));
+    let authorized = key.as_deref().is_some_and(|k| auth::key_matches(k, &route.api_keys));
     if !authorized {
         return Err(IngestError::Unauthorized);
     }
@@ -158,6 +137,11 @@ async fn store_webhook(
         return Err(IngestError::TooLarge(limit));
     }
     let body = read_body(body, limit as usize).await?;
+    if let Err(e) = state.backlog.check(&route.channels, state.cfg.store.max_backlog) {
+        state.metrics.backlog_rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(route = route_name, error = %e, "ingest refused: backlog cap reached");
+        return Err(e);
+    }
     let received_at_ms = now_ms();
     let webhook = Webhook {
         id: uuid::Uuid::now_v7().to_string(),
@@ -168,23 +152,16 @@ async fn store_webhook(
             .headers
             .iter()
             .filter(|(name, _)| !DROPPED_HEADERS.contains(&name.as_str()))
-            .map(|(name, value)| Header {
-                name: name.as_str().to_string(),
-                value: value.as_bytes().to_vec(),
-            })
+            .map(|(name, value)| Header { name: name.as_str().to_string(), value: value.as_bytes().to_vec() })
             .collect(),
         body,
         route: route.name.clone(),
         received_at_ms,
     };
-    let ids = state
-        .store
-        .append(&route.channels, &webhook)
-        .await
-        .map_err(|e| {
-            tracing::warn!(route = route_name, error = %e, "store write failed");
-            IngestError::StoreUnavailable
-        })?;
+    let ids = state.store.append(&route.channels, &webhook).await.map_err(|e| {
+        tracing::warn!(route = route_name, error = %e, "store write failed");
+        IngestError::StoreUnavailable
+    })?;
     let timestamp = chrono::DateTime::from_timestamp_millis(received_at_ms as i64)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -216,15 +193,12 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, IngestError> {
     match axum::body::to_bytes(body, limit).await {
         Ok(b) => Ok(b.to_vec()),
         Err(e) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
                 || e.to_string().contains("length limit");
             if too_large {
                 Err(IngestError::TooLarge(limit as u64))
             } else {
-                Err(IngestError::BadRequest(
-                    "could not read the request body".into(),
-                ))
+                Err(IngestError::BadRequest("could not read the request body".into()))
             }
         }
     }
@@ -234,11 +208,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, IngestError> {
 /// reaches the stream, the agent or the local endpoint.
 fn redact_path(path: &str, route: &str) -> String {
     let prefix = format!("/hooks/{route}/");
-    if path.starts_with(&prefix) {
-        format!("/hooks/{route}")
-    } else {
-        path.to_string()
-    }
+    if path.starts_with(&prefix) { format!("/hooks/{route}") } else { path.to_string() }
 }
 
 /// Drops `api_key` from a raw query string, keeping everything else as sent.
@@ -291,11 +261,7 @@ fn meta_verify(state: &AppState, route: &str, _method: Method, q: VerifyQuery) -
             _ => false,
         };
     match (ok, q.challenge) {
-        (true, Some(challenge)) => (
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            challenge,
-        )
-            .into_response(),
+        (true, Some(challenge)) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], challenge).into_response(),
         _ => IngestError::VerifyFailed.into_response(),
     }
 }
@@ -304,10 +270,7 @@ fn meta_verify(state: &AppState, route: &str, _method: Method, q: VerifyQuery) -
 mod tests {
     #[test]
     fn key_is_redacted_from_path_and_query() {
-        assert_eq!(
-            super::redact_path("/hooks/meta/secret-key", "meta"),
-            "/hooks/meta"
-        );
+        assert_eq!(super::redact_path("/hooks/meta/secret-key", "meta"), "/hooks/meta");
         assert_eq!(super::redact_path("/hooks/meta", "meta"), "/hooks/meta");
         assert_eq!(super::redact_query("a=1&api_key=s3cret&b=2"), "a=1&b=2");
         assert_eq!(super::redact_query("api_key=s3cret"), "");

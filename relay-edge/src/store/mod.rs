@@ -24,6 +24,7 @@
 //! dedicated connection (a blocking read would stall every other command on a
 //! shared one) whose timeout exceeds the `BLOCK`.
 
+mod dlq;
 pub mod keys;
 mod parse;
 
@@ -37,6 +38,7 @@ use relay_protocol::{ChannelStats, Webhook};
 use crate::config::StoreConfig;
 use crate::error::StoreError;
 
+pub use dlq::DeadEntry;
 pub use parse::RawEntry;
 
 /// One stream entry handed to a session.
@@ -81,28 +83,15 @@ impl Store {
             .set_response_timeout(Some(cfg.command_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg)
-            .map_err(redis_err("connect"))?;
-        Ok(Self {
-            client,
-            conn,
-            timeout: cfg.command_timeout,
-            block: cfg.block,
-        })
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))?;
+        Ok(Self { client, conn, timeout: cfg.command_timeout, block: cfg.block })
     }
 
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        op: &'static str,
-        cmd: &redis::Cmd,
-    ) -> Result<T, StoreError> {
+    async fn run<T: redis::FromRedisValue>(&self, op: &'static str, cmd: &redis::Cmd) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout {
-                op,
-                ms: self.timeout.as_millis(),
-            }),
+            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
         }
     }
 
@@ -114,10 +103,7 @@ impl Store {
         let mut conn = self.conn.clone();
         match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
             Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout {
-                op,
-                ms: self.timeout.as_millis(),
-            }),
+            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
         }
     }
 
@@ -128,35 +114,21 @@ impl Store {
 
     /// Appends one webhook to each channel's stream and returns the entry
     /// ids in channel order. Returns only after Redis answered.
-    pub async fn append(
-        &self,
-        channels: &[String],
-        webhook: &Webhook,
-    ) -> Result<Vec<String>, StoreError> {
-        let bytes = rmp_serde::to_vec_named(webhook).map_err(|e| StoreError::Corrupt {
-            id: webhook.id.clone(),
-            why: e.to_string(),
-        })?;
+    pub async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<String>, StoreError> {
+        let bytes = rmp_serde::to_vec_named(webhook)
+            .map_err(|e| StoreError::Corrupt { id: webhook.id.clone(), why: e.to_string() })?;
         if let [channel] = channels {
             let id: String = self
                 .run(
                     "XADD",
-                    redis::cmd("XADD")
-                        .arg(keys::stream(channel))
-                        .arg("*")
-                        .arg(keys::FIELD_WEBHOOK)
-                        .arg(&bytes),
+                    redis::cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes),
                 )
                 .await?;
             return Ok(vec![id]);
         }
         let mut pipe = redis::pipe();
         for channel in channels {
-            pipe.cmd("XADD")
-                .arg(keys::stream(channel))
-                .arg("*")
-                .arg(keys::FIELD_WEBHOOK)
-                .arg(&bytes);
+            pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
         }
         self.run_pipe("XADD", &pipe).await
     }
@@ -182,14 +154,7 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        self.run(
-            "XACK",
-            redis::cmd("XACK")
-                .arg(keys::stream(channel))
-                .arg(keys::GROUP)
-                .arg(ids),
-        )
-        .await
+        self.run("XACK", redis::cmd("XACK").arg(keys::stream(channel)).arg(keys::GROUP).arg(ids)).await
     }
 
     /// Moves an entry to the channel's DLQ and acknowledges it, atomically.
@@ -207,30 +172,15 @@ impl Store {
         if let Some(raw) = letter.raw {
             xadd.arg(keys::FIELD_WEBHOOK).arg(raw);
         }
-        pipe.cmd("XACK")
-            .arg(keys::stream(letter.channel))
-            .arg(keys::GROUP)
-            .arg(letter.id)
-            .ignore();
+        pipe.cmd("XACK").arg(keys::stream(letter.channel)).arg(keys::GROUP).arg(letter.id).ignore();
         let _: Value = self.run_pipe("dead-letter", &pipe).await?;
         Ok(())
     }
 
     /// Reads raw fields of entries by id (for dead-lettering).
     pub async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let v: Value = self
-            .run(
-                "XRANGE",
-                redis::cmd("XRANGE")
-                    .arg(keys::stream(channel))
-                    .arg(id)
-                    .arg(id),
-            )
-            .await?;
-        Ok(parse::entries(v)?
-            .into_iter()
-            .next()
-            .and_then(|e| e.field(keys::FIELD_WEBHOOK)))
+        let v: Value = self.run("XRANGE", redis::cmd("XRANGE").arg(keys::stream(channel)).arg(id).arg(id)).await?;
+        Ok(parse::entries(v)?.into_iter().next().and_then(|e| e.field(keys::FIELD_WEBHOOK)))
     }
 
     /// Opens a dedicated connection for one session's blocking reads.
@@ -243,10 +193,7 @@ impl Store {
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
             .map_err(redis_err("connect reader"))?;
-        Ok(Reader {
-            conn,
-            block: self.block,
-        })
+        Ok(Reader { conn, block: self.block })
     }
 
     /// Takes over entries idle longer than `min_idle` in any consumer's PEL.
@@ -277,15 +224,9 @@ impl Store {
         if parts.len() < 2 {
             return Ok(Vec::new());
         }
-        let deleted = if parts.len() > 2 {
-            parse::ids(parts.remove(2))
-        } else {
-            Vec::new()
-        };
-        let mut out: Vec<Entry> = parse::entries(parts.remove(1))?
-            .into_iter()
-            .map(|raw| raw.into_entry(channel))
-            .collect();
+        let deleted = if parts.len() > 2 { parse::ids(parts.remove(2)) } else { Vec::new() };
+        let mut out: Vec<Entry> =
+            parse::entries(parts.remove(1))?.into_iter().map(|raw| raw.into_entry(channel)).collect();
         // Entries trimmed while pending: report them so the session can XACK them.
         out.extend(deleted.into_iter().map(|id| Entry {
             channel: channel.to_string(),
@@ -332,12 +273,7 @@ impl Store {
             Err(StoreError::Redis { source, .. })
                 if source.code() == Some("ERR") || source.code() == Some("NOGROUP") =>
             {
-                return Ok(ChannelStats {
-                    channel: channel.into(),
-                    backlog: 0,
-                    pending: 0,
-                    oldest_ms: None,
-                });
+                return Ok(ChannelStats { channel: channel.into(), backlog: 0, pending: 0, oldest_ms: None });
             }
             Err(e) => return Err(e),
         };
@@ -353,24 +289,102 @@ impl Store {
                 let v: Value = self
                     .run(
                         "XRANGE",
-                        redis::cmd("XRANGE")
-                            .arg(&stream)
-                            .arg(format!("({after}"))
-                            .arg("+")
-                            .arg("COUNT")
-                            .arg(1),
+                        redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg("+").arg("COUNT").arg(1),
                     )
                     .await?;
                 parse::entries(v)?.first().and_then(|e| age(&e.id))
             }
             None => None,
         };
-        Ok(ChannelStats {
-            channel: channel.into(),
-            backlog: group.lag.unwrap_or(0),
-            pending: pending_count,
-            oldest_ms,
-        })
+        Ok(ChannelStats { channel: channel.into(), backlog: group.lag.unwrap_or(0), pending: pending_count, oldest_ms })
+    }
+
+    /// Moves entries older than `retention` that were never acknowledged —
+    /// pending on an agent, or not yet delivered — to the DLQ with reason
+    /// `expired`, so trimming never makes them vanish. Returns how many.
+    pub async fn expire(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
+        const BATCH: usize = 500;
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        if cutoff == 0 {
+            return Ok(0);
+        }
+        let last_old = format!("{}-18446744073709551615", cutoff - 1);
+        let stream = keys::stream(channel);
+        let mut expired = 0;
+
+        // 1. Pending (delivered, unacknowledged) and too old.
+        let v: Value = match self
+            .run("XPENDING", redis::cmd("XPENDING").arg(&stream).arg(keys::GROUP).arg("-").arg(&last_old).arg(BATCH))
+            .await
+        {
+            Ok(v) => v,
+            Err(StoreError::Redis { source, .. }) if source.code() == Some("NOGROUP") => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        for (id, attempts) in parse::pending_counts(v) {
+            let raw = self.raw_entry(channel, &id).await?;
+            let letter =
+                DeadLetter { channel, id: &id, reason: "expired", status: None, attempts, raw: raw.as_deref() };
+            self.dead_letter(&letter).await?;
+            expired += 1;
+        }
+
+        // 2. Never delivered and too old: read them through the group (so its
+        //    counters stay right) under a pseudo-consumer, then dead-letter.
+        let group = {
+            let v: Value = self.run("XINFO GROUPS", redis::cmd("XINFO").arg("GROUPS").arg(&stream)).await?;
+            parse::group_info(v, keys::GROUP)
+        };
+        let after = group.last_delivered.unwrap_or_else(|| "0-0".into());
+        let v: Value = self
+            .run(
+                "XRANGE",
+                redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg(&last_old).arg("COUNT").arg(BATCH),
+            )
+            .await?;
+        let old = parse::entries(v)?.len();
+        if old > 0 {
+            let v: Value = self
+                .run(
+                    "XREADGROUP",
+                    redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(keys::GROUP)
+                        .arg(EXPIRY_CONSUMER)
+                        .arg("COUNT")
+                        .arg(old)
+                        .arg("STREAMS")
+                        .arg(&stream)
+                        .arg(">"),
+                )
+                .await?;
+            for raw in parse::read_reply(v)? {
+                // A session may have read some meanwhile, so newer entries can
+                // come back here: they stay pending on the pseudo-consumer and
+                // are reclaimed by a session after the visibility timeout.
+                if id_ms(&raw.id).is_some_and(|t| t < cutoff) {
+                    let bytes = raw.field(keys::FIELD_WEBHOOK);
+                    let letter = DeadLetter {
+                        channel,
+                        id: &raw.id,
+                        reason: "expired",
+                        status: None,
+                        attempts: 0,
+                        raw: bytes.as_deref(),
+                    };
+                    self.dead_letter(&letter).await?;
+                    expired += 1;
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Entries not yet acknowledged (undelivered + pending): the backlog the
+    /// ingest cap applies to.
+    pub async fn backlog(&self, channel: &str) -> Result<u64, StoreError> {
+        let s = self.stats(channel).await?;
+        Ok(s.backlog + s.pending)
     }
 
     /// Trims entries older than `retention`, but never an entry that is
@@ -399,13 +413,12 @@ impl Store {
             let last = group.last_delivered.as_deref().and_then(id_ms).unwrap_or(0);
             min_ms = min_ms.min(last);
         }
-        self.run(
-            "XTRIM",
-            redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(min_ms),
-        )
-        .await
+        self.run("XTRIM", redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(min_ms)).await
     }
 }
+
+/// Consumer name under which retention reads never-delivered entries.
+pub const EXPIRY_CONSUMER: &str = "__expiry";
 
 /// What [`Store::dead_letter`] records.
 pub struct DeadLetter<'a> {
@@ -429,11 +442,7 @@ impl Reader {
         count: usize,
     ) -> Result<Vec<RawEntry>, StoreError> {
         let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(keys::GROUP)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(count.max(1));
+        cmd.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count.max(1));
         if cursors.iter().all(|(_, c)| c == ">") {
             cmd.arg("BLOCK").arg(self.block.as_millis() as u64);
         }
@@ -444,19 +453,13 @@ impl Reader {
         for (_, cursor) in cursors {
             cmd.arg(cursor);
         }
-        let v: Value = cmd
-            .query_async(&mut self.conn)
-            .await
-            .map_err(redis_err("XREADGROUP"))?;
+        let v: Value = cmd.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
         parse::read_reply(v)
     }
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Milliseconds part of a stream id (`1700000000000-3` → 1700000000000).
@@ -467,26 +470,13 @@ pub fn id_ms(id: &str) -> Option<u64> {
 impl Store {
     /// Claims one pending entry for `consumer` (increments its delivery
     /// count); `None` when it is no longer pending.
-    pub async fn claim(
-        &self,
-        channel: &str,
-        consumer: &str,
-        id: &str,
-    ) -> Result<Option<Entry>, StoreError> {
+    pub async fn claim(&self, channel: &str, consumer: &str, id: &str) -> Result<Option<Entry>, StoreError> {
         let v: Value = self
             .run(
                 "XCLAIM",
-                redis::cmd("XCLAIM")
-                    .arg(keys::stream(channel))
-                    .arg(keys::GROUP)
-                    .arg(consumer)
-                    .arg(0)
-                    .arg(id),
+                redis::cmd("XCLAIM").arg(keys::stream(channel)).arg(keys::GROUP).arg(consumer).arg(0).arg(id),
             )
             .await?;
-        Ok(parse::entries(v)?
-            .into_iter()
-            .next()
-            .map(|raw| raw.into_entry(channel)))
+        Ok(parse::entries(v)?.into_iter().next().map(|raw| raw.into_entry(channel)))
     }
 }

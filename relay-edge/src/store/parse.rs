@@ -21,28 +21,16 @@ pub struct RawEntry {
 
 impl RawEntry {
     pub fn field(&self, name: &str) -> Option<Vec<u8>> {
-        self.fields
-            .as_ref()?
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
+        self.fields.as_ref()?.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
     }
 
     pub fn into_entry(self, channel: &str) -> Entry {
         let webhook = match self.field(keys::FIELD_WEBHOOK) {
-            Some(bytes) => {
-                rmp_serde::from_slice(&bytes).map_err(|e| format!("undecodable webhook: {e}"))
-            }
-            None if self.fields.is_none() => {
-                Err("entry was deleted from the stream while pending".into())
-            }
+            Some(bytes) => rmp_serde::from_slice(&bytes).map_err(|e| format!("undecodable webhook: {e}")),
+            None if self.fields.is_none() => Err("entry was deleted from the stream while pending".into()),
             None => Err(format!("entry has no `{}` field", keys::FIELD_WEBHOOK)),
         };
-        Entry {
-            channel: channel.to_string(),
-            id: self.id,
-            webhook,
-        }
+        Entry { channel: channel.to_string(), id: self.id, webhook }
     }
 }
 
@@ -97,10 +85,7 @@ pub fn read_reply(v: Value) -> Result<Vec<RawEntry>, StoreError> {
             })
             .collect(),
         other => {
-            return Err(StoreError::Corrupt {
-                id: "XREADGROUP".into(),
-                why: format!("unexpected reply {other:?}"),
-            });
+            return Err(StoreError::Corrupt { id: "XREADGROUP".into(), why: format!("unexpected reply {other:?}") });
         }
     };
     let mut out = Vec::new();
@@ -128,26 +113,13 @@ pub fn entries(v: Value) -> Result<Vec<RawEntry>, StoreError> {
         if parts.is_empty() {
             continue;
         }
-        let fields_v = if parts.len() > 1 {
-            parts.remove(1)
-        } else {
-            Value::Nil
-        };
+        let fields_v = if parts.len() > 1 { parts.remove(1) } else { Value::Nil };
         let Some(id) = text(&parts[0]) else { continue };
         let fields = match fields_v {
             Value::Nil => None,
-            other => Some(
-                pairs(other)
-                    .into_iter()
-                    .filter_map(|(k, v)| Some((text(&k)?, bytes(v))))
-                    .collect(),
-            ),
+            other => Some(pairs(other).into_iter().filter_map(|(k, v)| Some((text(&k)?, bytes(v)))).collect()),
         };
-        out.push(RawEntry {
-            channel: String::new(),
-            id,
-            fields,
-        });
+        out.push(RawEntry { channel: String::new(), id, fields });
     }
     Ok(out)
 }
@@ -204,10 +176,7 @@ pub fn group_info(v: Value, group: &str) -> GroupInfo {
         return GroupInfo::default();
     };
     for g in groups {
-        let fields: HashMap<String, Value> = pairs(g)
-            .into_iter()
-            .filter_map(|(k, v)| Some((text(&k)?, v)))
-            .collect();
+        let fields: HashMap<String, Value> = pairs(g).into_iter().filter_map(|(k, v)| Some((text(&k)?, v))).collect();
         if fields.get("name").and_then(text).as_deref() != Some(group) {
             continue;
         }

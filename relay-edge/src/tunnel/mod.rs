@@ -42,10 +42,8 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let router: Router = Router::new()
-        .route("/", get(upgrade))
-        .route("/tunnel", get(upgrade))
-        .with_state(state.clone());
+    let router: Router =
+        Router::new().route("/", get(upgrade)).route("/tunnel", get(upgrade)).with_state(state.clone());
     loop {
         let (tcp, addr) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -75,12 +73,7 @@ pub async fn serve(
                     return;
                 }
             };
-            let agent = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(tls::identity_of);
+            let agent = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()).and_then(tls::identity_of);
             let Some(agent) = agent else {
                 tracing::info!(peer = %addr, "client certificate carries no CN or DNS name; refused");
                 return;
@@ -123,9 +116,7 @@ async fn upgrade(
         tracing::info!(agent = %peer.agent, peer = %peer.addr, "refused: agent did not offer subprotocol {SUBPROTOCOL}");
         return (
             StatusCode::BAD_REQUEST,
-            format!(
-                "this edge speaks WebSocket subprotocol `{SUBPROTOCOL}` only; upgrade the agent\n"
-            ),
+            format!("this edge speaks WebSocket subprotocol `{SUBPROTOCOL}` only; upgrade the agent\n"),
         )
             .into_response();
     }

@@ -26,11 +26,7 @@ pub struct Registry {
 impl Registry {
     /// Registers a session, cancelling any older session of the same agent.
     pub fn register(&self, info: SessionInfo, cancel: CancellationToken) {
-        let old = self
-            .inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(info.agent.clone(), (info, cancel));
+        let old = self.inner.lock().unwrap_or_else(|p| p.into_inner()).insert(info.agent.clone(), (info, cancel));
         if let Some((old, token)) = old {
             tracing::info!(agent = %old.agent, session = %old.session, "session replaced by a newer one");
             token.cancel();

@@ -13,13 +13,13 @@
 //! re-reads them first, and another agent reclaims them after the
 //! visibility timeout.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use relay_protocol::{DecodeError, Frame, Limits, VERSION};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
@@ -35,10 +35,7 @@ struct Close {
 
 impl Close {
     fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
 }
 
@@ -73,39 +70,23 @@ struct Inflight {
 
 pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     let tunnel = &state.cfg.tunnel;
-    let limits = Limits {
-        max_frame: tunnel.max_frame.as_u64() as usize,
-        max_window: tunnel.max_window,
-        ..Limits::default()
-    };
+    let limits =
+        Limits { max_frame: tunnel.max_frame.as_u64() as usize, max_window: tunnel.max_window, ..Limits::default() };
     let session_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let span = tracing::info_span!("session", agent = %peer.agent, session = %session_id, peer = %peer.addr);
     let _enter = span.enter();
     drop(_enter);
 
-    let handshake =
-        tokio::time::timeout(tunnel.handshake_timeout, recv_frame(&mut ws, &limits)).await;
+    let handshake = tokio::time::timeout(tunnel.handshake_timeout, recv_frame(&mut ws, &limits)).await;
     let (window, channels) = match handshake {
         Err(_) => {
-            return close(
-                ws,
-                &peer,
-                Close::new("handshake_timeout", "no Hello frame in time"),
-            )
-            .await;
+            return close(ws, &peer, Close::new("handshake_timeout", "no Hello frame in time")).await;
         }
         Ok(Err(c)) => return close(ws, &peer, c).await,
         Ok(Ok(None)) => return,
-        Ok(Ok(Some(Frame::Hello {
-            version,
-            window,
-            channels,
-            ..
-        }))) => {
+        Ok(Ok(Some(Frame::Hello { version, window, channels, .. }))) => {
             if version != VERSION {
-                let msg = format!(
-                    "protocol version {version} is not supported; this edge speaks {VERSION}"
-                );
+                let msg = format!("protocol version {version} is not supported; this edge speaks {VERSION}");
                 return close(ws, &peer, Close::new("unsupported_version", msg)).await;
             }
             match resolve_channels(&state, &peer.agent, channels) {
@@ -129,10 +110,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(agent = %peer.agent, error = %e, "cannot prepare the session's channels");
-            let c = Close::new(
-                "store_unavailable",
-                "the edge's store is unavailable; retry later",
-            );
+            let c = Close::new("store_unavailable", "the edge's store is unavailable; retry later");
             return close(ws, &peer, c).await;
         }
     };
@@ -157,6 +135,8 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         heartbeat_ms: tunnel.heartbeat.as_millis() as u64,
     };
     let credit = Arc::new(Semaphore::new(window as usize));
+    let paused = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let wake_fetcher = Arc::new(Notify::new());
     let (fetch_tx, fetch_rx) = mpsc::channel(4);
     let (events_tx, events_rx) = mpsc::channel(64);
     let fetcher = tokio::spawn(fetch_loop(
@@ -168,6 +148,8 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         fetch_tx,
         cancel.clone(),
         tunnel.reclaim_after,
+        paused.clone(),
+        wake_fetcher.clone(),
     ));
     let mut session = Session {
         state: state.clone(),
@@ -180,6 +162,8 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         inflight: HashMap::new(),
         held: VecDeque::new(),
         last_rx: Instant::now(),
+        paused,
+        wake_fetcher,
         events_tx,
     };
     let outcome = match session.send(&mut ws, &welcome).await {
@@ -198,17 +182,11 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     }
 }
 
-fn resolve_channels(
-    state: &AppState,
-    agent: &str,
-    asked: Option<Vec<String>>,
-) -> Result<Vec<String>, Close> {
+fn resolve_channels(state: &AppState, agent: &str, asked: Option<Vec<String>>) -> Result<Vec<String>, Close> {
     let Some(granted) = state.grants.get(agent) else {
         return Err(Close::new(
             "unknown_agent",
-            format!(
-                "agent `{agent}` is not configured on this edge ([[agent]] name = \"{agent}\")"
-            ),
+            format!("agent `{agent}` is not configured on this edge ([[agent]] name = \"{agent}\")"),
         ));
     };
     let Some(asked) = asked else {
@@ -218,10 +196,7 @@ fn resolve_channels(
         return Err(Close::new("protocol_error", "Hello lists no channel"));
     }
     if let Some(denied) = asked.iter().find(|c| !granted.contains(c)) {
-        return Err(Close::new(
-            "forbidden_channel",
-            format!("agent `{agent}` is not granted channel `{denied}`"),
-        ));
+        return Err(Close::new("forbidden_channel", format!("agent `{agent}` is not granted channel `{denied}`")));
     }
     let mut channels = asked;
     channels.sort();
@@ -232,24 +207,14 @@ fn resolve_channels(
 /// Sends `Error`, then a close frame, and lets the socket go.
 async fn close(mut ws: WebSocket, peer: &Peer, c: Close) {
     tracing::info!(agent = %peer.agent, peer = %peer.addr, code = c.code, reason = %c.message, "closing tunnel session");
-    let frame = Frame::Error {
-        code: c.code.into(),
-        message: c.message.clone(),
-    };
+    let frame = Frame::Error { code: c.code.into(), message: c.message.clone() };
     if let Ok(bytes) = relay_protocol::encode(&frame, &Limits::default()) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            ws.send(Message::Binary(bytes.into())),
-        )
-        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), ws.send(Message::Binary(bytes.into()))).await;
     }
     let reason: String = c.code.chars().take(100).collect();
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
-        ws.send(Message::Close(Some(CloseFrame {
-            code: 1008,
-            reason: reason.into(),
-        }))),
+        ws.send(Message::Close(Some(CloseFrame { code: 1008, reason: reason.into() }))),
     )
     .await;
 }
@@ -260,23 +225,16 @@ async fn recv_frame(ws: &mut WebSocket, limits: &Limits) -> Result<Option<Frame>
         let msg = match ws.recv().await {
             None => return Ok(None),
             Some(Err(e)) => {
-                return Err(Close::new(
-                    "transport_error",
-                    format!("websocket error: {e}"),
-                ));
+                return Err(Close::new("transport_error", format!("websocket error: {e}")));
             }
             Some(Ok(m)) => m,
         };
         match msg {
             Message::Binary(bytes) => {
-                return relay_protocol::decode(&bytes, limits)
-                    .map(Some)
-                    .map_err(|e| match e {
-                        DecodeError::TooLarge { .. } => {
-                            Close::new("frame_too_large", e.to_string())
-                        }
-                        other => Close::new("bad_frame", other.to_string()),
-                    });
+                return relay_protocol::decode(&bytes, limits).map(Some).map_err(|e| match e {
+                    DecodeError::TooLarge { .. } => Close::new("frame_too_large", e.to_string()),
+                    other => Close::new("bad_frame", other.to_string()),
+                });
             }
             Message::Text(_) => {
                 return Err(Close::new(
@@ -309,6 +267,10 @@ struct Session {
     held: VecDeque<Fetched>,
     /// Last time anything arrived from the agent.
     last_rx: Instant,
+    /// Channels the agent paused (its local endpoint is down); shared with the fetcher.
+    paused: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// Wakes the fetcher when a channel resumes.
+    wake_fetcher: Arc<Notify>,
     events_tx: mpsc::Sender<Event>,
 }
 
@@ -383,24 +345,15 @@ impl Session {
                 self.on_ack(ids).await;
                 self.dispatch_held(ws).await?;
             }
-            Frame::Nack {
-                id,
-                permanent,
-                reason,
-                retry_after_ms,
-                status,
-            } => {
-                self.on_nack(ws, id, permanent, reason, retry_after_ms, status)
-                    .await?
+            Frame::Nack { id, permanent, reason, retry_after_ms, status } => {
+                self.on_nack(ws, id, permanent, reason, retry_after_ms, status).await?
             }
-            Frame::Flow { window } => self.on_flow(window),
+            Frame::Flow { window, channel: None } => self.on_flow(window),
+            Frame::Flow { window, channel: Some(channel) } => self.on_channel_flow(&channel, window > 0)?,
             Frame::Ping { t } => self.send(ws, &Frame::Pong { t }).await?,
             Frame::Pong { .. } => {}
             other => {
-                return Err(Close::new(
-                    "protocol_error",
-                    format!("unexpected {} frame from an agent", other.kind()),
-                ));
+                return Err(Close::new("protocol_error", format!("unexpected {} frame from an agent", other.kind())));
             }
         }
         Ok(())
@@ -429,6 +382,27 @@ impl Session {
         self.window = window;
     }
 
+    /// Pauses or resumes one channel: the fetcher stops reading it; what is
+    /// already in flight stays with the agent.
+    fn on_channel_flow(&mut self, channel: &str, resume: bool) -> Result<(), Close> {
+        if !self.channels.iter().any(|c| c == channel) {
+            return Err(Close::new(
+                "protocol_error",
+                format!("Flow names channel `{channel}`, not part of this session"),
+            ));
+        }
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if resume {
+            paused.remove(channel);
+        } else {
+            paused.insert(channel.to_string());
+        }
+        drop(paused);
+        self.wake_fetcher.notify_one();
+        tracing::info!(agent = %self.peer.agent, channel, resume, "channel flow changed by the agent");
+        Ok(())
+    }
+
     async fn on_ack(&mut self, ids: Vec<String>) {
         let mut by_channel: HashMap<String, Vec<String>> = HashMap::new();
         let mut unknown = Vec::new();
@@ -447,10 +421,7 @@ impl Session {
         // session (XACK of an id that is not pending is a no-op).
         if !unknown.is_empty() {
             for channel in &self.channels {
-                by_channel
-                    .entry(channel.clone())
-                    .or_default()
-                    .extend(unknown.iter().cloned());
+                by_channel.entry(channel.clone()).or_default().extend(unknown.iter().cloned());
             }
         }
         for (channel, ids) in by_channel {
@@ -484,14 +455,8 @@ impl Session {
                     return Ok(());
                 }
             };
-            let letter = DeadLetter {
-                channel: &channel,
-                id: &id,
-                reason: &reason,
-                status,
-                attempts,
-                raw: raw.as_deref(),
-            };
+            let letter =
+                DeadLetter { channel: &channel, id: &id, reason: &reason, status, attempts, raw: raw.as_deref() };
             match self.state.store.dead_letter(&letter).await {
                 Ok(()) => {
                     tracing::warn!(agent = %self.peer.agent, channel, id, attempts, reason, "webhook dead-lettered");
@@ -518,33 +483,18 @@ impl Session {
         Ok(())
     }
 
-    async fn redeliver(
-        &mut self,
-        ws: &mut WebSocket,
-        channel: String,
-        id: String,
-    ) -> Result<(), Close> {
+    async fn redeliver(&mut self, ws: &mut WebSocket, channel: String, id: String) -> Result<(), Close> {
         let Some(attempt) = self.inflight.get(&id).map(|f| f.attempt + 1) else {
             return Ok(());
         };
-        match self
-            .state
-            .store
-            .claim(&channel, &self.peer.agent, &id)
-            .await
-        {
+        match self.state.store.claim(&channel, &self.peer.agent, &id).await {
             Ok(Some(entry)) => {
                 if let Ok(webhook) = entry.webhook {
                     if let Some(f) = self.inflight.get_mut(&id) {
                         f.attempt = attempt;
                     }
-                    let frame = Frame::Deliver {
-                        id,
-                        channel,
-                        attempt,
-                        received_at_ms: webhook.received_at_ms,
-                        webhook,
-                    };
+                    let frame =
+                        Frame::Deliver { id, channel, attempt, received_at_ms: webhook.received_at_ms, webhook };
                     return self.send(ws, &frame).await;
                 }
                 self.inflight.remove(&id);
@@ -585,19 +535,14 @@ impl Session {
         let webhook = match entry.webhook {
             Ok(w) => w,
             Err(why) => {
-                self.discard_unreadable(&entry.channel, &entry.id, &why)
-                    .await;
+                self.discard_unreadable(&entry.channel, &entry.id, &why).await;
                 self.release();
                 return Ok(());
             }
         };
         self.inflight.insert(
             entry.id.clone(),
-            Inflight {
-                channel: entry.channel.clone(),
-                attempt,
-                received_at_ms: webhook.received_at_ms,
-            },
+            Inflight { channel: entry.channel.clone(), attempt, received_at_ms: webhook.received_at_ms },
         );
         let frame = Frame::Deliver {
             id: entry.id,
@@ -627,21 +572,10 @@ impl Session {
     async fn discard_unreadable(&self, channel: &str, id: &str, why: &str) {
         tracing::warn!(agent = %self.peer.agent, channel, id, why, "unreadable stream entry");
         let result = if why.contains("deleted") {
-            self.state
-                .store
-                .ack(channel, &[id.to_string()])
-                .await
-                .map(|_| ())
+            self.state.store.ack(channel, &[id.to_string()]).await.map(|_| ())
         } else {
             let raw = self.state.store.raw_entry(channel, id).await.ok().flatten();
-            let letter = DeadLetter {
-                channel,
-                id,
-                reason: why,
-                status: None,
-                attempts: 0,
-                raw: raw.as_deref(),
-            };
+            let letter = DeadLetter { channel, id, reason: why, status: None, attempts: 0, raw: raw.as_deref() };
             self.state.store.dead_letter(&letter).await
         };
         if let Err(e) = result {
@@ -683,15 +617,24 @@ async fn fetch_loop(
     tx: mpsc::Sender<Batch>,
     cancel: CancellationToken,
     reclaim_after: Duration,
+    paused: Arc<std::sync::Mutex<HashSet<String>>>,
+    wake: Arc<Notify>,
 ) {
     const MAX_BATCH: usize = 256;
-    let mut cursors: Vec<(String, String)> = channels
-        .iter()
-        .map(|c| (c.clone(), "0".to_string()))
-        .collect();
+    let mut cursors: Vec<(String, String)> = channels.iter().map(|c| (c.clone(), "0".to_string())).collect();
     let reclaim_every = (reclaim_after / 2).max(Duration::from_millis(200));
     let mut next_reclaim = Instant::now();
     loop {
+        let active: Vec<(String, String)> = {
+            let paused = paused.lock().unwrap_or_else(|p| p.into_inner());
+            cursors.iter().filter(|(c, _)| !paused.contains(c)).cloned().collect()
+        };
+        if active.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = wake.notified() => continue,
+            }
+        }
         let permit = tokio::select! {
             _ = cancel.cancelled() => return,
             p = credit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -712,14 +655,11 @@ async fn fetch_loop(
 
         if Instant::now() >= next_reclaim {
             next_reclaim = Instant::now() + reclaim_every;
-            for ch in &channels {
+            for (ch, _) in &active {
                 if batch.len() >= slots {
                     break;
                 }
-                match store
-                    .autoclaim(ch, &consumer, reclaim_after, slots - batch.len())
-                    .await
-                {
+                match store.autoclaim(ch, &consumer, reclaim_after, slots - batch.len()).await {
                     Ok(entries) if !entries.is_empty() => {
                         tracing::info!(agent = %consumer, channel = %ch, count = entries.len(), "reclaimed stale pending entries");
                         let counts = counts_for(&store, ch, &consumer, &entries).await;
@@ -739,27 +679,21 @@ async fn fetch_loop(
 
         if !failed && batch.len() < slots {
             // COUNT applies per stream: split the free slots between them.
-            let want = ((slots - batch.len()) / cursors.len()).max(1);
+            let want = ((slots - batch.len()) / active.len()).max(1);
             let read = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = reader.read(&consumer, &cursors, want) => r,
+                r = reader.read(&consumer, &active, want) => r,
             };
             match read {
                 Ok(raws) => {
                     // Pending phase: advance each channel's cursor; a channel
                     // whose own pending list is exhausted moves to `>`.
-                    let history: Vec<(String, String)> =
-                        cursors.iter().filter(|(_, c)| c != ">").cloned().collect();
+                    let history: Vec<(String, String)> = active.iter().filter(|(_, c)| c != ">").cloned().collect();
                     for (ch, cursor) in cursors.iter_mut() {
-                        if cursor == ">" {
+                        if cursor == ">" || !history.iter().any(|(c, _)| c == ch) {
                             continue;
                         }
-                        match raws
-                            .iter()
-                            .rev()
-                            .find(|r| &r.channel == ch)
-                            .map(|r| r.id.clone())
-                        {
+                        match raws.iter().rev().find(|r| &r.channel == ch).map(|r| r.id.clone()) {
                             Some(last) => *cursor = last,
                             None => *cursor = ">".into(),
                         }
@@ -767,10 +701,7 @@ async fn fetch_loop(
                     let mut by_channel: HashMap<String, Vec<Entry>> = HashMap::new();
                     for raw in raws {
                         let ch = raw.channel.clone();
-                        by_channel
-                            .entry(ch.clone())
-                            .or_default()
-                            .push(raw.into_entry(&ch));
+                        by_channel.entry(ch.clone()).or_default().push(raw.into_entry(&ch));
                     }
                     for (ch, entries) in by_channel {
                         let from_history = history.iter().any(|(c, _)| c == &ch);
@@ -797,15 +728,7 @@ async fn fetch_loop(
             credit.add_permits(unused);
         }
         let overdraft = batch.len().saturating_sub(slots) as u32;
-        if !batch.is_empty()
-            && tx
-                .send(Batch {
-                    entries: batch,
-                    overdraft,
-                })
-                .await
-                .is_err()
-        {
+        if !batch.is_empty() && tx.send(Batch { entries: batch, overdraft }).await.is_err() {
             return;
         }
         if failed {
@@ -821,17 +744,9 @@ async fn fetch_loop(
 }
 
 /// Delivery counts of entries that came from a pending list.
-async fn counts_for(
-    store: &Store,
-    channel: &str,
-    consumer: &str,
-    entries: &[Entry],
-) -> HashMap<String, u32> {
+async fn counts_for(store: &Store, channel: &str, consumer: &str, entries: &[Entry]) -> HashMap<String, u32> {
     let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
         return HashMap::new();
     };
-    store
-        .delivery_counts(channel, consumer, &first.id, &last.id, entries.len())
-        .await
-        .unwrap_or_default()
+    store.delivery_counts(channel, consumer, &first.id, &last.id, entries.len()).await.unwrap_or_default()
 }

@@ -21,29 +21,17 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn load_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, StartError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            StartError::Tls(format!(
-                "`{key}`: cannot read certificates from {}: {e}",
-                path.display()
-            ))
-        })?;
+        .map_err(|e| StartError::Tls(format!("`{key}`: cannot read certificates from {}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(StartError::Tls(format!(
-            "`{key}`: {} holds no PEM certificate",
-            path.display()
-        )));
+        return Err(StartError::Tls(format!("`{key}`: {} holds no PEM certificate", path.display())));
     }
     Ok(certs)
 }
 
 pub fn load_key(path: &Path, key: &str) -> Result<PrivateKeyDer<'static>, StartError> {
     // The error names the file, never its content.
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
-        StartError::Tls(format!(
-            "`{key}`: cannot read a private key from {}: {e}",
-            path.display()
-        ))
-    })
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| StartError::Tls(format!("`{key}`: cannot read a private key from {}: {e}", path.display())))
 }
 
 /// Builds the tunnel's server config from `[tunnel]`.
@@ -51,12 +39,7 @@ pub fn server_config(cfg: &TunnelConfig) -> Result<Arc<rustls::ServerConfig>, St
     let provider = provider();
     let mut roots = RootCertStore::empty();
     for ca in load_certs(&cfg.client_ca, "tunnel.client_ca")? {
-        roots.add(ca).map_err(|e| {
-            StartError::Tls(format!(
-                "`tunnel.client_ca`: {}: {e}",
-                cfg.client_ca.display()
-            ))
-        })?;
+        roots.add(ca).map_err(|e| StartError::Tls(format!("`tunnel.client_ca`: {}: {e}", cfg.client_ca.display())))?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
@@ -68,11 +51,7 @@ pub fn server_config(cfg: &TunnelConfig) -> Result<Arc<rustls::ServerConfig>, St
         .map_err(|e| StartError::Tls(format!("TLS 1.3: {e}")))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| {
-            StartError::Tls(format!(
-                "`tunnel.cert`/`tunnel.key` do not form a usable pair: {e}"
-            ))
-        })?;
+        .map_err(|e| StartError::Tls(format!("`tunnel.cert`/`tunnel.key` do not form a usable pair: {e}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -80,12 +59,7 @@ pub fn server_config(cfg: &TunnelConfig) -> Result<Arc<rustls::ServerConfig>, St
 /// The identity of a verified peer certificate: CN, else first DNS SAN.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, x509) = X509Certificate::from_der(cert.as_ref()).ok()?;
-    if let Some(cn) = x509
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-    {
+    if let Some(cn) = x509.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()) {
         return Some(cn.to_string());
     }
     let san = x509.subject_alternative_name().ok()??;
