@@ -1,6 +1,8 @@
 //! The per-channel backlog cap. Checking Redis on every request would add
 //! round trips to the hot path, so a loop refreshes each channel's
-//! unacknowledged count every 500 ms and ingest adds what it appended since.
+//! unacknowledged count every 500 ms together with the stream's last id,
+//! and ingest adds the entries it appended after that id — exact for one
+//! edge, up to the requests in flight at the same moment.
 //! Over the cap, ingest answers `503` + `Retry-After` (Meta retries) and
 //! stores nothing: nothing unacknowledged is ever dropped to make room.
 
@@ -15,8 +17,17 @@ use crate::error::IngestError;
 
 #[derive(Default)]
 pub struct Backlog {
-    /// channel → (last refreshed count, appended since that refresh)
-    counts: Mutex<HashMap<String, (u64, u64)>>,
+    counts: Mutex<HashMap<String, Count>>,
+}
+
+#[derive(Default)]
+struct Count {
+    /// Unacknowledged entries at the last refresh.
+    base: u64,
+    /// The stream's last id at that refresh.
+    last: (u64, u64),
+    /// Ids this edge appended that may be newer than `last`.
+    recent: Vec<(u64, u64)>,
 }
 
 impl Backlog {
@@ -24,24 +35,31 @@ impl Backlog {
     pub fn check(&self, channels: &[String], cap: u64) -> Result<(), IngestError> {
         let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         for ch in channels {
-            let (base, added) = counts.get(ch).copied().unwrap_or((0, 0));
-            if base + added >= cap {
-                return Err(IngestError::BacklogFull { channel: ch.clone(), backlog: base + added, cap });
+            let n = counts.get(ch).map(|c| c.base + c.recent.len() as u64).unwrap_or(0);
+            if n >= cap {
+                return Err(IngestError::BacklogFull { channel: ch.clone(), backlog: n, cap });
             }
         }
         Ok(())
     }
 
-    pub fn appended(&self, channels: &[String]) {
+    /// Records appended entries (`ids` in channel order).
+    pub fn appended(&self, channels: &[String], ids: &[String]) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        for ch in channels {
-            counts.entry(ch.clone()).or_default().1 += 1;
+        for (ch, id) in channels.iter().zip(ids) {
+            let c = counts.entry(ch.clone()).or_default();
+            if let Some(id) = crate::store::parse_id(id).filter(|id| *id > c.last) {
+                c.recent.push(id);
+            }
         }
     }
 
-    fn refreshed(&self, channel: &str, backlog: u64) {
+    fn refreshed(&self, channel: &str, base: u64, last: (u64, u64)) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.insert(channel.to_string(), (backlog, 0));
+        let c = counts.entry(channel.to_string()).or_default();
+        c.base = base;
+        c.last = last;
+        c.recent.retain(|id| *id > last);
     }
 }
 
@@ -49,7 +67,7 @@ pub async fn refresh_loop(state: std::sync::Arc<AppState>, shutdown: Cancellatio
     loop {
         for ch in state.cfg.all_channels() {
             match state.store.backlog(&ch).await {
-                Ok(n) => state.backlog.refreshed(&ch, n),
+                Ok((n, last)) => state.backlog.refreshed(&ch, n, last),
                 Err(e) => tracing::debug!(channel = %ch, error = %e, "backlog refresh failed"),
             }
         }

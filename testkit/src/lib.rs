@@ -229,6 +229,32 @@ impl Agent {
     }
 }
 
+/// Path of a workspace binary (built by `cargo test --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} not built: run the workspace tests (`./scripts/test.sh`)", path.display());
+    path
+}
+
+/// Runs `relay-edge <args>` against `edge`'s admin API; returns (exit code, stdout, stderr).
+pub async fn edge_cli(edge: &Edge, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(bin("relay-edge"))
+        .args(args)
+        .arg("--admin")
+        .arg(edge.admin.to_string())
+        .env_remove("RELAY_CONFIG")
+        .output()
+        .await
+        .expect("run relay-edge");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Polls `cond` every 20 ms until it holds, or panics after `within`.
 pub async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;

@@ -11,6 +11,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::any;
+use tokio_util::sync::CancellationToken;
 
 /// One request as the receiver saw it.
 #[derive(Debug, Clone)]
@@ -28,24 +29,63 @@ struct Inner {
     log: Mutex<Vec<Delivery>>,
     status: AtomicU16,
     delay_ms: AtomicU64,
+    /// Statuses for the next requests, before `status` applies again.
+    script: Mutex<std::collections::VecDeque<u16>>,
 }
+
+/// A running server: its stop token and task.
+type Server = (CancellationToken, tokio::task::JoinHandle<()>);
 
 #[derive(Clone)]
 pub struct Receiver {
     pub addr: SocketAddr,
     inner: Arc<Inner>,
+    /// Stops the server (closing its port) when cancelled.
+    running: Arc<Mutex<Option<Server>>>,
 }
 
 impl Receiver {
     pub async fn start() -> Self {
         let inner = Arc::new(Inner { status: AtomicU16::new(200), ..Default::default() });
-        let app = Router::new().route("/{*path}", any(handle)).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
         let addr = listener.local_addr().expect("receiver addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+        let r = Self { addr, inner, running: Arc::new(Mutex::new(None)) };
+        r.serve(listener);
+        r
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let app = Router::new().route("/{*path}", any(handle)).with_state(self.inner.clone());
+        let token = CancellationToken::new();
+        let stop = token.clone();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
         });
-        Self { addr, inner }
+        if let Ok(mut running) = self.running.lock() {
+            *running = Some((token, task));
+        }
+    }
+
+    /// Closes the port: connections are refused until [`Receiver::resume`].
+    pub async fn stop(&self) {
+        let running = self.running.lock().ok().and_then(|mut r| r.take());
+        if let Some((token, task)) = running {
+            token.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn resume(&self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind receiver port");
+        self.serve(listener);
+    }
+
+    /// The next requests get these statuses, in order; then `answer` applies.
+    pub fn script(&self, statuses: &[u16]) {
+        if let Ok(mut s) = self.inner.script.lock() {
+            s.extend(statuses.iter().copied());
+        }
     }
 
     pub fn url(&self) -> String {
@@ -86,7 +126,8 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let answered = inner.status.load(Ordering::SeqCst);
+    let scripted = inner.script.lock().ok().and_then(|mut s| s.pop_front());
+    let answered = scripted.unwrap_or_else(|| inner.status.load(Ordering::SeqCst));
     let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let d = Delivery {
         relay_id: get("x-relay-id"),

@@ -162,6 +162,7 @@ async fn store_webhook(
         tracing::warn!(route = route_name, error = %e, "store write failed");
         IngestError::StoreUnavailable
     })?;
+    state.backlog.appended(&route.channels, &ids);
     let timestamp = chrono::DateTime::from_timestamp_millis(received_at_ms as i64)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);

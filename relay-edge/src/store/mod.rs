@@ -380,11 +380,26 @@ impl Store {
         Ok(expired)
     }
 
-    /// Entries not yet acknowledged (undelivered + pending): the backlog the
-    /// ingest cap applies to.
-    pub async fn backlog(&self, channel: &str) -> Result<u64, StoreError> {
-        let s = self.stats(channel).await?;
-        Ok(s.backlog + s.pending)
+    /// Entries not yet acknowledged (undelivered + pending) — the backlog
+    /// the ingest cap applies to — and the stream's last generated id, read
+    /// in one `MULTI` so appends after it can be told apart exactly.
+    pub async fn backlog(&self, channel: &str) -> Result<(u64, (u64, u64)), StoreError> {
+        let stream = keys::stream(channel);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("XINFO").arg("STREAM").arg(&stream);
+        pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
+        pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP);
+        let (info, groups, pending): (Value, Value, Value) = match self.run_pipe("XINFO STREAM", &pipe).await {
+            Ok(v) => v,
+            Err(StoreError::Redis { source, .. }) if matches!(source.code(), Some("ERR") | Some("NOGROUP")) => {
+                return Ok((0, (0, 0)));
+            }
+            Err(e) => return Err(e),
+        };
+        let last = parse::stream_last_id(info).as_deref().and_then(parse_id).unwrap_or((0, 0));
+        let lag = parse::group_info(groups, keys::GROUP).lag.unwrap_or(0);
+        Ok((lag + parse::pending_summary(pending).0, last))
     }
 
     /// Trims entries older than `retention`, but never an entry that is
@@ -460,6 +475,12 @@ impl Reader {
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A stream id as `(milliseconds, sequence)`, ordered like Redis orders them.
+pub fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// Milliseconds part of a stream id (`1700000000000-3` → 1700000000000).

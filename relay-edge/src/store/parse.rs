@@ -190,3 +190,8 @@ pub fn group_info(v: Value, group: &str) -> GroupInfo {
     }
     GroupInfo::default()
 }
+
+/// `last-generated-id` of an `XINFO STREAM` reply.
+pub fn stream_last_id(v: Value) -> Option<String> {
+    pairs(v).into_iter().find(|(k, _)| text(k).as_deref() == Some("last-generated-id")).and_then(|(_, v)| text(&v))
+}

@@ -487,6 +487,7 @@ impl Session {
         let Some(attempt) = self.inflight.get(&id).map(|f| f.attempt + 1) else {
             return Ok(());
         };
+        self.state.metrics.retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.state.store.claim(&channel, &self.peer.agent, &id).await {
             Ok(Some(entry)) => {
                 if let Ok(webhook) = entry.webhook {
