@@ -47,11 +47,44 @@ pub struct IngestConfig {
     /// Time allowed for reading a request and writing it to the store.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Time allowed for a client to send the request head (slow-client cut-off).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Most header fields in one request (431 past it).
+    pub max_headers: usize,
+    /// Largest request head (431 past it).
+    pub max_header_bytes: ByteSize,
+    /// HTTPS on the ingest listener: certificate chain and key (PEM), both
+    /// or neither. Re-read on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Requests per second per client IP (0 = off); `burst_per_ip` above it.
+    pub rate_per_ip: u32,
+    pub burst_per_ip: u32,
+    /// Requests per second per API key (0 = off); `burst_per_key` above it.
+    pub rate_per_key: u32,
+    pub burst_per_key: u32,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (exact IPs).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".into(), max_body: ByteSize::mib(4), request_timeout: Duration::from_secs(10) }
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_body: ByteSize::mib(4),
+            request_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            max_headers: 100,
+            max_header_bytes: ByteSize::kib(64),
+            tls_cert: None,
+            tls_key: None,
+            rate_per_ip: 1000,
+            burst_per_ip: 2000,
+            rate_per_key: 5000,
+            burst_per_key: 10000,
+            trusted_proxies: Vec::new(),
+        }
     }
 }
 
@@ -84,6 +117,10 @@ pub struct TunnelConfig {
     /// Delay before redelivering a nacked webhook when the agent gave none.
     #[serde(with = "humantime_serde")]
     pub retry_delay: Duration,
+    /// Refused agent certificates: `sha256:<hex of the DER>` fingerprints or
+    /// `serial:<hex>` serial numbers (`relay-edge certs fingerprint FILE`).
+    /// Re-read on SIGHUP; matching sessions are dropped.
+    pub revoked: Vec<String>,
 }
 
 impl Default for TunnelConfig {
@@ -99,6 +136,7 @@ impl Default for TunnelConfig {
             max_frame: ByteSize::mib(8),
             max_window: 1000,
             retry_delay: Duration::from_secs(1),
+            revoked: Vec::new(),
         }
     }
 }
@@ -162,6 +200,12 @@ pub struct RouteConfig {
     pub verify_token: Option<Secret>,
     /// Meta app secret: `X-Hub-Signature-256` is verified when set.
     pub app_secret: Option<Secret>,
+    /// Refuse bodies that are not JSON (`415` wrong type, `400` unparsable).
+    pub require_json: bool,
+    /// Store an identical body on this route once within this window and
+    /// answer duplicates `200` with the first `message_id` (off when unset).
+    #[serde(with = "humantime_serde")]
+    pub dedupe_window: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -361,6 +405,36 @@ impl EdgeConfig {
             }
             if route.api_keys.iter().any(|k| k.expose().len() < 8) {
                 return Err(bad(&key("api_keys"), "every key needs at least 8 characters".into()));
+            }
+            for k in &route.api_keys {
+                if let Some(hash) = k.expose().strip_prefix("sha256:")
+                    && (hash.len() != 64 || hex::decode(hash).is_err())
+                {
+                    return Err(bad(&key("api_keys"), "a `sha256:` key must carry 64 hex digits".into()));
+                }
+            }
+        }
+        if self.ingest.tls_cert.is_some() != self.ingest.tls_key.is_some() {
+            return Err(bad("ingest.tls_cert", "and ingest.tls_key must be set together".into()));
+        }
+        for (key, path) in [("ingest.tls_cert", &self.ingest.tls_cert), ("ingest.tls_key", &self.ingest.tls_key)] {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                return Err(bad(key, format!("{} does not exist", p.display())));
+            }
+        }
+        if self.ingest.max_headers == 0 || self.ingest.max_header_bytes.as_u64() < 8192 {
+            return Err(bad("ingest.max_header_bytes", "must be at least 8KiB (and max_headers at least 1)".into()));
+        }
+        for r in &self.tunnel.revoked {
+            let ok = match r.split_once(':') {
+                Some(("sha256", h)) => h.len() == 64 && hex::decode(h).is_ok(),
+                Some(("serial", h)) => !h.is_empty() && hex::decode(h.trim_start_matches("0x")).is_ok(),
+                _ => false,
+            };
+            if !ok {
+                return Err(bad("tunnel.revoked", format!("`{r}` is not sha256:<64 hex> or serial:<hex>")));
             }
         }
         let mut agents = BTreeSet::new();

@@ -67,6 +67,12 @@ pub enum IngestError {
     BadRequest(String),
     #[error("store unavailable; retry later")]
     StoreUnavailable,
+    #[error("too many requests; retry in {retry_after} s")]
+    RateLimited { retry_after: u64 },
+    #[error("this route accepts JSON bodies only (Content-Type: application/json)")]
+    NotJson,
+    #[error("the request body was not received in time")]
+    SlowBody,
     #[error("channel `{channel}` holds {backlog} undelivered webhooks (cap {cap}); retry later")]
     BacklogFull { channel: String, backlog: u64, cap: u64 },
 }
@@ -82,6 +88,9 @@ impl IngestError {
             IngestError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             IngestError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             IngestError::BacklogFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "backlog_full"),
+            IngestError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            IngestError::NotJson => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            IngestError::SlowBody => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
         }
     }
 }
@@ -91,8 +100,14 @@ impl IntoResponse for IngestError {
         let (status, code) = self.status_and_code();
         let body = serde_json::json!({ "success": false, "error": code, "message": self.to_string() });
         let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        let retry_after = match &self {
+            IngestError::BacklogFull { .. } => Some(30),
+            IngestError::StoreUnavailable => Some(5),
+            IngestError::RateLimited { retry_after } => Some(*retry_after),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

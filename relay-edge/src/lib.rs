@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod ingest;
 pub mod metrics;
+pub mod server;
 pub mod store;
 pub mod tunnel;
 
@@ -28,7 +29,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::RwLock;
+
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,6 +53,32 @@ pub struct AppState {
     pub backlog: backlog::Backlog,
     /// Cancelled once, on SIGINT/SIGTERM (or by a test).
     pub shutdown: CancellationToken,
+    /// `tunnel.revoked`, replaced on reload.
+    pub revoked: RwLock<Vec<String>>,
+    /// HTTPS for the ingest listener, replaced on reload (new cert files).
+    pub ingest_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
+    /// Per-IP and per-key rate limiters of the ingest listener.
+    pub limiter: ingest::limit::Limiter,
+}
+
+impl AppState {
+    pub fn is_revoked(&self, ids: &tunnel::tls::CertIds) -> bool {
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).iter().any(|r| ids.matches(r))
+    }
+
+    /// Applies the reloadable parts of a new configuration (SIGHUP): the
+    /// revocation list — connected sessions it names are dropped — and the
+    /// ingest TLS certificate, re-read from disk. Everything else needs a
+    /// restart.
+    pub fn reload(&self, new: &EdgeConfig) {
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = new.tunnel.revoked.clone();
+        let dropped = self.registry.revoke_matching(|ids| self.is_revoked(ids));
+        match ingest::tls_config(&new.ingest) {
+            Ok(tls) => *self.ingest_tls.write().unwrap_or_else(|p| p.into_inner()) = tls,
+            Err(e) => tracing::error!(error = %e, "ingest TLS reload failed; keeping the previous certificate"),
+        }
+        tracing::info!(revoked = new.tunnel.revoked.len(), sessions_dropped = dropped, "configuration reloaded");
+    }
 }
 
 /// The three listeners, bound by the caller so tests can use port 0.
@@ -76,20 +106,31 @@ impl Listeners {
     }
 }
 
-/// Runs the edge until `shutdown` is cancelled, then drains for a grace period.
-pub async fn run(cfg: EdgeConfig, listeners: Listeners, shutdown: CancellationToken) -> Result<(), StartError> {
+/// Runs the edge until `shutdown` is cancelled, then drains for a grace
+/// period. Each configuration received on `reload` is applied with
+/// [`AppState::reload`].
+pub async fn run(
+    cfg: EdgeConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    mut reload: mpsc::Receiver<EdgeConfig>,
+) -> Result<(), StartError> {
     let tls = tunnel::tls::server_config(&cfg.tunnel)?;
+    let ingest_tls = ingest::tls_config(&cfg.ingest)?;
     let store = Store::open(&cfg.store)?;
     let grants = cfg.agents.iter().map(|a| (a.name.clone(), a.channels.clone())).collect();
     let (ingest_addr, tunnel_addr, admin_addr) = listeners.addrs();
     let state = Arc::new(AppState {
-        cfg,
         store,
         grants,
         registry: Default::default(),
         metrics: Default::default(),
         backlog: Default::default(),
         shutdown: shutdown.clone(),
+        revoked: RwLock::new(cfg.tunnel.revoked.clone()),
+        ingest_tls: RwLock::new(ingest_tls),
+        limiter: ingest::limit::Limiter::new(&cfg.ingest),
+        cfg,
     });
     warn_about_config(&state.cfg);
     match state.store.ping().await {
@@ -107,14 +148,19 @@ pub async fn run(cfg: EdgeConfig, listeners: Listeners, shutdown: CancellationTo
     tracing::info!(%ingest_addr, %tunnel_addr, %admin_addr, "relay-edge listening");
 
     let tracker = TaskTracker::new();
-    tracker.spawn(ingest::serve(listeners.ingest, state.clone(), shutdown.clone()));
+    tracker.spawn(ingest::serve(listeners.ingest, state.clone(), shutdown.clone(), tracker.clone()));
     tracker.spawn(admin::serve(listeners.admin, state.clone(), shutdown.clone()));
     tracker.spawn(tunnel::serve(listeners.tunnel, tls, state.clone(), shutdown.clone(), tracker.clone()));
     tracker.spawn(retention_loop(state.clone(), shutdown.clone()));
     tracker.spawn(backlog::refresh_loop(state.clone(), shutdown.clone()));
     tracker.close();
 
-    shutdown.cancelled().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(new) = reload.recv() => state.reload(&new),
+        }
+    }
     tracing::info!("shutting down; draining connections");
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
         tracing::warn!("some tasks did not finish within 10 s; exiting anyway");

@@ -172,7 +172,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(serve(cfg)) {
+            match rt.block_on(serve(cfg, cli.config.clone())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("relay-edge: {e:#}");
@@ -183,24 +183,44 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cfg: relay_edge::EdgeConfig) -> anyhow::Result<()> {
+async fn serve(cfg: relay_edge::EdgeConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
     let listeners = relay_edge::Listeners::bind(&cfg).await?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(signals(shutdown.clone()));
-    relay_edge::run(cfg, listeners, shutdown).await?;
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(signals(shutdown.clone(), reload_tx, path));
+    relay_edge::run(cfg, listeners, shutdown, reload_rx).await?;
     Ok(())
 }
 
-/// SIGINT or SIGTERM cancel the one shutdown token.
-async fn signals(shutdown: CancellationToken) {
+/// SIGINT or SIGTERM cancel the one shutdown token; SIGHUP reloads the
+/// configuration (a bad one is logged and the running one kept).
+async fn signals(
+    shutdown: CancellationToken,
+    reload: tokio::sync::mpsc::Sender<relay_edge::EdgeConfig>,
+    path: Option<PathBuf>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = hup.recv() => {
+                match relay_edge::EdgeConfig::load(path.as_deref()) {
+                    Ok(cfg) => {
+                        let _ = reload.send(cfg).await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),
+                }
+                continue;
+            }
+        }
+        break;
     }
     shutdown.cancel();
 }

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub retried: AtomicU64,
     /// Ingest requests refused because a channel's backlog is at the cap.
     pub backlog_rejected: AtomicU64,
+    /// Duplicate webhooks answered from the de-duplication window.
+    pub duplicates: AtomicU64,
     /// Entries moved to the DLQ by retention (reason `expired`).
     pub expired: AtomicU64,
     /// Sum and count of received → acked latencies, for the average.

@@ -144,20 +144,28 @@ pub struct Edge {
     pub tunnel: SocketAddr,
     pub admin: SocketAddr,
     shutdown: CancellationToken,
+    reload: tokio::sync::mpsc::Sender<EdgeConfig>,
     task: JoinHandle<()>,
 }
 
 impl Edge {
+    /// Applies a new configuration like SIGHUP does.
+    pub async fn reload(&self, cfg: EdgeConfig) {
+        self.reload.send(cfg).await.expect("edge running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     pub async fn start(cfg: EdgeConfig) -> Self {
         cfg.validate().expect("valid edge config");
         let listeners = relay_edge::Listeners::bind(&cfg).await.expect("bind edge listeners");
         let (ingest, tunnel, admin) = listeners.addrs();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
+        let (reload, reload_rx) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(async move {
-            relay_edge::run(cfg, listeners, token).await.expect("edge runs");
+            relay_edge::run(cfg, listeners, token, reload_rx).await.expect("edge runs");
         });
-        Self { ingest, tunnel, admin, shutdown, task }
+        Self { ingest, tunnel, admin, shutdown, reload, task }
     }
 
     /// Starts on the addresses a stopped edge had (for restart tests).

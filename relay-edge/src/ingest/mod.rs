@@ -1,30 +1,40 @@
 //! The public webhook listener.
 //!
 //! `POST /webhook` (reference relay: `X-API-Key`, route `webhook`, channel
-//! `default`) and `POST /hooks/<route>[/<key>]`. A webhook is answered `200`
-//! only after every `XADD` of its route's channels returned; anything else
-//! gets a JSON error and nothing is stored.
+//! `default`) and `POST /hooks/<route>[/<key>]`, `GET` of the same paths for
+//! Meta's verification handshake. Checks run cheapest first — per-IP rate,
+//! route, key, per-key rate, declared length, body (size and deadline),
+//! signature, JSON, de-duplication, backlog cap — and a webhook is answered
+//! `200` only after every `XADD` of its route's channels returned. Anything
+//! else gets a JSON error and nothing is stored.
 
 pub mod auth;
+pub mod limit;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use relay_protocol::{Header, Webhook};
 use serde::Deserialize;
+use sha2::Digest;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::AppState;
-use crate::config::{LEGACY_ROUTE, RouteConfig};
-use crate::error::IngestError;
-use crate::store::now_ms;
+use crate::config::{IngestConfig, LEGACY_ROUTE, RouteConfig};
+use crate::error::{IngestError, StartError};
+use crate::server::{ConnLimits, accept_loop, serve_http};
+use crate::store::{DEDUPE_PENDING, keys, now_ms};
 
 /// Headers never stored: hop-by-hop ones and credentials.
 const DROPPED_HEADERS: &[&str] = &[
@@ -52,12 +62,59 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
-    let app = router(state);
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "ingest listener failed");
-    }
+/// HTTPS settings of the ingest listener, when `tls_cert`/`tls_key` are set.
+pub fn tls_config(cfg: &IngestConfig) -> Result<Option<Arc<rustls::ServerConfig>>, StartError> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else { return Ok(None) };
+    let chain = crate::tunnel::tls::load_certs(cert, "ingest.tls_cert")?;
+    let key = crate::tunnel::tls::load_key(key, "ingest.tls_key")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::tunnel::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| StartError::Tls(format!("`ingest.tls_cert`/`ingest.tls_key` do not form a usable pair: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(Arc::new(config)))
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken, tracker: TaskTracker) {
+    let app = router(state.clone());
+    let cfg = &state.cfg.ingest;
+    let limits = ConnLimits {
+        header_timeout: cfg.header_timeout,
+        max_headers: cfg.max_headers,
+        max_header_bytes: cfg.max_header_bytes.as_u64() as usize,
+    };
+    let conn_shutdown = shutdown.clone();
+    let limiter_state = state.clone();
+    let mut shrink = tokio::time::interval(Duration::from_secs(60));
+    let shrink_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shrink_shutdown.cancelled() => return,
+                _ = shrink.tick() => limiter_state.limiter.shrink(),
+            }
+        }
+    });
+    accept_loop("ingest", listener, shutdown, tracker, move |tcp, addr| {
+        let app = app.clone();
+        let shutdown = conn_shutdown.clone();
+        let tls = state.ingest_tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        async move {
+            match tls {
+                None => serve_http(tcp, addr, app, (), limits, shutdown).await,
+                Some(tls) => {
+                    match tokio::time::timeout(limits.header_timeout, TlsAcceptor::from(tls).accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_http(stream, addr, app, (), limits, shutdown).await,
+                        Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "ingest TLS handshake failed"),
+                        Err(_) => tracing::debug!(peer = %addr, "ingest TLS handshake timed out"),
+                    }
+                }
+            }
+        }
+    })
+    .await;
 }
 
 #[derive(Deserialize, Default)]
@@ -65,41 +122,65 @@ struct KeyQuery {
     api_key: Option<String>,
 }
 
-async fn legacy(State(state): State<Arc<AppState>>, Query(q): Query<KeyQuery>, req: Request) -> Response {
+async fn legacy(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<KeyQuery>,
+    req: Request,
+) -> Response {
     let key = header_key(req.headers()).or(q.api_key);
-    accept(&state, LEGACY_ROUTE, key, req).await
+    accept(&state, peer, LEGACY_ROUTE, key, req).await
 }
 
 async fn hook(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(route): Path<String>,
     Query(q): Query<KeyQuery>,
     req: Request,
 ) -> Response {
     let key = header_key(req.headers()).or(q.api_key);
-    accept(&state, &route, key, req).await
+    accept(&state, peer, &route, key, req).await
 }
 
 async fn hook_with_key(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((route, key)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    accept(&state, &route, Some(key), req).await
+    accept(&state, peer, &route, Some(key), req).await
 }
 
 fn header_key(headers: &HeaderMap) -> Option<String> {
     headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
-async fn accept(state: &AppState, route_name: &str, key: Option<String>, req: Request) -> Response {
+/// The client's address: the peer, or — when the peer is a trusted proxy —
+/// the last `X-Forwarded-For` hop that is not itself a trusted proxy.
+pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer.ip()) {
+        return peer.ip();
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|h| h.trim().parse().ok())
+        .collect();
+    hops.into_iter().rev().find(|ip| !trusted.contains(ip)).unwrap_or(peer.ip())
+}
+
+async fn accept(state: &AppState, peer: SocketAddr, route_name: &str, key: Option<String>, req: Request) -> Response {
     let started = std::time::Instant::now();
     let result =
-        tokio::time::timeout(state.cfg.ingest.request_timeout, store_webhook(state, route_name, key, req)).await;
-    let result = match result {
-        Ok(r) => r,
-        Err(_) => Err(IngestError::StoreUnavailable),
-    };
+        match tokio::time::timeout(state.cfg.ingest.request_timeout, store_webhook(state, peer, route_name, key, req))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(IngestError::StoreUnavailable),
+        };
     match result {
         Ok(body) => {
             state.metrics.received.fetch_add(1, Ordering::Relaxed);
@@ -108,7 +189,7 @@ async fn accept(state: &AppState, route_name: &str, key: Option<String>, req: Re
         }
         Err(e) => {
             state.metrics.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(route = route_name, error = %e, "webhook refused");
+            tracing::info!(route = route_name, %peer, error = %e, "webhook refused");
             e.into_response()
         }
     }
@@ -116,27 +197,110 @@ async fn accept(state: &AppState, route_name: &str, key: Option<String>, req: Re
 
 async fn store_webhook(
     state: &AppState,
+    peer: SocketAddr,
     route_name: &str,
     key: Option<String>,
     req: Request,
 ) -> Result<serde_json::Value, IngestError> {
+    let cfg = &state.cfg.ingest;
+    state.limiter.check_ip(client_ip(peer, req.headers(), &cfg.trusted_proxies))?;
     let route = find_route(state, route_name)?;
-    let authorized = key.as_deref().is_some_and(|k| auth::key_matches(k, &route.api_keys));
-    if !authorized {
-        return Err(IngestError::Unauthorized);
-    }
+    let key_index =
+        key.as_deref().and_then(|k| auth::match_key(k, &route.api_keys)).ok_or(IngestError::Unauthorized)?;
+    state.limiter.check_key(&route.name, key_index)?;
     let (parts, body) = req.into_parts();
-    let limit = state.cfg.ingest.max_body.as_u64();
-    if parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > limit)
-    {
+    let limit = cfg.max_body.as_u64();
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
         return Err(IngestError::TooLarge(limit));
     }
-    let body = read_body(body, limit as usize).await?;
+    let body = read_body(body, limit as usize, cfg.request_timeout).await?;
+    check_body(route, &parts.headers, &body)?;
+
+    let dedupe = match route.dedupe_window {
+        Some(window) => {
+            let key = keys::dedupe(&route.name, &hex::encode(sha2::Sha256::digest(&body)));
+            match claim_dedupe(state, &key, window).await? {
+                Some(first) => return Ok(first),
+                None => Some((key, window)),
+            }
+        }
+        None => None,
+    };
+    let stored = append(state, route, route_name, &parts, body).await;
+    match (&dedupe, &stored) {
+        (Some((key, window)), Ok(answer)) => {
+            let mut first = answer.clone();
+            first["duplicate"] = true.into();
+            if let Err(e) = state.store.dedupe_record(key, &first.to_string(), *window).await {
+                tracing::warn!(route = route_name, error = %e, "cannot record de-duplication answer");
+            }
+        }
+        (Some((key, _)), Err(_)) => {
+            let _ = state.store.dedupe_release(key).await;
+        }
+        _ => {}
+    }
+    stored
+}
+
+/// Checks of the raw body that need no I/O: signature and JSON.
+pub fn check_body(route: &RouteConfig, headers: &HeaderMap, body: &[u8]) -> Result<(), IngestError> {
+    if let Some(secret) = &route.app_secret {
+        let sig = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
+        if !auth::signature_valid(secret.expose(), sig, body) {
+            return Err(IngestError::BadSignature);
+        }
+    }
+    if route.require_json {
+        let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let mime = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        if mime != "application/json" && !mime.ends_with("+json") {
+            return Err(IngestError::NotJson);
+        }
+        if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+            return Err(IngestError::BadRequest("the body is not valid JSON".into()));
+        }
+    }
+    Ok(())
+}
+
+/// `None`: this request is the first of its body within the window.
+/// `Some(answer)`: a duplicate; the first request's answer.
+async fn claim_dedupe(state: &AppState, key: &str, window: Duration) -> Result<Option<serde_json::Value>, IngestError> {
+    let unavailable = |e: crate::error::StoreError| {
+        tracing::warn!(error = %e, "de-duplication lookup failed");
+        IngestError::StoreUnavailable
+    };
+    let mut seen = state.store.dedupe_claim(key, window).await.map_err(unavailable)?;
+    // The first request is still being stored: wait for its answer.
+    for _ in 0..50 {
+        match seen.as_deref() {
+            None => return Ok(None),
+            Some(DEDUPE_PENDING) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                seen = state.store.dedupe_get(key).await.map_err(unavailable)?;
+                if seen.is_none() {
+                    // The first request failed and released its claim.
+                    seen = state.store.dedupe_claim(key, window).await.map_err(unavailable)?;
+                }
+            }
+            Some(answer) => {
+                state.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(serde_json::from_str(answer).unwrap_or_else(|_| serde_json::json!({"success": true}))));
+            }
+        }
+    }
+    Err(IngestError::StoreUnavailable)
+}
+
+async fn append(
+    state: &AppState,
+    route: &RouteConfig,
+    route_name: &str,
+    parts: &axum::http::request::Parts,
+    body: Vec<u8>,
+) -> Result<serde_json::Value, IngestError> {
     if let Err(e) = state.backlog.check(&route.channels, state.cfg.store.max_backlog) {
         state.metrics.backlog_rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(route = route_name, error = %e, "ingest refused: backlog cap reached");
@@ -190,10 +354,11 @@ fn find_route<'a>(state: &'a AppState, name: &str) -> Result<&'a RouteConfig, In
         .ok_or_else(|| IngestError::UnknownRoute(name.chars().take(64).collect()))
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, IngestError> {
-    match axum::body::to_bytes(body, limit).await {
-        Ok(b) => Ok(b.to_vec()),
-        Err(e) => {
+async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Vec<u8>, IngestError> {
+    match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(IngestError::SlowBody),
+        Ok(Ok(b)) => Ok(b.to_vec()),
+        Ok(Err(e)) => {
             let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
                 || e.to_string().contains("length limit");
             if too_large {
@@ -207,13 +372,13 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, IngestError> {
 
 /// `/hooks/<route>/<key>` is stored as `/hooks/<route>`: the key never
 /// reaches the stream, the agent or the local endpoint.
-fn redact_path(path: &str, route: &str) -> String {
+pub fn redact_path(path: &str, route: &str) -> String {
     let prefix = format!("/hooks/{route}/");
     if path.starts_with(&prefix) { format!("/hooks/{route}") } else { path.to_string() }
 }
 
 /// Drops `api_key` from a raw query string, keeping everything else as sent.
-fn redact_query(query: &str) -> String {
+pub fn redact_query(query: &str) -> String {
     query
         .split('&')
         .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some("api_key"))
@@ -234,24 +399,22 @@ struct VerifyQuery {
 async fn verify(
     State(state): State<Arc<AppState>>,
     Path(route): Path<String>,
-    method: Method,
     Query(q): Query<VerifyQuery>,
 ) -> Response {
-    meta_verify(&state, &route, method, q)
+    meta_verify(&state, &route, q)
 }
 
 async fn verify_with_key(
     State(state): State<Arc<AppState>>,
     Path((route, _key)): Path<(String, String)>,
-    method: Method,
     Query(q): Query<VerifyQuery>,
 ) -> Response {
-    meta_verify(&state, &route, method, q)
+    meta_verify(&state, &route, q)
 }
 
 /// Meta's subscription handshake: echo `hub.challenge` when the token
 /// matches the route's `verify_token`. No signature is demanded here.
-fn meta_verify(state: &AppState, route: &str, _method: Method, q: VerifyQuery) -> Response {
+fn meta_verify(state: &AppState, route: &str, q: VerifyQuery) -> Response {
     let route = match find_route(state, route) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -269,11 +432,23 @@ fn meta_verify(state: &AppState, route: &str, _method: Method, q: VerifyQuery) -
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn key_is_redacted_from_path_and_query() {
-        assert_eq!(super::redact_path("/hooks/meta/secret-key", "meta"), "/hooks/meta");
-        assert_eq!(super::redact_path("/hooks/meta", "meta"), "/hooks/meta");
-        assert_eq!(super::redact_query("a=1&api_key=s3cret&b=2"), "a=1&b=2");
-        assert_eq!(super::redact_query("api_key=s3cret"), "");
+        assert_eq!(redact_path("/hooks/meta/secret-key", "meta"), "/hooks/meta");
+        assert_eq!(redact_path("/hooks/meta", "meta"), "/hooks/meta");
+        assert_eq!(redact_query("a=1&api_key=s3cret&b=2"), "a=1&b=2");
+        assert_eq!(redact_query("api_key=s3cret"), "");
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.7, 10.0.0.2".parse().expect("hv"));
+        let proxy: SocketAddr = "10.0.0.2:443".parse().expect("addr");
+        let trusted: Vec<IpAddr> = vec!["10.0.0.2".parse().expect("ip")];
+        assert_eq!(client_ip(proxy, &h, &trusted), "203.0.113.7".parse::<IpAddr>().expect("ip"));
+        assert_eq!(client_ip(proxy, &h, &[]), proxy.ip(), "untrusted peer: header ignored");
     }
 }

@@ -16,6 +16,11 @@ pub fn dlq(channel: &str) -> String {
     format!("relay:{{{channel}}}:dlq")
 }
 
+/// De-duplication marker of a body on a route (`hash` = hex SHA-256).
+pub fn dedupe(route: &str, hash: &str) -> String {
+    format!("relay:dedupe:{{{route}}}:{hash}")
+}
+
 /// Recovers the channel from a stream key (`relay:{crm}:stream` → `crm`).
 pub fn channel_of(stream_key: &str) -> Option<&str> {
     stream_key.strip_prefix("relay:{")?.strip_suffix("}:stream")

@@ -501,3 +501,42 @@ impl Store {
         Ok(parse::entries(v)?.into_iter().next().map(|raw| raw.into_entry(channel)))
     }
 }
+
+impl Store {
+    /// Claims a de-duplication key for `window`: `None` when this request
+    /// is the first (the key now holds `pending`), else the value already
+    /// there (`pending`, or the first request's JSON answer).
+    pub async fn dedupe_claim(&self, key: &str, window: Duration) -> Result<Option<String>, StoreError> {
+        self.run(
+            "SET NX GET",
+            redis::cmd("SET")
+                .arg(key)
+                .arg(DEDUPE_PENDING)
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(window.as_millis() as u64),
+        )
+        .await
+    }
+
+    /// Records the first request's answer under its de-duplication key.
+    pub async fn dedupe_record(&self, key: &str, answer: &str, window: Duration) -> Result<(), StoreError> {
+        let _: Value =
+            self.run("SET", redis::cmd("SET").arg(key).arg(answer).arg("PX").arg(window.as_millis() as u64)).await?;
+        Ok(())
+    }
+
+    pub async fn dedupe_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.run("GET", redis::cmd("GET").arg(key)).await
+    }
+
+    /// Gives a claim back (the write it guarded failed).
+    pub async fn dedupe_release(&self, key: &str) -> Result<(), StoreError> {
+        let _: Value = self.run("DEL", redis::cmd("DEL").arg(key)).await?;
+        Ok(())
+    }
+}
+
+/// Value of a de-duplication key while its first request is being stored.
+pub const DEDUPE_PENDING: &str = "pending";

@@ -1,7 +1,8 @@
-//! The tunnel listener: an own accept loop (TLS handshake in the
-//! per-connection task, under a timeout), the agent identity read from the
-//! verified client certificate, and the WebSocket upgrade to subprotocol
-//! `relay.v1` handed to [`session::run`].
+//! The tunnel listener: TLS 1.3 with a required client certificate (the
+//! handshake runs in the per-connection task, under a timeout), the agent
+//! identity read from the verified certificate, revoked certificates
+//! refused, and the WebSocket upgrade to subprotocol `relay.v1` handed to
+//! [`session::run`].
 
 pub mod registry;
 pub mod session;
@@ -11,19 +12,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::extract::{State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use relay_protocol::SUBPROTOCOL;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
 use crate::AppState;
+use crate::server::{ConnLimits, accept_loop, serve_http};
 
 /// Who is on the other end of a tunnel connection.
 #[derive(Debug, Clone)]
@@ -31,6 +31,8 @@ pub struct Peer {
     /// Identity from the verified client certificate.
     pub agent: String,
     pub addr: SocketAddr,
+    /// Certificate ids, matched against `tunnel.revoked` (also on reload).
+    pub cert: tls::CertIds,
 }
 
 /// Accepts tunnel connections until `shutdown`.
@@ -44,24 +46,16 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(tls);
     let router: Router =
         Router::new().route("/", get(upgrade)).route("/tunnel", get(upgrade)).with_state(state.clone());
-    loop {
-        let (tcp, addr) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "tunnel accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
+    let limits =
+        ConnLimits { header_timeout: state.cfg.tunnel.handshake_timeout, max_headers: 64, max_header_bytes: 16 * 1024 };
+    let conn_shutdown = shutdown.clone();
+    accept_loop("tunnel", listener, shutdown, tracker, move |tcp, addr| {
         let acceptor = acceptor.clone();
         let router = router.clone();
-        let shutdown = shutdown.clone();
-        let handshake_timeout = state.cfg.tunnel.handshake_timeout;
-        tracker.spawn(async move {
+        let shutdown = conn_shutdown.clone();
+        let state = state.clone();
+        async move {
+            let handshake_timeout = state.cfg.tunnel.handshake_timeout;
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -73,31 +67,23 @@ pub async fn serve(
                     return;
                 }
             };
-            let agent = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()).and_then(tls::identity_of);
-            let Some(agent) = agent else {
+            let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()).cloned() else {
+                return;
+            };
+            let Some(agent) = tls::identity_of(&cert) else {
                 tracing::info!(peer = %addr, "client certificate carries no CN or DNS name; refused");
                 return;
             };
-            let peer = Peer { agent, addr };
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                req.extensions_mut().insert(ConnectInfo(addr));
-                router.clone().oneshot(req)
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r {
-                    tracing::debug!(peer = %addr, error = %e, "tunnel connection ended with an error");
-                },
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn).await;
-                }
+            let ids = tls::CertIds::of(&cert);
+            if state.is_revoked(&ids) {
+                tracing::warn!(%agent, peer = %addr, fingerprint = %ids.fingerprint, "revoked client certificate refused");
+                return;
             }
-        });
-    }
+            let peer = Peer { agent, addr, cert: ids };
+            serve_http(tls, addr, router, peer, limits, shutdown).await;
+        }
+    })
+    .await;
 }
 
 async fn upgrade(

@@ -5,9 +5,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
+
+use super::tls::CertIds;
 
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -16,20 +19,35 @@ pub struct SessionInfo {
     pub addr: SocketAddr,
     pub channels: Vec<String>,
     pub connected_at_ms: u64,
+    pub cert: CertIds,
+}
+
+/// How to stop a registered session, and why it was stopped.
+#[derive(Clone, Default)]
+pub struct Kick {
+    pub token: CancellationToken,
+    /// Set before `token` is cancelled when the certificate was revoked.
+    pub revoked: Arc<AtomicBool>,
+}
+
+impl Kick {
+    pub fn was_revoked(&self) -> bool {
+        self.revoked.load(Ordering::SeqCst)
+    }
 }
 
 #[derive(Default, Clone)]
 pub struct Registry {
-    inner: Arc<Mutex<HashMap<String, (SessionInfo, CancellationToken)>>>,
+    inner: Arc<Mutex<HashMap<String, (SessionInfo, Kick)>>>,
 }
 
 impl Registry {
     /// Registers a session, cancelling any older session of the same agent.
-    pub fn register(&self, info: SessionInfo, cancel: CancellationToken) {
-        let old = self.inner.lock().unwrap_or_else(|p| p.into_inner()).insert(info.agent.clone(), (info, cancel));
-        if let Some((old, token)) = old {
+    pub fn register(&self, info: SessionInfo, kick: Kick) {
+        let old = self.inner.lock().unwrap_or_else(|p| p.into_inner()).insert(info.agent.clone(), (info, kick));
+        if let Some((old, kick)) = old {
             tracing::info!(agent = %old.agent, session = %old.session, "session replaced by a newer one");
-            token.cancel();
+            kick.token.cancel();
         }
     }
 
@@ -39,6 +57,21 @@ impl Registry {
         if map.get(agent).is_some_and(|(i, _)| i.session == session) {
             map.remove(agent);
         }
+    }
+
+    /// Drops every session whose certificate `revoked` names; returns how many.
+    pub fn revoke_matching(&self, revoked: impl Fn(&CertIds) -> bool) -> usize {
+        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for (info, kick) in map.values() {
+            if revoked(&info.cert) {
+                tracing::warn!(agent = %info.agent, session = %info.session, "certificate revoked: dropping the session");
+                kick.revoked.store(true, Ordering::SeqCst);
+                kick.token.cancel();
+                n += 1;
+            }
+        }
+        n
     }
 
     pub fn list(&self) -> Vec<SessionInfo> {

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
-use super::registry::SessionInfo;
+use super::registry::{Kick, SessionInfo};
 use crate::AppState;
 use crate::store::{DeadLetter, Entry, Store, now_ms};
 
@@ -115,7 +115,8 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         }
     };
 
-    let cancel = state.shutdown.child_token();
+    let kick = Kick { token: state.shutdown.child_token(), ..Kick::default() };
+    let cancel = kick.token.clone();
     state.registry.register(
         SessionInfo {
             session: session_id.clone(),
@@ -123,8 +124,9 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
             addr: peer.addr,
             channels: channels.clone(),
             connected_at_ms: now_ms(),
+            cert: peer.cert.clone(),
         },
-        cancel.clone(),
+        kick.clone(),
     );
     tracing::info!(agent = %peer.agent, session = %session_id, ?channels, window, "agent connected");
 
@@ -167,7 +169,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         events_tx,
     };
     let outcome = match session.send(&mut ws, &welcome).await {
-        Ok(()) => session.run(&mut ws, fetch_rx, events_rx, &cancel).await,
+        Ok(()) => session.run(&mut ws, fetch_rx, events_rx, &kick).await,
         Err(c) => Err(c),
     };
     cancel.cancel();
@@ -280,7 +282,7 @@ impl Session {
         ws: &mut WebSocket,
         mut fetch_rx: mpsc::Receiver<Batch>,
         mut events_rx: mpsc::Receiver<Event>,
-        cancel: &CancellationToken,
+        kick: &Kick,
     ) -> Result<(), Close> {
         let heartbeat = self.state.cfg.tunnel.heartbeat;
         let mut ticker = tokio::time::interval(heartbeat);
@@ -288,9 +290,11 @@ impl Session {
         let mut ticks: u64 = 0;
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => {
+                _ = kick.token.cancelled() => {
                     return Err(if self.state.shutdown.is_cancelled() {
                         Close::new("shutdown", "the edge is shutting down; reconnect shortly")
+                    } else if kick.was_revoked() {
+                        Close::new("revoked", "this agent's certificate has been revoked")
                     } else {
                         Close::new("replaced", "a newer session of this agent took over")
                     });

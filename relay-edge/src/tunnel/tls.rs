@@ -68,3 +68,38 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
         _ => None,
     })
 }
+
+/// Ids of a certificate that `tunnel.revoked` can name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertIds {
+    /// `sha256:<hex>` of the DER encoding.
+    pub fingerprint: String,
+    /// `serial:<hex>` of the serial number (lowercase, no leading zeros).
+    pub serial: String,
+}
+
+impl CertIds {
+    pub fn of(cert: &CertificateDer<'_>) -> Self {
+        use sha2::Digest;
+        let fingerprint = format!("sha256:{}", hex::encode(sha2::Sha256::digest(cert.as_ref())));
+        let serial = X509Certificate::from_der(cert.as_ref())
+            .map(|(_, x)| normalize_serial(&hex::encode(x.raw_serial())))
+            .unwrap_or_default();
+        Self { fingerprint, serial: format!("serial:{serial}") }
+    }
+
+    /// True when `entry` (a `tunnel.revoked` item) names this certificate.
+    pub fn matches(&self, entry: &str) -> bool {
+        match entry.split_once(':') {
+            Some(("sha256", h)) => self.fingerprint.eq_ignore_ascii_case(&format!("sha256:{h}")),
+            Some(("serial", h)) => self.serial == format!("serial:{}", normalize_serial(h)),
+            _ => false,
+        }
+    }
+}
+
+fn normalize_serial(h: &str) -> String {
+    let h = h.trim_start_matches("0x").to_ascii_lowercase().replace(':', "");
+    let t = h.trim_start_matches('0');
+    if t.is_empty() { "0".into() } else { t.to_string() }
+}

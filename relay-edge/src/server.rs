@@ -1,0 +1,98 @@
+//! The accept loop and per-connection HTTP serving shared by the ingest and
+//! tunnel listeners: every connection gets its own task (TLS handshakes
+//! happen there, never in the accept loop), HTTP/1.1 with limits on the
+//! request head and a deadline for sending it, WebSocket upgrades kept
+//! working (`serve_connection_with_upgrades`), and a graceful close on
+//! shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// Limits applied to every connection of a listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Deadline for the whole request head (slow clients are cut off).
+    pub header_timeout: Duration,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+}
+
+/// Accepts until `shutdown`; `on_conn` runs in a tracked task per connection.
+pub async fn accept_loop<F, Fut>(
+    what: &'static str,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    on_conn: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly.
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        tracker.spawn(on_conn(tcp, addr));
+    }
+}
+
+/// Serves HTTP/1.1 on one connection with `router`; every request carries
+/// the peer address (`ConnectInfo`) and `extension`.
+pub async fn serve_http<IO, X>(
+    io: IO,
+    addr: SocketAddr,
+    router: Router,
+    extension: X,
+    limits: ConnLimits,
+    shutdown: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    X: Clone + Send + Sync + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(addr));
+        req.extensions_mut().insert(extension.clone());
+        let router = router.clone();
+        async move { Ok::<_, Infallible>(router.oneshot(req).await.unwrap_or_else(|never| match never {})) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r {
+            tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
+        },
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
+}
