@@ -132,6 +132,16 @@ pub fn agent(dir: &Path, name: &str) -> Result<Written, CertError> {
     Ok(Written { files: vec![cp, kp] })
 }
 
+/// The ids `tunnel.revoked` accepts for a certificate file.
+pub fn fingerprint(path: &Path) -> Result<crate::tunnel::tls::CertIds, CertError> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_file(path).map_err(|e| CertError::Read {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    })?;
+    Ok(crate::tunnel::tls::CertIds::of(&der))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -118,6 +118,8 @@ enum CertsCommand {
         #[arg(long, default_value = "certs/dev")]
         dir: PathBuf,
     },
+    /// Print the ids of a certificate for `tunnel.revoked`.
+    Fingerprint { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -273,6 +275,19 @@ fn admin_command(
     }
 }
 
+fn print_fingerprint(file: &std::path::Path) -> ExitCode {
+    match relay_edge::certs::fingerprint(file) {
+        Ok(ids) => {
+            println!("{}\n{}", ids.fingerprint, ids.serial);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("relay-edge certs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn certs(cmd: CertsCommand) -> ExitCode {
     let result = match cmd {
         CertsCommand::Init { dir, sans, agents, force } => {
@@ -284,6 +299,7 @@ fn certs(cmd: CertsCommand) -> ExitCode {
             })
         }
         CertsCommand::Agent { name, dir } => relay_edge::certs::agent(&dir, &name),
+        CertsCommand::Fingerprint { file } => return print_fingerprint(&file),
     };
     match result {
         Ok(w) => {

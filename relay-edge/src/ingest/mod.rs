@@ -9,6 +9,7 @@
 //! else gets a JSON error and nothing is stored.
 
 pub mod auth;
+pub mod fuzz;
 pub mod limit;
 
 use std::net::{IpAddr, SocketAddr};
