@@ -49,7 +49,8 @@ pub enum Frame {
         #[serde(default)]
         channel: Option<String>,
     },
-    /// Heartbeat; `t` is the sender's clock in milliseconds.
+    /// Heartbeat; `t` is the sender's clock in microseconds since the Unix
+    /// epoch (only the sender reads it back, to measure the round trip).
     Ping { t: u64 },
     /// Heartbeat answer echoing the `t` of the `Ping`.
     Pong { t: u64 },

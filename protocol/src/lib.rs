@@ -21,3 +21,8 @@ pub const VERSION: u32 = 1;
 
 /// WebSocket subprotocol the agent asks for; the edge refuses any other.
 pub const SUBPROTOCOL: &str = "relay.v1";
+
+/// Microseconds since the Unix epoch, the clock of `Ping { t }`.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}

@@ -29,6 +29,8 @@ pub struct AgentConfig {
     pub ca: PathBuf,
     /// Unix socket answering `relay-agent status`.
     pub status_socket: PathBuf,
+    /// Prometheus `/metrics` listener (off when unset; keep it on loopback).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Max unacked deliveries in flight (1 = strict per-channel FIFO).
     pub window: u32,
     /// Agent → edge ping interval; a link silent for 3× this is dropped.
@@ -56,6 +58,7 @@ impl Default for AgentConfig {
             key: "certs/dev/lan-1-key.pem".into(),
             ca: "certs/dev/ca.pem".into(),
             status_socket: default_status_socket(),
+            metrics_listen: None,
             window: 64,
             heartbeat: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
@@ -140,7 +143,12 @@ impl AgentConfig {
             }
             fig = fig.merge(Toml::file_exact(path));
         }
-        fig = fig.merge(Env::prefixed("RELAY_").split("__").ignore(&["config"]));
+        fig = fig.merge(Env::prefixed("RELAY_").split("__").ignore(&[
+            "config",
+            "log_format",
+            "admin_url",
+            "admin_token",
+        ]));
         let mut cfg: AgentConfig = fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         cfg.apply_reference_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;

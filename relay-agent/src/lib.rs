@@ -29,6 +29,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> std::io::Resu
         started_at_ms: now_ms(),
         heartbeat_ms: cfg.heartbeat.as_millis() as u64,
         window: cfg.window,
+        cert_expires_at_ms: cert_expiry(&cfg.cert),
         targets: cfg
             .targets
             .iter()
@@ -43,6 +44,39 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> std::io::Resu
     // Joined, not spawned: dropping this future (a test's "kill") stops
     // everything the agent runs, like a killed process.
     let server = status::server::serve(listener, cfg.status_socket.clone(), status.clone(), shutdown.clone());
-    tokio::join!(server, tunnel::supervisor::run(Arc::new(cfg), status, shutdown.clone()));
+    let metrics = async {
+        if let Some(addr) = cfg.metrics_listen {
+            status::metrics::serve(addr, status.clone(), shutdown.clone()).await;
+        }
+    };
+    tokio::join!(
+        server,
+        metrics,
+        tunnel::supervisor::run(Arc::new(cfg.clone()), status.clone(), shutdown.clone()),
+        watchdog(shutdown.clone())
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     Ok(())
+}
+
+/// `notAfter` of the client certificate, for the expiry warning of `status`.
+fn cert_expiry(path: &std::path::Path) -> Option<u64> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_file(path).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    u64::try_from(cert.validity().not_after.timestamp()).ok().map(|s| s * 1000)
+}
+
+/// systemd watchdog pings while the runtime is alive (no-op outside systemd).
+async fn watchdog(shutdown: CancellationToken) {
+    let Some(every) = sd_notify::watchdog_enabled().map(|d| d / 2) else { return };
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }
 }

@@ -13,6 +13,9 @@ struct Cli {
     /// Config file (TOML). Environment `RELAY_*` overrides it.
     #[arg(long, short, global = true, env = "RELAY_CONFIG")]
     config: Option<PathBuf>,
+    /// Log output: human lines or JSON objects.
+    #[arg(long, global = true, value_enum, default_value = "human", env = "RELAY_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -32,18 +35,24 @@ enum Command {
         /// Status socket (default: from the config, else the built-in default).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Redraw every second.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Status { json, socket } => {
+        Command::Status { json, socket, watch } => {
             let socket = socket.unwrap_or_else(|| {
                 relay_agent::AgentConfig::load(cli.config.as_deref())
                     .map(|c| c.status_socket)
                     .unwrap_or_else(|_| relay_agent::config::default_status_socket())
             });
+            if watch {
+                return ExitCode::from(relay_agent::status::client::watch(&socket));
+            }
             ExitCode::from(relay_agent::status::client::run(&socket, json))
         }
         Command::CheckConfig => match relay_agent::AgentConfig::load(cli.config.as_deref()) {
@@ -57,7 +66,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run => {
-            init_tracing();
+            init_tracing(cli.log_format);
             let cfg = match relay_agent::AgentConfig::load(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
@@ -100,8 +109,21 @@ async fn signals(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-fn init_tracing() {
+/// Human lines by default; `--log-format json` for journald/Loki. Level
+/// from `RUST_LOG` (default `info`: one line per state change; `debug`
+/// adds one line per webhook).
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }

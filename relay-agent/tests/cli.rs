@@ -49,9 +49,11 @@ fn shipped_example_config_parses() {
         std::fs::write(dir.path().join(f), "placeholder").expect("write");
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = std::fs::read_to_string(root.join("systemd/agent.example.toml")).expect("example exists");
-    let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, text.replace("/etc/relay/certs", &dir.path().display().to_string())).expect("write");
-    let out = bin().arg("--config").arg(&cfg).arg("check-config").output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for example in ["systemd/agent.example.toml", "compose/agent.toml"] {
+        let text = std::fs::read_to_string(root.join(example)).expect("example exists");
+        let cfg = dir.path().join("agent.toml");
+        std::fs::write(&cfg, text.replace("/etc/relay/certs", &dir.path().display().to_string())).expect("write");
+        let out = bin().arg("--config").arg(&cfg).arg("check-config").output().expect("run");
+        assert!(out.status.success(), "{example}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }

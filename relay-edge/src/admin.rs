@@ -2,7 +2,6 @@
 //! depth, agents and the reference relay's counters), `/ready`, `/metrics`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
@@ -54,13 +53,13 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let body = serde_json::json!({
         "status": if redis.is_ok() { "healthy" } else { "degraded" },
-        "redis": if redis.is_ok() { "ok" } else { "unreachable" },
+        "redis": if redis.is_ok() { "up" } else { "down" },
         "channels": channels,
         "agents": agents,
-        "webhooks_received": m.received.load(Ordering::Relaxed),
-        "webhooks_processed": m.processed.load(Ordering::Relaxed),
-        "webhooks_failed": m.failed.load(Ordering::Relaxed),
-        "webhooks_retried": m.retried.load(Ordering::Relaxed),
+        "webhooks_received": m.received.get(),
+        "webhooks_processed": m.processed.get(),
+        "webhooks_failed": m.failed.get(),
+        "webhooks_retried": m.retried.get(),
         "average_latency_ms": m.average_latency_ms(),
         "last_webhook_time": m.last_webhook.lock().ok().and_then(|l| l.clone()),
     });
@@ -75,24 +74,10 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// Minimal Prometheus text of the counters.
+/// Prometheus text exposition.
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let m = &state.metrics;
-    let text = format!(
-        "# TYPE relay_webhooks_received_total counter\nrelay_webhooks_received_total {}\n\
-         # TYPE relay_webhooks_processed_total counter\nrelay_webhooks_processed_total {}\n\
-         # TYPE relay_webhooks_failed_total counter\nrelay_webhooks_failed_total {}\n\
-         # TYPE relay_webhooks_retried_total counter\nrelay_webhooks_retried_total {}\n\
-         # TYPE relay_agents_connected gauge\nrelay_agents_connected {}\n\
-         # TYPE relay_backlog_rejections_total counter\nrelay_backlog_rejections_total {}\n\
-         # TYPE relay_expired_total counter\nrelay_expired_total {}\n",
-        m.received.load(Ordering::Relaxed),
-        m.processed.load(Ordering::Relaxed),
-        m.failed.load(Ordering::Relaxed),
-        m.retried.load(Ordering::Relaxed),
-        state.registry.list().len(),
-        m.backlog_rejected.load(Ordering::Relaxed),
-        m.expired.load(Ordering::Relaxed),
-    );
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    state.metrics.agents_connected.set(state.registry.list().len() as i64);
+    let text = state.metrics.render();
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+        .into_response()
 }

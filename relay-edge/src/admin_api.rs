@@ -238,9 +238,13 @@ async fn agents(State(state): State<Arc<AppState>>) -> Response {
         .list()
         .into_iter()
         .map(|s| {
+            let rtt_us = s.live.rtt_us.load(std::sync::atomic::Ordering::Relaxed);
             json!({
                 "agent": s.agent, "session": s.session, "addr": s.addr.to_string(),
                 "channels": s.channels, "connected_since": rfc3339(s.connected_at_ms),
+                "in_flight": s.live.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                "last_rtt_ms": (rtt_us > 0).then(|| rtt_us as f64 / 1000.0),
+                "certificate": s.cert.fingerprint,
             })
         })
         .collect();

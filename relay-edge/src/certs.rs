@@ -132,6 +132,21 @@ pub fn agent(dir: &Path, name: &str) -> Result<Written, CertError> {
     Ok(Written { files: vec![cp, kp] })
 }
 
+/// Appends a certificate's fingerprint to a revocation list file (created
+/// if missing); returns the line written.
+pub fn revoke(cert: &Path, list: &Path) -> Result<String, CertError> {
+    let ids = fingerprint(cert)?;
+    let existing = fs::read_to_string(list).unwrap_or_default();
+    if existing.lines().any(|l| l.trim().starts_with(&ids.fingerprint)) {
+        return Ok(ids.fingerprint);
+    }
+    let line = format!("{} # {} revoked {}\n", ids.fingerprint, cert.display(), chrono::Utc::now().to_rfc3339());
+    let err = |source| CertError::Write { path: list.to_path_buf(), source };
+    let mut f = fs::OpenOptions::new().create(true).append(true).open(list).map_err(err)?;
+    f.write_all(line.as_bytes()).map_err(err)?;
+    Ok(ids.fingerprint)
+}
+
 /// The ids `tunnel.revoked` accepts for a certificate file.
 pub fn fingerprint(path: &Path) -> Result<crate::tunnel::tls::CertIds, CertError> {
     use rustls_pki_types::pem::PemObject;

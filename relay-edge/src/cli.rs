@@ -56,6 +56,7 @@ pub enum Command {
     ReplayDlq { channel: String, ids: Vec<String>, all: bool },
     Purge { channel: String, before_ms: Option<u64> },
     ReplayHistory { channel: String, since_ms: u64, until_ms: Option<u64> },
+    Agents,
 }
 
 /// Runs one command; returns the text to print (or the JSON).
@@ -95,6 +96,7 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<St
                 .await?,
             |v| format!("purged {} dead letters from channel {}\n", v["purged"], v["channel"].as_str().unwrap_or("")),
         ),
+        Command::Agents => (client.call(Method::GET, "/admin/agents", None).await?, render_agents),
         Command::ReplayHistory { channel, since_ms, until_ms } => (
             client
                 .call(
@@ -145,19 +147,45 @@ fn render_list(v: &Value) -> String {
             s(&e["reason"]),
         ]);
     }
-    let mut widths = [0usize; 6];
-    for r in &rows {
+    let mut out = table(&rows);
+    out.push_str(&format!("{} of {} dead letters in channel {}\n", entries.len(), s(&v["total"]), s(&v["channel"])));
+    out
+}
+
+fn render_agents(v: &Value) -> String {
+    let agents = v["agents"].as_array().cloned().unwrap_or_default();
+    let mut rows = vec![[
+        "AGENT".to_string(),
+        "ADDRESS".into(),
+        "CONNECTED SINCE".into(),
+        "CHANNELS".into(),
+        "IN FLIGHT".into(),
+        "RTT".into(),
+    ]];
+    for a in &agents {
+        let channels =
+            a["channels"].as_array().map(|c| c.iter().map(s).collect::<Vec<_>>().join(",")).unwrap_or_default();
+        let rtt = a["last_rtt_ms"].as_f64().map(|r| format!("{r:.2} ms")).unwrap_or_else(|| "-".into());
+        rows.push([s(&a["agent"]), s(&a["addr"]), s(&a["connected_since"]), channels, s(&a["in_flight"]), rtt]);
+    }
+    let mut out = table(&rows);
+    out.push_str(&format!("{} agents connected\n", agents.len()));
+    out
+}
+
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
         }
     }
     let mut out = String::new();
-    for r in &rows {
+    for r in rows {
         let line: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
-    out.push_str(&format!("{} of {} dead letters in channel {}\n", entries.len(), s(&v["total"]), s(&v["channel"])));
     out
 }
 

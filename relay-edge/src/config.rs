@@ -121,6 +121,9 @@ pub struct TunnelConfig {
     /// `serial:<hex>` serial numbers (`relay-edge certs fingerprint FILE`).
     /// Re-read on SIGHUP; matching sessions are dropped.
     pub revoked: Vec<String>,
+    /// A file of more such entries, one per line (`#` comments), which
+    /// `relay-edge certs revoke` appends to; read at start and on SIGHUP.
+    pub revoked_file: Option<PathBuf>,
 }
 
 impl Default for TunnelConfig {
@@ -137,6 +140,7 @@ impl Default for TunnelConfig {
             max_window: 1000,
             retry_delay: Duration::from_secs(1),
             revoked: Vec::new(),
+            revoked_file: None,
         }
     }
 }
@@ -275,11 +279,37 @@ impl EdgeConfig {
             }
             fig = fig.merge(Toml::file_exact(path));
         }
-        fig = fig.merge(Env::prefixed("RELAY_").split("__").ignore(&["config"]));
+        fig = fig.merge(Env::prefixed("RELAY_").split("__").ignore(&[
+            "config",
+            "log_format",
+            "admin_url",
+            "admin_token",
+        ]));
         let mut cfg: EdgeConfig = fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         cfg.apply_reference_env(|k| std::env::var(k).ok())?;
+        cfg.read_revoked_file()?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Adds the entries of `tunnel.revoked_file` (when set and present) to
+    /// `tunnel.revoked`.
+    pub fn read_revoked_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = &self.tunnel.revoked_file else { return Ok(()) };
+        if !path.exists() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Key {
+            key: "tunnel.revoked_file".into(),
+            why: format!("cannot read {}: {e}", path.display()),
+        })?;
+        self.tunnel.revoked.extend(
+            text.lines()
+                .map(|l| l.split('#').next().unwrap_or_default().trim())
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+        Ok(())
     }
 
     /// Honours the reference Go relay's flat variables so its users can
@@ -536,6 +566,45 @@ mod tests {
         assert_eq!(cfg.store.redis_url.expose(), "redis://:pw@localhost:6380/2");
         assert_eq!(cfg.ingest.listen, "0.0.0.0:8081");
         assert_eq!(cfg.store.retention, Duration::from_secs(12 * 3600));
+    }
+
+    #[test]
+    fn reference_env_equals_its_toml_equivalent() {
+        let toml = r#"
+            [ingest]
+            listen = "0.0.0.0:8081"
+            [store]
+            redis_url = "redis://:pw@10.0.0.5:6379/3"
+            retention = "12h"
+            [[route]]
+            name = "webhook"
+            channels = ["default"]
+            api_keys = ["legacy-key-123"]
+        "#;
+        let from_toml: EdgeConfig = Figment::from(Serialized::defaults(EdgeConfig::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .expect("toml");
+        let mut from_env = EdgeConfig::default();
+        from_env
+            .apply_reference_env(|k| {
+                Some(
+                    match k {
+                        "API_KEY" => "legacy-key-123",
+                        "REDIS_URL" => "10.0.0.5:6379",
+                        "REDIS_PASSWORD" => "pw",
+                        "REDIS_DB" => "3",
+                        "SERVER_PORT" => "8081",
+                        "MESSAGE_TTL" => "43200",
+                        _ => return None,
+                    }
+                    .to_string(),
+                )
+            })
+            .expect("env");
+        let a = serde_json::to_value(&from_toml).expect("json");
+        let b = serde_json::to_value(&from_env).expect("json");
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub enum IngestError {
 }
 
 impl IngestError {
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             IngestError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),

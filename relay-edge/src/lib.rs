@@ -55,6 +55,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// `tunnel.revoked`, replaced on reload.
     pub revoked: RwLock<Vec<String>>,
+    /// TLS of the tunnel listener, replaced on reload (new cert files);
+    /// sessions already up keep theirs.
+    pub tunnel_tls: RwLock<Arc<rustls::ServerConfig>>,
     /// HTTPS for the ingest listener, replaced on reload (new cert files).
     pub ingest_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     /// Per-IP and per-key rate limiters of the ingest listener.
@@ -73,6 +76,10 @@ impl AppState {
     pub fn reload(&self, new: &EdgeConfig) {
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = new.tunnel.revoked.clone();
         let dropped = self.registry.revoke_matching(|ids| self.is_revoked(ids));
+        match tunnel::tls::server_config(&new.tunnel) {
+            Ok(tls) => *self.tunnel_tls.write().unwrap_or_else(|p| p.into_inner()) = tls,
+            Err(e) => tracing::error!(error = %e, "tunnel TLS reload failed; keeping the previous certificates"),
+        }
         match ingest::tls_config(&new.ingest) {
             Ok(tls) => *self.ingest_tls.write().unwrap_or_else(|p| p.into_inner()) = tls,
             Err(e) => tracing::error!(error = %e, "ingest TLS reload failed; keeping the previous certificate"),
@@ -117,18 +124,20 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let tls = tunnel::tls::server_config(&cfg.tunnel)?;
     let ingest_tls = ingest::tls_config(&cfg.ingest)?;
-    let store = Store::open(&cfg.store)?;
+    let metrics = metrics::Metrics::new();
+    let store = Store::open(&cfg.store, metrics.redis_errors.clone())?;
     let grants = cfg.agents.iter().map(|a| (a.name.clone(), a.channels.clone())).collect();
     let (ingest_addr, tunnel_addr, admin_addr) = listeners.addrs();
     let state = Arc::new(AppState {
         store,
         grants,
         registry: Default::default(),
-        metrics: Default::default(),
+        metrics,
         backlog: Default::default(),
         shutdown: shutdown.clone(),
         revoked: RwLock::new(cfg.tunnel.revoked.clone()),
         ingest_tls: RwLock::new(ingest_tls),
+        tunnel_tls: RwLock::new(tls),
         limiter: ingest::limit::Limiter::new(&cfg.ingest),
         cfg,
     });
@@ -150,17 +159,30 @@ pub async fn run(
     let tracker = TaskTracker::new();
     tracker.spawn(ingest::serve(listeners.ingest, state.clone(), shutdown.clone(), tracker.clone()));
     tracker.spawn(admin::serve(listeners.admin, state.clone(), shutdown.clone()));
-    tracker.spawn(tunnel::serve(listeners.tunnel, tls, state.clone(), shutdown.clone(), tracker.clone()));
+    tracker.spawn(tunnel::serve(listeners.tunnel, state.clone(), shutdown.clone(), tracker.clone()));
     tracker.spawn(retention_loop(state.clone(), shutdown.clone()));
     tracker.spawn(backlog::refresh_loop(state.clone(), shutdown.clone()));
     tracker.close();
 
+    // systemd (Type=notify): ready once the listeners run; watchdog pings
+    // from this loop; both are no-ops outside systemd.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2).unwrap_or(Duration::from_secs(3600));
+    let mut watchdog = tokio::time::interval(watchdog);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(new) = reload.recv() => state.reload(&new),
+            _ = watchdog.tick() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+            Some(new) = reload.recv() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                state.reload(&new);
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            }
         }
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down; draining connections");
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
         tracing::warn!("some tasks did not finish within 10 s; exiting anyway");
@@ -194,7 +216,7 @@ async fn retention_loop(state: Arc<AppState>, shutdown: CancellationToken) {
             match state.store.expire(&ch, retention).await {
                 Ok(0) => {}
                 Ok(n) => {
-                    state.metrics.expired.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    state.metrics.expired.inc_by(n);
                     tracing::warn!(channel = %ch, count = n, "unacknowledged webhooks reached the retention age; moved to the DLQ with reason `expired`");
                 }
                 Err(e) => tracing::debug!(channel = %ch, error = %e, "expiry failed"),

@@ -14,6 +14,9 @@ struct Cli {
     /// Config file (TOML). Environment `RELAY_*` overrides it.
     #[arg(long, short, global = true, env = "RELAY_CONFIG")]
     config: Option<PathBuf>,
+    /// Log output: human lines or JSON objects.
+    #[arg(long, global = true, value_enum, default_value = "human", env = "RELAY_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -31,6 +34,11 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Connected agents: identity, address, since, channels, in flight, RTT.
+    Agents {
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -120,11 +128,18 @@ enum CertsCommand {
     },
     /// Print the ids of a certificate for `tunnel.revoked`.
     Fingerprint { file: PathBuf },
+    /// Add a certificate to a revocation list file (`tunnel.revoked_file`);
+    /// then reload the edge (SIGHUP) to drop and refuse it.
+    Revoke {
+        file: PathBuf,
+        #[arg(long)]
+        list: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     match cli.command.unwrap_or(Command::Run) {
         Command::Certs(cmd) => certs(cmd),
         Command::Dlq { command, admin } => admin_command(cli.config.as_deref(), admin, |now, channels| {
@@ -142,6 +157,7 @@ fn main() -> ExitCode {
                 }
             })
         }),
+        Command::Agents { admin } => admin_command(cli.config.as_deref(), admin, |_, _| Ok(cli::Command::Agents)),
         Command::Replay { channel, since, until, admin } => admin_command(cli.config.as_deref(), admin, |now, _| {
             Ok(cli::Command::ReplayHistory {
                 channel,
@@ -300,6 +316,13 @@ fn certs(cmd: CertsCommand) -> ExitCode {
         }
         CertsCommand::Agent { name, dir } => relay_edge::certs::agent(&dir, &name),
         CertsCommand::Fingerprint { file } => return print_fingerprint(&file),
+        CertsCommand::Revoke { file, list } => match relay_edge::certs::revoke(&file, &list) {
+            Ok(id) => {
+                println!("{id} added to {}; reload the edge (systemctl reload relay-edge) to apply it", list.display());
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(w) => {
@@ -315,8 +338,21 @@ fn certs(cmd: CertsCommand) -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Human lines by default; `--log-format json` for journald/Loki. Level
+/// from `RUST_LOG` (default `info`: one line per state change; `debug`
+/// adds one line per webhook).
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }

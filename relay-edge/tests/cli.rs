@@ -75,3 +75,28 @@ fn shipped_example_configs_parse() {
         assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// `systemd-analyze verify` on both shipped units (pointing ExecStart at the
+/// built binaries). CI installs systemd when it is missing.
+#[test]
+fn systemd_units_verify() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tool = Command::new("systemd-analyze").arg("--version").output();
+    assert!(tool.is_ok(), "systemd-analyze is needed for this test: apt-get install -y systemd");
+    let target = Path::new(env!("CARGO_BIN_EXE_relay-edge")).parent().expect("bin dir").to_path_buf();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for unit in ["relay-edge.service", "relay-agent.service"] {
+        let text = std::fs::read_to_string(root.join("systemd").join(unit)).expect("unit");
+        let name = unit.trim_end_matches(".service");
+        let text = text.replace(&format!("/usr/local/bin/{name}"), &target.join(name).display().to_string());
+        let path = dir.path().join(unit);
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("run");
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{unit}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -4,6 +4,7 @@
 //! `127.0.0.1:0`, and a recording HTTP receiver.
 #![forbid(unsafe_code)]
 
+pub mod proxy;
 pub mod receiver;
 pub mod redis_server;
 
@@ -17,6 +18,7 @@ use relay_edge::config::{AgentGrant, RouteConfig, Secret};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use proxy::{FaultProxy, Mode};
 pub use receiver::{Delivery, Receiver};
 pub use redis_server::RedisServer;
 

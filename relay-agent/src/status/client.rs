@@ -23,6 +23,19 @@ pub fn query(socket: &Path) -> Result<Snapshot, String> {
     serde_json::from_value(v["status"].clone()).map_err(|e| format!("unexpected answer: {e}"))
 }
 
+/// `--watch`: redraws the status every second until interrupted.
+pub fn watch(socket: &Path) -> u8 {
+    loop {
+        print!("\x1b[2J\x1b[H");
+        let code = run(socket, false);
+        println!("\n(refreshing every second; Ctrl-C to stop)");
+        if code == EXIT_NOT_RUNNING {
+            return code;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// Runs the command and returns its exit code.
 pub fn run(socket: &Path, json: bool) -> u8 {
     let snapshot = match query(socket) {
@@ -100,6 +113,12 @@ pub fn render(s: &Snapshot, now: u64, healthy: bool) -> String {
             },
         ),
     ];
+    if let Some(exp) = s.cert_expires_at_ms {
+        let days = (exp as i64 - now as i64) / 86_400_000;
+        let when = chrono::DateTime::from_timestamp_millis(exp as i64).map(|d| d.format("%Y-%m-%d").to_string());
+        let note = if days < 30 { " — WARNING: renew it soon" } else { "" };
+        rows.push(("certificate".into(), format!("expires {} (in {days} days){note}", when.unwrap_or_default())));
+    }
     for t in &s.targets {
         let health = match (t.last_status, &t.last_error) {
             _ if t.paused => format!(

@@ -3,6 +3,7 @@
 //! `--json` prints this type as is; its field names are the stable schema.
 
 pub mod client;
+pub mod metrics;
 pub mod server;
 
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,8 @@ pub struct Snapshot {
     pub last_error: Option<String>,
     pub last_error_at_ms: Option<u64>,
     pub targets: Vec<TargetStatus>,
+    /// When this agent's client certificate expires (ms since the epoch).
+    pub cert_expires_at_ms: Option<u64>,
     /// Backlog per channel, as last reported by the edge.
     pub channels: Vec<ChannelStats>,
 }

@@ -114,7 +114,7 @@ pub async fn run(
                 if last_rx.elapsed() > deadline {
                     return Err(SessionError::HeartbeatTimeout(last_rx.elapsed()));
                 }
-                send(&mut ws, &Frame::Ping { t: now_ms() }, deadline).await?;
+                send(&mut ws, &Frame::Ping { t: relay_protocol::now_micros() }, deadline).await?;
             }
         }
     }
@@ -157,7 +157,7 @@ async fn on_frame(
         }
         Frame::Ping { t } => send(ws, &Frame::Pong { t }, deadline).await,
         Frame::Pong { t } => {
-            let rtt = now_ms().saturating_sub(t) as f64;
+            let rtt = relay_protocol::now_micros().saturating_sub(t) as f64 / 1000.0;
             status.update(|s| s.last_rtt_ms = Some(rtt));
             Ok(())
         }

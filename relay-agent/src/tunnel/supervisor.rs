@@ -80,6 +80,7 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
         probes: JoinSet::new(),
     };
     let mut failures: u32 = 0;
+    let mut first_attempt = true;
     let mut first = true;
     while !shutdown.is_cancelled() {
         if !first {
@@ -91,6 +92,11 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
             _ = shutdown.cancelled() => break,
             r = tokio::time::timeout(cfg.connect_timeout, connector.connect()) => r,
         };
+        if first_attempt {
+            // systemd (Type=notify): ready after the first connection attempt.
+            first_attempt = false;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
         let end = match result {
             Err(_) => Err(SessionError::ConnectTimeout(cfg.connect_timeout)),
             Ok(Err(e)) => Err(e),
@@ -115,8 +121,16 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
         if started.elapsed() >= cfg.reconnect.reset_after {
             failures = 0;
         }
-        failures = failures.saturating_add(1);
-        let wait = backoff::delay(failures, cfg.reconnect.initial_delay, 2.0, cfg.reconnect.max_delay);
+        let edge_restarting = matches!(&end, Err(SessionError::Refused { code, .. }) if code == "shutdown");
+        let wait = if edge_restarting {
+            // The edge said it is going away (restart, deploy): come back at
+            // once, spread over a short jitter, without growing the backoff.
+            failures = 0;
+            backoff::delay(1, Duration::from_millis(200), 1.0, Duration::from_millis(200))
+        } else {
+            failures = failures.saturating_add(1);
+            backoff::delay(failures, cfg.reconnect.initial_delay, 2.0, cfg.reconnect.max_delay)
+        };
         tracing::debug!(?wait, failures, "waiting before reconnect");
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -14,7 +14,6 @@ pub mod limit;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
@@ -34,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::AppState;
 use crate::config::{IngestConfig, LEGACY_ROUTE, RouteConfig};
 use crate::error::{IngestError, StartError};
+use crate::metrics::IngestLabels;
 use crate::server::{ConnLimits, accept_loop, serve_http};
 use crate::store::{DEDUPE_PENDING, keys, now_ms};
 
@@ -182,14 +182,21 @@ async fn accept(state: &AppState, peer: SocketAddr, route_name: &str, key: Optio
             Ok(r) => r,
             Err(_) => Err(IngestError::StoreUnavailable),
         };
+    let status = match &result {
+        Ok(_) => 200,
+        Err(e) => e.status().as_u16(),
+    };
+    let label = if state.cfg.routes.iter().any(|r| r.name == route_name) { route_name } else { "unknown" };
+    state.metrics.ingest_requests.get_or_create(&IngestLabels { route: label.to_string(), status }).inc();
+    state.metrics.ingest_seconds.observe(started.elapsed().as_secs_f64());
     match result {
         Ok(body) => {
-            state.metrics.received.fetch_add(1, Ordering::Relaxed);
+            state.metrics.received.inc();
             tracing::debug!(route = route_name, elapsed_us = started.elapsed().as_micros() as u64, "webhook stored");
             (StatusCode::OK, axum::Json(body)).into_response()
         }
         Err(e) => {
-            state.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            state.metrics.failed.inc();
             tracing::info!(route = route_name, %peer, error = %e, "webhook refused");
             e.into_response()
         }
@@ -287,7 +294,7 @@ async fn claim_dedupe(state: &AppState, key: &str, window: Duration) -> Result<O
                 }
             }
             Some(answer) => {
-                state.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                state.metrics.duplicates.inc();
                 return Ok(Some(serde_json::from_str(answer).unwrap_or_else(|_| serde_json::json!({"success": true}))));
             }
         }
@@ -303,7 +310,7 @@ async fn append(
     body: Vec<u8>,
 ) -> Result<serde_json::Value, IngestError> {
     if let Err(e) = state.backlog.check(&route.channels, state.cfg.store.max_backlog) {
-        state.metrics.backlog_rejected.fetch_add(1, Ordering::Relaxed);
+        state.metrics.backlog_rejected.inc();
         tracing::warn!(route = route_name, error = %e, "ingest refused: backlog cap reached");
         return Err(e);
     }

@@ -59,6 +59,8 @@ pub struct Store {
     conn: ConnectionManager,
     /// Per-command deadline, on top of the connection's response timeout.
     timeout: Duration,
+    /// Counts failed and timed-out commands (`relay_redis_errors_total`).
+    errors: prometheus_client::metrics::counter::Counter,
     /// `BLOCK` of one `XREADGROUP`.
     block: Duration,
 }
@@ -76,7 +78,7 @@ fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> StoreError {
 impl Store {
     /// Opens the store lazily: the edge starts (and answers 503) while Redis
     /// is down, and connects as soon as it is up.
-    pub fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
+    pub fn open(cfg: &StoreConfig, errors: prometheus_client::metrics::counter::Counter) -> Result<Self, StoreError> {
         let client = redis::Client::open(cfg.redis_url.expose()).map_err(redis_err("open"))?;
         let mcfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.command_timeout))
@@ -84,14 +86,29 @@ impl Store {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))?;
-        Ok(Self { client, conn, timeout: cfg.command_timeout, block: cfg.block })
+        Ok(Self { client, conn, errors, timeout: cfg.command_timeout, block: cfg.block })
     }
 
     async fn run<T: redis::FromRedisValue>(&self, op: &'static str, cmd: &redis::Cmd) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+        let r = match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(r) => r.map_err(redis_err(op)),
             Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
+        };
+        self.count_error(&r);
+        r
+    }
+
+    fn count_error<T>(&self, r: &Result<T, StoreError>) {
+        // Expected answers (an existing group, a missing stream) are not errors.
+        let expected = |e: &StoreError| {
+            matches!(e, StoreError::Redis { source, .. }
+                if matches!(source.code(), Some("BUSYGROUP") | Some("NOGROUP") | Some("ERR")))
+        };
+        if let Err(e) = r
+            && !expected(e)
+        {
+            self.errors.inc();
         }
     }
 
@@ -101,10 +118,12 @@ impl Store {
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
+        let r = match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
             Ok(r) => r.map_err(redis_err(op)),
             Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
-        }
+        };
+        self.count_error(&r);
+        r
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -540,3 +559,13 @@ impl Store {
 
 /// Value of a de-duplication key while its first request is being stored.
 pub const DEDUPE_PENDING: &str = "pending";
+
+impl Store {
+    /// `XLEN` of the channel's stream and of its DLQ.
+    pub async fn lengths(&self, channel: &str) -> Result<(u64, u64), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(keys::stream(channel));
+        pipe.cmd("XLEN").arg(keys::dlq(channel));
+        self.run_pipe("XLEN", &pipe).await
+    }
+}

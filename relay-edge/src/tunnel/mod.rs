@@ -36,21 +36,14 @@ pub struct Peer {
 }
 
 /// Accepts tunnel connections until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    state: Arc<AppState>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let acceptor = TlsAcceptor::from(tls);
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken, tracker: TaskTracker) {
     let router: Router =
         Router::new().route("/", get(upgrade)).route("/tunnel", get(upgrade)).with_state(state.clone());
     let limits =
         ConnLimits { header_timeout: state.cfg.tunnel.handshake_timeout, max_headers: 64, max_header_bytes: 16 * 1024 };
     let conn_shutdown = shutdown.clone();
     accept_loop("tunnel", listener, shutdown, tracker, move |tcp, addr| {
-        let acceptor = acceptor.clone();
+        let acceptor = TlsAcceptor::from(state.tunnel_tls.read().unwrap_or_else(|p| p.into_inner()).clone());
         let router = router.clone();
         let shutdown = conn_shutdown.clone();
         let state = state.clone();

@@ -20,6 +20,16 @@ pub struct SessionInfo {
     pub channels: Vec<String>,
     pub connected_at_ms: u64,
     pub cert: CertIds,
+    /// Figures the session keeps current.
+    pub live: Arc<Live>,
+}
+
+/// Live figures of a session, for `relay-edge agents`.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub in_flight: std::sync::atomic::AtomicU64,
+    /// Last heartbeat round trip, microseconds.
+    pub rtt_us: std::sync::atomic::AtomicU64,
 }
 
 /// How to stop a registered session, and why it was stopped.

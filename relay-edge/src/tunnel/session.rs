@@ -23,7 +23,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
-use super::registry::{Kick, SessionInfo};
+use super::registry::{Kick, Live, SessionInfo};
 use crate::AppState;
 use crate::store::{DeadLetter, Entry, Store, now_ms};
 
@@ -116,6 +116,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     };
 
     let kick = Kick { token: state.shutdown.child_token(), ..Kick::default() };
+    let live = Arc::new(Live::default());
     let cancel = kick.token.clone();
     state.registry.register(
         SessionInfo {
@@ -125,10 +126,12 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
             channels: channels.clone(),
             connected_at_ms: now_ms(),
             cert: peer.cert.clone(),
+            live: live.clone(),
         },
         kick.clone(),
     );
     tracing::info!(agent = %peer.agent, session = %session_id, ?channels, window, "agent connected");
+    state.metrics.sessions_opened.inc();
 
     let welcome = Frame::Welcome {
         session: session_id.clone(),
@@ -164,6 +167,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         inflight: HashMap::new(),
         held: VecDeque::new(),
         last_rx: Instant::now(),
+        live,
         paused,
         wake_fetcher,
         events_tx,
@@ -175,6 +179,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     cancel.cancel();
     fetcher.abort();
     state.registry.remove(&peer.agent, &session_id);
+    state.metrics.session_closed(outcome.as_ref().err().map(|c| c.code).unwrap_or("disconnected"));
     match outcome {
         Ok(()) => tracing::info!(agent = %peer.agent, session = %session_id, "agent disconnected"),
         Err(c) => {
@@ -269,6 +274,8 @@ struct Session {
     held: VecDeque<Fetched>,
     /// Last time anything arrived from the agent.
     last_rx: Instant,
+    /// Figures shown by `relay-edge agents`.
+    live: Arc<Live>,
     /// Channels the agent paused (its local endpoint is down); shared with the fetcher.
     paused: Arc<std::sync::Mutex<HashSet<String>>>,
     /// Wakes the fetcher when a channel resumes.
@@ -289,6 +296,7 @@ impl Session {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
         loop {
+            self.live.in_flight.store(self.inflight.len() as u64, std::sync::atomic::Ordering::Relaxed);
             tokio::select! {
                 _ = kick.token.cancelled() => {
                     return Err(if self.state.shutdown.is_cancelled() {
@@ -322,7 +330,7 @@ impl Session {
                     if self.last_rx.elapsed() > heartbeat * 3 {
                         return Err(Close::new("heartbeat_timeout", format!("nothing received for {:?}", self.last_rx.elapsed())));
                     }
-                    self.send(ws, &Frame::Ping { t: now_ms() }).await?;
+                    self.send(ws, &Frame::Ping { t: relay_protocol::now_micros() }).await?;
                     if ticks.is_multiple_of(3) {
                         self.spawn_stats();
                     }
@@ -355,7 +363,10 @@ impl Session {
             Frame::Flow { window, channel: None } => self.on_flow(window),
             Frame::Flow { window, channel: Some(channel) } => self.on_channel_flow(&channel, window > 0)?,
             Frame::Ping { t } => self.send(ws, &Frame::Pong { t }).await?,
-            Frame::Pong { .. } => {}
+            Frame::Pong { t } => {
+                let rtt_us = relay_protocol::now_micros().saturating_sub(t);
+                self.live.rtt_us.store(rtt_us, std::sync::atomic::Ordering::Relaxed);
+            }
             other => {
                 return Err(Close::new("protocol_error", format!("unexpected {} frame from an agent", other.kind())));
             }
@@ -413,7 +424,7 @@ impl Session {
         for id in ids {
             match self.inflight.remove(&id) {
                 Some(f) => {
-                    self.state.metrics.delivered(f.received_at_ms);
+                    self.state.metrics.delivered(&f.channel, f.received_at_ms);
                     by_channel.entry(f.channel).or_default().push(id);
                     self.release();
                 }
@@ -464,6 +475,7 @@ impl Session {
             match self.state.store.dead_letter(&letter).await {
                 Ok(()) => {
                     tracing::warn!(agent = %self.peer.agent, channel, id, attempts, reason, "webhook dead-lettered");
+                    self.state.metrics.outcome(&channel, "dead_lettered");
                     self.inflight.remove(&id);
                     self.release();
                     self.dispatch_held(ws).await?;
@@ -479,6 +491,7 @@ impl Session {
             .unwrap_or(self.state.cfg.tunnel.retry_delay)
             .min(self.state.cfg.tunnel.reclaim_after / 2);
         tracing::debug!(agent = %self.peer.agent, channel, id, attempts, ?delay, reason, "nacked; redelivery scheduled");
+        self.state.metrics.outcome(&channel, "nacked");
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -491,7 +504,8 @@ impl Session {
         let Some(attempt) = self.inflight.get(&id).map(|f| f.attempt + 1) else {
             return Ok(());
         };
-        self.state.metrics.retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.state.metrics.retried.inc();
+        self.state.metrics.outcome(&channel, "redelivered");
         match self.state.store.claim(&channel, &self.peer.agent, &id).await {
             Ok(Some(entry)) => {
                 if let Ok(webhook) = entry.webhook {
