@@ -25,6 +25,10 @@ pub enum Frame {
         agent: String,
         channels: Vec<String>,
         heartbeat_ms: u64,
+        /// The edge's visibility timeout: entries pending this long on an
+        /// agent may be redelivered to another one.
+        #[serde(default)]
+        reclaim_after_ms: Option<u64>,
     },
     /// edge → agent: one webhook. `id` is the stream entry id.
     Deliver { id: String, channel: String, attempt: u32, received_at_ms: u64, webhook: Webhook },

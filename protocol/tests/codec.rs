@@ -31,6 +31,7 @@ fn every_frame() -> Vec<Frame> {
             agent: "lan-1".into(),
             channels: vec!["crm".into()],
             heartbeat_ms: 10_000,
+            reclaim_after_ms: Some(120_000),
         },
         Frame::Deliver {
             id: "1700000000000-0".into(),

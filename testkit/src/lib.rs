@@ -4,6 +4,7 @@
 //! `127.0.0.1:0`, and a recording HTTP receiver.
 #![forbid(unsafe_code)]
 
+pub mod procs;
 pub mod proxy;
 pub mod receiver;
 pub mod redis_server;

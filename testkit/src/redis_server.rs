@@ -13,7 +13,13 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with("everysec")
+    }
+
+    /// With `appendfsync` = `everysec` or `always`.
+    pub fn start_with(fsync: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir for redis");
+        std::fs::write(dir.path().join("fsync"), fsync).expect("write fsync setting");
         let mut last_err = String::new();
         // A free port can be taken between probing and binding: try again.
         for _ in 0..20 {
@@ -99,7 +105,8 @@ impl Drop for RedisServer {
 fn spawn(dir: &std::path::Path, port: u16) -> Result<Child, String> {
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-        .args(["--appendfsync", "everysec", "--protected-mode", "no", "--loglevel", "warning"])
+        .args(["--appendfsync", &std::fs::read_to_string(dir.join("fsync")).unwrap_or_else(|_| "everysec".into())])
+        .args(["--protected-mode", "no", "--loglevel", "warning"])
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())

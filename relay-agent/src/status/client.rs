@@ -119,6 +119,9 @@ pub fn render(s: &Snapshot, now: u64, healthy: bool) -> String {
         let note = if days < 30 { " — WARNING: renew it soon" } else { "" };
         rows.push(("certificate".into(), format!("expires {} (in {days} days){note}", when.unwrap_or_default())));
     }
+    for w in &s.warnings {
+        rows.push(("WARNING".into(), w.clone()));
+    }
     for t in &s.targets {
         let health = match (t.last_status, &t.last_error) {
             _ if t.paused => format!(

@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub last_error: Option<String>,
     pub last_error_at_ms: Option<u64>,
     pub targets: Vec<TargetStatus>,
+    /// Configuration problems found at connect time (e.g. visibility timeout).
+    pub warnings: Vec<String>,
     /// When this agent's client certificate expires (ms since the epoch).
     pub cert_expires_at_ms: Option<u64>,
     /// Backlog per channel, as last reported by the edge.

@@ -40,7 +40,10 @@ pub async fn run(
         .await
         .map_err(|_| SessionError::ConnectTimeout(cfg.connect_timeout))??;
     let (session, agent, channels, edge_heartbeat) = match welcome {
-        Some(Frame::Welcome { session, agent, channels, heartbeat_ms }) => (session, agent, channels, heartbeat_ms),
+        Some(Frame::Welcome { session, agent, channels, heartbeat_ms, reclaim_after_ms }) => {
+            warn_visibility(cfg, reclaim_after_ms, heartbeat_ms, status);
+            (session, agent, channels, heartbeat_ms)
+        }
         Some(Frame::Error { code, message }) => {
             return Err(SessionError::Refused { code, message });
         }
@@ -168,6 +171,26 @@ async fn on_frame(
         Frame::Error { code, message } => Err(SessionError::Refused { code, message }),
         other => Err(SessionError::Protocol(format!("unexpected {} frame from the edge", other.kind()))),
     }
+}
+
+/// The edge redelivers entries pending longer than its visibility timeout
+/// to another agent; if a local request can take longer than that (plus
+/// the time to notice a dead link), slow local apps cause duplicates.
+fn warn_visibility(cfg: &AgentConfig, reclaim_after_ms: Option<u64>, edge_heartbeat_ms: u64, status: &Status) {
+    let Some(reclaim) = reclaim_after_ms.map(Duration::from_millis) else { return };
+    let deadline = cfg.heartbeat.max(Duration::from_millis(edge_heartbeat_ms)) * 3;
+    let needed = cfg.request_timeout + deadline;
+    let warning = (reclaim <= needed).then(|| {
+        format!(
+            "the edge's tunnel.reclaim_after ({reclaim:?}) does not exceed request_timeout ({:?}) + heartbeat deadline ({deadline:?}): \
+             a slow local endpoint can get duplicates; raise reclaim_after above {needed:?} or lower request_timeout",
+            cfg.request_timeout
+        )
+    });
+    if let Some(w) = &warning {
+        tracing::warn!("{w}");
+    }
+    status.update(|s| s.warnings = warning.into_iter().collect());
 }
 
 fn spawn_delivery(pipe: &mut Pipeline, channel: String, id: String, attempt: u32, webhook: Webhook) {

@@ -138,6 +138,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         agent: peer.agent.clone(),
         channels: channels.clone(),
         heartbeat_ms: tunnel.heartbeat.as_millis() as u64,
+        reclaim_after_ms: Some(tunnel.reclaim_after.as_millis() as u64),
     };
     let credit = Arc::new(Semaphore::new(window as usize));
     let paused = Arc::new(std::sync::Mutex::new(HashSet::new()));
