@@ -35,6 +35,15 @@ fn load(urls: &[String]) -> Workload {
     Workload::start(urls, 2, Duration::from_millis(25), 512)
 }
 
+/// One round normally; with `RELAY_SOAK_SECS=N`, rounds until N seconds
+/// have passed (the soak mode: `RELAY_SOAK_SECS=3600 cargo test -p testkit
+/// --test faults -- --nocapture --test-threads 1`).
+fn soak_rounds() -> impl Iterator<Item = u64> {
+    let secs: u64 = std::env::var("RELAY_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let started = std::time::Instant::now();
+    (1..).take_while(move |&round| round == 1 || started.elapsed() < Duration::from_secs(secs))
+}
+
 fn print(name: &str, r: &Report) {
     eprintln!(
         "scenario {name}: accepted {} (refused {}), deliveries {}, duplicates {}, recovered in {} ms",
@@ -44,6 +53,12 @@ fn print(name: &str, r: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_killed_repeatedly_under_load() {
+    for _ in soak_rounds() {
+        agent_killed_repeatedly_under_load_once().await;
+    }
+}
+
+async fn agent_killed_repeatedly_under_load_once() {
     let r = rig("everysec", "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let (cfg, socket) = write_agent(&r.certs, "lan-1", r.edge.tunnel, &r.rx.url(), "window = 16");
@@ -65,6 +80,12 @@ async fn agent_killed_repeatedly_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn edge_killed_under_load() {
+    for _ in soak_rounds() {
+        edge_killed_under_load_once().await;
+    }
+}
+
+async fn edge_killed_under_load_once() {
     let r = rig("everysec", "3s").await;
     let mut edge = Proc::start("relay-edge", &r.edge.config);
     let (cfg, socket) = write_agent(&r.certs, "lan-1", r.edge.tunnel, &r.rx.url(), "");
@@ -84,6 +105,12 @@ async fn edge_killed_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_killed_and_restarted_from_its_aof() {
+    for _ in soak_rounds() {
+        redis_killed_and_restarted_from_its_aof_once().await;
+    }
+}
+
+async fn redis_killed_and_restarted_from_its_aof_once() {
     let mut r = rig("always", "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let (cfg, socket) = write_agent(&r.certs, "lan-1", r.edge.tunnel, &r.rx.url(), "");
@@ -103,6 +130,12 @@ async fn redis_killed_and_restarted_from_its_aof() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn black_holed_tunnel_is_noticed_and_recovered() {
+    for _ in soak_rounds() {
+        black_holed_tunnel_is_noticed_and_recovered_once().await;
+    }
+}
+
+async fn black_holed_tunnel_is_noticed_and_recovered_once() {
     let r = rig("everysec", "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", r.edge.tunnel).parse().expect("addr")).await;
@@ -132,6 +165,12 @@ async fn black_holed_tunnel_is_noticed_and_recovered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_cut_mid_frame_lose_and_corrupt_nothing() {
+    for _ in soak_rounds() {
+        connections_cut_mid_frame_lose_and_corrupt_nothing_once().await;
+    }
+}
+
+async fn connections_cut_mid_frame_lose_and_corrupt_nothing_once() {
     let r = rig("everysec", "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", r.edge.tunnel).parse().expect("addr")).await;
@@ -151,6 +190,12 @@ async fn connections_cut_mid_frame_lose_and_corrupt_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other() {
+    for _ in soak_rounds() {
+        a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other_once().await;
+    }
+}
+
+async fn a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other_once() {
     let r = rig("everysec", "2s").await;
     r.rx.delay(Duration::from_millis(30));
     let _edge = Proc::start("relay-edge", &r.edge.config);
@@ -171,6 +216,12 @@ async fn a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_edges_on_one_redis_survive_losing_one() {
+    for _ in soak_rounds() {
+        two_edges_on_one_redis_survive_losing_one_once().await;
+    }
+}
+
+async fn two_edges_on_one_redis_survive_losing_one_once() {
     let r = rig("everysec", "2s").await;
     let edge_b = write_edge(&r.certs, "edge-b", &r.redis.url(), "2s");
     let mut ea = Proc::start("relay-edge", &r.edge.config);
@@ -192,6 +243,12 @@ async fn two_edges_on_one_redis_survive_losing_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_receiver_visibility_warning_and_no_duplicates_when_configured_well() {
+    for _ in soak_rounds() {
+        slow_receiver_visibility_warning_and_no_duplicates_when_configured_well_once().await;
+    }
+}
+
+async fn slow_receiver_visibility_warning_and_no_duplicates_when_configured_well_once() {
     // Misconfigured: reclaim_after 1 s < request_timeout 2 s + 0.9 s deadline.
     let r = rig("everysec", "1s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
