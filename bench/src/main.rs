@@ -1,0 +1,559 @@
+//! `relay-bench`: starts redis-server, relay-edge and relay-agent (release
+//! binaries next to this one) and a built-in receiver on loopback, runs
+//! bounded scenarios and prints a table plus a JSON report. Yardsticks are
+//! measured in the same run, so relay figures are also given as ratios.
+//!
+//! Run it with `./scripts/bench.sh` (builds the release binaries first).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use relay_bench::load::{self, Receiver};
+use relay_bench::proc::{Usage, usage};
+use relay_bench::stats::Latency;
+use serde_json::{Value, json};
+
+const KEY: &str = "bench-key-000001";
+
+#[derive(Parser)]
+#[command(name = "relay-bench", about = "Benchmark of the whole relay path on loopback")]
+struct Args {
+    /// Seconds per timed scenario.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Webhooks stored with no agent connected, then drained.
+    #[arg(long, default_value_t = 200_000)]
+    backlog: u64,
+    /// Agents connected at once in the fan-in scenario (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-report.json")]
+    out: PathBuf,
+    /// Directory holding relay-edge and relay-agent (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+struct Procs {
+    redis: Child,
+    edge: Child,
+    agent: Option<Child>,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in [Some(&mut self.redis), Some(&mut self.edge), self.agent.as_mut()].into_iter().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn(bin: &Path, config: &Path) -> anyhow::Result<Child> {
+    Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
+fn sigterm(child: &mut Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+async fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+struct Sample {
+    edge: Usage,
+    agent: Usage,
+    redis: Usage,
+    bench: Usage,
+    at: Instant,
+}
+
+fn sample(p: &Procs) -> Sample {
+    Sample {
+        edge: usage(p.edge.id()),
+        agent: p.agent.as_ref().map(|a| usage(a.id())).unwrap_or_default(),
+        redis: usage(p.redis.id()),
+        bench: relay_bench::proc::me(),
+        at: Instant::now(),
+    }
+}
+
+/// CPU seconds used between two samples, per component, and µs per item.
+fn cpu(a: &Sample, b: &Sample, items: u64) -> Value {
+    let per = |x: f64| if items > 0 { x * 1e6 / items as f64 } else { 0.0 };
+    let (e, g, r, l) = (
+        b.edge.cpu_s - a.edge.cpu_s,
+        b.agent.cpu_s - a.agent.cpu_s,
+        b.redis.cpu_s - a.redis.cpu_s,
+        b.bench.cpu_s - a.bench.cpu_s,
+    );
+    json!({
+        "wall_s": (b.at - a.at).as_secs_f64(),
+        "edge_cpu_s": e, "agent_cpu_s": g, "redis_cpu_s": r, "loadgen_and_receiver_cpu_s": l,
+        "edge_us_per_webhook": per(e), "agent_us_per_webhook": per(g), "redis_us_per_webhook": per(r),
+        "edge_plus_agent_us_per_webhook": per(e + g),
+        "edge_peak_rss_mib": b.edge.peak_rss_kib as f64 / 1024.0,
+        "agent_peak_rss_mib": b.agent.peak_rss_kib as f64 / 1024.0,
+        "agent_rss_mib": b.agent.rss_kib as f64 / 1024.0,
+        "redis_peak_rss_mib": b.redis.peak_rss_kib as f64 / 1024.0,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin_dir = match args.bin_dir.clone() {
+        Some(d) => d,
+        None => std::env::current_exe()?.parent().context("binary dir")?.to_path_buf(),
+    };
+    let (edge_bin, agent_bin) = (bin_dir.join("relay-edge"), bin_dir.join("relay-agent"));
+    for b in [&edge_bin, &agent_bin] {
+        if !b.is_file() {
+            bail!("{} not found: build with `cargo build --release --bins` (./scripts/bench.sh does)", b.display());
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    relay_edge::certs::init(d, &["127.0.0.1".into()], false)?;
+    relay_edge::certs::agent(d, "lan-1")?;
+
+    let redis_port = free_port()?;
+    let redis = Command::new("redis-server")
+        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+        .args(["--appendfsync", "everysec", "--loglevel", "warning", "--dir"])
+        .arg(d)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server (apt-get install -y redis-server)")?;
+    let redis_url = format!("redis://127.0.0.1:{redis_port}/0");
+    let (rx, rx_addr) = Receiver::start().await;
+    let (ingest, tunnel, admin) = (free_port()?, free_port()?, free_port()?);
+    let edge_cfg = write_edge(d, ingest, tunnel, admin, &redis_url, &["lan-1".to_string()])?;
+    let agent_cfg = write_agent(d, "lan-1", tunnel, &format!("http://{rx_addr}/webhook"), 256)?;
+    wait_for("redis", Duration::from_secs(5), || std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_ok())
+        .await?;
+    let edge = spawn(&edge_bin, &edge_cfg)?;
+    let mut procs = Procs { redis, edge, agent: None };
+    wait_for("edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok()).await?;
+    let client = load::client();
+    let hook = format!("http://127.0.0.1:{ingest}/hooks/bench");
+    let direct = format!("http://{rx_addr}/webhook");
+    let secs = args.secs;
+    let mut report = serde_json::Map::new();
+    let machine = json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpu": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("").trim(),
+        "date": chrono_like_now(),
+    });
+    report.insert("machine".into(), machine.clone());
+    println!(
+        "relay-bench — {} cores, {}; {secs} s per scenario, 1 KiB JSON bodies, loopback, AOF everysec",
+        machine["cores"], machine["cpu"]
+    );
+
+    // Yardsticks.
+    let y_http32 = load::closed_loop(&client, &direct, None, 32, secs).await;
+    let y_http128 = load::closed_loop(&client, &direct, None, 128, secs).await;
+    let y_http = y_http32.rate().max(y_http128.rate());
+    let payload = load::body_1k();
+    let y_redis100 = relay_bench::yardstick::redis_cycle(&redis_url, &payload, 100, secs).await?;
+    let y_redis1 = relay_bench::yardstick::redis_cycle(&redis_url, &payload, 1, secs).await?;
+    report.insert(
+        "yardsticks".into(),
+        json!({ "direct_http_c32_rps": y_http32.rate(), "direct_http_c128_rps": y_http128.rate(),
+                 "redis_cycle_batch100_per_s": y_redis100, "redis_cycle_batch1_per_s": y_redis1 }),
+    );
+    println!("\n{:<44} {:>12}", "yardstick", "per second");
+    println!("{:<44} {:>12.0}", "direct HTTP POST to the receiver, c=32", y_http32.rate());
+    println!("{:<44} {:>12.0}", "direct HTTP POST to the receiver, c=128", y_http128.rate());
+    println!("{:<44} {:>12.0}", "raw Redis XADD+XREADGROUP+XACK, batch 100", y_redis100);
+    println!("{:<44} {:>12.0}", "raw Redis XADD+XREADGROUP+XACK, batch 1", y_redis1);
+
+    // 1. Ingest (no agent connected).
+    println!(
+        "\n{:<28} {:>10} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "ingest (no agent)", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "vs HTTP"
+    );
+    let mut ingest_json = serde_json::Map::new();
+    let mut best_ingest = 0.0f64;
+    for c in [32, 128] {
+        let a = sample(&procs);
+        let mut run = load::closed_loop(&client, &hook, Some(KEY), c, secs).await;
+        let b = sample(&procs);
+        let lat = Latency::of(&mut run.latencies);
+        best_ingest = best_ingest.max(run.rate());
+        println!(
+            "{:<28} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.0}%",
+            format!("concurrency {c}"),
+            run.rate(),
+            lat.p50_ms,
+            lat.p90_ms,
+            lat.p99_ms,
+            lat.max_ms,
+            100.0 * run.rate() / y_http
+        );
+        ingest_json.insert(
+            format!("c{c}"),
+            json!({ "rps": run.rate(), "errors": run.errors, "latency": lat.json(), "ratio_to_direct_http": run.rate() / y_http, "resources": cpu(&a, &b, run.ok) }),
+        );
+    }
+    report.insert("ingest".into(), Value::Object(ingest_json));
+
+    // The ingest runs left a backlog: let the agent drain it before timing.
+    let stored = stream_len(&redis_url).await?;
+    let base = rx.count.load(Ordering::Relaxed);
+    procs.agent = Some(spawn(&agent_bin, &agent_cfg)?);
+    wait_for("first drain", Duration::from_secs(600), || rx.count.load(Ordering::Relaxed) >= base + stored).await?;
+
+    // 2. End to end at saturation.
+    let a = sample(&procs);
+    let before = rx.count.load(Ordering::Relaxed);
+    let run = load::closed_loop(&client, &hook, Some(KEY), 64, secs).await;
+    let delivered_in_window = rx.count.load(Ordering::Relaxed) - before;
+    let b = sample(&procs);
+    let target = before + run.ok;
+    let load_started = b.at - Duration::from_secs_f64(run.secs);
+    wait_for("saturation drain", Duration::from_secs(300), || rx.count.load(Ordering::Relaxed) >= target).await?;
+    // Sustained: everything ingested under load, delivered, over the time
+    // until the last one arrived.
+    let sustained = run.ok as f64 / load_started.elapsed().as_secs_f64();
+    let e2e_rate = delivered_in_window as f64 / run.secs;
+    println!("\nend to end at saturation (closed loop, c=64)");
+    println!(
+        "  ingested {:.0}/s while delivering {:.0}/s; sustained end to end {:.0}/s = {:.0}% of the Redis cycle yardstick (batch 100), {:.0}% of direct HTTP",
+        run.rate(),
+        e2e_rate,
+        sustained,
+        100.0 * sustained / y_redis100,
+        100.0 * sustained / y_http
+    );
+    let res = cpu(&a, &b, delivered_in_window);
+    println!(
+        "  CPU per webhook: edge {:.0} µs + agent {:.0} µs = {:.0} µs (redis {:.0} µs); agent RSS {:.1} MiB, edge peak RSS {:.1} MiB",
+        res["edge_us_per_webhook"].as_f64().unwrap_or(0.0),
+        res["agent_us_per_webhook"].as_f64().unwrap_or(0.0),
+        res["edge_plus_agent_us_per_webhook"].as_f64().unwrap_or(0.0),
+        res["redis_us_per_webhook"].as_f64().unwrap_or(0.0),
+        res["agent_rss_mib"].as_f64().unwrap_or(0.0),
+        res["edge_peak_rss_mib"].as_f64().unwrap_or(0.0),
+    );
+    let mut e2e = serde_json::Map::new();
+    e2e.insert(
+        "saturation".into(),
+        json!({ "ingest_rps": run.rate(), "delivered_during_load_per_s": e2e_rate, "sustained_per_s": sustained,
+                 "ratio_to_redis_cycle": sustained / y_redis100, "ratio_to_direct_http": sustained / y_http, "resources": res }),
+    );
+
+    // Fixed rates: latency from the sender's request start to the receiver.
+    println!(
+        "\n{:<20} {:>10} {:>12} {:>12} {:>12} {:>14}",
+        "end to end, open loop", "sent/s", "e2e p50 ms", "e2e p99 ms", "e2e max ms", "ingest p99 ms"
+    );
+    for rate in [200.0, 1000.0, 5000.0] {
+        rx.record(true);
+        let before = rx.count.load(Ordering::Relaxed);
+        let a = sample(&procs);
+        let mut run = load::open_loop(&client, &hook, Some(KEY), rate, secs).await;
+        let target = before + run.ok;
+        wait_for("open-loop drain", Duration::from_secs(60), || rx.count.load(Ordering::Relaxed) >= target).await?;
+        let b = sample(&procs);
+        rx.record(false);
+        let mut e2e_lat = rx.take_latencies();
+        let e = Latency::of(&mut e2e_lat);
+        let i = Latency::of(&mut run.latencies);
+        println!(
+            "{:<20} {:>10.0} {:>12.2} {:>12.2} {:>12.2} {:>14.2}",
+            format!("{rate:.0}/s"),
+            run.rate(),
+            e.p50_ms,
+            e.p99_ms,
+            e.max_ms,
+            i.p99_ms
+        );
+        e2e.insert(
+            format!("rate_{rate:.0}"),
+            json!({ "sent_per_s": run.rate(), "errors": run.errors, "end_to_end": e.json(), "ingest": i.json(), "resources": cpu(&a, &b, run.ok) }),
+        );
+    }
+    report.insert("end_to_end".into(), Value::Object(e2e));
+
+    // 3. Backlog drain.
+    if let Some(mut agent) = procs.agent.take() {
+        sigterm(&mut agent);
+    }
+    let mem0 = redis_memory(&redis_url).await?;
+    let started = Instant::now();
+    let stored0 = stream_len(&redis_url).await?;
+    let fill = fill(&client, &hook, args.backlog).await;
+    let fill_secs = started.elapsed().as_secs_f64();
+    let mem1 = redis_memory(&redis_url).await?;
+    let before = rx.count.load(Ordering::Relaxed);
+    procs.agent = Some(spawn(&agent_bin, &agent_cfg)?);
+    let a = sample(&procs);
+    let t = Instant::now();
+    wait_for("backlog drain", Duration::from_secs(900), || rx.count.load(Ordering::Relaxed) >= before + fill).await?;
+    let drain_secs = t.elapsed().as_secs_f64();
+    let b = sample(&procs);
+    let drain_rate = fill as f64 / drain_secs;
+    println!(
+        "\nbacklog: {fill} webhooks stored in {fill_secs:.1} s ({:.0}/s) with no agent; drained in {drain_secs:.1} s = {drain_rate:.0}/s ({:.0}% of the Redis cycle yardstick); Redis memory {:.0} KiB per 1k entries",
+        fill as f64 / fill_secs,
+        100.0 * drain_rate / y_redis100,
+        (mem1.saturating_sub(mem0)) as f64 / 1024.0 / (fill as f64 / 1000.0)
+    );
+    let _ = stored0;
+    report.insert(
+        "backlog_drain".into(),
+        json!({ "webhooks": fill, "fill_s": fill_secs, "drain_s": drain_secs, "drain_per_s": drain_rate,
+                 "ratio_to_redis_cycle": drain_rate / y_redis100,
+                 "redis_kib_per_1k_entries": (mem1.saturating_sub(mem0)) as f64 / 1024.0 / (fill as f64 / 1000.0),
+                 "resources": cpu(&a, &b, fill) }),
+    );
+
+    // 4. Fan-in: many agents on one edge.
+    if args.agents > 0 {
+        match fan_in(&args, d, &edge_bin, &redis_url, &client, &rx, rx_addr).await {
+            Ok(v) => {
+                report.insert("fan_in".into(), v);
+            }
+            Err(e) => println!("\nfan-in: skipped after an error: {e:#}"),
+        }
+    }
+    drop(procs);
+    std::fs::write(&args.out, serde_json::to_string_pretty(&Value::Object(report))?)?;
+    println!("\nreport written to {}", args.out.display());
+    Ok(())
+}
+
+fn chrono_like_now() -> String {
+    let out = Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ").output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+/// Stores exactly `n` webhooks (64 senders).
+async fn fill(client: &load::HttpClient, url: &str, n: u64) -> u64 {
+    let left = Arc::new(std::sync::atomic::AtomicI64::new(n as i64));
+    let body = load::body_1k();
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (client, url, left, body) = (client.clone(), url.to_string(), left.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0u64;
+            while left.fetch_sub(1, Ordering::Relaxed) > 0 {
+                loop {
+                    let req = hyper::Request::post(&url)
+                        .header("x-api-key", KEY)
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(body.clone()))
+                        .expect("request");
+                    if let Ok(r) = client.request(req).await
+                        && r.status() == 200
+                    {
+                        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                        ok += 1;
+                        break;
+                    }
+                }
+            }
+            ok
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    total
+}
+
+async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(url)?.get_multiplexed_async_connection().await?)
+}
+
+async fn stream_len(url: &str) -> anyhow::Result<u64> {
+    let mut c = redis_conn(url).await?;
+    Ok(redis::cmd("XLEN").arg("relay:{bench}:stream").query_async(&mut c).await?)
+}
+
+async fn redis_memory(url: &str) -> anyhow::Result<u64> {
+    let mut c = redis_conn(url).await?;
+    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await?;
+    Ok(info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0))
+}
+
+fn write_edge(
+    d: &Path,
+    ingest: u16,
+    tunnel: u16,
+    admin: u16,
+    redis: &str,
+    agents: &[String],
+) -> anyhow::Result<PathBuf> {
+    let dd = d.display();
+    let mut text = format!(
+        r#"
+[ingest]
+listen = "127.0.0.1:{ingest}"
+rate_per_ip = 0
+rate_per_key = 0
+[tunnel]
+listen = "127.0.0.1:{tunnel}"
+cert = "{dd}/edge.pem"
+key = "{dd}/edge-key.pem"
+client_ca = "{dd}/ca.pem"
+max_window = 1000
+[admin]
+listen = "127.0.0.1:{admin}"
+[store]
+redis_url = "{redis}"
+max_backlog = 100000000
+[[route]]
+name = "bench"
+channels = ["bench"]
+api_keys = ["{KEY}"]
+"#
+    );
+    for a in agents {
+        text.push_str(&format!("[[agent]]\nname = \"{a}\"\nchannels = [\"bench\"]\n"));
+    }
+    let path = d.join(format!("edge-{}.toml", agents.len()));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn write_agent(d: &Path, name: &str, tunnel: u16, target: &str, window: u32) -> anyhow::Result<PathBuf> {
+    let dd = d.display();
+    let path = d.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+edge = "wss://127.0.0.1:{tunnel}"
+cert = "{dd}/{name}.pem"
+key = "{dd}/{name}-key.pem"
+ca = "{dd}/ca.pem"
+status_socket = "{dd}/{name}.sock"
+window = {window}
+[[target]]
+channel = "bench"
+url = "{target}"
+"#
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Many agents (in this process) on a fresh edge: edge memory and CPU per
+/// idle session, then the delivered rate with all of them busy.
+async fn fan_in(
+    args: &Args,
+    d: &Path,
+    edge_bin: &Path,
+    redis_url: &str,
+    client: &load::HttpClient,
+    rx: &Arc<Receiver>,
+    rx_addr: std::net::SocketAddr,
+) -> anyhow::Result<Value> {
+    let n = args.agents;
+    let fan = d.join("fan");
+    std::fs::create_dir_all(&fan)?;
+    for f in ["ca.pem", "ca-key.pem", "edge.pem", "edge-key.pem"] {
+        std::fs::copy(d.join(f), fan.join(f))?;
+    }
+    let names: Vec<String> = (0..n).map(|i| format!("fan-{i:04}")).collect();
+    for name in &names {
+        relay_edge::certs::agent(&fan, name)?;
+    }
+    let (ingest, tunnel, admin) = (free_port()?, free_port()?, free_port()?);
+    let cfg = write_edge(&fan, ingest, tunnel, admin, redis_url, &names)?;
+    let mut edge = spawn(edge_bin, &cfg)?;
+    wait_for("fan-in edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok())
+        .await?;
+    let rss0 = usage(edge.id());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut agents = Vec::new();
+    for name in &names {
+        let path = write_agent(&fan, name, tunnel, &format!("http://{rx_addr}/webhook"), 16)?;
+        let cfg = relay_agent::AgentConfig::load(Some(&path))?;
+        let token = shutdown.clone();
+        agents.push(tokio::spawn(async move {
+            let _ = relay_agent::run(cfg, token).await;
+        }));
+    }
+    let admin_url = format!("http://127.0.0.1:{admin}/admin/agents");
+    let started = Instant::now();
+    loop {
+        let connected = agents_connected(client, &admin_url).await;
+        if connected >= n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("only {connected} of {n} agents connected within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    let idle_a = usage(edge.id());
+    tokio::time::sleep(Duration::from_secs_f64(args.secs.max(10.0))).await;
+    let idle_b = usage(edge.id());
+    let idle_secs = args.secs.max(10.0);
+    let rss_per_session_kib = (idle_b.rss_kib.saturating_sub(rss0.rss_kib)) as f64 / n as f64;
+    let cpu_per_session_us_per_s = (idle_b.cpu_s - idle_a.cpu_s) * 1e6 / idle_secs / n as f64;
+    let before = rx.count.load(Ordering::Relaxed);
+    let run =
+        load::closed_loop(client, &format!("http://127.0.0.1:{ingest}/hooks/bench"), Some(KEY), 128, args.secs).await;
+    let delivered = rx.count.load(Ordering::Relaxed) - before;
+    let busy_rate = delivered as f64 / run.secs;
+    let target = before + run.ok;
+    let _ = wait_for_count(rx, target, Duration::from_secs(120)).await;
+    println!(
+        "\nfan-in: {n} agents connected in {connect_secs:.1} s; edge RSS {:.1} MiB ({rss_per_session_kib:.0} KiB per session), idle CPU {cpu_per_session_us_per_s:.1} µs/s per session; all busy: {busy_rate:.0} delivered/s",
+        idle_b.rss_kib as f64 / 1024.0
+    );
+    shutdown.cancel();
+    for a in agents {
+        let _ = a.await;
+    }
+    sigterm(&mut edge);
+    Ok(json!({ "agents": n, "connect_s": connect_secs, "edge_rss_mib": idle_b.rss_kib as f64 / 1024.0,
+               "edge_rss_kib_per_session": rss_per_session_kib, "edge_idle_cpu_us_per_s_per_session": cpu_per_session_us_per_s,
+               "busy_delivered_per_s": busy_rate, "busy_ingest_per_s": run.rate() }))
+}
+
+async fn wait_for_count(rx: &Arc<Receiver>, target: u64, within: Duration) -> anyhow::Result<()> {
+    wait_for("drain", within, || rx.count.load(Ordering::Relaxed) >= target).await
+}
+
+async fn agents_connected(client: &load::HttpClient, url: &str) -> usize {
+    let req = hyper::Request::get(url).body(http_body_util::Full::new(bytes::Bytes::new())).expect("request");
+    let Ok(resp) = client.request(req).await else { return 0 };
+    let Ok(body) = http_body_util::BodyExt::collect(resp.into_body()).await else { return 0 };
+    let v: Value = serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
+    v["agents"].as_array().map(|a| a.len()).unwrap_or(0)
+}
