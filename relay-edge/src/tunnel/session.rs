@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
 use relay_protocol::{DecodeError, Frame, Limits, VERSION};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -322,6 +323,8 @@ impl Session {
                     for f in batch.entries {
                         self.dispatch(ws, f).await?;
                     }
+                    // One flush (one TLS record run, one syscall) per batch.
+                    self.flush(ws).await?;
                 }
                 Some(ev) = events_rx.recv() => match ev {
                     Event::Redeliver { channel, id } => self.redeliver(ws, channel, id).await?,
@@ -346,6 +349,27 @@ impl Session {
             .map_err(|e| Close::new("internal", format!("cannot encode {}: {e}", frame.kind())))?;
         let deadline = self.state.cfg.tunnel.heartbeat * 3;
         match tokio::time::timeout(deadline, ws.send(Message::Binary(bytes.into()))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Close::new("transport_error", format!("send failed: {e}"))),
+            Err(_) => Err(Close::new("send_timeout", "the agent stopped reading")),
+        }
+    }
+
+    /// Queues a frame without flushing; [`Session::flush`] sends the queue.
+    async fn queue(&self, ws: &mut WebSocket, frame: &Frame) -> Result<(), Close> {
+        let bytes = relay_protocol::encode(frame, &self.limits)
+            .map_err(|e| Close::new("internal", format!("cannot encode {}: {e}", frame.kind())))?;
+        let deadline = self.state.cfg.tunnel.heartbeat * 3;
+        match tokio::time::timeout(deadline, ws.feed(Message::Binary(bytes.into()))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Close::new("transport_error", format!("send failed: {e}"))),
+            Err(_) => Err(Close::new("send_timeout", "the agent stopped reading")),
+        }
+    }
+
+    async fn flush(&self, ws: &mut WebSocket) -> Result<(), Close> {
+        let deadline = self.state.cfg.tunnel.heartbeat * 3;
+        match tokio::time::timeout(deadline, ws.flush()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Close::new("transport_error", format!("send failed: {e}"))),
             Err(_) => Err(Close::new("send_timeout", "the agent stopped reading")),
@@ -571,7 +595,7 @@ impl Session {
             received_at_ms: webhook.received_at_ms,
             webhook,
         };
-        self.send(ws, &frame).await
+        self.queue(ws, &frame).await
     }
 
     async fn dispatch_held(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
@@ -584,7 +608,7 @@ impl Session {
             }
         }
         self.held = still;
-        Ok(())
+        self.flush(ws).await
     }
 
     /// An entry that cannot be delivered: trimmed while pending (nothing left
