@@ -74,7 +74,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
-            let rt = match tokio::runtime::Runtime::new() {
+            // One thread: the agent is I/O-bound; a single-threaded runtime
+            // saves memory and cross-thread wake-ups.
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("relay-agent: cannot start the runtime: {e}");
