@@ -74,9 +74,6 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     let limits =
         Limits { max_frame: tunnel.max_frame.as_u64() as usize, max_window: tunnel.max_window, ..Limits::default() };
     let session_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let span = tracing::info_span!("session", agent = %peer.agent, session = %session_id, peer = %peer.addr);
-    let _enter = span.enter();
-    drop(_enter);
 
     let handshake = tokio::time::timeout(tunnel.handshake_timeout, recv_frame(&mut ws, &limits)).await;
     let (window, channels) = match handshake {
