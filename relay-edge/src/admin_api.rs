@@ -181,7 +181,6 @@ async fn replay_dlq(
         }
     }
     tracing::info!(%channel, count = replayed.len(), "dead letters replayed");
-    state.wakers.wake(&channel);
     Json(json!({ "channel": channel, "replayed": replayed, "missing": missing })).into_response()
 }
 
@@ -226,7 +225,6 @@ async fn replay_history(State(state): State<Arc<AppState>>, Json(body): Json<His
     match state.store.replay_range(&body.channel, body.since_ms, until).await {
         Ok(n) => {
             tracing::info!(channel = %body.channel, replayed = n, "history replayed");
-            state.wakers.wake(&body.channel);
             Json(json!({ "channel": body.channel, "replayed": n, "since": rfc3339(body.since_ms), "until": rfc3339(until) }))
                 .into_response()
         }

@@ -171,10 +171,9 @@ pub struct StoreConfig {
     /// Timeout of one Redis command (ingest answers 503 past it).
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
-    /// How often an idle session looks for entries appended by *other*
-    /// edges; entries appended by this edge wake its sessions at once.
+    /// `BLOCK` of one `XREADGROUP`; kept short and looped.
     #[serde(with = "humantime_serde")]
-    pub poll: Duration,
+    pub block: Duration,
     /// Hard cap of unacknowledged entries per channel: past it ingest answers
     /// `503` + `Retry-After` instead of storing (and never drops anything).
     pub max_backlog: u64,
@@ -186,7 +185,7 @@ impl Default for StoreConfig {
             redis_url: Secret::new("redis://127.0.0.1:6379/0"),
             retention: Duration::from_secs(24 * 3600),
             command_timeout: Duration::from_secs(3),
-            poll: Duration::from_millis(500),
+            block: Duration::from_secs(2),
             max_backlog: 1_000_000,
         }
     }
@@ -407,8 +406,8 @@ impl EdgeConfig {
                 "must exceed 3 × tunnel.heartbeat (the dead-session deadline)".into(),
             ));
         }
-        if self.store.poll < Duration::from_millis(10) || self.store.poll > Duration::from_secs(30) {
-            return Err(bad("store.poll", "must be between 10ms and 30s".into()));
+        if self.store.block >= self.store.command_timeout * 4 {
+            return Err(bad("store.block", "keep it short (1–5 s) and below 4 × store.command_timeout".into()));
         }
         let url = self.store.redis_url.expose();
         if redis::Client::open(url).is_err() {

@@ -23,7 +23,6 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod tunnel;
-pub mod wake;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -63,8 +62,6 @@ pub struct AppState {
     pub ingest_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     /// Per-IP and per-key rate limiters of the ingest listener.
     pub limiter: ingest::limit::Limiter,
-    /// Wakes sessions when this edge appends to their channels.
-    pub wakers: wake::Wakers,
 }
 
 impl AppState {
@@ -142,7 +139,6 @@ pub async fn run(
         ingest_tls: RwLock::new(ingest_tls),
         tunnel_tls: RwLock::new(tls),
         limiter: ingest::limit::Limiter::new(&cfg.ingest),
-        wakers: wake::Wakers::new(&cfg.all_channels()),
         cfg,
     });
     warn_about_config(&state.cfg);

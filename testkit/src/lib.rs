@@ -78,7 +78,7 @@ pub fn edge_config(redis: &RedisServer, certs: &Certs) -> EdgeConfig {
     cfg.tunnel.reclaim_after = Duration::from_secs(3);
     cfg.tunnel.retry_delay = Duration::from_millis(100);
     cfg.store.redis_url = Secret::new(redis.url());
-    cfg.store.poll = Duration::from_millis(200);
+    cfg.store.block = Duration::from_millis(500);
     cfg.store.command_timeout = Duration::from_secs(2);
     cfg.routes = vec![
         RouteConfig {

@@ -111,7 +111,7 @@ reclaim_after = "{reclaim_after}"
 listen = "127.0.0.1:{admin}"
 [store]
 redis_url = "{redis_url}"
-poll = "200ms"
+block = "500ms"
 command_timeout = "1s"
 [[route]]
 name = "hooks"

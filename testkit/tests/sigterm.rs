@@ -64,7 +64,7 @@ reclaim_after = "5s"
 listen = "127.0.0.1:{admin}"
 [store]
 redis_url = "{url}"
-poll = "200ms"
+block = "500ms"
 [[route]]
 name = "hooks"
 channels = ["crm"]

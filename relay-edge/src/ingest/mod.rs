@@ -335,9 +335,6 @@ async fn append(
         IngestError::StoreUnavailable
     })?;
     state.backlog.appended(&route.channels, &ids);
-    for ch in &route.channels {
-        state.wakers.wake(ch);
-    }
     let timestamp = chrono::DateTime::from_timestamp_millis(received_at_ms as i64)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);

@@ -19,12 +19,10 @@
 //! group's last delivered id: nothing unacknowledged is cut.
 //!
 //! # Connections
-//! Every command, sessions' reads included, shares one auto-reconnecting
-//! multiplexed connection with a short response timeout. Reads never
-//! `BLOCK` (a blocking read would stall every other command on a shared
-//! connection): a session that finds nothing waits until ingest on this
-//! edge appends to one of its channels, or `store.poll` passes (for entries
-//! appended by other edges).
+//! Commands share one auto-reconnecting multiplexed connection with a short
+//! response timeout. Each session's blocking `XREADGROUP` runs on a
+//! dedicated connection (a blocking read would stall every other command on a
+//! shared one) whose timeout exceeds the `BLOCK`.
 
 mod dlq;
 pub mod keys;
@@ -33,8 +31,8 @@ mod parse;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::Value;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Value};
 use relay_protocol::{ChannelStats, Webhook};
 
 use crate::config::StoreConfig;
@@ -56,12 +54,21 @@ pub struct Entry {
 /// Handle on the Redis store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
+    client: redis::Client,
     /// Shared connection for every non-blocking command.
     conn: ConnectionManager,
     /// Per-command deadline, on top of the connection's response timeout.
     timeout: Duration,
     /// Counts failed and timed-out commands (`relay_redis_errors_total`).
     errors: prometheus_client::metrics::counter::Counter,
+    /// `BLOCK` of one `XREADGROUP`.
+    block: Duration,
+}
+
+/// A dedicated connection for one session's blocking reads.
+pub struct Reader {
+    conn: MultiplexedConnection,
+    block: Duration,
 }
 
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> StoreError {
@@ -79,7 +86,7 @@ impl Store {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))?;
-        Ok(Self { conn, errors, timeout: cfg.command_timeout })
+        Ok(Self { client, conn, errors, timeout: cfg.command_timeout, block: cfg.block })
     }
 
     async fn run<T: redis::FromRedisValue>(&self, op: &'static str, cmd: &redis::Cmd) -> Result<T, StoreError> {
@@ -193,6 +200,19 @@ impl Store {
     pub async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let v: Value = self.run("XRANGE", redis::cmd("XRANGE").arg(keys::stream(channel)).arg(id).arg(id)).await?;
         Ok(parse::entries(v)?.into_iter().next().and_then(|e| e.field(keys::FIELD_WEBHOOK)))
+    }
+
+    /// Opens a dedicated connection for one session's blocking reads.
+    pub async fn reader(&self) -> Result<Reader, StoreError> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.block + self.timeout));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(redis_err("connect reader"))?;
+        Ok(Reader { conn, block: self.block })
     }
 
     /// Takes over entries idle longer than `min_idle` in any consumer's PEL.
@@ -445,18 +465,21 @@ pub struct DeadLetter<'a> {
     pub raw: Option<&'a [u8]>,
 }
 
-impl Store {
-    /// `XREADGROUP` (never blocking) over several streams, each from its own
-    /// cursor: `0`-style ids re-read the consumer's pending list, `>` reads
-    /// new entries. Sessions wait for new entries on [`crate::wake::Wakers`].
+impl Reader {
+    /// `XREADGROUP` over several streams, each from its own cursor (`0`-style
+    /// ids re-read the consumer's PEL, `>` reads new entries). Blocks up to
+    /// the configured `BLOCK` only when every cursor is `>`.
     pub async fn read(
-        &self,
+        &mut self,
         consumer: &str,
         cursors: &[(String, String)],
         count: usize,
     ) -> Result<Vec<RawEntry>, StoreError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count.max(1));
+        if cursors.iter().all(|(_, c)| c == ">") {
+            cmd.arg("BLOCK").arg(self.block.as_millis() as u64);
+        }
         cmd.arg("STREAMS");
         for (channel, _) in cursors {
             cmd.arg(keys::stream(channel));
@@ -464,7 +487,7 @@ impl Store {
         for (_, cursor) in cursors {
             cmd.arg(cursor);
         }
-        let v: Value = self.run("XREADGROUP", &cmd).await?;
+        let v: Value = cmd.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
         parse::read_reply(v)
     }
 }

@@ -97,13 +97,21 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
             return close(ws, &peer, Close::new("protocol_error", msg)).await;
         }
     };
-    for channel in &channels {
-        if let Err(e) = state.store.ensure_group(channel).await {
+    let prepared = async {
+        for channel in &channels {
+            state.store.ensure_group(channel).await?;
+        }
+        state.store.reader().await
+    }
+    .await;
+    let reader = match prepared {
+        Ok(r) => r,
+        Err(e) => {
             tracing::warn!(agent = %peer.agent, error = %e, "cannot prepare the session's channels");
             let c = Close::new("store_unavailable", "the edge's store is unavailable; retry later");
             return close(ws, &peer, c).await;
         }
-    }
+    };
 
     let kick = Kick { token: state.shutdown.child_token(), ..Kick::default() };
     let live = Arc::new(Live::default());
@@ -137,6 +145,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     let (events_tx, events_rx) = mpsc::channel(64);
     let fetcher = tokio::spawn(fetch_loop(
         state.store.clone(),
+        reader,
         peer.agent.clone(),
         channels.clone(),
         credit.clone(),
@@ -145,8 +154,6 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         tunnel.reclaim_after,
         paused.clone(),
         wake_fetcher.clone(),
-        channels.iter().filter_map(|c| state.wakers.get(c).map(|n| (c.clone(), n))).collect(),
-        state.cfg.store.poll,
     ));
     let mut session = Session {
         state: state.clone(),
@@ -644,6 +651,7 @@ impl Session {
 #[allow(clippy::too_many_arguments)]
 async fn fetch_loop(
     store: Store,
+    mut reader: crate::store::Reader,
     consumer: String,
     channels: Vec<String>,
     credit: Arc<Semaphore>,
@@ -652,8 +660,6 @@ async fn fetch_loop(
     reclaim_after: Duration,
     paused: Arc<std::sync::Mutex<HashSet<String>>>,
     wake: Arc<Notify>,
-    appended: Vec<(String, Arc<Notify>)>,
-    poll: Duration,
 ) {
     const MAX_BATCH: usize = 256;
     let mut cursors: Vec<(String, String)> = channels.iter().map(|c| (c.clone(), "0".to_string())).collect();
@@ -687,18 +693,6 @@ async fn fetch_loop(
         }
         let mut batch: Vec<Fetched> = Vec::new();
         let mut failed = false;
-        // Armed before the read, so an append between the read and the wait
-        // still wakes us.
-        let notifies: Vec<Arc<Notify>> =
-            appended.iter().filter(|(c, _)| active.iter().any(|(a, _)| a == c)).map(|(_, n)| n.clone()).collect();
-        let armed: Vec<_> = notifies
-            .iter()
-            .map(|n| {
-                let mut f = Box::pin(n.notified());
-                f.as_mut().enable();
-                f
-            })
-            .collect();
 
         if Instant::now() >= next_reclaim {
             next_reclaim = Instant::now() + reclaim_every;
@@ -729,7 +723,7 @@ async fn fetch_loop(
             let want = ((slots - batch.len()) / active.len()).max(1);
             let read = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = store.read(&consumer, &active, want) => r,
+                r = reader.read(&consumer, &active, want) => r,
             };
             match read {
                 Ok(raws) => {
@@ -775,7 +769,6 @@ async fn fetch_loop(
             credit.add_permits(unused);
         }
         let overdraft = batch.len().saturating_sub(slots) as u32;
-        let idle = batch.is_empty() && cursors.iter().all(|(_, c)| c == ">");
         if !batch.is_empty() && tx.send(Batch { entries: batch, overdraft }).await.is_err() {
             return;
         }
@@ -784,10 +777,8 @@ async fn fetch_loop(
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
-        } else if idle {
-            crate::wake::wait(armed, poll.min(next_reclaim.saturating_duration_since(Instant::now())), &cancel).await;
-            if cancel.is_cancelled() {
-                return;
+            if let Ok(r) = store.reader().await {
+                reader = r;
             }
         }
     }
