@@ -101,6 +101,10 @@ async fn upgrade(
     }
     let max = state.cfg.tunnel.max_frame.as_u64() as usize;
     ws.protocols([SUBPROTOCOL])
+        // 16 KiB instead of tungstenite's 128 KiB each way: idle sessions are
+        // the edge's main memory cost, and deliveries are flushed per batch.
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(16 * 1024)
         // Slightly above the protocol limit so an oversize frame is answered
         // with a clear `Error` frame by the session rather than a bare close.
         .max_message_size(max + 64 * 1024)
