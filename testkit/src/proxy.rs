@@ -98,5 +98,11 @@ async fn pump(
             break;
         }
     }
-    let _ = to.shutdown().await;
+    // A black hole forwards nothing, not even the close: the other side must
+    // notice the dead link by itself.
+    if mode.load(Ordering::SeqCst) == Mode::Pass as u8 {
+        let _ = to.shutdown().await;
+    } else {
+        std::future::pending::<()>().await;
+    }
 }
