@@ -36,7 +36,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let mut channels = serde_json::Map::new();
     if redis.is_ok() {
         for ch in state.cfg.all_channels() {
-            if let Ok(s) = state.store.stats(&ch).await {
+            if let Ok(s) = state.store.snapshot(&ch).await.map(|s| s.stats) {
                 channels.insert(
                     ch,
                     serde_json::json!({ "backlog": s.backlog, "pending": s.pending, "oldest_ms": s.oldest_ms }),

@@ -67,20 +67,19 @@ impl Backlog {
 pub async fn refresh_loop(state: std::sync::Arc<AppState>, shutdown: CancellationToken) {
     loop {
         for ch in state.cfg.all_channels() {
-            match state.store.backlog(&ch).await {
-                Ok((n, last)) => {
-                    state.backlog.refreshed(&ch, n, last);
-                    state.metrics.backlog.get_or_create(&ChannelLabels { channel: ch.clone() }).set(n as i64);
+            match state.store.snapshot(&ch).await {
+                Ok(snap) => {
+                    state.backlog.refreshed(&ch, snap.unacked(), snap.last_id);
+                    let labels = ChannelLabels { channel: ch.clone() };
+                    let m = &state.metrics;
+                    m.backlog.get_or_create(&labels).set(snap.unacked() as i64);
+                    m.oldest_pending_seconds
+                        .get_or_create(&labels)
+                        .set(snap.stats.oldest_ms.map(|ms| ms as f64 / 1000.0).unwrap_or(0.0));
+                    m.stream_length.get_or_create(&labels).set(snap.length as i64);
+                    m.dlq_length.get_or_create(&labels).set(snap.dlq_length as i64);
                 }
                 Err(e) => tracing::debug!(channel = %ch, error = %e, "backlog refresh failed"),
-            }
-            if let Ok(s) = state.store.stats(&ch).await {
-                let age = s.oldest_ms.map(|ms| ms as f64 / 1000.0).unwrap_or(0.0);
-                state.metrics.oldest_pending_seconds.get_or_create(&ChannelLabels { channel: ch.clone() }).set(age);
-            }
-            if let Ok((len, dlq)) = state.store.lengths(&ch).await {
-                state.metrics.stream_length.get_or_create(&ChannelLabels { channel: ch.clone() }).set(len as i64);
-                state.metrics.dlq_length.get_or_create(&ChannelLabels { channel: ch.clone() }).set(dlq as i64);
             }
         }
         tokio::select! {

@@ -279,45 +279,6 @@ impl Store {
         Ok(parse::pending_counts(v))
     }
 
-    /// Backlog figures of one channel for `status` and `/health`.
-    pub async fn stats(&self, channel: &str) -> Result<ChannelStats, StoreError> {
-        let stream = keys::stream(channel);
-        let mut pipe = redis::pipe();
-        pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
-        pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP);
-        let res: Result<(Value, Value), _> = self.run_pipe("XINFO GROUPS", &pipe).await;
-        let (groups, pending) = match res {
-            Ok(v) => v,
-            // No stream yet: nothing waiting.
-            Err(StoreError::Redis { source, .. })
-                if source.code() == Some("ERR") || source.code() == Some("NOGROUP") =>
-            {
-                return Ok(ChannelStats { channel: channel.into(), backlog: 0, pending: 0, oldest_ms: None });
-            }
-            Err(e) => return Err(e),
-        };
-        let group = parse::group_info(groups, keys::GROUP);
-        let (pending_count, oldest_pending) = parse::pending_summary(pending);
-        let now = now_ms();
-        let age = |id: &str| id_ms(id).map(|t| now.saturating_sub(t));
-        // Oldest waiting entry: the oldest pending one, else the first undelivered.
-        let oldest_ms = match oldest_pending.as_deref().and_then(age) {
-            Some(a) => Some(a),
-            None if group.lag.unwrap_or(0) > 0 => {
-                let after = group.last_delivered.clone().unwrap_or_else(|| "0-0".into());
-                let v: Value = self
-                    .run(
-                        "XRANGE",
-                        redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg("+").arg("COUNT").arg(1),
-                    )
-                    .await?;
-                parse::entries(v)?.first().and_then(|e| age(&e.id))
-            }
-            None => None,
-        };
-        Ok(ChannelStats { channel: channel.into(), backlog: group.lag.unwrap_or(0), pending: pending_count, oldest_ms })
-    }
-
     /// Moves entries older than `retention` that were never acknowledged —
     /// pending on an agent, or not yet delivered — to the DLQ with reason
     /// `expired`, so trimming never makes them vanish. Returns how many.
@@ -399,26 +360,58 @@ impl Store {
         Ok(expired)
     }
 
-    /// Entries not yet acknowledged (undelivered + pending) — the backlog
-    /// the ingest cap applies to — and the stream's last generated id, read
-    /// in one `MULTI` so appends after it can be told apart exactly.
-    pub async fn backlog(&self, channel: &str) -> Result<(u64, (u64, u64)), StoreError> {
+    /// Everything the edge reports about one channel, read in one `MULTI`
+    /// (plus one `XRANGE` when nothing is pending but entries wait): backlog
+    /// figures for `status`, `/health` and the metrics, and the stream's last
+    /// id for the exact backlog cap.
+    pub async fn snapshot(&self, channel: &str) -> Result<Snapshot, StoreError> {
         let stream = keys::stream(channel);
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.cmd("XINFO").arg("STREAM").arg(&stream);
         pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
         pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP);
-        let (info, groups, pending): (Value, Value, Value) = match self.run_pipe("XINFO STREAM", &pipe).await {
-            Ok(v) => v,
-            Err(StoreError::Redis { source, .. }) if matches!(source.code(), Some("ERR") | Some("NOGROUP")) => {
-                return Ok((0, (0, 0)));
+        pipe.cmd("XLEN").arg(keys::dlq(channel));
+        let (info, groups, pending, dlq_length): (Value, Value, Value, u64) =
+            match self.run_pipe("XINFO STREAM", &pipe).await {
+                Ok(v) => v,
+                // No stream or group yet: nothing waiting.
+                Err(StoreError::Redis { source, .. }) if matches!(source.code(), Some("ERR") | Some("NOGROUP")) => {
+                    return Ok(Snapshot::empty(channel));
+                }
+                Err(e) => return Err(e),
+            };
+        let (length, last_id) = parse::stream_info(info);
+        let group = parse::group_info(groups, keys::GROUP);
+        let (pending_count, oldest_pending) = parse::pending_summary(pending);
+        let now = now_ms();
+        let age = |id: &str| id_ms(id).map(|t| now.saturating_sub(t));
+        // Oldest waiting entry: the oldest pending one, else the first undelivered.
+        let oldest_ms = match oldest_pending.as_deref().and_then(age) {
+            Some(a) => Some(a),
+            None if group.lag.unwrap_or(0) > 0 => {
+                let after = group.last_delivered.clone().unwrap_or_else(|| "0-0".into());
+                let v: Value = self
+                    .run(
+                        "XRANGE",
+                        redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg("+").arg("COUNT").arg(1),
+                    )
+                    .await?;
+                parse::entries(v)?.first().and_then(|e| age(&e.id))
             }
-            Err(e) => return Err(e),
+            None => None,
         };
-        let last = parse::stream_last_id(info).as_deref().and_then(parse_id).unwrap_or((0, 0));
-        let lag = parse::group_info(groups, keys::GROUP).lag.unwrap_or(0);
-        Ok((lag + parse::pending_summary(pending).0, last))
+        Ok(Snapshot {
+            stats: ChannelStats {
+                channel: channel.into(),
+                backlog: group.lag.unwrap_or(0),
+                pending: pending_count,
+                oldest_ms,
+            },
+            last_id: last_id.as_deref().and_then(parse_id).unwrap_or((0, 0)),
+            length,
+            dlq_length,
+        })
     }
 
     /// Trims entries older than `retention`, but never an entry that is
@@ -448,6 +441,29 @@ impl Store {
             min_ms = min_ms.min(last);
         }
         self.run("XTRIM", redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(min_ms)).await
+    }
+}
+
+/// What [`Store::snapshot`] reports about a channel.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub stats: ChannelStats,
+    /// The stream's last generated id, `(ms, seq)`.
+    pub last_id: (u64, u64),
+    /// Entries retained in the stream (acknowledged ones included).
+    pub length: u64,
+    pub dlq_length: u64,
+}
+
+impl Snapshot {
+    fn empty(channel: &str) -> Self {
+        let stats = ChannelStats { channel: channel.into(), backlog: 0, pending: 0, oldest_ms: None };
+        Self { stats, last_id: (0, 0), length: 0, dlq_length: 0 }
+    }
+
+    /// Unacknowledged entries: undelivered + pending.
+    pub fn unacked(&self) -> u64 {
+        self.stats.backlog + self.stats.pending
     }
 }
 
@@ -559,13 +575,3 @@ impl Store {
 
 /// Value of a de-duplication key while its first request is being stored.
 pub const DEDUPE_PENDING: &str = "pending";
-
-impl Store {
-    /// `XLEN` of the channel's stream and of its DLQ.
-    pub async fn lengths(&self, channel: &str) -> Result<(u64, u64), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("XLEN").arg(keys::stream(channel));
-        pipe.cmd("XLEN").arg(keys::dlq(channel));
-        self.run_pipe("XLEN", &pipe).await
-    }
-}

@@ -191,7 +191,16 @@ pub fn group_info(v: Value, group: &str) -> GroupInfo {
     GroupInfo::default()
 }
 
-/// `last-generated-id` of an `XINFO STREAM` reply.
-pub fn stream_last_id(v: Value) -> Option<String> {
-    pairs(v).into_iter().find(|(k, _)| text(k).as_deref() == Some("last-generated-id")).and_then(|(_, v)| text(&v))
+/// `length` and `last-generated-id` of an `XINFO STREAM` reply.
+pub fn stream_info(v: Value) -> (u64, Option<String>) {
+    let mut length = 0;
+    let mut last = None;
+    for (k, v) in pairs(v) {
+        match text(&k).as_deref() {
+            Some("length") => length = text(&v).and_then(|l| l.parse().ok()).unwrap_or(0),
+            Some("last-generated-id") => last = text(&v),
+            _ => {}
+        }
+    }
+    (length, last)
 }

@@ -631,7 +631,7 @@ impl Session {
         tokio::spawn(async move {
             let mut out = Vec::with_capacity(channels.len());
             for ch in &channels {
-                match store.stats(ch).await {
+                match store.snapshot(ch).await.map(|s| s.stats) {
                     Ok(s) => out.push(s),
                     Err(e) => {
                         tracing::debug!(channel = %ch, error = %e, "stats unavailable");
