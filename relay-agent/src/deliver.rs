@@ -63,10 +63,6 @@ impl Deliverer {
         })
     }
 
-    pub fn target(&self, channel: &str) -> Option<&str> {
-        self.targets.get(channel).map(String::as_str)
-    }
-
     pub async fn deliver(&self, channel: &str, attempt: u32, webhook: &Webhook) -> Verdict {
         let Some(url) = self.targets.get(channel) else {
             return Verdict::DeadLetter {

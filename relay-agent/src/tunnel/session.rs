@@ -216,7 +216,6 @@ async fn settle(
     for outcome in outcomes {
         let Ok(Outcome { channel, id, attempt, webhook, verdict }) = outcome else { continue };
         let key = Recent::key(&channel, &id);
-        let target = pipe.deliverer.target(&channel).unwrap_or_default().to_string();
         let health = pipe.health.entry(channel.clone()).or_default();
         let verdict = match verdict {
             Verdict::Down { reason, refused, after } => {
@@ -231,7 +230,7 @@ async fn settle(
                     health.parked.push_back(super::pause::Parked { id, attempt, webhook });
                     let parked = health.parked.len() as u64;
                     status.update(|s| {
-                        note_target(s, &channel, &target, None, Some(reason.clone()));
+                        note_target(s, &channel, None, Some(reason.clone()));
                         set_paused(s, &channel, true, parked);
                     });
                     continue;
@@ -258,13 +257,13 @@ async fn settle(
                 acks.push(id);
                 status.update(|s| {
                     s.delivered += 1;
-                    note_target(s, &channel, &target, Some(code), None);
+                    note_target(s, &channel, Some(code), None);
                 });
             }
             Verdict::Retry { reason, status: code, after } => {
                 status.update(|s| {
                     s.failed += 1;
-                    note_target(s, &channel, &target, code, Some(reason.clone()));
+                    note_target(s, &channel, code, Some(reason.clone()));
                 });
                 tracing::info!(%channel, %id, %reason, ?after, "delivery failed; edge will retry");
                 nacks.push(Frame::Nack {
@@ -280,7 +279,7 @@ async fn settle(
                 status.update(|s| {
                     s.failed += 1;
                     s.dead_lettered += 1;
-                    note_target(s, &channel, &target, code, Some(reason.clone()));
+                    note_target(s, &channel, code, Some(reason.clone()));
                 });
                 tracing::warn!(%channel, %id, %reason, "delivery failed permanently; dead-lettering");
                 nacks.push(Frame::Nack { id, permanent: true, reason, retry_after_ms: None, status: code });
@@ -363,22 +362,13 @@ fn start_probes(pipe: &mut Pipeline, cfg: &AgentConfig) {
     }
 }
 
-fn note_target(s: &mut crate::status::Snapshot, channel: &str, url: &str, code: Option<u16>, error: Option<String>) {
-    let now = now_ms();
-    match s.targets.iter_mut().find(|t| t.channel == channel) {
-        Some(t) => {
-            t.last_status = code;
-            t.last_error = error;
-            t.last_attempt_ms = Some(now);
-        }
-        None => s.targets.push(crate::status::TargetStatus {
-            channel: channel.into(),
-            url: url.into(),
-            last_status: code,
-            last_error: error,
-            last_attempt_ms: Some(now),
-            ..Default::default()
-        }),
+/// Records the last outcome on the channel's target (targets are listed in
+/// the snapshot from the start, one per configured channel).
+fn note_target(s: &mut crate::status::Snapshot, channel: &str, code: Option<u16>, error: Option<String>) {
+    if let Some(t) = s.targets.iter_mut().find(|t| t.channel == channel) {
+        t.last_status = code;
+        t.last_error = error;
+        t.last_attempt_ms = Some(now_ms());
     }
 }
 
