@@ -294,3 +294,12 @@ pub async fn check_invariant(
         wait_ms,
     }
 }
+
+/// Waits until the agent answering on `socket` reports a live session.
+pub async fn wait_connected(socket: &Path) {
+    let socket = socket.to_path_buf();
+    crate::wait_until(Duration::from_secs(15), "agent connected", || {
+        relay_agent::status::client::query(&socket).is_ok_and(|s| s.connected)
+    })
+    .await;
+}

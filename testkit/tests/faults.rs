@@ -2,6 +2,7 @@
 //! steady workload, then the invariant — every webhook answered 200 was
 //! delivered with its body intact, nothing pending, nothing dead-lettered.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use testkit::procs::*;
@@ -23,12 +24,38 @@ async fn rig(fsync: &str, reclaim_after: &str) -> Rig {
     Rig { redis, certs, rx, edge }
 }
 
-async fn connected(socket: &std::path::Path) {
-    let socket = socket.to_path_buf();
-    wait_until(Duration::from_secs(15), "agent connected", || {
-        relay_agent::status::client::query(&socket).is_ok_and(|s| s.connected)
-    })
-    .await;
+impl Rig {
+    /// Starts agent `name` dialing `tunnel` and waits until it is connected;
+    /// returns the process and its status socket.
+    async fn agent(&self, name: &str, tunnel: u16, extra: &str) -> (Proc, PathBuf) {
+        let (cfg, socket) = write_agent(&self.certs, name, tunnel, &self.rx.url(), extra);
+        let agent = Proc::start("relay-agent", &cfg);
+        wait_connected(&socket).await;
+        (agent, socket)
+    }
+
+    /// Stops the workload, checks the invariant and prints the figures.
+    async fn finish(&self, name: &str, w: Workload) -> Report {
+        let (accepted, refused) = w.stop().await;
+        let report = check_invariant(&self.redis, &self.rx, &accepted, refused, Duration::from_secs(30)).await;
+        eprintln!(
+            "scenario {name}: accepted {} (refused {}), deliveries {}, duplicates {}, recovered in {} ms",
+            report.accepted, report.refused, report.deliveries, report.duplicates, report.wait_ms
+        );
+        report
+    }
+}
+
+/// A test that runs its scenario once, or in a loop in soak mode.
+macro_rules! scenario {
+    ($test:ident, $once:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $test() {
+            for _ in soak_rounds() {
+                $once().await;
+            }
+        }
+    };
 }
 
 fn load(urls: &[String]) -> Workload {
@@ -44,26 +71,12 @@ fn soak_rounds() -> impl Iterator<Item = u64> {
     (1..).take_while(move |&round| round == 1 || started.elapsed() < Duration::from_secs(secs))
 }
 
-fn print(name: &str, r: &Report) {
-    eprintln!(
-        "scenario {name}: accepted {} (refused {}), deliveries {}, duplicates {}, recovered in {} ms",
-        r.accepted, r.refused, r.deliveries, r.duplicates, r.wait_ms
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn agent_killed_repeatedly_under_load() {
-    for _ in soak_rounds() {
-        agent_killed_repeatedly_under_load_once().await;
-    }
-}
+scenario!(agent_killed_repeatedly_under_load, agent_killed_repeatedly_under_load_once);
 
 async fn agent_killed_repeatedly_under_load_once() {
     let r = rig("everysec", "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
-    let (cfg, socket) = write_agent(&r.certs, "lan-1", r.edge.tunnel, &r.rx.url(), "window = 16");
-    let mut agent = Proc::start("relay-agent", &cfg);
-    connected(&socket).await;
+    let (mut agent, _) = r.agent("lan-1", r.edge.tunnel, "window = 16").await;
     let w = load(&[r.edge.hook_url()]);
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
@@ -72,76 +85,49 @@ async fn agent_killed_repeatedly_under_load_once() {
         agent.restart();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (accepted, refused) = w.stop().await;
-    let report = check_invariant(&r.redis, &r.rx, &accepted, refused, Duration::from_secs(30)).await;
-    print("agent kill -9 x3", &report);
+    let report = r.finish("agent kill -9 x3", w).await;
     assert!(report.accepted > 100);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn edge_killed_under_load() {
-    for _ in soak_rounds() {
-        edge_killed_under_load_once().await;
-    }
-}
+scenario!(edge_killed_under_load, edge_killed_under_load_once);
 
 async fn edge_killed_under_load_once() {
     let r = rig("everysec", "3s").await;
     let mut edge = Proc::start("relay-edge", &r.edge.config);
-    let (cfg, socket) = write_agent(&r.certs, "lan-1", r.edge.tunnel, &r.rx.url(), "");
-    let _agent = Proc::start("relay-agent", &cfg);
-    connected(&socket).await;
+    let (_agent, _) = r.agent("lan-1", r.edge.tunnel, "").await;
     let w = load(&[r.edge.hook_url()]);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     edge.kill9().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     edge.restart();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (accepted, refused) = w.stop().await;
-    let report = check_invariant(&r.redis, &r.rx, &accepted, refused, Duration::from_secs(30)).await;
-    print("edge kill -9", &report);
-    assert!(refused > 0, "ingest was really down for a while");
+    let report = r.finish("edge kill -9", w).await;
+    assert!(report.refused > 0, "ingest was really down for a while");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redis_killed_and_restarted_from_its_aof() {
-    for _ in soak_rounds() {
-        redis_killed_and_restarted_from_its_aof_once().await;
-    }
-}
+scenario!(redis_killed_and_restarted_from_its_aof, redis_killed_and_restarted_from_its_aof_once);
 
 async fn redis_killed_and_restarted_from_its_aof_once() {
     let mut r = rig("always", "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
-    let (cfg, socket) = write_agent(&r.certs, "lan-1", r.edge.tunnel, &r.rx.url(), "");
-    let _agent = Proc::start("relay-agent", &cfg);
-    connected(&socket).await;
+    let (_agent, _) = r.agent("lan-1", r.edge.tunnel, "").await;
     let w = load(&[r.edge.hook_url()]);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     r.redis.kill();
     tokio::time::sleep(Duration::from_millis(800)).await;
     r.redis.restart();
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let (accepted, refused) = w.stop().await;
-    let report = check_invariant(&r.redis, &r.rx, &accepted, refused, Duration::from_secs(30)).await;
-    print("redis kill -9 (appendfsync always)", &report);
-    assert!(refused > 0, "ingest answered 503 while Redis was down");
+    let report = r.finish("redis kill -9 (appendfsync always)", w).await;
+    assert!(report.refused > 0, "ingest answered 503 while Redis was down");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn black_holed_tunnel_is_noticed_and_recovered() {
-    for _ in soak_rounds() {
-        black_holed_tunnel_is_noticed_and_recovered_once().await;
-    }
-}
+scenario!(black_holed_tunnel_is_noticed_and_recovered, black_holed_tunnel_is_noticed_and_recovered_once);
 
 async fn black_holed_tunnel_is_noticed_and_recovered_once() {
     let r = rig("everysec", "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", r.edge.tunnel).parse().expect("addr")).await;
-    let (cfg, socket) = write_agent(&r.certs, "lan-1", proxy.addr.port(), &r.rx.url(), "");
-    let _agent = Proc::start("relay-agent", &cfg);
-    connected(&socket).await;
+    let (_agent, socket) = r.agent("lan-1", proxy.addr.port(), "").await;
     let w = load(&[r.edge.hook_url()]);
     tokio::time::sleep(Duration::from_millis(800)).await;
     proxy.set(Mode::BlackHole);
@@ -156,105 +142,71 @@ async fn black_holed_tunnel_is_noticed_and_recovered_once() {
     assert!(saw_unhealthy, "status reported the dead link while it lasted");
     proxy.set(Mode::Pass);
     proxy.cut();
-    connected(&socket).await;
+    wait_connected(&socket).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (accepted, refused) = w.stop().await;
-    let report = check_invariant(&r.redis, &r.rx, &accepted, refused, Duration::from_secs(30)).await;
-    print("black hole 2 s", &report);
+    r.finish("black hole 2 s", w).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn connections_cut_mid_frame_lose_and_corrupt_nothing() {
-    for _ in soak_rounds() {
-        connections_cut_mid_frame_lose_and_corrupt_nothing_once().await;
-    }
-}
+scenario!(connections_cut_mid_frame_lose_and_corrupt_nothing, connections_cut_mid_frame_lose_and_corrupt_nothing_once);
 
 async fn connections_cut_mid_frame_lose_and_corrupt_nothing_once() {
     let r = rig("everysec", "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", r.edge.tunnel).parse().expect("addr")).await;
-    let (cfg, socket) = write_agent(&r.certs, "lan-1", proxy.addr.port(), &r.rx.url(), "");
-    let _agent = Proc::start("relay-agent", &cfg);
-    connected(&socket).await;
+    let (_agent, _) = r.agent("lan-1", proxy.addr.port(), "").await;
     // 96 KiB bodies: frames span many TCP reads, so cuts land mid-frame.
     let w = Workload::start(&[r.edge.hook_url()], 2, Duration::from_millis(25), 96 * 1024);
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(350)).await;
         proxy.cut();
     }
-    let (accepted, refused) = w.stop().await;
-    let report = check_invariant(&r.redis, &r.rx, &accepted, refused, Duration::from_secs(30)).await;
-    print("cut mid-frame x8", &report);
+    r.finish("cut mid-frame x8", w).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other() {
-    for _ in soak_rounds() {
-        a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other_once().await;
-    }
-}
+scenario!(
+    a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other,
+    a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other_once
+);
 
 async fn a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other_once() {
     let r = rig("everysec", "2s").await;
     r.rx.delay(Duration::from_millis(30));
     let _edge = Proc::start("relay-edge", &r.edge.config);
-    let (cfg1, s1) = write_agent(&r.certs, "lan-1", r.edge.tunnel, &r.rx.url(), "window = 16");
-    let (cfg2, s2) = write_agent(&r.certs, "lan-2", r.edge.tunnel, &r.rx.url(), "window = 16");
-    let mut a1 = Proc::start("relay-agent", &cfg1);
-    let _a2 = Proc::start("relay-agent", &cfg2);
-    connected(&s1).await;
-    connected(&s2).await;
+    let (mut a1, _) = r.agent("lan-1", r.edge.tunnel, "window = 16").await;
+    let (_a2, _) = r.agent("lan-2", r.edge.tunnel, "window = 16").await;
     let w = load(&[r.edge.hook_url()]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     a1.kill9().await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let (accepted, refused) = w.stop().await;
-    let report = check_invariant(&r.redis, &r.rx, &accepted, refused, Duration::from_secs(30)).await;
-    print("two agents, one killed", &report);
+    r.finish("two agents, one killed", w).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_edges_on_one_redis_survive_losing_one() {
-    for _ in soak_rounds() {
-        two_edges_on_one_redis_survive_losing_one_once().await;
-    }
-}
+scenario!(two_edges_on_one_redis_survive_losing_one, two_edges_on_one_redis_survive_losing_one_once);
 
 async fn two_edges_on_one_redis_survive_losing_one_once() {
     let r = rig("everysec", "2s").await;
     let edge_b = write_edge(&r.certs, "edge-b", &r.redis.url(), "2s");
     let mut ea = Proc::start("relay-edge", &r.edge.config);
     let _eb = Proc::start("relay-edge", &edge_b.config);
-    let (cfg1, s1) = write_agent(&r.certs, "lan-1", r.edge.tunnel, &r.rx.url(), "");
-    let (cfg2, s2) = write_agent(&r.certs, "lan-2", edge_b.tunnel, &r.rx.url(), "");
-    let _a1 = Proc::start("relay-agent", &cfg1);
-    let _a2 = Proc::start("relay-agent", &cfg2);
-    connected(&s1).await;
-    connected(&s2).await;
+    let (_a1, _) = r.agent("lan-1", r.edge.tunnel, "").await;
+    let (_a2, _) = r.agent("lan-2", edge_b.tunnel, "").await;
     let w = load(&[r.edge.hook_url(), edge_b.hook_url()]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ea.kill9().await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let (accepted, refused) = w.stop().await;
-    let report = check_invariant(&r.redis, &r.rx, &accepted, refused, Duration::from_secs(30)).await;
-    print("two edges, one killed", &report);
+    r.finish("two edges, one killed", w).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn slow_receiver_visibility_warning_and_no_duplicates_when_configured_well() {
-    for _ in soak_rounds() {
-        slow_receiver_visibility_warning_and_no_duplicates_when_configured_well_once().await;
-    }
-}
+scenario!(
+    slow_receiver_visibility_warning_and_no_duplicates_when_configured_well,
+    slow_receiver_visibility_warning_and_no_duplicates_when_configured_well_once
+);
 
 async fn slow_receiver_visibility_warning_and_no_duplicates_when_configured_well_once() {
     // Misconfigured: reclaim_after 1 s < request_timeout 2 s + 0.9 s deadline.
     let r = rig("everysec", "1s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
-    let (cfg, socket) = write_agent(&r.certs, "lan-1", r.edge.tunnel, &r.rx.url(), "");
-    let mut agent = Proc::start("relay-agent", &cfg);
-    connected(&socket).await;
+    let (mut agent, socket) = r.agent("lan-1", r.edge.tunnel, "").await;
     let st = relay_agent::status::client::query(&socket).expect("status");
     assert!(st.warnings.iter().any(|w| w.contains("reclaim_after")), "the warning fires: {:?}", st.warnings);
     agent.sigterm().await;
@@ -263,17 +215,11 @@ async fn slow_receiver_visibility_warning_and_no_duplicates_when_configured_well
     let r = rig("everysec", "5s").await;
     r.rx.delay(Duration::from_millis(1200));
     let _edge = Proc::start("relay-edge", &r.edge.config);
-    let (cfg1, s1) = write_agent(&r.certs, "lan-1", r.edge.tunnel, &r.rx.url(), "window = 4");
-    let (cfg2, s2) = write_agent(&r.certs, "lan-2", r.edge.tunnel, &r.rx.url(), "window = 4");
-    let _a1 = Proc::start("relay-agent", &cfg1);
-    let _a2 = Proc::start("relay-agent", &cfg2);
-    connected(&s1).await;
-    connected(&s2).await;
+    let (_a1, s1) = r.agent("lan-1", r.edge.tunnel, "window = 4").await;
+    let (_a2, _) = r.agent("lan-2", r.edge.tunnel, "window = 4").await;
     assert!(relay_agent::status::client::query(&s1).expect("status").warnings.is_empty());
     let w = Workload::start(&[r.edge.hook_url()], 1, Duration::from_millis(150), 256);
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    let (accepted, refused) = w.stop().await;
-    let report = check_invariant(&r.redis, &r.rx, &accepted, refused, Duration::from_secs(30)).await;
-    print("slow receiver, recommended settings", &report);
+    let report = r.finish("slow receiver, recommended settings", w).await;
     assert_eq!(report.duplicates, 0, "no duplicates with a visibility timeout above the request timeout");
 }
