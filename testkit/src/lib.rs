@@ -251,14 +251,20 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Runs `relay-edge <args>` against `edge`'s admin API; returns (exit code, stdout, stderr).
 pub async fn edge_cli(edge: &Edge, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(bin("relay-edge"))
+    let admin = edge.admin.to_string();
+    let mut all = args.to_vec();
+    all.extend(["--admin", &admin]);
+    run_bin("relay-edge", &all).await
+}
+
+/// Runs a workspace binary; returns (exit code, stdout, stderr).
+pub async fn run_bin(name: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(bin(name))
         .args(args)
-        .arg("--admin")
-        .arg(edge.admin.to_string())
         .env_remove("RELAY_CONFIG")
         .output()
         .await
-        .expect("run relay-edge");
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -5,6 +5,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::procs::free_port;
+
 pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
@@ -115,8 +117,4 @@ fn spawn(dir: &std::path::Path, port: u16) -> Result<Child, String> {
         .map_err(|e| {
             format!("cannot run redis-server ({e}); install it: `apt-get install -y redis-server` (the README's test command does this)")
         })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }

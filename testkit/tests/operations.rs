@@ -8,14 +8,9 @@ use testkit::*;
 
 /// `relay-agent status --json --socket S` through the real binary.
 async fn status_cmd(socket: &std::path::Path) -> (i32, serde_json::Value) {
-    let out = tokio::process::Command::new(bin("relay-agent"))
-        .args(["status", "--json", "--socket"])
-        .arg(socket)
-        .env_remove("RELAY_CONFIG")
-        .output()
-        .await
-        .expect("run relay-agent status");
-    (out.status.code().unwrap_or(-1), serde_json::from_slice(&out.stdout).unwrap_or_default())
+    let socket = socket.display().to_string();
+    let (code, out, _) = run_bin("relay-agent", &["status", "--json", "--socket", &socket]).await;
+    (code, serde_json::from_slice(out.as_bytes()).unwrap_or_default())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
