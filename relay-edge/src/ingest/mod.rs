@@ -175,18 +175,22 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> I
 
 async fn accept(state: &AppState, peer: SocketAddr, route_name: &str, key: Option<String>, req: Request) -> Response {
     let started = std::time::Instant::now();
-    let result =
-        match tokio::time::timeout(state.cfg.ingest.request_timeout, store_webhook(state, peer, route_name, key, req))
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(IngestError::StoreUnavailable),
-        };
+    let route = state.cfg.routes.iter().find(|r| r.name == route_name);
+    let result = match tokio::time::timeout(
+        state.cfg.ingest.request_timeout,
+        store_webhook(state, peer, route, route_name, key, req),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(IngestError::StoreUnavailable),
+    };
     let status = match &result {
         Ok(_) => 200,
         Err(e) => e.status().as_u16(),
     };
-    let label = if state.cfg.routes.iter().any(|r| r.name == route_name) { route_name } else { "unknown" };
+    // Unknown route names come from the URL: never a label of their own.
+    let label = route.map(|r| r.name.as_str()).unwrap_or("unknown");
     state.metrics.ingest_requests.get_or_create(&IngestLabels { route: label.to_string(), status }).inc();
     state.metrics.ingest_seconds.observe(started.elapsed().as_secs_f64());
     match result {
@@ -206,13 +210,14 @@ async fn accept(state: &AppState, peer: SocketAddr, route_name: &str, key: Optio
 async fn store_webhook(
     state: &AppState,
     peer: SocketAddr,
+    route: Option<&RouteConfig>,
     route_name: &str,
     key: Option<String>,
     req: Request,
 ) -> Result<serde_json::Value, IngestError> {
     let cfg = &state.cfg.ingest;
     state.limiter.check_ip(client_ip(peer, req.headers(), &cfg.trusted_proxies))?;
-    let route = find_route(state, route_name)?;
+    let route = route.ok_or_else(|| unknown_route(route_name))?;
     let key_index =
         key.as_deref().and_then(|k| auth::match_key(k, &route.api_keys)).ok_or(IngestError::Unauthorized)?;
     state.limiter.check_key(&route.name, key_index)?;
@@ -354,12 +359,12 @@ async fn append(
 }
 
 fn find_route<'a>(state: &'a AppState, name: &str) -> Result<&'a RouteConfig, IngestError> {
-    state
-        .cfg
-        .routes
-        .iter()
-        .find(|r| r.name == name)
-        .ok_or_else(|| IngestError::UnknownRoute(name.chars().take(64).collect()))
+    state.cfg.routes.iter().find(|r| r.name == name).ok_or_else(|| unknown_route(name))
+}
+
+/// The error for a route name taken from the URL (cut to 64 characters).
+fn unknown_route(name: &str) -> IngestError {
+    IngestError::UnknownRoute(name.chars().take(64).collect())
 }
 
 async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Vec<u8>, IngestError> {
