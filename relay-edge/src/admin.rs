@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
+use crate::store::Backend;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -53,7 +54,12 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let body = serde_json::json!({
         "status": if redis.is_ok() { "healthy" } else { "degraded" },
-        "redis": if redis.is_ok() { "up" } else { "down" },
+        "store": state.store.kind(),
+        "redis": match (&state.store, redis.is_ok()) {
+            (crate::store::Store::Embedded(_), _) => "not used",
+            (_, true) => "up",
+            (_, false) => "down",
+        },
         "channels": channels,
         "agents": agents,
         "webhooks_received": m.received.get(),
@@ -70,7 +76,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     match state.store.ping().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "redis unreachable\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response(),
     }
 }
 

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::ingest::auth::secret_eq;
+use crate::store::Backend;
 use crate::store::DeadEntry;
 
 pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AppState;
 use crate::error::IngestError;
 use crate::metrics::ChannelLabels;
+use crate::store::Backend;
 
 #[derive(Default)]
 pub struct Backlog {

@@ -163,8 +163,12 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// Redis URL; may carry a password, so it is a secret.
-    pub redis_url: Secret,
+    /// Redis URL; may carry a password, so it is a secret. Unset (or empty):
+    /// the embedded store at `path` is used instead.
+    pub redis_url: Option<Secret>,
+    /// File of the embedded store (created with its directory); used only
+    /// when `redis_url` is unset.
+    pub path: PathBuf,
     /// Retention by age (`XTRIM MINID`); never cuts unacknowledged entries.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -179,10 +183,18 @@ pub struct StoreConfig {
     pub max_backlog: u64,
 }
 
+impl StoreConfig {
+    /// The Redis URL when one is configured (an empty one counts as unset).
+    pub fn redis(&self) -> Option<&str> {
+        self.redis_url.as_ref().map(|u| u.expose()).filter(|u| !u.is_empty())
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            redis_url: Secret::new("redis://127.0.0.1:6379/0"),
+            redis_url: None,
+            path: PathBuf::from("relay-edge.redb"),
             retention: Duration::from_secs(24 * 3600),
             command_timeout: Duration::from_secs(3),
             block: Duration::from_secs(2),
@@ -346,7 +358,7 @@ impl EdgeConfig {
                     .is_some_and(|(head, tail)| !head.ends_with('/') && tail.parse::<u32>().is_ok());
                 url = if has_db { base.to_string() } else { format!("{base}/{db}") };
             }
-            self.store.redis_url = Secret::new(url);
+            self.store.redis_url = Some(Secret::new(url));
         }
         if let Some(port) = var("SERVER_PORT").filter(|p| !p.is_empty()) {
             let port: u16 = port.parse().map_err(|_| ConfigError::Key {
@@ -409,10 +421,16 @@ impl EdgeConfig {
         if self.store.block >= self.store.command_timeout * 4 {
             return Err(bad("store.block", "keep it short (1–5 s) and below 4 × store.command_timeout".into()));
         }
-        let url = self.store.redis_url.expose();
-        if redis::Client::open(url).is_err() {
+        match self.store.redis() {
             // Never echo the URL: it may hold a password.
-            return Err(bad("store.redis_url", "is not a redis:// or rediss:// URL".into()));
+            Some(url) if redis::Client::open(url).is_err() => {
+                return Err(bad("store.redis_url", "is not a redis:// or rediss:// URL".into()));
+            }
+            Some(_) => {}
+            None if self.store.path.as_os_str().is_empty() => {
+                return Err(bad("store.path", "must name a file when store.redis_url is unset".into()));
+            }
+            None => {}
         }
         let mut names = BTreeSet::new();
         for (i, route) in self.routes.iter().enumerate() {
@@ -563,7 +581,7 @@ mod tests {
         cfg.apply_reference_env(env).expect("applies");
         assert_eq!(cfg.routes[0].name, LEGACY_ROUTE);
         assert_eq!(cfg.routes[0].channels, vec![LEGACY_CHANNEL.to_string()]);
-        assert_eq!(cfg.store.redis_url.expose(), "redis://:pw@localhost:6380/2");
+        assert_eq!(cfg.store.redis(), Some("redis://:pw@localhost:6380/2"));
         assert_eq!(cfg.ingest.listen, "0.0.0.0:8081");
         assert_eq!(cfg.store.retention, Duration::from_secs(12 * 3600));
     }

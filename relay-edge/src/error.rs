@@ -18,7 +18,7 @@ pub enum ConfigError {
     Key { key: String, why: String },
 }
 
-/// Failures of the Redis store.
+/// Failures of the store (either backend).
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("redis {op} failed: {source}")]
@@ -29,6 +29,10 @@ pub enum StoreError {
     },
     #[error("redis {op} timed out after {ms} ms")]
     Timeout { op: &'static str, ms: u128 },
+    #[error("embedded store {op} failed: {why}")]
+    Embedded { op: &'static str, why: String },
+    #[error("cannot open the embedded store {}: {why}", .path.display())]
+    Open { path: PathBuf, why: String },
     #[error("stream entry {id} is unreadable: {why}")]
     Corrupt { id: String, why: String },
 }

@@ -39,6 +39,7 @@ use tokio_util::task::TaskTracker;
 pub use config::EdgeConfig;
 pub use error::{ConfigError, StartError};
 
+use crate::store::Backend;
 use crate::store::Store;
 
 /// State shared by every listener and session.
@@ -142,6 +143,7 @@ pub async fn run(
         cfg,
     });
     warn_about_config(&state.cfg);
+    tracing::info!(backend = state.store.kind(), location = %state.store.describe(), "store");
     match state.store.ping().await {
         Ok(()) => {
             for ch in state.cfg.all_channels() {
@@ -151,7 +153,7 @@ pub async fn run(
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "Redis is not reachable yet; ingest answers 503 until it is")
+            tracing::warn!(error = %e, "the store is not reachable yet; ingest answers 503 until it is")
         }
     }
     tracing::info!(%ingest_addr, %tunnel_addr, %admin_addr, "relay-edge listening");

@@ -4,6 +4,7 @@
 //! `127.0.0.1:0`, and a recording HTTP receiver.
 #![forbid(unsafe_code)]
 
+pub mod backing;
 pub mod procs;
 pub mod proxy;
 pub mod receiver;
@@ -19,6 +20,7 @@ use relay_edge::config::{AgentGrant, RouteConfig, Secret};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use backing::Backing;
 pub use proxy::{FaultProxy, Mode};
 pub use receiver::{Delivery, Receiver};
 pub use redis_server::RedisServer;
@@ -65,7 +67,7 @@ impl Certs {
 /// Edge config for tests: fast heartbeats, route `hooks` → `crm`, the
 /// legacy route → `default`, agents `lan-1`/`lan-2` granted `crm` and
 /// `default`, `lan-3` granted only `other`.
-pub fn edge_config(redis: &RedisServer, certs: &Certs) -> EdgeConfig {
+pub fn edge_config(store: &Backing, certs: &Certs) -> EdgeConfig {
     let mut cfg = EdgeConfig::default();
     cfg.ingest.listen = "127.0.0.1:0".into();
     cfg.tunnel.listen = "127.0.0.1:0".into();
@@ -77,7 +79,7 @@ pub fn edge_config(redis: &RedisServer, certs: &Certs) -> EdgeConfig {
     cfg.tunnel.handshake_timeout = Duration::from_secs(5);
     cfg.tunnel.reclaim_after = Duration::from_secs(3);
     cfg.tunnel.retry_delay = Duration::from_millis(100);
-    cfg.store.redis_url = Secret::new(redis.url());
+    store.apply(&mut cfg.store);
     cfg.store.block = Duration::from_millis(500);
     cfg.store.command_timeout = Duration::from_secs(2);
     cfg.routes = vec![
@@ -299,28 +301,15 @@ pub async fn post(client: &reqwest::Client, url: &str, key: &str, body: Vec<u8>)
 }
 
 /// Number of entries pending (delivered, unacked) on a channel.
-pub async fn pending(redis: &RedisServer, channel: &str) -> u64 {
-    let mut conn = redis.conn().await;
-    let v: redis::Value = redis::cmd("XPENDING")
-        .arg(format!("relay:{{{channel}}}:stream"))
-        .arg("relay")
-        .query_async(&mut conn)
-        .await
-        .expect("XPENDING");
-    match v {
-        redis::Value::Array(items) => match items.first() {
-            Some(redis::Value::Int(n)) => *n as u64,
-            _ => 0,
-        },
-        _ => 0,
-    }
+pub async fn pending(store: &Backing, channel: &str) -> u64 {
+    store.snapshot(channel).await.stats.pending
 }
 
 /// Waits (up to 10 s) until no entry of `channel` is pending, and asserts it.
-pub async fn assert_drained(redis: &RedisServer, channel: &str) {
+pub async fn assert_drained(store: &Backing, channel: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let n = pending(redis, channel).await;
+        let n = pending(store, channel).await;
         if n == 0 {
             return;
         }
@@ -329,10 +318,14 @@ pub async fn assert_drained(redis: &RedisServer, channel: &str) {
     }
 }
 
-/// `XLEN` of a channel's stream (`kind` = "stream") or DLQ (`kind` = "dlq").
-pub async fn xlen(redis: &RedisServer, channel: &str, kind: &str) -> u64 {
-    let mut conn = redis.conn().await;
-    redis::cmd("XLEN").arg(format!("relay:{{{channel}}}:{kind}")).query_async(&mut conn).await.expect("XLEN")
+/// Length of a channel's stream (`kind` = "stream") or DLQ (`kind` = "dlq").
+pub async fn xlen(store: &Backing, channel: &str, kind: &str) -> u64 {
+    let snap = store.snapshot(channel).await;
+    match kind {
+        "stream" => snap.length,
+        "dlq" => snap.dlq_length,
+        other => panic!("xlen of `{other}`: use stream or dlq"),
+    }
 }
 
 /// A hand-driven tunnel session, for tests that misbehave on purpose.

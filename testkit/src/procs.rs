@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Certs, KEY, Receiver, RedisServer, bin, pending, xlen};
+use crate::{Certs, KEY, Receiver, bin};
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -82,9 +82,10 @@ impl EdgeSpec {
     }
 }
 
-/// Writes an edge config (`redis_url` may point at a proxy) with the
-/// visibility timeout `reclaim_after` (e.g. `"3s"`).
-pub fn write_edge(certs: &Certs, name: &str, redis_url: &str, reclaim_after: &str) -> EdgeSpec {
+/// Writes an edge config with the `[store]` lines `store` (see
+/// [`crate::Backing::toml`]) and the visibility timeout `reclaim_after`
+/// (e.g. `"3s"`).
+pub fn write_edge(certs: &Certs, name: &str, store: &str, reclaim_after: &str) -> EdgeSpec {
     let d = certs.dir.path().display();
     let spec = EdgeSpec {
         ingest: free_port(),
@@ -110,7 +111,7 @@ reclaim_after = "{reclaim_after}"
 [admin]
 listen = "127.0.0.1:{admin}"
 [store]
-redis_url = "{redis_url}"
+{store}
 block = "500ms"
 command_timeout = "1s"
 [[route]]
@@ -247,9 +248,10 @@ pub struct Report {
 }
 
 /// The invariant: every webhook answered 200 was delivered (body intact),
-/// nothing is left pending, nothing is in the DLQ. Waits up to `within`.
+/// nothing is left pending, nothing is in the DLQ (as the edge answering
+/// on `admin` reports it). Waits up to `within`.
 pub async fn check_invariant(
-    redis: &RedisServer,
+    admin: u16,
     rx: &Receiver,
     accepted: &HashMap<String, String>,
     refused: u64,
@@ -281,11 +283,15 @@ pub async fn check_invariant(
     }
     let distinct: HashSet<&str> = deliveries.iter().map(|d| d.relay_id.as_str()).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while pending(redis, "crm").await > 0 {
-        assert!(std::time::Instant::now() < deadline, "entries still pending: {}", pending(redis, "crm").await);
+    loop {
+        let n = admin_pending(admin, "crm").await;
+        if n == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "entries still pending: {n}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(xlen(redis, "crm", "dlq").await, 0, "nothing dead-lettered");
+    assert_eq!(admin_dlq_total(admin, "crm").await, 0, "nothing dead-lettered");
     Report {
         accepted: accepted.len(),
         refused,
@@ -302,4 +308,23 @@ pub async fn wait_connected(socket: &Path) {
         relay_agent::status::client::query(&socket).is_ok_and(|s| s.connected)
     })
     .await;
+}
+
+async fn admin_get(admin: u16, path: &str) -> serde_json::Value {
+    let url = format!("http://127.0.0.1:{admin}{path}");
+    let resp = reqwest::get(&url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let body = resp.bytes().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    serde_json::from_slice(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
+/// Pending entries of `channel` per the edge's `/health`.
+pub async fn admin_pending(admin: u16, channel: &str) -> u64 {
+    let health = admin_get(admin, "/health").await;
+    health["channels"][channel]["pending"].as_u64().unwrap_or_else(|| panic!("no pending count in {health}"))
+}
+
+/// Dead letters of `channel` per the edge's admin API.
+pub async fn admin_dlq_total(admin: u16, channel: &str) -> u64 {
+    let list = admin_get(admin, &format!("/admin/dlq/{channel}")).await;
+    list["total"].as_u64().unwrap_or_else(|| panic!("no total in {list}"))
 }

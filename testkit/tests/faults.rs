@@ -9,19 +9,18 @@ use testkit::procs::*;
 use testkit::*;
 
 struct Rig {
-    redis: RedisServer,
+    store: Backing,
     certs: Certs,
     rx: Receiver,
     edge: EdgeSpec,
 }
 
-async fn rig(fsync: &str, reclaim_after: &str) -> Rig {
+async fn rig(store: Backing, reclaim_after: &str) -> Rig {
     init_tracing();
-    let redis = RedisServer::start_with(fsync);
     let certs = Certs::generate();
     let rx = Receiver::start().await;
-    let edge = write_edge(&certs, "edge-a", &redis.url(), reclaim_after);
-    Rig { redis, certs, rx, edge }
+    let edge = write_edge(&certs, "edge-a", &store.toml(), reclaim_after);
+    Rig { store, certs, rx, edge }
 }
 
 impl Rig {
@@ -36,23 +35,44 @@ impl Rig {
 
     /// Stops the workload, checks the invariant and prints the figures.
     async fn finish(&self, name: &str, w: Workload) -> Report {
+        self.finish_via(name, w, self.edge.admin).await
+    }
+
+    /// Like `finish`, asking the edge whose admin port is `admin`.
+    async fn finish_via(&self, name: &str, w: Workload, admin: u16) -> Report {
         let (accepted, refused) = w.stop().await;
-        let report = check_invariant(&self.redis, &self.rx, &accepted, refused, Duration::from_secs(30)).await;
+        let report = check_invariant(admin, &self.rx, &accepted, refused, Duration::from_secs(30)).await;
         eprintln!(
-            "scenario {name}: accepted {} (refused {}), deliveries {}, duplicates {}, recovered in {} ms",
-            report.accepted, report.refused, report.deliveries, report.duplicates, report.wait_ms
+            "scenario {name} ({}): accepted {} (refused {}), deliveries {}, duplicates {}, recovered in {} ms",
+            self.store.name(),
+            report.accepted,
+            report.refused,
+            report.deliveries,
+            report.duplicates,
+            report.wait_ms
         );
         report
     }
 }
 
-/// A test that runs its scenario once, or in a loop in soak mode.
+/// A test that runs its scenario once, or in a loop in soak mode: once per
+/// store backend (`name::redis`, `name::embedded`), or only on the backend
+/// named.
 macro_rules! scenario {
     ($test:ident, $once:ident) => {
+        mod $test {
+            scenario!(@one redis, $once, testkit::Backing::redis());
+            scenario!(@one embedded, $once, testkit::Backing::embedded());
+        }
+    };
+    ($test:ident, $once:ident, $backing:expr) => {
+        scenario!(@one $test, $once, $backing);
+    };
+    (@one $name:ident, $once:ident, $backing:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn $test() {
-            for _ in soak_rounds() {
-                $once().await;
+        async fn $name() {
+            for _ in crate::soak_rounds() {
+                crate::$once($backing).await;
             }
         }
     };
@@ -73,8 +93,8 @@ fn soak_rounds() -> impl Iterator<Item = u64> {
 
 scenario!(agent_killed_repeatedly_under_load, agent_killed_repeatedly_under_load_once);
 
-async fn agent_killed_repeatedly_under_load_once() {
-    let r = rig("everysec", "3s").await;
+async fn agent_killed_repeatedly_under_load_once(store: Backing) {
+    let r = rig(store, "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let (mut agent, _) = r.agent("lan-1", r.edge.tunnel, "window = 16").await;
     let w = load(&[r.edge.hook_url()]);
@@ -91,8 +111,8 @@ async fn agent_killed_repeatedly_under_load_once() {
 
 scenario!(edge_killed_under_load, edge_killed_under_load_once);
 
-async fn edge_killed_under_load_once() {
-    let r = rig("everysec", "3s").await;
+async fn edge_killed_under_load_once(store: Backing) {
+    let r = rig(store, "3s").await;
     let mut edge = Proc::start("relay-edge", &r.edge.config);
     let (_agent, _) = r.agent("lan-1", r.edge.tunnel, "").await;
     let w = load(&[r.edge.hook_url()]);
@@ -105,17 +125,21 @@ async fn edge_killed_under_load_once() {
     assert!(report.refused > 0, "ingest was really down for a while");
 }
 
-scenario!(redis_killed_and_restarted_from_its_aof, redis_killed_and_restarted_from_its_aof_once);
+scenario!(
+    redis_killed_and_restarted_from_its_aof,
+    redis_killed_and_restarted_from_its_aof_once,
+    Backing::redis_with("always")
+);
 
-async fn redis_killed_and_restarted_from_its_aof_once() {
-    let mut r = rig("always", "3s").await;
+async fn redis_killed_and_restarted_from_its_aof_once(store: Backing) {
+    let mut r = rig(store, "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let (_agent, _) = r.agent("lan-1", r.edge.tunnel, "").await;
     let w = load(&[r.edge.hook_url()]);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    r.redis.kill();
+    r.store.redis_server().kill();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    r.redis.restart();
+    r.store.redis_server().restart();
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let report = r.finish("redis kill -9 (appendfsync always)", w).await;
     assert!(report.refused > 0, "ingest answered 503 while Redis was down");
@@ -123,8 +147,8 @@ async fn redis_killed_and_restarted_from_its_aof_once() {
 
 scenario!(black_holed_tunnel_is_noticed_and_recovered, black_holed_tunnel_is_noticed_and_recovered_once);
 
-async fn black_holed_tunnel_is_noticed_and_recovered_once() {
-    let r = rig("everysec", "3s").await;
+async fn black_holed_tunnel_is_noticed_and_recovered_once(store: Backing) {
+    let r = rig(store, "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", r.edge.tunnel).parse().expect("addr")).await;
     let (_agent, socket) = r.agent("lan-1", proxy.addr.port(), "").await;
@@ -149,8 +173,8 @@ async fn black_holed_tunnel_is_noticed_and_recovered_once() {
 
 scenario!(connections_cut_mid_frame_lose_and_corrupt_nothing, connections_cut_mid_frame_lose_and_corrupt_nothing_once);
 
-async fn connections_cut_mid_frame_lose_and_corrupt_nothing_once() {
-    let r = rig("everysec", "3s").await;
+async fn connections_cut_mid_frame_lose_and_corrupt_nothing_once(store: Backing) {
+    let r = rig(store, "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", r.edge.tunnel).parse().expect("addr")).await;
     let (_agent, _) = r.agent("lan-1", proxy.addr.port(), "").await;
@@ -168,8 +192,8 @@ scenario!(
     a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other_once
 );
 
-async fn a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other_once() {
-    let r = rig("everysec", "2s").await;
+async fn a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other_once(store: Backing) {
+    let r = rig(store, "2s").await;
     r.rx.delay(Duration::from_millis(30));
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let (mut a1, _) = r.agent("lan-1", r.edge.tunnel, "window = 16").await;
@@ -181,11 +205,11 @@ async fn a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other_once() {
     r.finish("two agents, one killed", w).await;
 }
 
-scenario!(two_edges_on_one_redis_survive_losing_one, two_edges_on_one_redis_survive_losing_one_once);
+scenario!(two_edges_on_one_redis_survive_losing_one, two_edges_on_one_redis_survive_losing_one_once, Backing::redis());
 
-async fn two_edges_on_one_redis_survive_losing_one_once() {
-    let r = rig("everysec", "2s").await;
-    let edge_b = write_edge(&r.certs, "edge-b", &r.redis.url(), "2s");
+async fn two_edges_on_one_redis_survive_losing_one_once(store: Backing) {
+    let r = rig(store, "2s").await;
+    let edge_b = write_edge(&r.certs, "edge-b", &r.store.toml(), "2s");
     let mut ea = Proc::start("relay-edge", &r.edge.config);
     let _eb = Proc::start("relay-edge", &edge_b.config);
     let (_a1, _) = r.agent("lan-1", r.edge.tunnel, "").await;
@@ -194,7 +218,7 @@ async fn two_edges_on_one_redis_survive_losing_one_once() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ea.kill9().await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    r.finish("two edges, one killed", w).await;
+    r.finish_via("two edges, one killed", w, edge_b.admin).await;
 }
 
 scenario!(
@@ -202,9 +226,9 @@ scenario!(
     slow_receiver_visibility_warning_and_no_duplicates_when_configured_well_once
 );
 
-async fn slow_receiver_visibility_warning_and_no_duplicates_when_configured_well_once() {
+async fn slow_receiver_visibility_warning_and_no_duplicates_when_configured_well_once(store: Backing) {
     // Misconfigured: reclaim_after 1 s < request_timeout 2 s + 0.9 s deadline.
-    let r = rig("everysec", "1s").await;
+    let r = rig(Backing::embedded(), "1s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let (mut agent, socket) = r.agent("lan-1", r.edge.tunnel, "").await;
     let st = relay_agent::status::client::query(&socket).expect("status");
@@ -212,7 +236,7 @@ async fn slow_receiver_visibility_warning_and_no_duplicates_when_configured_well
     agent.sigterm().await;
 
     // Recommended: reclaim_after 5 s > 2 s + 0.9 s; the receiver takes 1.2 s.
-    let r = rig("everysec", "5s").await;
+    let r = rig(store, "5s").await;
     r.rx.delay(Duration::from_millis(1200));
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let (_a1, s1) = r.agent("lan-1", r.edge.tunnel, "window = 4").await;

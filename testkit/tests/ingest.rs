@@ -15,12 +15,10 @@ async fn raw_http(addr: std::net::SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_requests_are_refused_and_nothing_is_stored() {
+async fn bad_requests_are_refused_and_nothing_is_stored(store: Backing) {
     init_tracing();
-    let mut redis = RedisServer::start();
     let certs = Certs::generate();
-    let edge = Edge::start(edge_config(&redis, &certs)).await;
+    let edge = Edge::start(edge_config(&store, &certs)).await;
     let client = reqwest::Client::new();
     let url = edge.hook_url("hooks");
 
@@ -57,14 +55,14 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
     let answer = raw_http(edge.ingest, &chunked).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{}", &answer[..answer.len().min(200)]);
 
-    assert_eq!(xlen(&redis, "crm", "stream").await, 0, "nothing stored by refused requests");
+    assert_eq!(xlen(&store, "crm", "stream").await, 0, "nothing stored by refused requests");
 
     // Key as a path segment and as ?api_key= (Meta cannot send headers).
     let r = client.post(format!("{url}/{KEY}")).body("{\"a\":1}").send().await.expect("post");
     assert_eq!(r.status(), 200);
     let r = client.post(format!("{url}?api_key={KEY}&x=1")).body("{\"a\":2}").send().await.expect("post");
     assert_eq!(r.status(), 200);
-    assert_eq!(xlen(&redis, "crm", "stream").await, 2);
+    assert_eq!(xlen(&store, "crm", "stream").await, 2);
 
     // Meta verification handshake.
     let r = client
@@ -81,8 +79,22 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
         .expect("get");
     assert_eq!(r.status(), 403);
 
+    edge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_answers_503_and_recovery_keeps_what_was_stored() {
+    init_tracing();
+    let mut store = Backing::redis();
+    let certs = Certs::generate();
+    let edge = Edge::start(edge_config(&store, &certs)).await;
+    let client = reqwest::Client::new();
+    let url = edge.hook_url("hooks");
+    let (s, j) = post(&client, &url, KEY, b"{\"before\":true}".to_vec()).await;
+    assert_eq!(s, 200, "{j}");
+
     // Redis down: 503 with Retry-After, never a 200.
-    redis.kill();
+    store.redis_server().kill();
     let started = std::time::Instant::now();
     let resp = client.post(&url).header("x-api-key", KEY).body("{}").send().await.expect("post");
     assert_eq!(resp.status(), 503);
@@ -92,7 +104,7 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
     assert!(started.elapsed() < Duration::from_secs(12), "answered within the request timeout");
 
     // Redis back: accepted again, and the earlier entries survived (AOF).
-    redis.restart();
+    store.redis_server().restart();
     wait_until(Duration::from_secs(1), "noop", || true).await;
     let mut ok = false;
     for _ in 0..50 {
@@ -104,5 +116,8 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "ingest recovers when Redis returns");
+    assert!(xlen(&store, "crm", "stream").await >= 2, "the webhook stored before the outage survived");
     edge.stop().await;
 }
+
+both_backends!(bad_requests_are_refused_and_nothing_is_stored);

@@ -1,6 +1,6 @@
 //! Ingest for Meta and the public internet: signatures over raw bytes, the
 //! verification handshake, keys in the URL, limits, de-duplication, and
-//! certificate revocation with reload. Real redis-server, edge, agent.
+//! certificate revocation with reload. Store-touching tests run once per store backend; real edge, agent.
 
 use std::time::Duration;
 
@@ -32,16 +32,15 @@ fn meta_routes(cfg: &mut relay_edge::EdgeConfig) {
     });
 }
 
-async fn start(tune: impl FnOnce(&mut relay_edge::EdgeConfig)) -> (RedisServer, Certs, Receiver, Edge) {
+async fn start(store: Backing, tune: impl FnOnce(&mut relay_edge::EdgeConfig)) -> (Backing, Certs, Receiver, Edge) {
     init_tracing();
-    let redis = RedisServer::start();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
-    let mut cfg = edge_config(&redis, &certs);
+    let mut cfg = edge_config(&store, &certs);
     meta_routes(&mut cfg);
     tune(&mut cfg);
     let edge = Edge::start(cfg).await;
-    (redis, certs, rx, edge)
+    (store, certs, rx, edge)
 }
 
 async fn post_signed(client: &reqwest::Client, url: &str, body: &[u8], signature: &str) -> (u16, serde_json::Value) {
@@ -57,9 +56,8 @@ async fn post_signed(client: &reqwest::Client, url: &str, body: &[u8], signature
     (status, serde_json::from_slice(&resp.bytes().await.expect("body")).unwrap_or_default())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn signed_whatsapp_payload_is_delivered_byte_identical_and_tampering_is_refused() {
-    let (redis, certs, rx, edge) = start(|_| {}).await;
+async fn signed_whatsapp_payload_is_delivered_byte_identical_and_tampering_is_refused(store: Backing) {
+    let (store, certs, rx, edge) = start(store, |_| {}).await;
     let agent = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
     let client = reqwest::Client::new();
     // Meta sends the key in the URL (no custom headers).
@@ -81,19 +79,19 @@ async fn signed_whatsapp_payload_is_delivered_byte_identical_and_tampering_is_re
     let mut tampered = WHATSAPP.to_vec();
     let pos = tampered.iter().position(|b| *b == b'd').expect("a 'd'");
     tampered[pos] = b'D';
-    let before = xlen(&redis, "crm", "stream").await;
+    let before = xlen(&store, "crm", "stream").await;
     let (s, j) = post_signed(&client, &url, &tampered, &sig).await;
     assert_eq!((s, j["error"].as_str()), (401, Some("bad_signature")), "{j}");
     let (s, _) = post_signed(&client, &url, WHATSAPP, "").await;
     assert_eq!(s, 401, "a missing signature is refused too");
-    assert_eq!(xlen(&redis, "crm", "stream").await, before, "nothing stored for a bad signature");
+    assert_eq!(xlen(&store, "crm", "stream").await, before, "nothing stored for a bad signature");
     agent.stop().await;
     edge.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verification_handshake_needs_no_signature() {
-    let (_redis, _certs, _rx, edge) = start(|_| {}).await;
+    let (_store, _certs, _rx, edge) = start(Backing::embedded(), |_| {}).await;
     let client = reqwest::Client::new();
     for base in [edge.hook_url("meta"), format!("{}/{KEY}", edge.hook_url("meta"))] {
         let ok = client
@@ -114,9 +112,8 @@ async fn verification_handshake_needs_no_signature() {
     edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn identical_deliveries_within_the_window_are_stored_once() {
-    let (redis, certs, rx, edge) = start(|_| {}).await;
+async fn identical_deliveries_within_the_window_are_stored_once(store: Backing) {
+    let (store, certs, rx, edge) = start(store, |_| {}).await;
     let agent = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
     let client = reqwest::Client::new();
     let url = format!("{}?api_key={KEY}", edge.hook_url("meta"));
@@ -127,7 +124,7 @@ async fn identical_deliveries_within_the_window_are_stored_once() {
     assert_eq!(j1["message_id"], j2["message_id"], "{j1} {j2}");
     assert_eq!(j1["webhook_id"], j2["webhook_id"]);
     assert_eq!(j2["duplicate"], true);
-    assert_eq!(xlen(&redis, "crm", "stream").await, 1, "stored once");
+    assert_eq!(xlen(&store, "crm", "stream").await, 1, "stored once");
     wait_until(Duration::from_secs(10), "delivered", || rx.accepted().len() == 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rx.count(), 1, "delivered once");
@@ -135,9 +132,8 @@ async fn identical_deliveries_within_the_window_are_stored_once() {
     edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn json_rate_and_slow_client_limits_store_nothing() {
-    let (redis, _certs, _rx, edge) = start(|c| {
+async fn json_rate_and_slow_client_limits_store_nothing(store: Backing) {
+    let (store, _certs, _rx, edge) = start(store, |c| {
         c.ingest.rate_per_key = 2;
         c.ingest.burst_per_key = 2;
         c.ingest.header_timeout = Duration::from_millis(500);
@@ -161,7 +157,7 @@ async fn json_rate_and_slow_client_limits_store_nothing() {
         .await
         .expect("post");
     assert_eq!(r.status(), 400);
-    assert_eq!(xlen(&redis, "crm", "stream").await, 0);
+    assert_eq!(xlen(&store, "crm", "stream").await, 0);
 
     // 429 with Retry-After once the key's burst is spent.
     let mut limited = None;
@@ -182,7 +178,7 @@ async fn json_rate_and_slow_client_limits_store_nothing() {
     let r = limited.expect("the per-key rate limit answers 429");
     let retry: u64 = r.headers()["retry-after"].to_str().expect("ra").parse().expect("seconds");
     assert!(retry >= 1);
-    let stored = xlen(&redis, "crm", "stream").await;
+    let stored = xlen(&store, "crm", "stream").await;
     assert!(stored <= 3, "only requests within the limit were stored ({stored})");
 
     // Slow head: cut off after header_timeout.
@@ -204,18 +200,18 @@ async fn json_rate_and_slow_client_limits_store_nothing() {
     let answer = String::from_utf8_lossy(&buf);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("request_timeout"), "{answer}");
-    assert_eq!(xlen(&redis, "crm", "stream").await, stored, "nothing stored by the slow clients");
+    assert_eq!(xlen(&store, "crm", "stream").await, stored, "nothing stored by the slow clients");
     edge.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revoked_certificates_are_refused_and_reload_drops_connected_ones() {
     init_tracing();
-    let redis = RedisServer::start();
+    let store = Backing::embedded();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
     let lan2 = relay_edge::certs::fingerprint(&certs.path("lan-2.pem")).expect("fingerprint");
-    let mut cfg = edge_config(&redis, &certs);
+    let mut cfg = edge_config(&store, &certs);
     cfg.tunnel.revoked = vec![lan2.serial.clone()];
     let edge = Edge::start(cfg.clone()).await;
 
@@ -251,3 +247,9 @@ async fn revoked_certificates_are_refused_and_reload_drops_connected_ones() {
     other.stop().await;
     edge.stop().await;
 }
+
+both_backends!(
+    signed_whatsapp_payload_is_delivered_byte_identical_and_tampering_is_refused,
+    identical_deliveries_within_the_window_are_stored_once,
+    json_rate_and_slow_client_limits_store_nothing,
+);

@@ -13,13 +13,11 @@ async fn status_cmd(socket: &std::path::Path) -> (i32, serde_json::Value) {
     (code, serde_json::from_slice(out.as_bytes()).unwrap_or_default())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn status_reports_each_state_with_its_exit_code() {
+async fn status_reports_each_state_with_its_exit_code(store: Backing) {
     init_tracing();
-    let redis = RedisServer::start();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
-    let cfg = edge_config(&redis, &certs);
+    let cfg = edge_config(&store, &certs);
     let edge = Edge::start(cfg.clone()).await;
     let proxy = FaultProxy::start(edge.tunnel).await;
     let mut acfg = agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]);
@@ -168,10 +166,10 @@ fn sample(samples: &[(String, f64)], name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_move_with_traffic_and_health_reports_redis_down() {
     init_tracing();
-    let mut redis = RedisServer::start();
+    let mut store = Backing::redis();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
-    let edge = Edge::start(edge_config(&redis, &certs)).await;
+    let edge = Edge::start(edge_config(&store, &certs)).await;
     let agent = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
     agent.wait_connected(Duration::from_secs(10)).await;
     let client = reqwest::Client::new();
@@ -216,7 +214,7 @@ async fn metrics_move_with_traffic_and_health_reports_redis_down() {
     assert_eq!(health["webhooks_processed"], 5);
     assert_eq!(health["agents"][0]["agent"], "lan-1");
 
-    redis.kill();
+    store.redis_server().kill();
     let health: serde_json::Value = serde_json::from_str(
         &client.get(format!("http://{}/health", edge.admin)).send().await.expect("health").text().await.expect("t"),
     )
@@ -235,10 +233,10 @@ async fn metrics_move_with_traffic_and_health_reports_redis_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_command_lists_connected_agents() {
     init_tracing();
-    let redis = RedisServer::start();
+    let store = Backing::embedded();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
-    let edge = Edge::start(edge_config(&redis, &certs)).await;
+    let edge = Edge::start(edge_config(&store, &certs)).await;
     let agent = Agent::start(agent_config(&edge, &certs, "lan-2", &[("crm", rx.url())]));
     agent.wait_connected(Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -255,3 +253,5 @@ async fn agents_command_lists_connected_agents() {
     agent.stop().await;
     edge.stop().await;
 }
+
+both_backends!(status_reports_each_state_with_its_exit_code,);

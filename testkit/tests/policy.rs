@@ -1,27 +1,26 @@
 //! Delivery policy: retries, dead letters and replay, pausing while the
 //! local endpoint is down, attempt counts across edge restarts, retention,
-//! the backlog cap and ordering. Real redis-server, agent and receiver.
+//! the backlog cap and ordering. Once per store backend; real agent and receiver.
 
 use std::time::Duration;
 
 use testkit::*;
 
 struct Setup {
-    redis: RedisServer,
+    store: Backing,
     certs: Certs,
     rx: Receiver,
     edge: Edge,
 }
 
-async fn setup(tune: impl FnOnce(&mut relay_edge::EdgeConfig)) -> Setup {
+async fn setup(store: Backing, tune: impl FnOnce(&mut relay_edge::EdgeConfig)) -> Setup {
     init_tracing();
-    let redis = RedisServer::start();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
-    let mut cfg = edge_config(&redis, &certs);
+    let mut cfg = edge_config(&store, &certs);
     tune(&mut cfg);
     let edge = Edge::start(cfg).await;
-    Setup { redis, certs, rx, edge }
+    Setup { store, certs, rx, edge }
 }
 
 impl Setup {
@@ -45,9 +44,8 @@ impl Setup {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn server_errors_are_retried_until_success() {
-    let s = setup(|_| {}).await;
+async fn server_errors_are_retried_until_success(store: Backing) {
+    let s = setup(store, |_| {}).await;
     s.rx.script(&[500, 500, 500]);
     let agent = s.agent(|_| {});
     let ids = s.post_seq(1).await;
@@ -55,28 +53,27 @@ async fn server_errors_are_retried_until_success() {
     let attempts: Vec<u32> = s.rx.deliveries().iter().map(|d| d.attempt).collect();
     assert_eq!(attempts, vec![1, 2, 3, 4]);
     assert!(s.rx.deliveries().iter().all(|d| d.relay_id == ids[0]), "same X-Relay-Id on every attempt");
-    assert_drained(&s.redis, "crm").await;
-    assert_eq!(xlen(&s.redis, "crm", "dlq").await, 0);
+    assert_drained(&s.store, "crm").await;
+    assert_eq!(xlen(&s.store, "crm", "dlq").await, 0);
     agent.stop().await;
     s.edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn client_errors_go_to_the_dlq_and_replay_delivers_them() {
-    let s = setup(|_| {}).await;
+async fn client_errors_go_to_the_dlq_and_replay_delivers_them(store: Backing) {
+    let s = setup(store, |_| {}).await;
     s.rx.answer(400);
     let agent = s.agent(|_| {});
     let ids = s.post_seq(1).await;
     wait_until(Duration::from_secs(10), "dead-lettered", || s.rx.count() == 1).await;
     for _ in 0..100 {
-        if xlen(&s.redis, "crm", "dlq").await == 1 {
+        if xlen(&s.store, "crm", "dlq").await == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(xlen(&s.redis, "crm", "dlq").await, 1, "a 400 is dead-lettered at once");
+    assert_eq!(xlen(&s.store, "crm", "dlq").await, 1, "a 400 is dead-lettered at once");
     assert_eq!(s.rx.count(), 1, "exactly one attempt");
-    assert_drained(&s.redis, "crm").await;
+    assert_drained(&s.store, "crm").await;
 
     let (code, out, err) = edge_cli(&s.edge, &["dlq", "list", "--channel", "crm", "--json"]).await;
     assert_eq!(code, 0, "{err}");
@@ -101,14 +98,14 @@ async fn client_errors_go_to_the_dlq_and_replay_delivers_them() {
     assert!(out.contains("replayed 1"), "{out}");
     wait_until(Duration::from_secs(10), "replayed webhook delivered", || s.rx.accepted().len() == 1).await;
     assert_eq!(s.rx.accepted()[0].relay_id, ids[0], "replay keeps X-Relay-Id");
-    assert_eq!(xlen(&s.redis, "crm", "dlq").await, 0);
+    assert_eq!(xlen(&s.store, "crm", "dlq").await, 0);
 
     // Purge and error paths of the CLI.
     s.rx.answer(404);
     s.post_seq(2).await;
     wait_until(Duration::from_secs(10), "two more dead letters", || s.rx.count() == 4).await;
     for _ in 0..100 {
-        if xlen(&s.redis, "crm", "dlq").await == 2 {
+        if xlen(&s.store, "crm", "dlq").await == 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -128,9 +125,8 @@ async fn client_errors_go_to_the_dlq_and_replay_delivers_them() {
     s.edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_down_endpoint_pauses_the_channel_instead_of_burning_attempts() {
-    let s = setup(|_| {}).await;
+async fn a_down_endpoint_pauses_the_channel_instead_of_burning_attempts(store: Backing) {
+    let s = setup(store, |_| {}).await;
     let agent = s.agent(|_| {});
     agent.wait_connected(Duration::from_secs(10)).await;
     s.rx.stop().await;
@@ -142,7 +138,7 @@ async fn a_down_endpoint_pauses_the_channel_instead_of_burning_attempts() {
     // Longer than the whole retry budget of this config (8 attempts capped
     // at 500 ms ≈ 2.5 s): without the pause everything would be dead letters.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(xlen(&s.redis, "crm", "dlq").await, 0, "nothing dead-lettered while the endpoint is down");
+    assert_eq!(xlen(&s.store, "crm", "dlq").await, 0, "nothing dead-lettered while the endpoint is down");
     let st = agent.status().expect("status");
     assert!(st.connected && st.targets[0].paused, "{st:?}");
     s.rx.resume().await;
@@ -152,8 +148,8 @@ async fn a_down_endpoint_pauses_the_channel_instead_of_burning_attempts() {
     .await;
     let got: std::collections::HashSet<String> = s.rx.accepted().into_iter().map(|d| d.relay_id).collect();
     assert!(ids.iter().all(|id| got.contains(id)));
-    assert_eq!(xlen(&s.redis, "crm", "dlq").await, 0);
-    assert_drained(&s.redis, "crm").await;
+    assert_eq!(xlen(&s.store, "crm", "dlq").await, 0);
+    assert_drained(&s.store, "crm").await;
     wait_until(Duration::from_secs(5), "status shows the target resumed", || {
         agent.status().is_ok_and(|st| !st.targets[0].paused)
     })
@@ -162,9 +158,8 @@ async fn a_down_endpoint_pauses_the_channel_instead_of_burning_attempts() {
     s.edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn attempt_count_continues_across_an_edge_restart() {
-    let s = setup(|_| {}).await;
+async fn attempt_count_continues_across_an_edge_restart(store: Backing) {
+    let s = setup(store, |_| {}).await;
     s.rx.script(&[500, 500]);
     let agent = s.agent(|c| {
         c.retry.initial_delay = Duration::from_millis(1500);
@@ -173,7 +168,7 @@ async fn attempt_count_continues_across_an_edge_restart() {
     agent.wait_connected(Duration::from_secs(10)).await;
     s.post_seq(1).await;
     wait_until(Duration::from_secs(10), "second attempt", || s.rx.count() == 2).await;
-    let mut cfg = edge_config(&s.redis, &s.certs);
+    let mut cfg = edge_config(&s.store, &s.certs);
     cfg.tunnel.retry_delay = Duration::from_millis(100);
     let addrs = s.edge.stop().await;
     let edge = Edge::start_at(cfg, addrs).await;
@@ -184,21 +179,20 @@ async fn attempt_count_continues_across_an_edge_restart() {
     edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn expired_entries_go_to_the_dlq_instead_of_vanishing() {
-    let s = setup(|c| c.store.retention = Duration::from_secs(2)).await;
+async fn expired_entries_go_to_the_dlq_instead_of_vanishing(store: Backing) {
+    let s = setup(store, |c| c.store.retention = Duration::from_secs(2)).await;
     s.post_seq(10).await;
     wait_until(Duration::from_secs(1), "noop", || true).await;
     let mut dlq = 0;
     for _ in 0..200 {
-        dlq = xlen(&s.redis, "crm", "dlq").await;
-        if dlq == 10 && xlen(&s.redis, "crm", "stream").await == 0 {
+        dlq = xlen(&s.store, "crm", "dlq").await;
+        if dlq == 10 && xlen(&s.store, "crm", "stream").await == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(dlq, 10, "every expired webhook is in the DLQ");
-    assert_eq!(xlen(&s.redis, "crm", "stream").await, 0, "and trimmed from the stream");
+    assert_eq!(xlen(&s.store, "crm", "stream").await, 0, "and trimmed from the stream");
     let (code, out, _) = edge_cli(&s.edge, &["dlq", "list", "--channel", "crm", "--json"]).await;
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
@@ -208,9 +202,8 @@ async fn expired_entries_go_to_the_dlq_instead_of_vanishing() {
     s.edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_backlog_cap_answers_503_until_the_agent_drains() {
-    let s = setup(|c| c.store.max_backlog = 100).await;
+async fn the_backlog_cap_answers_503_until_the_agent_drains(store: Backing) {
+    let s = setup(store, |c| c.store.max_backlog = 100).await;
     tokio::time::sleep(Duration::from_millis(600)).await; // first refresh
     s.post_seq(100).await;
     let client = reqwest::Client::new();
@@ -225,7 +218,7 @@ async fn the_backlog_cap_answers_503_until_the_agent_drains() {
     assert!(resp.headers().get("retry-after").is_some());
     let j: serde_json::Value = serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
     assert_eq!(j["error"], "backlog_full", "{j}");
-    assert_eq!(xlen(&s.redis, "crm", "stream").await, 100, "the refused webhook was not stored");
+    assert_eq!(xlen(&s.store, "crm", "stream").await, 100, "the refused webhook was not stored");
     let metrics = client.get(format!("http://{}/metrics", s.edge.admin)).send().await.expect("metrics");
     assert!(metrics.text().await.expect("text").contains("relay_backlog_rejections_total 1"));
 
@@ -245,13 +238,12 @@ async fn the_backlog_cap_answers_503_until_the_agent_drains() {
     s.edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn replay_since_redelivers_acked_webhooks_in_order() {
-    let s = setup(|_| {}).await;
+async fn replay_since_redelivers_acked_webhooks_in_order(store: Backing) {
+    let s = setup(store, |_| {}).await;
     let agent = s.agent(|c| c.window = 1);
     let ids = s.post_seq(20).await;
     wait_until(Duration::from_secs(20), "first delivery", || s.rx.accepted().len() == 20).await;
-    assert_drained(&s.redis, "crm").await;
+    assert_drained(&s.store, "crm").await;
     let (code, out, err) = edge_cli(&s.edge, &["replay", "--channel", "crm", "--since", "10m"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("replayed 20"), "{out}");
@@ -262,9 +254,8 @@ async fn replay_since_redelivers_acked_webhooks_in_order() {
     s.edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn window_one_keeps_fifo_across_retries() {
-    let s = setup(|_| {}).await;
+async fn window_one_keeps_fifo_across_retries(store: Backing) {
+    let s = setup(store, |_| {}).await;
     s.rx.script(&[500, 500]);
     let ids = s.post_seq(10).await;
     let agent = s.agent(|c| c.window = 1);
@@ -278,3 +269,14 @@ async fn window_one_keeps_fifo_across_retries() {
     agent.stop().await;
     s.edge.stop().await;
 }
+
+both_backends!(
+    server_errors_are_retried_until_success,
+    client_errors_go_to_the_dlq_and_replay_delivers_them,
+    a_down_endpoint_pauses_the_channel_instead_of_burning_attempts,
+    attempt_count_continues_across_an_edge_restart,
+    expired_entries_go_to_the_dlq_instead_of_vanishing,
+    the_backlog_cap_answers_503_until_the_agent_drains,
+    replay_since_redelivers_acked_webhooks_in_order,
+    window_one_keeps_fifo_across_retries,
+);

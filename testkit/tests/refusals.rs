@@ -7,13 +7,12 @@ use relay_protocol::Frame;
 use testkit::*;
 use tokio_tungstenite::tungstenite::Message;
 
-async fn setup() -> (RedisServer, Certs, Receiver, Edge) {
+async fn setup(store: Backing) -> (Backing, Certs, Receiver, Edge) {
     init_tracing();
-    let redis = RedisServer::start();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
-    let edge = Edge::start(edge_config(&redis, &certs)).await;
-    (redis, certs, rx, edge)
+    let edge = Edge::start(edge_config(&store, &certs)).await;
+    (store, certs, rx, edge)
 }
 
 /// A TLS client that presents no certificate at all.
@@ -42,9 +41,8 @@ async fn connect_without_cert(edge: &Edge, certs: &Certs) -> Result<(), String> 
     tokio_tungstenite::client_async(req, tls).await.map(|_| ()).map_err(|e| e.to_string())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn unauthenticated_and_unauthorized_agents_are_refused_and_get_nothing() {
-    let (redis, certs, rx, edge) = setup().await;
+async fn unauthenticated_and_unauthorized_agents_are_refused_and_get_nothing(store: Backing) {
+    let (store, certs, rx, edge) = setup(store).await;
     let client = reqwest::Client::new();
     for i in 0..5 {
         let (s, _) = post(&client, &edge.hook_url("hooks"), KEY, format!("{{\"i\":{i}}}").into_bytes()).await;
@@ -96,16 +94,15 @@ async fn unauthenticated_and_unauthorized_agents_are_refused_and_get_nothing() {
 
     // Nothing was delivered to anyone, and all five wait in the stream.
     assert_eq!(rx.count(), 0);
-    assert_eq!(pending(&redis, "crm").await, 0);
+    assert_eq!(pending(&store, "crm").await, 0);
     let good = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
     wait_until(Duration::from_secs(10), "the granted agent gets all five", || rx.accepted().len() == 5).await;
     good.stop().await;
     edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bad_frames_close_only_their_own_session() {
-    let (_redis, certs, rx, edge) = setup().await;
+async fn bad_frames_close_only_their_own_session(store: Backing) {
+    let (_store, certs, rx, edge) = setup(store).await;
     let agent = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
     agent.wait_connected(Duration::from_secs(10)).await;
     let client = reqwest::Client::new();
@@ -141,7 +138,7 @@ async fn bad_frames_close_only_their_own_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn status_exit_codes_follow_the_tunnel() {
     use relay_agent::status::client;
-    let (_redis, certs, rx, edge) = setup().await;
+    let (_store, certs, rx, edge) = setup(Backing::embedded()).await;
     let cfg = agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]);
     let socket = cfg.status_socket.clone();
     assert_eq!(client::run(&socket, false), client::EXIT_NOT_RUNNING);
@@ -157,3 +154,8 @@ async fn status_exit_codes_follow_the_tunnel() {
     agent.stop().await;
     assert_eq!(client::run(&socket, false), client::EXIT_NOT_RUNNING);
 }
+
+both_backends!(
+    unauthenticated_and_unauthorized_agents_are_refused_and_get_nothing,
+    bad_frames_close_only_their_own_session,
+);

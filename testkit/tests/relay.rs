@@ -1,4 +1,4 @@
-//! End-to-end tests of the core relay: real redis-server, real TLS, the
+//! End-to-end tests of the core relay, once per store backend (a real redis-server, the embedded file), real TLS, the
 //! real edge and agent, a real HTTP receiver.
 
 use std::collections::HashMap;
@@ -58,13 +58,11 @@ fn check_all_delivered(sent: &HashMap<String, Vec<u8>>, rx: &Receiver) -> usize 
     seen.values().map(|n| n - 1).sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thousand_concurrent_webhooks_are_each_delivered_once() {
+async fn thousand_concurrent_webhooks_are_each_delivered_once(store: Backing) {
     init_tracing();
-    let redis = RedisServer::start();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
-    let edge = Edge::start(edge_config(&redis, &certs)).await;
+    let edge = Edge::start(edge_config(&store, &certs)).await;
     let agent = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
     agent.wait_connected(Duration::from_secs(10)).await;
 
@@ -79,19 +77,17 @@ async fn thousand_concurrent_webhooks_are_each_delivered_once() {
     assert_eq!(header("content-type").as_deref(), Some(&b"application/json"[..]));
     assert_eq!(header("x-relay-attempt").as_deref(), Some(&b"1"[..]));
     assert!(header("x-api-key").is_none(), "the API key must never reach the receiver");
-    assert_drained(&redis, "crm").await;
+    assert_drained(&store, "crm").await;
     agent.stop().await;
     edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn killed_agent_loses_nothing_after_restart() {
+async fn killed_agent_loses_nothing_after_restart(store: Backing) {
     init_tracing();
-    let redis = RedisServer::start();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
     rx.delay(Duration::from_millis(20));
-    let edge = Edge::start(edge_config(&redis, &certs)).await;
+    let edge = Edge::start(edge_config(&store, &certs)).await;
     let cfg = agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]);
     let agent = Agent::start(cfg.clone());
     agent.wait_connected(Duration::from_secs(10)).await;
@@ -110,19 +106,17 @@ async fn killed_agent_loses_nothing_after_restart() {
     // (checked above: every delivery maps to a sent id) and a higher attempt.
     let redelivered = rx.accepted().iter().filter(|d| d.attempt > 1).count();
     eprintln!("killed agent: {at_kill} delivered before the kill, {dups} duplicates, {redelivered} redeliveries");
-    assert_drained(&redis, "crm").await;
+    assert_drained(&store, "crm").await;
     agent.stop().await;
     edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn edge_restart_mid_stream_loses_nothing() {
+async fn edge_restart_mid_stream_loses_nothing(store: Backing) {
     init_tracing();
-    let redis = RedisServer::start();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
     rx.delay(Duration::from_millis(5));
-    let cfg = edge_config(&redis, &certs);
+    let cfg = edge_config(&store, &certs);
     let edge = Edge::start(cfg.clone()).await;
     let agent = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
     agent.wait_connected(Duration::from_secs(10)).await;
@@ -148,13 +142,11 @@ async fn edge_restart_mid_stream_loses_nothing() {
     edge.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn webhooks_stored_while_no_agent_is_connected_are_delivered_on_connect() {
+async fn webhooks_stored_while_no_agent_is_connected_are_delivered_on_connect(store: Backing) {
     init_tracing();
-    let redis = RedisServer::start();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
-    let edge = Edge::start(edge_config(&redis, &certs)).await;
+    let edge = Edge::start(edge_config(&store, &certs)).await;
     // The reference relay's route: POST /webhook with X-API-Key → channel `default`.
     let sent = post_many(&edge.webhook_url(), 200, 16).await;
     assert_eq!(sent.len(), 200);
@@ -166,3 +158,10 @@ async fn webhooks_stored_while_no_agent_is_connected_are_delivered_on_connect() 
     agent.stop().await;
     edge.stop().await;
 }
+
+both_backends!(
+    thousand_concurrent_webhooks_are_each_delivered_once,
+    killed_agent_loses_nothing_after_restart,
+    edge_restart_mid_stream_loses_nothing,
+    webhooks_stored_while_no_agent_is_connected_are_delivered_on_connect,
+);

@@ -7,14 +7,12 @@ use std::time::Duration;
 use testkit::procs::*;
 use testkit::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_on_edge_and_agent_under_load_loses_nothing() {
+async fn sigterm_on_edge_and_agent_under_load_loses_nothing(store: Backing) {
     init_tracing();
-    let redis = RedisServer::start();
     let certs = Certs::generate();
     let rx = Receiver::start().await;
     rx.delay(Duration::from_millis(5));
-    let edge_spec = write_edge(&certs, "edge", &redis.url(), "5s");
+    let edge_spec = write_edge(&certs, "edge", &store.toml(), "5s");
     let (agent_cfg, socket) = write_agent(&certs, "lan-1", edge_spec.tunnel, &rx.url(), "window = 16");
     let mut edge = Proc::start("relay-edge", &edge_spec.config);
     let mut agent = Proc::start("relay-agent", &agent_cfg);
@@ -36,7 +34,7 @@ async fn sigterm_on_edge_and_agent_under_load_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (accepted, refused) = load.stop().await;
     assert!(accepted.len() > 200, "the load ran ({} accepted)", accepted.len());
-    let report = check_invariant(&redis, &rx, &accepted, refused, Duration::from_secs(30)).await;
+    let report = check_invariant(edge_spec.admin, &rx, &accepted, refused, Duration::from_secs(30)).await;
     eprintln!("sigterm under load: {report:?}");
     assert!(
         report.duplicates <= 2 * 16,
@@ -46,3 +44,5 @@ async fn sigterm_on_edge_and_agent_under_load_loses_nothing() {
     agent.sigterm().await;
     edge.sigterm().await;
 }
+
+both_backends!(sigterm_on_edge_and_agent_under_load_loses_nothing);

@@ -35,6 +35,7 @@ use crate::config::{IngestConfig, LEGACY_ROUTE, RouteConfig};
 use crate::error::{IngestError, StartError};
 use crate::metrics::IngestLabels;
 use crate::server::{ConnLimits, accept_loop, serve_http};
+use crate::store::Backend;
 use crate::store::{DEDUPE_PENDING, keys, now_ms};
 
 /// Headers never stored: hop-by-hop ones and credentials.

@@ -1,45 +1,34 @@
-//! Durable store of webhooks: Redis Streams.
+//! Durable store of webhooks, behind one trait ([`Backend`]) with two
+//! implementations:
 //!
-//! # Layout
-//! One stream per channel (`relay:{<channel>}:stream`, see [`keys`]), one
-//! consumer group `relay` per stream created at id `0` so entries written
-//! before any agent ever connected are still delivered, and one consumer per
-//! agent identity. Agents granted the same channel share its load.
+//! - [`RedisStore`]: Redis Streams, the production backend and the one that
+//!   lets several edges share a queue;
+//! - [`EmbeddedStore`]: a crash-safe `redb` file on local disk, for a trial
+//!   or a single small VPS with no Redis server.
 //!
-//! # Delivery bookkeeping
-//! An entry read by a session sits in the group's pending list (PEL) under
-//! the agent's name until an `Ack` turns into `XACK`. On (re)connect a session
-//! first re-reads its own PEL (`XREADGROUP … 0`), then new entries (`>`).
-//! Entries idle in another consumer's PEL longer than the visibility timeout
-//! are taken over with `XAUTOCLAIM`. The delivery count of the PEL is the
-//! attempt number, so it survives reconnects and edge restarts.
-//!
-//! # Retention
-//! `XTRIM MINID` by age, but never past the oldest pending entry nor past the
-//! group's last delivered id: nothing unacknowledged is cut.
-//!
-//! # Connections
-//! Commands share one auto-reconnecting multiplexed connection with a short
-//! response timeout. Each session's blocking `XREADGROUP` runs on a
-//! dedicated connection (a blocking read would stall every other command on a
-//! shared one) whose timeout exceeds the `BLOCK`.
+//! Both keep the same model: one append-only stream per channel with ids
+//! `<ms>-<seq>`, one consumer group per stream whose consumers are agent
+//! identities, a pending list with delivery counts (the attempt number),
+//! reclaim after a visibility timeout, a dead-letter queue per channel, and
+//! retention by age that never cuts an unacknowledged entry. Which backend
+//! runs is decided by the configuration: `store.redis_url` set → Redis,
+//! unset → embedded at `store.path`.
 
-mod dlq;
+pub mod embedded;
 pub mod keys;
-mod parse;
+pub mod redis_store;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Value};
 use relay_protocol::{ChannelStats, Webhook};
 
 use crate::config::StoreConfig;
 use crate::error::StoreError;
 
-pub use dlq::DeadEntry;
-pub use parse::RawEntry;
+pub use embedded::EmbeddedStore;
+pub use redis_store::RedisStore;
 
 /// One stream entry handed to a session.
 #[derive(Debug, Clone)]
@@ -51,400 +40,40 @@ pub struct Entry {
     pub webhook: Result<Webhook, String>,
 }
 
-/// Handle on the Redis store; cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    client: redis::Client,
-    /// Shared connection for every non-blocking command.
-    conn: ConnectionManager,
-    /// Per-command deadline, on top of the connection's response timeout.
-    timeout: Duration,
-    /// Counts failed and timed-out commands (`relay_redis_errors_total`).
-    errors: prometheus_client::metrics::counter::Counter,
-    /// `BLOCK` of one `XREADGROUP`.
-    block: Duration,
+/// One entry as a backend read it, before decoding.
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    /// Channel the entry was read from.
+    pub channel: String,
+    pub id: String,
+    /// `None` when the entry was deleted while pending.
+    pub fields: Option<Vec<(String, Vec<u8>)>>,
 }
 
-/// A dedicated connection for one session's blocking reads.
-pub struct Reader {
-    conn: MultiplexedConnection,
-    block: Duration,
-}
-
-fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> StoreError {
-    move |source| StoreError::Redis { op, source }
-}
-
-impl Store {
-    /// Opens the store lazily: the edge starts (and answers 503) while Redis
-    /// is down, and connects as soon as it is up.
-    pub fn open(cfg: &StoreConfig, errors: prometheus_client::metrics::counter::Counter) -> Result<Self, StoreError> {
-        let client = redis::Client::open(cfg.redis_url.expose()).map_err(redis_err("open"))?;
-        let mcfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.command_timeout))
-            .set_response_timeout(Some(cfg.command_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))?;
-        Ok(Self { client, conn, errors, timeout: cfg.command_timeout, block: cfg.block })
+impl RawEntry {
+    /// An entry holding one encoded webhook.
+    pub fn webhook(channel: &str, id: String, bytes: Option<Vec<u8>>) -> Self {
+        Self { channel: channel.to_string(), id, fields: bytes.map(|b| vec![(keys::FIELD_WEBHOOK.to_string(), b)]) }
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, op: &'static str, cmd: &redis::Cmd) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        let r = match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
-            Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
+    pub fn field(&self, name: &str) -> Option<Vec<u8>> {
+        self.fields.as_ref()?.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    pub fn into_entry(self, channel: &str) -> Entry {
+        let webhook = match self.field(keys::FIELD_WEBHOOK) {
+            Some(bytes) => rmp_serde::from_slice(&bytes).map_err(|e| format!("undecodable webhook: {e}")),
+            None if self.fields.is_none() => Err(DELETED_WHILE_PENDING.into()),
+            None => Err(format!("entry has no `{}` field", keys::FIELD_WEBHOOK)),
         };
-        self.count_error(&r);
-        r
-    }
-
-    fn count_error<T>(&self, r: &Result<T, StoreError>) {
-        // Expected answers (an existing group, a missing stream) are not errors.
-        let expected = |e: &StoreError| {
-            matches!(e, StoreError::Redis { source, .. }
-                if matches!(source.code(), Some("BUSYGROUP") | Some("NOGROUP") | Some("ERR")))
-        };
-        if let Err(e) = r
-            && !expected(e)
-        {
-            self.errors.inc();
-        }
-    }
-
-    async fn run_pipe<T: redis::FromRedisValue>(
-        &self,
-        op: &'static str,
-        pipe: &redis::Pipeline,
-    ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        let r = match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
-            Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
-        };
-        self.count_error(&r);
-        r
-    }
-
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let _: String = self.run("PING", &redis::cmd("PING")).await?;
-        Ok(())
-    }
-
-    /// Appends one webhook to each channel's stream and returns the entry
-    /// ids in channel order. Returns only after Redis answered.
-    pub async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<String>, StoreError> {
-        let bytes = rmp_serde::to_vec_named(webhook)
-            .map_err(|e| StoreError::Corrupt { id: webhook.id.clone(), why: e.to_string() })?;
-        if let [channel] = channels {
-            let id: String = self
-                .run(
-                    "XADD",
-                    redis::cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes),
-                )
-                .await?;
-            return Ok(vec![id]);
-        }
-        let mut pipe = redis::pipe();
-        for channel in channels {
-            pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
-        }
-        self.run_pipe("XADD", &pipe).await
-    }
-
-    /// Creates the channel's stream and group at id 0; an existing group is fine.
-    pub async fn ensure_group(&self, channel: &str) -> Result<(), StoreError> {
-        let cmd = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(keys::stream(channel))
-            .arg(keys::GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .to_owned();
-        match self.run::<Value>("XGROUP CREATE", &cmd).await {
-            Ok(_) => Ok(()),
-            Err(StoreError::Redis { source, .. }) if source.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// `XACK`s delivered entries; returns how many were pending.
-    pub async fn ack(&self, channel: &str, ids: &[String]) -> Result<usize, StoreError> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        self.run("XACK", redis::cmd("XACK").arg(keys::stream(channel)).arg(keys::GROUP).arg(ids)).await
-    }
-
-    /// Moves an entry to the channel's DLQ and acknowledges it, atomically.
-    pub async fn dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let xadd = pipe.cmd("XADD").arg(keys::dlq(letter.channel)).arg("*");
-        xadd.arg("stream_id").arg(letter.id);
-        xadd.arg("reason").arg(letter.reason);
-        xadd.arg("attempts").arg(letter.attempts);
-        xadd.arg("failed_at_ms").arg(now_ms());
-        if let Some(status) = letter.status {
-            xadd.arg("status").arg(status);
-        }
-        if let Some(raw) = letter.raw {
-            xadd.arg(keys::FIELD_WEBHOOK).arg(raw);
-        }
-        pipe.cmd("XACK").arg(keys::stream(letter.channel)).arg(keys::GROUP).arg(letter.id).ignore();
-        let _: Value = self.run_pipe("dead-letter", &pipe).await?;
-        Ok(())
-    }
-
-    /// Reads raw fields of entries by id (for dead-lettering).
-    pub async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let v: Value = self.run("XRANGE", redis::cmd("XRANGE").arg(keys::stream(channel)).arg(id).arg(id)).await?;
-        Ok(parse::entries(v)?.into_iter().next().and_then(|e| e.field(keys::FIELD_WEBHOOK)))
-    }
-
-    /// Opens a dedicated connection for one session's blocking reads.
-    pub async fn reader(&self) -> Result<Reader, StoreError> {
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.block + self.timeout));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-            .map_err(redis_err("connect reader"))?;
-        Ok(Reader { conn, block: self.block })
-    }
-
-    /// Takes over entries idle longer than `min_idle` in any consumer's PEL.
-    pub async fn autoclaim(
-        &self,
-        channel: &str,
-        consumer: &str,
-        min_idle: Duration,
-        count: usize,
-    ) -> Result<Vec<Entry>, StoreError> {
-        let v: Value = self
-            .run(
-                "XAUTOCLAIM",
-                redis::cmd("XAUTOCLAIM")
-                    .arg(keys::stream(channel))
-                    .arg(keys::GROUP)
-                    .arg(consumer)
-                    .arg(min_idle.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(count),
-            )
-            .await?;
-        // Reply: [next-cursor, [entries…], [deleted ids…]]
-        let Value::Array(mut parts) = v else {
-            return Ok(Vec::new());
-        };
-        if parts.len() < 2 {
-            return Ok(Vec::new());
-        }
-        let deleted = if parts.len() > 2 { parse::ids(parts.remove(2)) } else { Vec::new() };
-        let mut out: Vec<Entry> =
-            parse::entries(parts.remove(1))?.into_iter().map(|raw| raw.into_entry(channel)).collect();
-        // Entries trimmed while pending: report them so the session can XACK them.
-        out.extend(deleted.into_iter().map(|id| Entry {
-            channel: channel.to_string(),
-            id,
-            webhook: Err("entry was deleted from the stream while pending".into()),
-        }));
-        Ok(out)
-    }
-
-    /// Delivery counts (attempts so far) of a consumer's pending entries.
-    pub async fn delivery_counts(
-        &self,
-        channel: &str,
-        consumer: &str,
-        first: &str,
-        last: &str,
-        count: usize,
-    ) -> Result<HashMap<String, u32>, StoreError> {
-        let v: Value = self
-            .run(
-                "XPENDING",
-                redis::cmd("XPENDING")
-                    .arg(keys::stream(channel))
-                    .arg(keys::GROUP)
-                    .arg(first)
-                    .arg(last)
-                    .arg(count)
-                    .arg(consumer),
-            )
-            .await?;
-        Ok(parse::pending_counts(v))
-    }
-
-    /// Moves entries older than `retention` that were never acknowledged —
-    /// pending on an agent, or not yet delivered — to the DLQ with reason
-    /// `expired`, so trimming never makes them vanish. Returns how many.
-    pub async fn expire(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
-        const BATCH: usize = 500;
-        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
-        if cutoff == 0 {
-            return Ok(0);
-        }
-        let last_old = format!("{}-18446744073709551615", cutoff - 1);
-        let stream = keys::stream(channel);
-        let mut expired = 0;
-
-        // 1. Pending (delivered, unacknowledged) and too old.
-        let v: Value = match self
-            .run("XPENDING", redis::cmd("XPENDING").arg(&stream).arg(keys::GROUP).arg("-").arg(&last_old).arg(BATCH))
-            .await
-        {
-            Ok(v) => v,
-            Err(StoreError::Redis { source, .. }) if source.code() == Some("NOGROUP") => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        for (id, attempts) in parse::pending_counts(v) {
-            let raw = self.raw_entry(channel, &id).await?;
-            let letter =
-                DeadLetter { channel, id: &id, reason: "expired", status: None, attempts, raw: raw.as_deref() };
-            self.dead_letter(&letter).await?;
-            expired += 1;
-        }
-
-        // 2. Never delivered and too old: read them through the group (so its
-        //    counters stay right) under a pseudo-consumer, then dead-letter.
-        let group = {
-            let v: Value = self.run("XINFO GROUPS", redis::cmd("XINFO").arg("GROUPS").arg(&stream)).await?;
-            parse::group_info(v, keys::GROUP)
-        };
-        let after = group.last_delivered.unwrap_or_else(|| "0-0".into());
-        let v: Value = self
-            .run(
-                "XRANGE",
-                redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg(&last_old).arg("COUNT").arg(BATCH),
-            )
-            .await?;
-        let old = parse::entries(v)?.len();
-        if old > 0 {
-            let v: Value = self
-                .run(
-                    "XREADGROUP",
-                    redis::cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg(keys::GROUP)
-                        .arg(EXPIRY_CONSUMER)
-                        .arg("COUNT")
-                        .arg(old)
-                        .arg("STREAMS")
-                        .arg(&stream)
-                        .arg(">"),
-                )
-                .await?;
-            for raw in parse::read_reply(v)? {
-                // A session may have read some meanwhile, so newer entries can
-                // come back here: they stay pending on the pseudo-consumer and
-                // are reclaimed by a session after the visibility timeout.
-                if id_ms(&raw.id).is_some_and(|t| t < cutoff) {
-                    let bytes = raw.field(keys::FIELD_WEBHOOK);
-                    let letter = DeadLetter {
-                        channel,
-                        id: &raw.id,
-                        reason: "expired",
-                        status: None,
-                        attempts: 0,
-                        raw: bytes.as_deref(),
-                    };
-                    self.dead_letter(&letter).await?;
-                    expired += 1;
-                }
-            }
-        }
-        Ok(expired)
-    }
-
-    /// Everything the edge reports about one channel, read in one `MULTI`
-    /// (plus one `XRANGE` when nothing is pending but entries wait): backlog
-    /// figures for `status`, `/health` and the metrics, and the stream's last
-    /// id for the exact backlog cap.
-    pub async fn snapshot(&self, channel: &str) -> Result<Snapshot, StoreError> {
-        let stream = keys::stream(channel);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("XINFO").arg("STREAM").arg(&stream);
-        pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
-        pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP);
-        pipe.cmd("XLEN").arg(keys::dlq(channel));
-        let (info, groups, pending, dlq_length): (Value, Value, Value, u64) =
-            match self.run_pipe("XINFO STREAM", &pipe).await {
-                Ok(v) => v,
-                // No stream or group yet: nothing waiting.
-                Err(StoreError::Redis { source, .. }) if matches!(source.code(), Some("ERR") | Some("NOGROUP")) => {
-                    return Ok(Snapshot::empty(channel));
-                }
-                Err(e) => return Err(e),
-            };
-        let (length, last_id) = parse::stream_info(info);
-        let group = parse::group_info(groups, keys::GROUP);
-        let (pending_count, oldest_pending) = parse::pending_summary(pending);
-        let now = now_ms();
-        let age = |id: &str| id_ms(id).map(|t| now.saturating_sub(t));
-        // Oldest waiting entry: the oldest pending one, else the first undelivered.
-        let oldest_ms = match oldest_pending.as_deref().and_then(age) {
-            Some(a) => Some(a),
-            None if group.lag.unwrap_or(0) > 0 => {
-                let after = group.last_delivered.clone().unwrap_or_else(|| "0-0".into());
-                let v: Value = self
-                    .run(
-                        "XRANGE",
-                        redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg("+").arg("COUNT").arg(1),
-                    )
-                    .await?;
-                parse::entries(v)?.first().and_then(|e| age(&e.id))
-            }
-            None => None,
-        };
-        Ok(Snapshot {
-            stats: ChannelStats {
-                channel: channel.into(),
-                backlog: group.lag.unwrap_or(0),
-                pending: pending_count,
-                oldest_ms,
-            },
-            last_id: last_id.as_deref().and_then(parse_id).unwrap_or((0, 0)),
-            length,
-            dlq_length,
-        })
-    }
-
-    /// Trims entries older than `retention`, but never an entry that is
-    /// pending or not yet delivered to the group. Returns entries removed.
-    pub async fn trim(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
-        let stream = keys::stream(channel);
-        let mut pipe = redis::pipe();
-        pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
-        pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP);
-        let (groups, pending): (Value, Value) = match self.run_pipe("XINFO GROUPS", &pipe).await {
-            Ok(v) => v,
-            Err(StoreError::Redis { source, .. })
-                if source.code() == Some("ERR") || source.code() == Some("NOGROUP") =>
-            {
-                return Ok(0);
-            }
-            Err(e) => return Err(e),
-        };
-        let mut min_ms = now_ms().saturating_sub(retention.as_millis() as u64);
-        let group = parse::group_info(groups, keys::GROUP);
-        if let Some(oldest) = parse::pending_summary(pending).1.as_deref().and_then(id_ms) {
-            min_ms = min_ms.min(oldest);
-        }
-        // Entries after last-delivered-id have not been read: keep them.
-        if group.lag != Some(0) {
-            let last = group.last_delivered.as_deref().and_then(id_ms).unwrap_or(0);
-            min_ms = min_ms.min(last);
-        }
-        self.run("XTRIM", redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(min_ms)).await
+        Entry { channel: channel.to_string(), id: self.id, webhook }
     }
 }
 
-/// What [`Store::snapshot`] reports about a channel.
+/// Why an entry read from a pending list has no webhook.
+pub const DELETED_WHILE_PENDING: &str = "entry was deleted from the stream while pending";
+
+/// What [`Backend::snapshot`] reports about a channel.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub stats: ChannelStats,
@@ -456,7 +85,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn empty(channel: &str) -> Self {
+    pub fn empty(channel: &str) -> Self {
         let stats = ChannelStats { channel: channel.into(), backlog: 0, pending: 0, oldest_ms: None };
         Self { stats, last_id: (0, 0), length: 0, dlq_length: 0 }
     }
@@ -467,10 +96,7 @@ impl Snapshot {
     }
 }
 
-/// Consumer name under which retention reads never-delivered entries.
-pub const EXPIRY_CONSUMER: &str = "__expiry";
-
-/// What [`Store::dead_letter`] records.
+/// What [`Backend::dead_letter`] records.
 pub struct DeadLetter<'a> {
     pub channel: &'a str,
     pub id: &'a str,
@@ -481,31 +107,353 @@ pub struct DeadLetter<'a> {
     pub raw: Option<&'a [u8]>,
 }
 
-impl Reader {
-    /// `XREADGROUP` over several streams, each from its own cursor (`0`-style
-    /// ids re-read the consumer's PEL, `>` reads new entries). Blocks up to
-    /// the configured `BLOCK` only when every cursor is `>`.
-    pub async fn read(
+/// One dead letter.
+#[derive(Debug, Clone)]
+pub struct DeadEntry {
+    /// Id in the DLQ.
+    pub id: String,
+    /// Id the webhook had in the channel stream.
+    pub stream_id: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub status: Option<u16>,
+    pub failed_at_ms: u64,
+    pub raw: Option<Vec<u8>>,
+}
+
+impl DeadEntry {
+    pub fn webhook(&self) -> Option<Webhook> {
+        rmp_serde::from_slice(self.raw.as_deref()?).ok()
+    }
+}
+
+/// Consumer name under which retention reads never-delivered entries.
+pub const EXPIRY_CONSUMER: &str = "__expiry";
+
+/// Value of a de-duplication key while its first request is being stored.
+pub const DEDUPE_PENDING: &str = "pending";
+
+/// The operations the edge needs from a durable store. Every method that
+/// changes state returns only once the change is stored as durably as the
+/// backend promises (Redis: its AOF policy; embedded: `append` and every
+/// DLQ change are fsynced before they return).
+pub trait Backend: Send + Sync {
+    /// A session's handle for blocking reads.
+    type Reader: BlockingRead;
+
+    /// Where the data lives, for the start-up log (no secrets).
+    fn describe(&self) -> String;
+
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Appends one webhook to each channel's stream; returns the entry ids
+    /// in channel order.
+    fn append(
+        &self,
+        channels: &[String],
+        webhook: &Webhook,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Creates a channel's stream and consumer group (from the beginning,
+    /// so entries stored before any agent connected are delivered).
+    fn ensure_group(&self, channel: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn reader(&self) -> impl Future<Output = Result<Self::Reader, StoreError>> + Send;
+
+    /// Acknowledges delivered entries; returns how many were pending.
+    fn ack(&self, channel: &str, ids: &[String]) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Claims one pending entry for `consumer` (its delivery count goes up);
+    /// `None` when it is no longer pending.
+    fn claim(
+        &self,
+        channel: &str,
+        consumer: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Entry>, StoreError>> + Send;
+
+    /// Takes over entries idle longer than `min_idle` in any consumer's
+    /// pending list. Entries deleted while pending come back unreadable
+    /// (and leave the pending list).
+    fn autoclaim(
+        &self,
+        channel: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> impl Future<Output = Result<Vec<Entry>, StoreError>> + Send;
+
+    /// Delivery counts of a consumer's pending entries with ids in `first..=last`.
+    fn delivery_counts(
+        &self,
+        channel: &str,
+        consumer: &str,
+        first: &str,
+        last: &str,
+        count: usize,
+    ) -> impl Future<Output = Result<HashMap<String, u32>, StoreError>> + Send;
+
+    /// The stored webhook bytes of one entry.
+    fn raw_entry(&self, channel: &str, id: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
+
+    /// Moves an entry to the channel's DLQ and acknowledges it, atomically.
+    fn dead_letter(&self, letter: &DeadLetter<'_>) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Moves entries older than `retention` that were never acknowledged to
+    /// the DLQ (reason `expired`), so trimming never makes them vanish.
+    fn expire(&self, channel: &str, retention: Duration) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Removes acknowledged entries older than `retention`; never one that
+    /// is pending or not yet delivered. Returns entries removed.
+    fn trim(&self, channel: &str, retention: Duration) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Depth, pending count, oldest waiting age, last id and lengths.
+    fn snapshot(&self, channel: &str) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+
+    /// Dead letters of a channel, oldest first, starting after `after`.
+    fn dlq_list(
+        &self,
+        channel: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> impl Future<Output = Result<Vec<DeadEntry>, StoreError>> + Send;
+
+    fn dlq_get(&self, channel: &str, id: &str) -> impl Future<Output = Result<Option<DeadEntry>, StoreError>> + Send;
+
+    fn dlq_len(&self, channel: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Moves one dead letter back into the channel stream as a new entry
+    /// (same webhook bytes, so the same webhook id). Returns the new id, or
+    /// `None` when it holds no webhook.
+    fn dlq_replay_one(
+        &self,
+        channel: &str,
+        entry: &DeadEntry,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Deletes dead letters older than `before_ms`, or all of them.
+    fn dlq_purge(&self, channel: &str, before_ms: Option<u64>) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Re-appends the webhooks received in `[since_ms, until_ms]` from the
+    /// retained history as new entries, in order. Returns how many.
+    fn replay_range(
+        &self,
+        channel: &str,
+        since_ms: u64,
+        until_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Claims a de-duplication key for `window`: `None` when this request
+    /// is the first (the key now holds [`DEDUPE_PENDING`]), else the value
+    /// already there.
+    fn dedupe_claim(
+        &self,
+        key: &str,
+        window: Duration,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Records the first request's answer under its de-duplication key.
+    fn dedupe_record(
+        &self,
+        key: &str,
+        answer: &str,
+        window: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn dedupe_get(&self, key: &str) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Gives a claim back (the write it guarded failed).
+    fn dedupe_release(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// A session's reads: per channel a cursor, `0`-style ids re-read the
+/// consumer's own pending list (after that id), `>` reads new entries and
+/// moves them to the consumer's pending list. Blocks (up to the configured
+/// `store.block`) only when every cursor is `>` and nothing is there.
+pub trait BlockingRead: Send {
+    fn read(
+        &mut self,
+        consumer: &str,
+        cursors: &[(String, String)],
+        count: usize,
+    ) -> impl Future<Output = Result<Vec<RawEntry>, StoreError>> + Send;
+}
+
+/// The configured backend; cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    Redis(RedisStore),
+    Embedded(EmbeddedStore),
+}
+
+/// A session's reader on the configured backend.
+pub enum Reader {
+    Redis(redis_store::Reader),
+    Embedded(embedded::Reader),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Redis($s) => $call,
+            Store::Embedded($s) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Redis when `store.redis_url` is set, else the embedded file at
+    /// `store.path`. Redis connects lazily (the edge starts and answers 503
+    /// while it is down); the embedded file is opened (and created) now.
+    pub fn open(cfg: &StoreConfig, errors: prometheus_client::metrics::counter::Counter) -> Result<Self, StoreError> {
+        match cfg.redis() {
+            Some(url) => Ok(Self::Redis(RedisStore::open(url, cfg, errors)?)),
+            None => Ok(Self::Embedded(EmbeddedStore::open(&cfg.path, cfg, errors)?)),
+        }
+    }
+
+    /// `redis` or `embedded`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Redis(_) => "redis",
+            Self::Embedded(_) => "embedded",
+        }
+    }
+}
+
+impl Backend for Store {
+    type Reader = Reader;
+
+    fn describe(&self) -> String {
+        dispatch!(self, s => s.describe())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<String>, StoreError> {
+        dispatch!(self, s => s.append(channels, webhook).await)
+    }
+
+    async fn ensure_group(&self, channel: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ensure_group(channel).await)
+    }
+
+    async fn reader(&self) -> Result<Reader, StoreError> {
+        match self {
+            Self::Redis(s) => s.reader().await.map(Reader::Redis),
+            Self::Embedded(s) => s.reader().await.map(Reader::Embedded),
+        }
+    }
+
+    async fn ack(&self, channel: &str, ids: &[String]) -> Result<usize, StoreError> {
+        dispatch!(self, s => s.ack(channel, ids).await)
+    }
+
+    async fn claim(&self, channel: &str, consumer: &str, id: &str) -> Result<Option<Entry>, StoreError> {
+        dispatch!(self, s => s.claim(channel, consumer, id).await)
+    }
+
+    async fn autoclaim(
+        &self,
+        channel: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        dispatch!(self, s => s.autoclaim(channel, consumer, min_idle, count).await)
+    }
+
+    async fn delivery_counts(
+        &self,
+        channel: &str,
+        consumer: &str,
+        first: &str,
+        last: &str,
+        count: usize,
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        dispatch!(self, s => s.delivery_counts(channel, consumer, first, last, count).await)
+    }
+
+    async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        dispatch!(self, s => s.raw_entry(channel, id).await)
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
+        dispatch!(self, s => s.dead_letter(letter).await)
+    }
+
+    async fn expire(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.expire(channel, retention).await)
+    }
+
+    async fn trim(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.trim(channel, retention).await)
+    }
+
+    async fn snapshot(&self, channel: &str) -> Result<Snapshot, StoreError> {
+        dispatch!(self, s => s.snapshot(channel).await)
+    }
+
+    async fn dlq_list(&self, channel: &str, after: Option<&str>, count: usize) -> Result<Vec<DeadEntry>, StoreError> {
+        dispatch!(self, s => s.dlq_list(channel, after, count).await)
+    }
+
+    async fn dlq_get(&self, channel: &str, id: &str) -> Result<Option<DeadEntry>, StoreError> {
+        dispatch!(self, s => s.dlq_get(channel, id).await)
+    }
+
+    async fn dlq_len(&self, channel: &str) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.dlq_len(channel).await)
+    }
+
+    async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<String>, StoreError> {
+        dispatch!(self, s => s.dlq_replay_one(channel, entry).await)
+    }
+
+    async fn dlq_purge(&self, channel: &str, before_ms: Option<u64>) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.dlq_purge(channel, before_ms).await)
+    }
+
+    async fn replay_range(&self, channel: &str, since_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.replay_range(channel, since_ms, until_ms).await)
+    }
+
+    async fn dedupe_claim(&self, key: &str, window: Duration) -> Result<Option<String>, StoreError> {
+        dispatch!(self, s => s.dedupe_claim(key, window).await)
+    }
+
+    async fn dedupe_record(&self, key: &str, answer: &str, window: Duration) -> Result<(), StoreError> {
+        dispatch!(self, s => s.dedupe_record(key, answer, window).await)
+    }
+
+    async fn dedupe_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        dispatch!(self, s => s.dedupe_get(key).await)
+    }
+
+    async fn dedupe_release(&self, key: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.dedupe_release(key).await)
+    }
+}
+
+impl BlockingRead for Reader {
+    async fn read(
         &mut self,
         consumer: &str,
         cursors: &[(String, String)],
         count: usize,
     ) -> Result<Vec<RawEntry>, StoreError> {
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count.max(1));
-        if cursors.iter().all(|(_, c)| c == ">") {
-            cmd.arg("BLOCK").arg(self.block.as_millis() as u64);
+        match self {
+            Self::Redis(r) => r.read(consumer, cursors, count).await,
+            Self::Embedded(r) => r.read(consumer, cursors, count).await,
         }
-        cmd.arg("STREAMS");
-        for (channel, _) in cursors {
-            cmd.arg(keys::stream(channel));
-        }
-        for (_, cursor) in cursors {
-            cmd.arg(cursor);
-        }
-        let v: Value = cmd.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
-        parse::read_reply(v)
     }
+}
+
+/// The stored form of a webhook: named MessagePack.
+pub fn encode(webhook: &Webhook) -> Result<Vec<u8>, StoreError> {
+    rmp_serde::to_vec_named(webhook).map_err(|e| StoreError::Corrupt { id: webhook.id.clone(), why: e.to_string() })
 }
 
 pub fn now_ms() -> u64 {
@@ -523,55 +471,7 @@ pub fn id_ms(id: &str) -> Option<u64> {
     id.split('-').next()?.parse().ok()
 }
 
-impl Store {
-    /// Claims one pending entry for `consumer` (increments its delivery
-    /// count); `None` when it is no longer pending.
-    pub async fn claim(&self, channel: &str, consumer: &str, id: &str) -> Result<Option<Entry>, StoreError> {
-        let v: Value = self
-            .run(
-                "XCLAIM",
-                redis::cmd("XCLAIM").arg(keys::stream(channel)).arg(keys::GROUP).arg(consumer).arg(0).arg(id),
-            )
-            .await?;
-        Ok(parse::entries(v)?.into_iter().next().map(|raw| raw.into_entry(channel)))
-    }
+/// Formats `(ms, seq)` as a stream id.
+pub fn format_id((ms, seq): (u64, u64)) -> String {
+    format!("{ms}-{seq}")
 }
-
-impl Store {
-    /// Claims a de-duplication key for `window`: `None` when this request
-    /// is the first (the key now holds `pending`), else the value already
-    /// there (`pending`, or the first request's JSON answer).
-    pub async fn dedupe_claim(&self, key: &str, window: Duration) -> Result<Option<String>, StoreError> {
-        self.run(
-            "SET NX GET",
-            redis::cmd("SET")
-                .arg(key)
-                .arg(DEDUPE_PENDING)
-                .arg("NX")
-                .arg("GET")
-                .arg("PX")
-                .arg(window.as_millis() as u64),
-        )
-        .await
-    }
-
-    /// Records the first request's answer under its de-duplication key.
-    pub async fn dedupe_record(&self, key: &str, answer: &str, window: Duration) -> Result<(), StoreError> {
-        let _: Value =
-            self.run("SET", redis::cmd("SET").arg(key).arg(answer).arg("PX").arg(window.as_millis() as u64)).await?;
-        Ok(())
-    }
-
-    pub async fn dedupe_get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.run("GET", redis::cmd("GET").arg(key)).await
-    }
-
-    /// Gives a claim back (the write it guarded failed).
-    pub async fn dedupe_release(&self, key: &str) -> Result<(), StoreError> {
-        let _: Value = self.run("DEL", redis::cmd("DEL").arg(key)).await?;
-        Ok(())
-    }
-}
-
-/// Value of a de-duplication key while its first request is being stored.
-pub const DEDUPE_PENDING: &str = "pending";

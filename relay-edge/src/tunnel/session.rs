@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::Peer;
 use super::registry::{Kick, Live, SessionInfo};
 use crate::AppState;
+use crate::store::{Backend, BlockingRead};
 use crate::store::{DeadLetter, Entry, Store, now_ms};
 
 /// Why a session ended; sent to the agent as `Error { code, message }`.

@@ -6,33 +6,9 @@ use std::collections::HashMap;
 
 use redis::Value;
 
-use super::{Entry, keys};
 use crate::error::StoreError;
-
-/// One entry as Redis returned it.
-#[derive(Debug, Clone)]
-pub struct RawEntry {
-    /// Channel the entry was read from (set by `read_reply`).
-    pub channel: String,
-    pub id: String,
-    /// `None` when the entry was deleted while pending.
-    pub fields: Option<Vec<(String, Vec<u8>)>>,
-}
-
-impl RawEntry {
-    pub fn field(&self, name: &str) -> Option<Vec<u8>> {
-        self.fields.as_ref()?.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-    }
-
-    pub fn into_entry(self, channel: &str) -> Entry {
-        let webhook = match self.field(keys::FIELD_WEBHOOK) {
-            Some(bytes) => rmp_serde::from_slice(&bytes).map_err(|e| format!("undecodable webhook: {e}")),
-            None if self.fields.is_none() => Err("entry was deleted from the stream while pending".into()),
-            None => Err(format!("entry has no `{}` field", keys::FIELD_WEBHOOK)),
-        };
-        Entry { channel: channel.to_string(), id: self.id, webhook }
-    }
-}
+use crate::store::RawEntry;
+use crate::store::keys;
 
 fn text(v: &Value) -> Option<String> {
     match v {

@@ -1,0 +1,1055 @@
+//! The embedded backend: one `redb` file, no server.
+//!
+//! # Model
+//! The same streams-and-groups model as Redis, in five tables keyed by
+//! `(channel, ms, seq)`: the stream entries (webhook bytes), the pending
+//! list (consumer, delivery count, last delivery time), the DLQ, one
+//! metadata row per channel (last id, the group's last delivered id, counts)
+//! and the de-duplication keys. Ids are generated like Redis generates them
+//! (`<ms>-<seq>`, monotonic per channel), so sessions, acks, the backlog cap
+//! and the admin API do not know which backend runs.
+//!
+//! # Writes and durability
+//! redb allows one write transaction at a time, so every change goes
+//! through one writer thread that batches whatever is queued into one
+//! transaction (group commit). A batch holding an append or a DLQ change
+//! commits with `Durability::Immediate` (fsync) before any caller hears
+//! back: a `200` means the webhook is on disk. Reads into the pending list,
+//! acks and claims commit without fsync and become durable with the next
+//! durable commit, at most [`SYNC_EVERY`] later — losing them in a crash
+//! only means a redelivery (at-least-once), like Redis' `appendfsync
+//! everysec`.
+//!
+//! # Blocking reads
+//! A session's read of new entries waits on a counter the writer bumps after
+//! each commit that appended, up to `store.block`, instead of polling.
+//!
+//! # One handle per file and process
+//! redb locks its file. Opening a path that this process already has open
+//! returns the same handle, so an in-process restart (tests) works; a
+//! second process gets a clear "in use" error.
+
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use relay_protocol::Webhook;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use super::{
+    Backend, BlockingRead, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, RawEntry, Snapshot, format_id, now_ms,
+    parse_id,
+};
+use crate::config::StoreConfig;
+use crate::error::StoreError;
+use relay_protocol::ChannelStats;
+
+type Id = (&'static str, u64, u64);
+/// A borrowed key of the id-keyed tables.
+type Key<'a> = (&'a str, u64, u64);
+
+const ENTRIES: TableDefinition<Id, &[u8]> = TableDefinition::new("entries");
+/// Value: (consumer, delivery count, last delivery ms).
+const PENDING: TableDefinition<Id, (&str, u32, u64)> = TableDefinition::new("pending");
+const DLQ: TableDefinition<Id, &[u8]> = TableDefinition::new("dlq");
+const CHANNELS: TableDefinition<&str, [u64; META_LEN]> = TableDefinition::new("channels");
+/// Value: (expires at ms, answer).
+const DEDUPE: TableDefinition<&str, (u64, &str)> = TableDefinition::new("dedupe");
+
+/// Longest time a non-durable commit (read, ack, claim) waits for an fsync.
+pub const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// Most jobs folded into one transaction.
+const MAX_BATCH: usize = 1024;
+/// Entries moved per retention call (the loop calls again a second later).
+const RETENTION_BATCH: usize = 5000;
+
+const META_LEN: usize = 9;
+
+/// Per-channel bookkeeping, one row of `channels`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Meta {
+    /// Last id generated for the stream.
+    last: (u64, u64),
+    /// Group's last delivered id: entries after it are undelivered.
+    delivered: (u64, u64),
+    /// Entries in the stream.
+    length: u64,
+    /// Entries after `delivered`.
+    undelivered: u64,
+    dlq_last: (u64, u64),
+    dlq_length: u64,
+}
+
+impl Meta {
+    fn from_row(r: [u64; META_LEN]) -> Self {
+        Self {
+            last: (r[0], r[1]),
+            delivered: (r[2], r[3]),
+            length: r[4],
+            undelivered: r[5],
+            dlq_last: (r[6], r[7]),
+            dlq_length: r[8],
+        }
+    }
+
+    fn row(&self) -> [u64; META_LEN] {
+        [
+            self.last.0,
+            self.last.1,
+            self.delivered.0,
+            self.delivered.1,
+            self.length,
+            self.undelivered,
+            self.dlq_last.0,
+            self.dlq_last.1,
+            self.dlq_length,
+        ]
+    }
+}
+
+/// The next id after `last` at time `now`, as Redis generates them.
+fn next_id(last: (u64, u64), now: u64) -> (u64, u64) {
+    if now > last.0 { (now, 0) } else { (last.0, last.1 + 1) }
+}
+
+/// A dead letter as stored.
+#[derive(Serialize, Deserialize)]
+struct DeadRecord {
+    stream_id: String,
+    reason: String,
+    attempts: u32,
+    status: Option<u16>,
+    failed_at_ms: u64,
+    #[serde(with = "serde_bytes")]
+    raw: Option<Vec<u8>>,
+}
+
+/// The tables of one write transaction, opened once per batch.
+struct W<'t> {
+    entries: redb::Table<'t, Id, &'static [u8]>,
+    pending: redb::Table<'t, Id, (&'static str, u32, u64)>,
+    dlq: redb::Table<'t, Id, &'static [u8]>,
+    channels: redb::Table<'t, &'static str, [u64; META_LEN]>,
+    dedupe: redb::Table<'t, &'static str, (u64, &'static str)>,
+    now: u64,
+}
+
+type DbResult<T> = Result<T, redb::Error>;
+
+fn corrupt(why: impl std::fmt::Display) -> redb::Error {
+    redb::Error::Corrupted(why.to_string())
+}
+
+fn key(channel: &str, id: (u64, u64)) -> Key<'_> {
+    (channel, id.0, id.1)
+}
+
+/// `(channel, after)` exclusive to the channel's end.
+fn after(channel: &str, id: (u64, u64)) -> (Bound<Key<'_>>, Bound<Key<'_>>) {
+    (Bound::Excluded(key(channel, id)), Bound::Included(key(channel, (u64::MAX, u64::MAX))))
+}
+
+/// A cursor or id as `(ms, seq)`; `0` and `0-0` are the beginning.
+fn cursor_id(s: &str) -> Option<(u64, u64)> {
+    parse_id(s).or_else(|| s.parse().ok().map(|ms| (ms, 0)))
+}
+
+impl W<'_> {
+    fn meta(&self, channel: &str) -> DbResult<Meta> {
+        Ok(self.channels.get(channel)?.map(|g| Meta::from_row(g.value())).unwrap_or_default())
+    }
+
+    fn put_meta(&mut self, channel: &str, meta: &Meta) -> DbResult<()> {
+        self.channels.insert(channel, meta.row())?;
+        Ok(())
+    }
+
+    /// Appends bytes as a new entry; returns its id.
+    fn append(&mut self, channel: &str, bytes: &[u8]) -> DbResult<(u64, u64)> {
+        let mut meta = self.meta(channel)?;
+        let id = next_id(meta.last, self.now);
+        self.entries.insert(key(channel, id), bytes)?;
+        meta.last = id;
+        meta.length += 1;
+        meta.undelivered += 1;
+        self.put_meta(channel, &meta)?;
+        Ok(id)
+    }
+
+    fn entry(&self, channel: &str, id: (u64, u64)) -> DbResult<Option<Vec<u8>>> {
+        Ok(self.entries.get(key(channel, id))?.map(|g| g.value().to_vec()))
+    }
+
+    /// Records a dead letter and removes the entry from the pending list.
+    fn dead_letter(&mut self, channel: &str, record: &DeadRecord) -> DbResult<()> {
+        let mut meta = self.meta(channel)?;
+        let id = next_id(meta.dlq_last, self.now);
+        let bytes = rmp_serde::to_vec_named(record).map_err(corrupt)?;
+        self.dlq.insert(key(channel, id), bytes.as_slice())?;
+        meta.dlq_last = id;
+        meta.dlq_length += 1;
+        self.put_meta(channel, &meta)?;
+        if let Some(sid) = parse_id(&record.stream_id) {
+            self.pending.remove(key(channel, sid))?;
+        }
+        Ok(())
+    }
+
+    /// Moves up to `count` undelivered entries to `consumer`'s pending list.
+    fn read_new(&mut self, channel: &str, consumer: &str, count: usize) -> DbResult<Vec<RawEntry>> {
+        let mut meta = self.meta(channel)?;
+        if meta.undelivered == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for item in self.entries.range(after(channel, meta.delivered))?.take(count) {
+            let (k, v) = item?;
+            let (_, ms, seq) = k.value();
+            out.push(RawEntry::webhook(channel, format_id((ms, seq)), Some(v.value().to_vec())));
+        }
+        for e in &out {
+            let id = parse_id(&e.id).ok_or_else(|| corrupt("bad id"))?;
+            self.pending.insert(key(channel, id), (consumer, 1, self.now))?;
+            meta.delivered = id;
+        }
+        meta.undelivered = meta.undelivered.saturating_sub(out.len() as u64);
+        self.put_meta(channel, &meta)?;
+        Ok(out)
+    }
+
+    /// Re-reads `consumer`'s own pending entries after `cursor` (their
+    /// delivery count goes up, like Redis does for a history read).
+    fn read_pending(
+        &mut self,
+        channel: &str,
+        consumer: &str,
+        cursor: (u64, u64),
+        count: usize,
+    ) -> DbResult<Vec<RawEntry>> {
+        let mut mine = Vec::new();
+        for item in self.pending.range(after(channel, cursor))? {
+            let (k, v) = item?;
+            let (who, n, _) = v.value();
+            if who == consumer {
+                let (_, ms, seq) = k.value();
+                mine.push(((ms, seq), n));
+                if mine.len() >= count {
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(mine.len());
+        for (id, n) in mine {
+            self.pending.insert(key(channel, id), (consumer, n.saturating_add(1), self.now))?;
+            out.push(RawEntry::webhook(channel, format_id(id), self.entry(channel, id)?));
+        }
+        Ok(out)
+    }
+
+    /// The dead letter of an entry that outlived the retention.
+    fn expired(&self, channel: &str, id: (u64, u64), attempts: u32) -> DbResult<DeadRecord> {
+        Ok(DeadRecord {
+            stream_id: format_id(id),
+            reason: "expired".into(),
+            attempts,
+            status: None,
+            failed_at_ms: self.now,
+            raw: self.entry(channel, id)?,
+        })
+    }
+
+    /// Gives a pending entry to `consumer`, counting a delivery; `None` (and
+    /// out of the pending list) when its entry is gone.
+    fn take_over(&mut self, channel: &str, consumer: &str, id: (u64, u64), n: u32) -> DbResult<Option<Vec<u8>>> {
+        let bytes = self.entry(channel, id)?;
+        if bytes.is_some() {
+            self.pending.insert(key(channel, id), (consumer, n.saturating_add(1), self.now))?;
+        } else {
+            self.pending.remove(key(channel, id))?;
+        }
+        Ok(bytes)
+    }
+}
+
+/// One queued change: runs inside the batch's transaction, and reports
+/// back only after the commit (or its failure).
+struct Job {
+    durable: bool,
+    wakes: bool,
+    run: Run,
+}
+
+/// Runs a job's change; says whether it succeeded and how to report back.
+type Run = Box<dyn for<'t> FnOnce(&mut W<'t>) -> (bool, Finish) + Send>;
+
+type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+struct Inner {
+    path: PathBuf,
+    db: Arc<Database>,
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    wake: watch::Receiver<u64>,
+    last_sweep: Mutex<Option<Instant>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer after a final durable commit;
+        // waiting for it releases the file lock before the handle is gone.
+        self.jobs.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Files this process has open, so a second open shares the handle.
+static OPEN: Mutex<Vec<(PathBuf, Weak<Inner>)>> = Mutex::new(Vec::new());
+
+/// Handle on the embedded store; cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+    timeout: Duration,
+    block: Duration,
+    errors: prometheus_client::metrics::counter::Counter,
+}
+
+/// A session's reader: waits for appends instead of polling.
+pub struct Reader {
+    store: EmbeddedStore,
+    wake: watch::Receiver<u64>,
+}
+
+fn open_err(path: &Path, why: impl std::fmt::Display) -> StoreError {
+    StoreError::Open { path: path.to_path_buf(), why: why.to_string() }
+}
+
+impl EmbeddedStore {
+    /// Opens (creating it and its directory if needed) the store file.
+    pub fn open(
+        path: &Path,
+        cfg: &StoreConfig,
+        errors: prometheus_client::metrics::counter::Counter,
+    ) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(path, format!("cannot create its directory: {e}")))?;
+        }
+        let abs = absolute(path).map_err(|e| open_err(path, e))?;
+        let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|(_, w)| w.strong_count() > 0);
+        let inner = match open.iter().find(|(p, _)| *p == abs).and_then(|(_, w)| w.upgrade()) {
+            Some(inner) => inner,
+            None => {
+                let inner = Arc::new(Inner::open(&abs)?);
+                open.push((abs, Arc::downgrade(&inner)));
+                inner
+            }
+        };
+        Ok(Self { inner, timeout: cfg.command_timeout, block: cfg.block, errors })
+    }
+
+    /// Runs `f` in the next write batch; returns after its commit.
+    async fn write<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        durable: bool,
+        wakes: bool,
+        f: impl for<'t> FnOnce(&mut W<'t>) -> DbResult<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let run = Box::new(move |w: &mut W<'_>| {
+            let r = f(w);
+            let ok = r.is_ok();
+            let finish: Finish = Box::new(move |commit: Result<(), String>| {
+                let out = match (r, commit) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Err(e), _) => Err(StoreError::Embedded { op, why: e.to_string() }),
+                    (Ok(_), Err(why)) => Err(StoreError::Embedded { op, why }),
+                };
+                let _ = tx.send(out);
+            });
+            (ok, finish)
+        });
+        let job = Job { durable, wakes, run };
+        let closed = || StoreError::Embedded { op, why: "the store is closed".into() };
+        let sent = self.inner.jobs.as_ref().map(|j| j.send(job).is_ok()).unwrap_or(false);
+        let r = if !sent {
+            Err(closed())
+        } else {
+            match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(closed()),
+                Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
+            }
+        };
+        if r.is_err() {
+            self.errors.inc();
+        }
+        r
+    }
+
+    /// Runs `f` on a read transaction (a consistent snapshot) off the runtime.
+    async fn read<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&ReadTransaction) -> DbResult<R> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let db = self.inner.db.clone();
+        let r = tokio::task::spawn_blocking(move || f(&db.begin_read()?))
+            .await
+            .map_err(|e| StoreError::Embedded { op, why: e.to_string() })
+            .and_then(|r| r.map_err(|e| StoreError::Embedded { op, why: e.to_string() }));
+        if r.is_err() {
+            self.errors.inc();
+        }
+        r
+    }
+
+    /// Whether any of `channels` has undelivered entries (a cheap check
+    /// before a read that would otherwise be an empty write).
+    fn has_new(&self, cursors: &[(String, String)]) -> Result<bool, StoreError> {
+        let check = || -> DbResult<bool> {
+            let txn = self.inner.db.begin_read()?;
+            let t = txn.open_table(CHANNELS)?;
+            for (ch, _) in cursors {
+                if t.get(ch.as_str())?.is_some_and(|g| Meta::from_row(g.value()).undelivered > 0) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        check().map_err(|e| StoreError::Embedded { op: "read", why: e.to_string() })
+    }
+
+    async fn read_group(
+        &self,
+        consumer: &str,
+        cursors: &[(String, String)],
+        count: usize,
+    ) -> Result<Vec<RawEntry>, StoreError> {
+        let consumer = consumer.to_string();
+        let cursors = cursors.to_vec();
+        self.write("read", false, false, move |w| {
+            let mut out = Vec::new();
+            for (ch, cursor) in &cursors {
+                if cursor == ">" {
+                    out.extend(w.read_new(ch, &consumer, count)?);
+                } else {
+                    let from = cursor_id(cursor).unwrap_or((0, 0));
+                    out.extend(w.read_pending(ch, &consumer, from, count)?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Drops expired de-duplication keys, at most every 10 s.
+    async fn sweep_dedupe(&self) -> Result<(), StoreError> {
+        {
+            let mut last = self.inner.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        self.write("dedupe sweep", false, false, |w| {
+            let now = w.now;
+            w.dedupe.retain(|_, (expires, _)| expires > now)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn absolute(path: &Path) -> std::io::Result<PathBuf> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.canonicalize()?,
+        None => std::env::current_dir()?,
+    };
+    Ok(dir.join(path.file_name().ok_or_else(|| std::io::Error::other("the path names no file"))?))
+}
+
+impl Inner {
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                open_err(path, "it is in use by another process (one edge per embedded store; use Redis for several)")
+            }
+            other => open_err(path, other),
+        })?;
+        let db = Arc::new(db);
+        // Create every table, so read transactions never miss one.
+        let txn = db.begin_write().map_err(|e| open_err(path, e))?;
+        open_tables(&txn, 0).map_err(|e| open_err(path, e))?;
+        txn.commit().map_err(|e| open_err(path, e))?;
+
+        let (jobs, rx) = mpsc::channel();
+        let (wake_tx, wake) = watch::channel(0);
+        let writer_db = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("relay-store-writer".into())
+            .spawn(move || writer_loop(&writer_db, &rx, &wake_tx))
+            .map_err(|e| open_err(path, format!("cannot start its writer thread: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            db,
+            jobs: Some(jobs),
+            writer: Some(writer),
+            wake,
+            last_sweep: Mutex::new(None),
+        })
+    }
+}
+
+fn open_tables(txn: &WriteTransaction, now: u64) -> DbResult<W<'_>> {
+    Ok(W {
+        entries: txn.open_table(ENTRIES)?,
+        pending: txn.open_table(PENDING)?,
+        dlq: txn.open_table(DLQ)?,
+        channels: txn.open_table(CHANNELS)?,
+        dedupe: txn.open_table(DEDUPE)?,
+        now,
+    })
+}
+
+/// The group-commit loop: one transaction per batch of queued jobs.
+fn writer_loop(db: &Database, rx: &mpsc::Receiver<Job>, wake: &watch::Sender<u64>) {
+    let mut unsynced = false;
+    let mut last_sync = Instant::now();
+    loop {
+        let first = if unsynced {
+            match rx.recv_timeout(SYNC_EVERY.saturating_sub(last_sync.elapsed())) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    commit_batch(db, Vec::new(), true);
+                    return;
+                }
+            }
+        } else {
+            match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return,
+            }
+        };
+        let mut batch: Vec<Job> = first.into_iter().collect();
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let durable = batch.iter().any(|j| j.durable) || last_sync.elapsed() >= SYNC_EVERY;
+        let wakes = batch.iter().any(|j| j.wakes);
+        if commit_batch(db, batch, durable) {
+            if durable {
+                unsynced = false;
+                last_sync = Instant::now();
+            } else {
+                unsynced = true;
+            }
+            if wakes {
+                wake.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+    }
+}
+
+/// Runs a batch in one transaction and tells every job how the commit went.
+/// A job that fails aborts the whole batch (its writes are not separable).
+fn commit_batch(db: &Database, batch: Vec<Job>, durable: bool) -> bool {
+    let mut finishes = Vec::with_capacity(batch.len());
+    let result = (|| -> Result<(), String> {
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        if !durable {
+            txn.set_durability(Durability::None).map_err(|e| e.to_string())?;
+        }
+        let mut failed = false;
+        {
+            let mut w = open_tables(&txn, now_ms()).map_err(|e| e.to_string())?;
+            for job in batch {
+                let (ok, finish) = (job.run)(&mut w);
+                failed |= !ok;
+                finishes.push(finish);
+            }
+        }
+        if failed {
+            txn.abort().map_err(|e| e.to_string())?;
+            return Err("another change in the same transaction failed; nothing was written".into());
+        }
+        txn.commit().map_err(|e| e.to_string())
+    })();
+    let ok = result.is_ok();
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "embedded store commit failed");
+    }
+    for finish in finishes {
+        finish(result.clone());
+    }
+    ok
+}
+
+impl Backend for EmbeddedStore {
+    type Reader = Reader;
+
+    fn describe(&self) -> String {
+        format!("embedded store at {}", self.inner.path.display())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read("ping", |txn| txn.open_table(CHANNELS).map(|_| ()).map_err(Into::into)).await
+    }
+
+    async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<String>, StoreError> {
+        let bytes = super::encode(webhook)?;
+        let channels = channels.to_vec();
+        self.write("append", true, true, move |w| {
+            channels.iter().map(|ch| w.append(ch, &bytes).map(format_id)).collect()
+        })
+        .await
+    }
+
+    async fn ensure_group(&self, _channel: &str) -> Result<(), StoreError> {
+        // Every channel has its group from its first append (or read).
+        Ok(())
+    }
+
+    async fn reader(&self) -> Result<Reader, StoreError> {
+        Ok(Reader { store: self.clone(), wake: self.inner.wake.clone() })
+    }
+
+    async fn ack(&self, channel: &str, ids: &[String]) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let channel = channel.to_string();
+        let ids: Vec<(u64, u64)> = ids.iter().filter_map(|id| parse_id(id)).collect();
+        self.write("ack", false, false, move |w| {
+            let mut n = 0;
+            for id in ids {
+                if w.pending.remove(key(&channel, id))?.is_some() {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn claim(&self, channel: &str, consumer: &str, id: &str) -> Result<Option<Entry>, StoreError> {
+        let Some(pid) = parse_id(id) else { return Ok(None) };
+        let (ch, consumer) = (channel.to_string(), consumer.to_string());
+        let raw = self
+            .write("claim", false, false, move |w| {
+                let n = match w.pending.get(key(&ch, pid))? {
+                    Some(g) => g.value().1,
+                    None => return Ok(None),
+                };
+                Ok(w.take_over(&ch, &consumer, pid, n)?.map(|b| RawEntry::webhook(&ch, format_id(pid), Some(b))))
+            })
+            .await?;
+        Ok(raw.map(|r| r.into_entry(channel)))
+    }
+
+    async fn autoclaim(
+        &self,
+        channel: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let (ch, consumer) = (channel.to_string(), consumer.to_string());
+        let idle = min_idle.as_millis() as u64;
+        let raws = self
+            .write("autoclaim", false, false, move |w| {
+                let mut stale = Vec::new();
+                for item in w.pending.range(after(&ch, (0, 0)))? {
+                    let (k, v) = item?;
+                    let (_, n, at) = v.value();
+                    if w.now.saturating_sub(at) >= idle {
+                        let (_, ms, seq) = k.value();
+                        stale.push(((ms, seq), n));
+                        if stale.len() >= count {
+                            break;
+                        }
+                    }
+                }
+                let mut out = Vec::with_capacity(stale.len());
+                for (id, n) in stale {
+                    let bytes = w.take_over(&ch, &consumer, id, n)?;
+                    out.push(RawEntry::webhook(&ch, format_id(id), bytes));
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(raws.into_iter().map(|r| r.into_entry(channel)).collect())
+    }
+
+    async fn delivery_counts(
+        &self,
+        channel: &str,
+        consumer: &str,
+        first: &str,
+        last: &str,
+        count: usize,
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        let (Some(first), Some(last)) = (parse_id(first), parse_id(last)) else { return Ok(HashMap::new()) };
+        let (ch, consumer) = (channel.to_string(), consumer.to_string());
+        self.read("delivery counts", move |txn| {
+            let t = txn.open_table(PENDING)?;
+            let mut out = HashMap::new();
+            for item in t.range(key(&ch, first)..=key(&ch, last))? {
+                let (k, v) = item?;
+                let (who, n, _) = v.value();
+                if who == consumer {
+                    let (_, ms, seq) = k.value();
+                    out.insert(format_id((ms, seq)), n);
+                    if out.len() >= count {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(id) = parse_id(id) else { return Ok(None) };
+        let ch = channel.to_string();
+        self.read("read entry", move |txn| Ok(txn.open_table(ENTRIES)?.get(key(&ch, id))?.map(|g| g.value().to_vec())))
+            .await
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
+        let ch = letter.channel.to_string();
+        let record = DeadRecord {
+            stream_id: letter.id.to_string(),
+            reason: letter.reason.to_string(),
+            attempts: letter.attempts,
+            status: letter.status,
+            failed_at_ms: now_ms(),
+            raw: letter.raw.map(<[u8]>::to_vec),
+        };
+        self.write("dead-letter", true, false, move |w| w.dead_letter(&ch, &record)).await
+    }
+
+    async fn expire(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        if cutoff == 0 {
+            return Ok(0);
+        }
+        let ch = channel.to_string();
+        self.write("expire", true, false, move |w| {
+            let end = key(&ch, (cutoff - 1, u64::MAX));
+            // 1. Pending (delivered, unacknowledged) and too old.
+            let mut old = Vec::new();
+            for item in w.pending.range(key(&ch, (0, 0))..=end)?.take(RETENTION_BATCH) {
+                let (k, v) = item?;
+                let (_, ms, seq) = k.value();
+                old.push(((ms, seq), v.value().1));
+            }
+            let mut expired = 0;
+            for (id, attempts) in old {
+                let record = w.expired(&ch, id, attempts)?;
+                w.dead_letter(&ch, &record)?;
+                expired += 1;
+            }
+            // 2. Never delivered and too old: the head of the undelivered part.
+            let mut meta = w.meta(&ch)?;
+            if meta.undelivered > 0 {
+                let mut undelivered = Vec::new();
+                for item in w.entries.range((Bound::Excluded(key(&ch, meta.delivered)), Bound::Included(end)))? {
+                    let (k, _) = item?;
+                    let (_, ms, seq) = k.value();
+                    undelivered.push((ms, seq));
+                    if undelivered.len() >= RETENTION_BATCH {
+                        break;
+                    }
+                }
+                if let Some(last) = undelivered.last() {
+                    meta.delivered = *last;
+                    meta.undelivered = meta.undelivered.saturating_sub(undelivered.len() as u64);
+                    w.put_meta(&ch, &meta)?;
+                }
+                for id in undelivered {
+                    let record = w.expired(&ch, id, 0)?;
+                    w.dead_letter(&ch, &record)?;
+                    expired += 1;
+                }
+            }
+            Ok(expired)
+        })
+        .await
+    }
+
+    async fn trim(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
+        self.sweep_dedupe().await?;
+        let ch = channel.to_string();
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        self.write("trim", false, false, move |w| {
+            let meta = w.meta(&ch)?;
+            let mut bound = cutoff;
+            if let Some(first) = w.pending.range(after(&ch, (0, 0)))?.next() {
+                bound = bound.min(first?.0.value().1);
+            }
+            if meta.undelivered > 0 {
+                bound = bound.min(meta.delivered.0);
+            }
+            let mut old = Vec::new();
+            for item in w.entries.range(key(&ch, (0, 0))..key(&ch, (bound, 0)))?.take(RETENTION_BATCH) {
+                let (k, _) = item?;
+                let (_, ms, seq) = k.value();
+                old.push((ms, seq));
+            }
+            for id in &old {
+                w.entries.remove(key(&ch, *id))?;
+            }
+            if !old.is_empty() {
+                let mut meta = meta;
+                meta.length = meta.length.saturating_sub(old.len() as u64);
+                w.put_meta(&ch, &meta)?;
+            }
+            Ok(old.len() as u64)
+        })
+        .await
+    }
+
+    async fn snapshot(&self, channel: &str) -> Result<Snapshot, StoreError> {
+        let ch = channel.to_string();
+        self.read("snapshot", move |txn| {
+            let Some(meta) = txn.open_table(CHANNELS)?.get(ch.as_str())?.map(|g| Meta::from_row(g.value())) else {
+                return Ok(Snapshot::empty(&ch));
+            };
+            let pending = txn.open_table(PENDING)?;
+            let mut count = 0u64;
+            let mut oldest = None;
+            for item in pending.range(after(&ch, (0, 0)))? {
+                let (k, _) = item?;
+                if oldest.is_none() {
+                    oldest = Some(k.value().1);
+                }
+                count += 1;
+            }
+            if oldest.is_none() && meta.undelivered > 0 {
+                let entries = txn.open_table(ENTRIES)?;
+                if let Some(first) = entries.range(after(&ch, meta.delivered))?.next() {
+                    oldest = Some(first?.0.value().1);
+                }
+            }
+            let now = now_ms();
+            Ok(Snapshot {
+                stats: ChannelStats {
+                    channel: ch.clone(),
+                    backlog: meta.undelivered,
+                    pending: count,
+                    oldest_ms: oldest.map(|t| now.saturating_sub(t)),
+                },
+                last_id: meta.last,
+                length: meta.length,
+                dlq_length: meta.dlq_length,
+            })
+        })
+        .await
+    }
+
+    async fn dlq_list(
+        &self,
+        channel: &str,
+        after_id: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<DeadEntry>, StoreError> {
+        let ch = channel.to_string();
+        let from = after_id.and_then(cursor_id).unwrap_or((0, 0));
+        let inclusive = after_id.is_none();
+        self.read("dlq list", move |txn| {
+            let t = txn.open_table(DLQ)?;
+            let start = if inclusive { Bound::Included(key(&ch, from)) } else { Bound::Excluded(key(&ch, from)) };
+            let mut out = Vec::new();
+            for item in t.range((start, Bound::Included(key(&ch, (u64::MAX, u64::MAX)))))?.take(count) {
+                let (k, v) = item?;
+                let (_, ms, seq) = k.value();
+                out.push(dead_entry((ms, seq), v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn dlq_get(&self, channel: &str, id: &str) -> Result<Option<DeadEntry>, StoreError> {
+        let Some(id) = parse_id(id) else { return Ok(None) };
+        let ch = channel.to_string();
+        self.read("dlq show", move |txn| match txn.open_table(DLQ)?.get(key(&ch, id))? {
+            Some(g) => Ok(Some(dead_entry(id, g.value())?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn dlq_len(&self, channel: &str) -> Result<u64, StoreError> {
+        Ok(self.snapshot(channel).await?.dlq_length)
+    }
+
+    async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<String>, StoreError> {
+        let Some(raw) = entry.raw.clone() else { return Ok(None) };
+        let ch = channel.to_string();
+        let dead = parse_id(&entry.id);
+        self.write("dlq replay", true, true, move |w| {
+            let id = w.append(&ch, &raw)?;
+            if let Some(dead) = dead
+                && w.dlq.remove(key(&ch, dead))?.is_some()
+            {
+                let mut meta = w.meta(&ch)?;
+                meta.dlq_length = meta.dlq_length.saturating_sub(1);
+                w.put_meta(&ch, &meta)?;
+            }
+            Ok(Some(format_id(id)))
+        })
+        .await
+    }
+
+    async fn dlq_purge(&self, channel: &str, before_ms: Option<u64>) -> Result<u64, StoreError> {
+        let ch = channel.to_string();
+        let end = match before_ms {
+            Some(ms) => Bound::Excluded((ms, 0)),
+            None => Bound::Included((u64::MAX, u64::MAX)),
+        };
+        self.write("dlq purge", true, false, move |w| {
+            let end = match end {
+                Bound::Excluded(id) => Bound::Excluded(key(&ch, id)),
+                _ => Bound::Included(key(&ch, (u64::MAX, u64::MAX))),
+            };
+            let mut ids = Vec::new();
+            for item in w.dlq.range((Bound::Included(key(&ch, (0, 0))), end))? {
+                let (k, _) = item?;
+                let (_, ms, seq) = k.value();
+                ids.push((ms, seq));
+            }
+            for id in &ids {
+                w.dlq.remove(key(&ch, *id))?;
+            }
+            let mut meta = w.meta(&ch)?;
+            meta.dlq_length = meta.dlq_length.saturating_sub(ids.len() as u64);
+            w.put_meta(&ch, &meta)?;
+            Ok(ids.len() as u64)
+        })
+        .await
+    }
+
+    async fn replay_range(&self, channel: &str, since_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
+        let ch = channel.to_string();
+        self.write("replay", true, true, move |w| {
+            let mut bodies = Vec::new();
+            for item in w.entries.range(key(&ch, (since_ms, 0))..=key(&ch, (until_ms, u64::MAX)))? {
+                bodies.push(item?.1.value().to_vec());
+            }
+            for b in &bodies {
+                w.append(&ch, b)?;
+            }
+            Ok(bodies.len() as u64)
+        })
+        .await
+    }
+
+    async fn dedupe_claim(&self, key_: &str, window: Duration) -> Result<Option<String>, StoreError> {
+        let k = key_.to_string();
+        let ttl = window.as_millis() as u64;
+        self.write("dedupe claim", false, false, move |w| {
+            let now = w.now;
+            let seen = w.dedupe.get(k.as_str())?.and_then(|g| {
+                let (expires, answer) = g.value();
+                (expires > now).then(|| answer.to_string())
+            });
+            if seen.is_none() {
+                w.dedupe.insert(k.as_str(), (now + ttl, DEDUPE_PENDING))?;
+            }
+            Ok(seen)
+        })
+        .await
+    }
+
+    async fn dedupe_record(&self, key_: &str, answer: &str, window: Duration) -> Result<(), StoreError> {
+        let (k, answer) = (key_.to_string(), answer.to_string());
+        let ttl = window.as_millis() as u64;
+        self.write("dedupe record", false, false, move |w| {
+            let now = w.now;
+            w.dedupe.insert(k.as_str(), (now + ttl, answer.as_str()))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn dedupe_get(&self, key_: &str) -> Result<Option<String>, StoreError> {
+        let k = key_.to_string();
+        self.read("dedupe get", move |txn| {
+            let now = now_ms();
+            Ok(txn.open_table(DEDUPE)?.get(k.as_str())?.and_then(|g| {
+                let (expires, answer) = g.value();
+                (expires > now).then(|| answer.to_string())
+            }))
+        })
+        .await
+    }
+
+    async fn dedupe_release(&self, key_: &str) -> Result<(), StoreError> {
+        let k = key_.to_string();
+        self.write("dedupe release", false, false, move |w| {
+            w.dedupe.remove(k.as_str())?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn dead_entry(id: (u64, u64), bytes: &[u8]) -> DbResult<DeadEntry> {
+    let r: DeadRecord = rmp_serde::from_slice(bytes).map_err(corrupt)?;
+    Ok(DeadEntry {
+        id: format_id(id),
+        stream_id: r.stream_id,
+        reason: r.reason,
+        attempts: r.attempts,
+        status: r.status,
+        failed_at_ms: r.failed_at_ms,
+        raw: r.raw,
+    })
+}
+
+impl BlockingRead for Reader {
+    async fn read(
+        &mut self,
+        consumer: &str,
+        cursors: &[(String, String)],
+        count: usize,
+    ) -> Result<Vec<RawEntry>, StoreError> {
+        let only_new = cursors.iter().all(|(_, c)| c == ">");
+        if !only_new {
+            return self.store.read_group(consumer, cursors, count).await;
+        }
+        // Mark what has been seen before looking, so an append committed
+        // between the look and the wait still wakes us.
+        self.wake.borrow_and_update();
+        if !self.store.has_new(cursors)? {
+            match tokio::time::timeout(self.store.block, self.wake.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    // The store is closing: behave like an empty BLOCK.
+                    tokio::time::sleep(self.store.block).await;
+                    return Ok(Vec::new());
+                }
+                Err(_) => return Ok(Vec::new()),
+            }
+            if !self.store.has_new(cursors)? {
+                return Ok(Vec::new());
+            }
+        }
+        self.store.read_group(consumer, cursors, count).await
+    }
+}

@@ -1,0 +1,605 @@
+//! The Redis Streams backend.
+//!
+//! # Layout
+//! One stream per channel (`relay:{<channel>}:stream`, see [`keys`]), one
+//! consumer group `relay` per stream created at id `0` so entries written
+//! before any agent ever connected are still delivered, and one consumer per
+//! agent identity. Agents granted the same channel share its load.
+//!
+//! # Delivery bookkeeping
+//! An entry read by a session sits in the group's pending list (PEL) under
+//! the agent's name until an `Ack` turns into `XACK`. On (re)connect a session
+//! first re-reads its own PEL (`XREADGROUP … 0`), then new entries (`>`).
+//! Entries idle in another consumer's PEL longer than the visibility timeout
+//! are taken over with `XAUTOCLAIM`. The delivery count of the PEL is the
+//! attempt number, so it survives reconnects and edge restarts.
+//!
+//! # Retention
+//! `XTRIM MINID` by age, but never past the oldest pending entry nor past the
+//! group's last delivered id: nothing unacknowledged is cut.
+//!
+//! # Connections
+//! Commands share one auto-reconnecting multiplexed connection with a short
+//! response timeout. Each session's blocking `XREADGROUP` runs on a
+//! dedicated connection (a blocking read would stall every other command on a
+//! shared one) whose timeout exceeds the `BLOCK`.
+
+mod dlq;
+mod parse;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Value};
+use relay_protocol::{ChannelStats, Webhook};
+
+use super::{
+    Backend, BlockingRead, DEDUPE_PENDING, DeadEntry, DeadLetter, EXPIRY_CONSUMER, Entry, RawEntry, Snapshot, id_ms,
+    keys, now_ms, parse_id,
+};
+use crate::config::StoreConfig;
+use crate::error::StoreError;
+
+/// Handle on the Redis store; cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    /// Shared connection for every non-blocking command.
+    conn: ConnectionManager,
+    /// Per-command deadline, on top of the connection's response timeout.
+    timeout: Duration,
+    /// Counts failed and timed-out commands (`relay_redis_errors_total`).
+    errors: prometheus_client::metrics::counter::Counter,
+    /// `BLOCK` of one `XREADGROUP`.
+    block: Duration,
+}
+
+/// A dedicated connection for one session's blocking reads.
+pub struct Reader {
+    conn: MultiplexedConnection,
+    block: Duration,
+}
+
+fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> StoreError {
+    move |source| StoreError::Redis { op, source }
+}
+
+impl RedisStore {
+    /// Opens the store lazily: the edge starts (and answers 503) while Redis
+    /// is down, and connects as soon as it is up.
+    pub fn open(
+        url: &str,
+        cfg: &StoreConfig,
+        errors: prometheus_client::metrics::counter::Counter,
+    ) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(redis_err("open"))?;
+        let mcfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.command_timeout))
+            .set_response_timeout(Some(cfg.command_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))?;
+        Ok(Self { client, conn, errors, timeout: cfg.command_timeout, block: cfg.block })
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, op: &'static str, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        let r = match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(r) => r.map_err(redis_err(op)),
+            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
+        };
+        self.count_error(&r);
+        r
+    }
+
+    fn count_error<T>(&self, r: &Result<T, StoreError>) {
+        // Expected answers (an existing group, a missing stream) are not errors.
+        let expected = |e: &StoreError| {
+            matches!(e, StoreError::Redis { source, .. }
+                if matches!(source.code(), Some("BUSYGROUP") | Some("NOGROUP") | Some("ERR")))
+        };
+        if let Err(e) = r
+            && !expected(e)
+        {
+            self.errors.inc();
+        }
+    }
+
+    async fn run_pipe<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        let r = match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
+            Ok(r) => r.map_err(redis_err(op)),
+            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
+        };
+        self.count_error(&r);
+        r
+    }
+}
+
+impl Backend for RedisStore {
+    type Reader = Reader;
+
+    fn describe(&self) -> String {
+        describe(&self.client)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = self.run("PING", &redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    /// Appends one webhook to each channel's stream and returns the entry
+    /// ids in channel order. Returns only after Redis answered.
+    async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<String>, StoreError> {
+        let bytes = super::encode(webhook)?;
+        if let [channel] = channels {
+            let id: String = self
+                .run(
+                    "XADD",
+                    redis::cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes),
+                )
+                .await?;
+            return Ok(vec![id]);
+        }
+        let mut pipe = redis::pipe();
+        for channel in channels {
+            pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
+        }
+        self.run_pipe("XADD", &pipe).await
+    }
+
+    /// Creates the channel's stream and group at id 0; an existing group is fine.
+    async fn ensure_group(&self, channel: &str) -> Result<(), StoreError> {
+        let cmd = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(keys::stream(channel))
+            .arg(keys::GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .to_owned();
+        match self.run::<Value>("XGROUP CREATE", &cmd).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::Redis { source, .. }) if source.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `XACK`s delivered entries; returns how many were pending.
+    async fn ack(&self, channel: &str, ids: &[String]) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.run("XACK", redis::cmd("XACK").arg(keys::stream(channel)).arg(keys::GROUP).arg(ids)).await
+    }
+
+    /// Moves an entry to the channel's DLQ and acknowledges it, atomically.
+    async fn dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let xadd = pipe.cmd("XADD").arg(keys::dlq(letter.channel)).arg("*");
+        xadd.arg("stream_id").arg(letter.id);
+        xadd.arg("reason").arg(letter.reason);
+        xadd.arg("attempts").arg(letter.attempts);
+        xadd.arg("failed_at_ms").arg(now_ms());
+        if let Some(status) = letter.status {
+            xadd.arg("status").arg(status);
+        }
+        if let Some(raw) = letter.raw {
+            xadd.arg(keys::FIELD_WEBHOOK).arg(raw);
+        }
+        pipe.cmd("XACK").arg(keys::stream(letter.channel)).arg(keys::GROUP).arg(letter.id).ignore();
+        let _: Value = self.run_pipe("dead-letter", &pipe).await?;
+        Ok(())
+    }
+
+    /// Reads raw fields of entries by id (for dead-lettering).
+    async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let v: Value = self.run("XRANGE", redis::cmd("XRANGE").arg(keys::stream(channel)).arg(id).arg(id)).await?;
+        Ok(parse::entries(v)?.into_iter().next().and_then(|e| e.field(keys::FIELD_WEBHOOK)))
+    }
+
+    /// Opens a dedicated connection for one session's blocking reads.
+    async fn reader(&self) -> Result<Reader, StoreError> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.block + self.timeout));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(redis_err("connect reader"))?;
+        Ok(Reader { conn, block: self.block })
+    }
+
+    /// Takes over entries idle longer than `min_idle` in any consumer's PEL.
+    async fn autoclaim(
+        &self,
+        channel: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let v: Value = self
+            .run(
+                "XAUTOCLAIM",
+                redis::cmd("XAUTOCLAIM")
+                    .arg(keys::stream(channel))
+                    .arg(keys::GROUP)
+                    .arg(consumer)
+                    .arg(min_idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        // Reply: [next-cursor, [entries…], [deleted ids…]]
+        let Value::Array(mut parts) = v else {
+            return Ok(Vec::new());
+        };
+        if parts.len() < 2 {
+            return Ok(Vec::new());
+        }
+        let deleted = if parts.len() > 2 { parse::ids(parts.remove(2)) } else { Vec::new() };
+        let mut out: Vec<Entry> =
+            parse::entries(parts.remove(1))?.into_iter().map(|raw| raw.into_entry(channel)).collect();
+        // Entries trimmed while pending: report them so the session can XACK them.
+        out.extend(deleted.into_iter().map(|id| Entry {
+            channel: channel.to_string(),
+            id,
+            webhook: Err("entry was deleted from the stream while pending".into()),
+        }));
+        Ok(out)
+    }
+
+    /// Delivery counts (attempts so far) of a consumer's pending entries.
+    async fn delivery_counts(
+        &self,
+        channel: &str,
+        consumer: &str,
+        first: &str,
+        last: &str,
+        count: usize,
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        let v: Value = self
+            .run(
+                "XPENDING",
+                redis::cmd("XPENDING")
+                    .arg(keys::stream(channel))
+                    .arg(keys::GROUP)
+                    .arg(first)
+                    .arg(last)
+                    .arg(count)
+                    .arg(consumer),
+            )
+            .await?;
+        Ok(parse::pending_counts(v))
+    }
+
+    /// Moves entries older than `retention` that were never acknowledged —
+    /// pending on an agent, or not yet delivered — to the DLQ with reason
+    /// `expired`, so trimming never makes them vanish. Returns how many.
+    async fn expire(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
+        const BATCH: usize = 500;
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        if cutoff == 0 {
+            return Ok(0);
+        }
+        let last_old = format!("{}-18446744073709551615", cutoff - 1);
+        let stream = keys::stream(channel);
+        let mut expired = 0;
+
+        // 1. Pending (delivered, unacknowledged) and too old.
+        let v: Value = match self
+            .run("XPENDING", redis::cmd("XPENDING").arg(&stream).arg(keys::GROUP).arg("-").arg(&last_old).arg(BATCH))
+            .await
+        {
+            Ok(v) => v,
+            Err(StoreError::Redis { source, .. }) if source.code() == Some("NOGROUP") => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        for (id, attempts) in parse::pending_counts(v) {
+            let raw = self.raw_entry(channel, &id).await?;
+            let letter =
+                DeadLetter { channel, id: &id, reason: "expired", status: None, attempts, raw: raw.as_deref() };
+            self.dead_letter(&letter).await?;
+            expired += 1;
+        }
+
+        // 2. Never delivered and too old: read them through the group (so its
+        //    counters stay right) under a pseudo-consumer, then dead-letter.
+        let group = {
+            let v: Value = self.run("XINFO GROUPS", redis::cmd("XINFO").arg("GROUPS").arg(&stream)).await?;
+            parse::group_info(v, keys::GROUP)
+        };
+        let after = group.last_delivered.unwrap_or_else(|| "0-0".into());
+        let v: Value = self
+            .run(
+                "XRANGE",
+                redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg(&last_old).arg("COUNT").arg(BATCH),
+            )
+            .await?;
+        let old = parse::entries(v)?.len();
+        if old > 0 {
+            let v: Value = self
+                .run(
+                    "XREADGROUP",
+                    redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(keys::GROUP)
+                        .arg(EXPIRY_CONSUMER)
+                        .arg("COUNT")
+                        .arg(old)
+                        .arg("STREAMS")
+                        .arg(&stream)
+                        .arg(">"),
+                )
+                .await?;
+            for raw in parse::read_reply(v)? {
+                // A session may have read some meanwhile, so newer entries can
+                // come back here: they stay pending on the pseudo-consumer and
+                // are reclaimed by a session after the visibility timeout.
+                if id_ms(&raw.id).is_some_and(|t| t < cutoff) {
+                    let bytes = raw.field(keys::FIELD_WEBHOOK);
+                    let letter = DeadLetter {
+                        channel,
+                        id: &raw.id,
+                        reason: "expired",
+                        status: None,
+                        attempts: 0,
+                        raw: bytes.as_deref(),
+                    };
+                    self.dead_letter(&letter).await?;
+                    expired += 1;
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Everything the edge reports about one channel, read in one `MULTI`
+    /// (plus one `XRANGE` when nothing is pending but entries wait): backlog
+    /// figures for `status`, `/health` and the metrics, and the stream's last
+    /// id for the exact backlog cap.
+    async fn snapshot(&self, channel: &str) -> Result<Snapshot, StoreError> {
+        let stream = keys::stream(channel);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("XINFO").arg("STREAM").arg(&stream);
+        pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
+        pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP);
+        pipe.cmd("XLEN").arg(keys::dlq(channel));
+        let (info, groups, pending, dlq_length): (Value, Value, Value, u64) =
+            match self.run_pipe("XINFO STREAM", &pipe).await {
+                Ok(v) => v,
+                // No stream or group yet: nothing waiting.
+                Err(StoreError::Redis { source, .. }) if matches!(source.code(), Some("ERR") | Some("NOGROUP")) => {
+                    return Ok(Snapshot::empty(channel));
+                }
+                Err(e) => return Err(e),
+            };
+        let (length, last_id) = parse::stream_info(info);
+        let group = parse::group_info(groups, keys::GROUP);
+        let (pending_count, oldest_pending) = parse::pending_summary(pending);
+        let now = now_ms();
+        let age = |id: &str| id_ms(id).map(|t| now.saturating_sub(t));
+        // Oldest waiting entry: the oldest pending one, else the first undelivered.
+        let oldest_ms = match oldest_pending.as_deref().and_then(age) {
+            Some(a) => Some(a),
+            None if group.lag.unwrap_or(0) > 0 => {
+                let after = group.last_delivered.clone().unwrap_or_else(|| "0-0".into());
+                let v: Value = self
+                    .run(
+                        "XRANGE",
+                        redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg("+").arg("COUNT").arg(1),
+                    )
+                    .await?;
+                parse::entries(v)?.first().and_then(|e| age(&e.id))
+            }
+            None => None,
+        };
+        Ok(Snapshot {
+            stats: ChannelStats {
+                channel: channel.into(),
+                backlog: group.lag.unwrap_or(0),
+                pending: pending_count,
+                oldest_ms,
+            },
+            last_id: last_id.as_deref().and_then(parse_id).unwrap_or((0, 0)),
+            length,
+            dlq_length,
+        })
+    }
+
+    /// Trims entries older than `retention`, but never an entry that is
+    /// pending or not yet delivered to the group. Returns entries removed.
+    async fn trim(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
+        let stream = keys::stream(channel);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XINFO").arg("GROUPS").arg(&stream);
+        pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP);
+        let (groups, pending): (Value, Value) = match self.run_pipe("XINFO GROUPS", &pipe).await {
+            Ok(v) => v,
+            Err(StoreError::Redis { source, .. })
+                if source.code() == Some("ERR") || source.code() == Some("NOGROUP") =>
+            {
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut min_ms = now_ms().saturating_sub(retention.as_millis() as u64);
+        let group = parse::group_info(groups, keys::GROUP);
+        if let Some(oldest) = parse::pending_summary(pending).1.as_deref().and_then(id_ms) {
+            min_ms = min_ms.min(oldest);
+        }
+        // Entries after last-delivered-id have not been read: keep them.
+        if group.lag != Some(0) {
+            let last = group.last_delivered.as_deref().and_then(id_ms).unwrap_or(0);
+            min_ms = min_ms.min(last);
+        }
+        self.run("XTRIM", redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(min_ms)).await
+    }
+
+    /// Claims one pending entry for `consumer` (increments its delivery
+    /// count); `None` when it is no longer pending.
+    async fn claim(&self, channel: &str, consumer: &str, id: &str) -> Result<Option<Entry>, StoreError> {
+        let v: Value = self
+            .run(
+                "XCLAIM",
+                redis::cmd("XCLAIM").arg(keys::stream(channel)).arg(keys::GROUP).arg(consumer).arg(0).arg(id),
+            )
+            .await?;
+        Ok(parse::entries(v)?.into_iter().next().map(|raw| raw.into_entry(channel)))
+    }
+
+    /// Claims a de-duplication key for `window`: `None` when this request
+    /// is the first (the key now holds `pending`), else the value already
+    /// there (`pending`, or the first request's JSON answer).
+    async fn dedupe_claim(&self, key: &str, window: Duration) -> Result<Option<String>, StoreError> {
+        self.run(
+            "SET NX GET",
+            redis::cmd("SET")
+                .arg(key)
+                .arg(DEDUPE_PENDING)
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(window.as_millis() as u64),
+        )
+        .await
+    }
+
+    /// Records the first request's answer under its de-duplication key.
+    async fn dedupe_record(&self, key: &str, answer: &str, window: Duration) -> Result<(), StoreError> {
+        let _: Value =
+            self.run("SET", redis::cmd("SET").arg(key).arg(answer).arg("PX").arg(window.as_millis() as u64)).await?;
+        Ok(())
+    }
+
+    async fn dedupe_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.run("GET", redis::cmd("GET").arg(key)).await
+    }
+
+    /// Gives a claim back (the write it guarded failed).
+    async fn dedupe_release(&self, key: &str) -> Result<(), StoreError> {
+        let _: Value = self.run("DEL", redis::cmd("DEL").arg(key)).await?;
+        Ok(())
+    }
+
+    /// Dead letters of a channel, oldest first, starting after `after`.
+    async fn dlq_list(&self, channel: &str, after: Option<&str>, count: usize) -> Result<Vec<DeadEntry>, StoreError> {
+        let start = after.map(|a| format!("({a}")).unwrap_or_else(|| "-".into());
+        let v: Value = self
+            .run("XRANGE", redis::cmd("XRANGE").arg(keys::dlq(channel)).arg(start).arg("+").arg("COUNT").arg(count))
+            .await?;
+        Ok(parse::entries(v)?.into_iter().map(dlq::dead_entry).collect())
+    }
+
+    async fn dlq_get(&self, channel: &str, id: &str) -> Result<Option<DeadEntry>, StoreError> {
+        let v: Value = self.run("XRANGE", redis::cmd("XRANGE").arg(keys::dlq(channel)).arg(id).arg(id)).await?;
+        Ok(parse::entries(v)?.into_iter().next().map(dlq::dead_entry))
+    }
+
+    async fn dlq_len(&self, channel: &str) -> Result<u64, StoreError> {
+        self.run("XLEN", redis::cmd("XLEN").arg(keys::dlq(channel))).await
+    }
+
+    /// Moves one dead letter back into the channel stream as a new entry.
+    /// Returns the new stream id, or `None` when it holds no webhook.
+    async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<String>, StoreError> {
+        let Some(raw) = &entry.raw else { return Ok(None) };
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(raw.as_slice());
+        pipe.cmd("XDEL").arg(keys::dlq(channel)).arg(&entry.id).ignore();
+        let (id,): (String,) = self.run_pipe("dlq replay", &pipe).await?;
+        Ok(Some(id))
+    }
+
+    /// Deletes dead letters older than `before_ms`, or all of them.
+    async fn dlq_purge(&self, channel: &str, before_ms: Option<u64>) -> Result<u64, StoreError> {
+        match before_ms {
+            Some(ms) => self.run("XTRIM", redis::cmd("XTRIM").arg(keys::dlq(channel)).arg("MINID").arg(ms)).await,
+            None => {
+                let n = self.dlq_len(channel).await?;
+                let _: Value = self.run("DEL", redis::cmd("DEL").arg(keys::dlq(channel))).await?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Re-appends the webhooks received in `[since_ms, until_ms]` (from the
+    /// stream's retained history, acknowledged or not) as new entries, in
+    /// their original order. Returns how many were replayed.
+    async fn replay_range(&self, channel: &str, since_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
+        const PAGE: usize = 500;
+        let mut start = since_ms.to_string();
+        let end = format!("{until_ms}-18446744073709551615");
+        let mut replayed = 0;
+        loop {
+            let v: Value = self
+                .run(
+                    "XRANGE",
+                    redis::cmd("XRANGE").arg(keys::stream(channel)).arg(&start).arg(&end).arg("COUNT").arg(PAGE),
+                )
+                .await?;
+            let page = parse::entries(v)?;
+            let Some(last) = page.last() else { break };
+            start = format!("({}", last.id);
+            let full = page.len() == PAGE;
+            let mut pipe = redis::pipe();
+            let mut n = 0;
+            for raw in &page {
+                if let Some(w) = raw.field(keys::FIELD_WEBHOOK) {
+                    pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(w).ignore();
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                let _: Value = self.run_pipe("replay", &pipe).await?;
+                replayed += n;
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(replayed)
+    }
+}
+
+impl BlockingRead for Reader {
+    /// `XREADGROUP` over several streams, each from its own cursor (`0`-style
+    /// ids re-read the consumer's PEL, `>` reads new entries). Blocks up to
+    /// the configured `BLOCK` only when every cursor is `>`.
+    async fn read(
+        &mut self,
+        consumer: &str,
+        cursors: &[(String, String)],
+        count: usize,
+    ) -> Result<Vec<RawEntry>, StoreError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count.max(1));
+        if cursors.iter().all(|(_, c)| c == ">") {
+            cmd.arg("BLOCK").arg(self.block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS");
+        for (channel, _) in cursors {
+            cmd.arg(keys::stream(channel));
+        }
+        for (_, cursor) in cursors {
+            cmd.arg(cursor);
+        }
+        let v: Value = cmd.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
+        parse::read_reply(v)
+    }
+}
+
+/// The Redis address without its password.
+fn describe(client: &redis::Client) -> String {
+    let info = client.get_connection_info();
+    format!("redis at {} db {}", info.addr(), info.redis_settings().db())
+}

@@ -1,0 +1,99 @@
+//! The store behind a test's edge: a real `redis-server`, or an embedded
+//! store file in a temp dir. Tests that must hold for both backends take a
+//! [`Backing`] and are instantiated twice with [`both_backends!`].
+
+use std::path::PathBuf;
+
+use relay_edge::config::{Secret, StoreConfig};
+use relay_edge::store::{Backend, Store};
+
+use crate::RedisServer;
+
+pub enum Backing {
+    Redis(RedisServer),
+    Embedded { dir: tempfile::TempDir, path: PathBuf },
+}
+
+impl Backing {
+    pub fn redis() -> Self {
+        Self::Redis(RedisServer::start())
+    }
+
+    /// Redis with `appendfsync` = `everysec` or `always`.
+    pub fn redis_with(fsync: &str) -> Self {
+        Self::Redis(RedisServer::start_with(fsync))
+    }
+
+    pub fn embedded() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir for the embedded store");
+        let path = dir.path().join("data").join("relay.redb");
+        Self::Embedded { dir, path }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Redis(_) => "redis",
+            Self::Embedded { .. } => "embedded",
+        }
+    }
+
+    /// Points an edge's store configuration at this backing.
+    pub fn apply(&self, cfg: &mut StoreConfig) {
+        match self {
+            Self::Redis(r) => cfg.redis_url = Some(Secret::new(r.url())),
+            Self::Embedded { path, .. } => {
+                cfg.redis_url = None;
+                cfg.path = path.clone();
+            }
+        }
+    }
+
+    /// The `[store]` lines of an edge config file.
+    pub fn toml(&self) -> String {
+        match self {
+            Self::Redis(r) => format!("redis_url = \"{}\"", r.url()),
+            Self::Embedded { path, .. } => format!("path = \"{}\"", path.display()),
+        }
+    }
+
+    /// The Redis server, for tests about Redis itself.
+    pub fn redis_server(&mut self) -> &mut RedisServer {
+        match self {
+            Self::Redis(r) => r,
+            Self::Embedded { .. } => panic!("this test needs the Redis backend"),
+        }
+    }
+
+    /// A handle on the store. For the embedded backend this shares the
+    /// in-process edge's handle (the file is locked to one process), so
+    /// use it for in-process edges; process tests ask the edge's admin API.
+    pub fn store(&self) -> Store {
+        let mut cfg = StoreConfig::default();
+        self.apply(&mut cfg);
+        Store::open(&cfg, Default::default()).expect("open the test store")
+    }
+
+    /// What the store reports for `channel`.
+    pub async fn snapshot(&self, channel: &str) -> relay_edge::store::Snapshot {
+        self.store().snapshot(channel).await.expect("store snapshot")
+    }
+}
+
+/// Instantiates `async fn name(store: Backing)` tests once per backend, as
+/// `name::redis` and `name::embedded`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn redis() {
+                super::$name($crate::Backing::redis()).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn embedded() {
+                super::$name($crate::Backing::embedded()).await
+            }
+        }
+    )+};
+}
