@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# One command for a complete local relay: Redis, dev certificates, the edge,
-# an agent and a sample receiver, then a webhook sent through all of it.
+# One command for a complete local relay: dev certificates, the edge (with
+# its embedded store: nothing but Rust needed), an agent and a sample
+# receiver, then a webhook sent through all of it.
 #
-#   ./scripts/quickstart.sh          # run, show a webhook going through, keep running (Ctrl-C stops all)
-#   ./scripts/quickstart.sh --once   # same, then stop everything and exit
+#   ./scripts/quickstart.sh                 # run, show a webhook going through, keep running (Ctrl-C stops all)
+#   ./scripts/quickstart.sh --once          # same, then stop everything and exit
+#   ./scripts/quickstart.sh --redis [--once]  # the same on a local redis-server (installed with apt-get if missing)
 #
 # Ports (override with env): INGEST_PORT=8080 TUNNEL_PORT=8443 ADMIN_PORT=9090
 # RECEIVER_PORT=3000 REDIS_PORT=6390. Everything lives in .local/quickstart/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-ONCE=0; [[ "${1:-}" == "--once" ]] && ONCE=1
+ONCE=0; REDIS=0
+for arg in "$@"; do
+  case $arg in
+    --once) ONCE=1 ;;
+    --redis) REDIS=1 ;;
+    *) echo "unknown option $arg (use --once, --redis)" >&2; exit 2 ;;
+  esac
+done
 INGEST_PORT=${INGEST_PORT:-8080} TUNNEL_PORT=${TUNNEL_PORT:-8443} ADMIN_PORT=${ADMIN_PORT:-9090}
 RECEIVER_PORT=${RECEIVER_PORT:-3000} REDIS_PORT=${REDIS_PORT:-6390}
 DIR=$ROOT/.local/quickstart
 mkdir -p "$DIR"
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
-if ! command -v redis-server >/dev/null; then
+if [[ $REDIS -eq 1 ]] && ! command -v redis-server >/dev/null; then
   say "redis-server is missing: installing Debian/Ubuntu package redis-server with apt-get"
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo
   $SUDO apt-get update -qq && { $SUDO apt-get install -y -qq redis-server || $SUDO apt-get install -y -qq redis-server; }
@@ -35,11 +44,16 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-say "starting redis-server on 127.0.0.1:$REDIS_PORT (AOF on, data in $DIR/redis)"
-mkdir -p "$DIR/redis"
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$DIR/redis" --appendonly yes \
-  --save "" --loglevel warning >"$DIR/redis.log" 2>&1 &
-PIDS+=($!)
+if [[ $REDIS -eq 1 ]]; then
+  say "starting redis-server on 127.0.0.1:$REDIS_PORT (AOF on, data in $DIR/redis)"
+  mkdir -p "$DIR/redis"
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$DIR/redis" --appendonly yes \
+    --save "" --loglevel warning >"$DIR/redis.log" 2>&1 &
+  PIDS+=($!)
+  STORE="redis_url = \"redis://127.0.0.1:$REDIS_PORT/0\""
+else
+  STORE="path = \"$DIR/data/relay.redb\""
+fi
 
 say "making dev certificates in $DIR/certs (CA kept across runs)"
 "$BIN/relay-edge" certs init --dir "$DIR/certs" --agent lan-1 >/dev/null
@@ -55,7 +69,7 @@ client_ca = "$DIR/certs/ca.pem"
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"
 [store]
-redis_url = "redis://127.0.0.1:$REDIS_PORT/0"
+$STORE
 [[route]]
 name = "meta"
 channels = ["crm"]
@@ -80,6 +94,7 @@ say "starting the sample receiver on 127.0.0.1:$RECEIVER_PORT (log: $DIR/receive
 "$BIN/examples/sample-receiver" "127.0.0.1:$RECEIVER_PORT" >"$DIR/receiver.log" 2>&1 &
 PIDS+=($!)
 say "starting relay-edge (ingest :$INGEST_PORT, tunnel :$TUNNEL_PORT, admin :$ADMIN_PORT; log: $DIR/edge.log)"
+say "store: $STORE"
 "$BIN/relay-edge" --config "$DIR/edge.toml" >"$DIR/edge.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$ADMIN_PORT/ready" >/dev/null 2>&1 && break; sleep 0.1; done

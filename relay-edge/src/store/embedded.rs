@@ -69,6 +69,8 @@ const MAX_BATCH: usize = 1024;
 const RETENTION_BATCH: usize = 5000;
 
 const META_LEN: usize = 9;
+/// How long opening waits for another holder of the file to let go.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Per-channel bookkeeping, one row of `channels`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -479,12 +481,23 @@ fn absolute(path: &Path) -> std::io::Result<PathBuf> {
 
 impl Inner {
     fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                open_err(path, "it is in use by another process (one edge per embedded store; use Redis for several)")
+        // A previous holder may still be closing (a restart): wait a little.
+        let deadline = Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match Database::create(path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(open_err(
+                        path,
+                        "it is in use by another process (one edge per embedded store; use Redis for several)",
+                    ));
+                }
+                Err(other) => return Err(open_err(path, other)),
             }
-            other => open_err(path, other),
-        })?;
+        };
         let db = Arc::new(db);
         // Create every table, so read transactions never miss one.
         let txn = db.begin_write().map_err(|e| open_err(path, e))?;
@@ -601,7 +614,7 @@ impl Backend for EmbeddedStore {
     type Reader = Reader;
 
     fn describe(&self) -> String {
-        format!("embedded store at {}", self.inner.path.display())
+        format!("{}", self.inner.path.display())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -797,15 +810,16 @@ impl Backend for EmbeddedStore {
         let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
         self.write("trim", false, false, move |w| {
             let meta = w.meta(&ch)?;
-            let mut bound = cutoff;
-            if let Some(first) = w.pending.range(after(&ch, (0, 0)))?.next() {
-                bound = bound.min(first?.0.value().1);
-            }
-            if meta.undelivered > 0 {
-                bound = bound.min(meta.delivered.0);
-            }
+            let oldest = match w.pending.range(after(&ch, (0, 0)))?.next() {
+                Some(first) => {
+                    let (_, ms, seq) = first?.0.value();
+                    Some((ms, seq))
+                }
+                None => None,
+            };
+            let bound = super::trim_bound(cutoff, oldest, (meta.undelivered > 0).then_some(meta.delivered));
             let mut old = Vec::new();
-            for item in w.entries.range(key(&ch, (0, 0))..key(&ch, (bound, 0)))?.take(RETENTION_BATCH) {
+            for item in w.entries.range(key(&ch, (0, 0))..key(&ch, bound))?.take(RETENTION_BATCH) {
                 let (k, _) = item?;
                 let (_, ms, seq) = k.value();
                 old.push((ms, seq));

@@ -471,7 +471,37 @@ pub fn id_ms(id: &str) -> Option<u64> {
     id.split('-').next()?.parse().ok()
 }
 
+/// The lowest id retention keeps (everything below it may be trimmed):
+/// entries older than `cutoff_ms`, but never the oldest pending entry nor
+/// anything after `delivered` — the group's last delivered id, given when
+/// entries wait undelivered (`(0, 0)` when nothing was ever delivered).
+pub fn trim_bound(cutoff_ms: u64, oldest_pending: Option<(u64, u64)>, delivered: Option<(u64, u64)>) -> (u64, u64) {
+    let mut bound = (cutoff_ms, 0);
+    if let Some(p) = oldest_pending {
+        bound = bound.min(p);
+    }
+    if let Some((ms, seq)) = delivered {
+        bound = bound.min((ms, seq.saturating_add(1)));
+    }
+    bound
+}
+
 /// Formats `(ms, seq)` as a stream id.
 pub fn format_id((ms, seq): (u64, u64)) -> String {
     format!("{ms}-{seq}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trim_bound;
+
+    #[test]
+    fn the_trim_bound_keeps_pending_and_undelivered_entries() {
+        assert_eq!(trim_bound(1000, None, None), (1000, 0), "only age");
+        assert_eq!(trim_bound(1000, Some((500, 3)), None), (500, 3), "the oldest pending entry stays");
+        assert_eq!(trim_bound(1000, None, Some((700, 2))), (700, 3), "delivered up to 700-2, the rest stays");
+        assert_eq!(trim_bound(1000, Some((600, 0)), Some((700, 2))), (600, 0));
+        assert_eq!(trim_bound(100, Some((600, 0)), Some((700, 2))), (100, 0), "young entries stay");
+        assert_eq!(trim_bound(1000, None, Some((0, 0))), (0, 1), "nothing delivered yet");
+    }
 }

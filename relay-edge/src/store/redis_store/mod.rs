@@ -431,17 +431,15 @@ impl Backend for RedisStore {
             }
             Err(e) => return Err(e),
         };
-        let mut min_ms = now_ms().saturating_sub(retention.as_millis() as u64);
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
         let group = parse::group_info(groups, keys::GROUP);
-        if let Some(oldest) = parse::pending_summary(pending).1.as_deref().and_then(id_ms) {
-            min_ms = min_ms.min(oldest);
-        }
-        // Entries after last-delivered-id have not been read: keep them.
-        if group.lag != Some(0) {
-            let last = group.last_delivered.as_deref().and_then(id_ms).unwrap_or(0);
-            min_ms = min_ms.min(last);
-        }
-        self.run("XTRIM", redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(min_ms)).await
+        let oldest = parse::pending_summary(pending).1.as_deref().and_then(parse_id);
+        // Entries after last-delivered-id have not been read: keep them (a
+        // lag Redis cannot tell counts as some).
+        let delivered =
+            (group.lag != Some(0)).then(|| group.last_delivered.as_deref().and_then(parse_id).unwrap_or((0, 0)));
+        let bound = super::trim_bound(cutoff, oldest, delivered);
+        self.run("XTRIM", redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(super::format_id(bound))).await
     }
 
     /// Claims one pending entry for `consumer` (increments its delivery
@@ -601,5 +599,5 @@ impl BlockingRead for Reader {
 /// The Redis address without its password.
 fn describe(client: &redis::Client) -> String {
     let info = client.get_connection_info();
-    format!("redis at {} db {}", info.addr(), info.redis_settings().db())
+    format!("{} db {}", info.addr(), info.redis_settings().db())
 }

@@ -1,0 +1,276 @@
+//! The store contract, once per backend (a real redis-server, the embedded
+//! file): groups and pending lists with delivery counts, reclaim, dead
+//! letters and replay, retention, de-duplication keys and blocking reads.
+//! Plus what only the embedded store has: it survives a reopen, and a file
+//! in use or in an impossible place is refused with a clear error.
+
+use std::time::Duration;
+
+use relay_edge::store::{Backend, BlockingRead, DeadLetter, Store};
+use relay_protocol::{Header, Webhook};
+use testkit::procs::*;
+use testkit::*;
+
+const CH: &str = "crm";
+
+fn webhook(n: usize) -> Webhook {
+    Webhook {
+        id: format!("wh-{n}"),
+        method: "POST".into(),
+        path: "/hooks/hooks".into(),
+        query: String::new(),
+        headers: vec![Header { name: "content-type".into(), value: b"application/json".to_vec() }],
+        body: format!("{{\"n\":{n}}}").into_bytes(),
+        route: "hooks".into(),
+        received_at_ms: relay_edge::store::now_ms(),
+    }
+}
+
+async fn open(backing: &Backing) -> Store {
+    let store = backing.store();
+    store.ensure_group(CH).await.expect("group");
+    store
+}
+
+async fn append(store: &Store, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.extend(store.append(&[CH.to_string()], &webhook(i)).await.expect("append"));
+    }
+    ids
+}
+
+fn cursor(c: &str) -> Vec<(String, String)> {
+    vec![(CH.to_string(), c.to_string())]
+}
+
+async fn groups_track_pending_entries_and_acks(backing: Backing) {
+    let store = open(&backing).await;
+    let ids = append(&store, 5).await;
+    let sorted = {
+        let mut s = ids.clone();
+        s.sort_by_key(|id| relay_edge::store::parse_id(id));
+        s
+    };
+    assert_eq!(ids, sorted, "ids grow");
+    let snap = store.snapshot(CH).await.expect("snapshot");
+    assert_eq!((snap.stats.backlog, snap.stats.pending, snap.length), (5, 0, 5));
+    assert!(snap.stats.oldest_ms.is_some());
+
+    let mut reader = store.reader().await.expect("reader");
+    let got = reader.read("a", &cursor(">"), 3).await.expect("read");
+    assert_eq!(got.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), ids[..3]);
+    let first = got[0].clone().into_entry(CH).webhook.expect("decodes");
+    let sent = webhook(0);
+    assert_eq!((&first.id, &first.headers, &first.body), (&sent.id, &sent.headers, &sent.body), "stored intact");
+    let snap = store.snapshot(CH).await.expect("snapshot");
+    assert_eq!((snap.stats.backlog, snap.stats.pending), (2, 3));
+
+    // Another consumer gets the rest, never a's.
+    let rest = reader.read("b", &cursor(">"), 10).await.expect("read");
+    assert_eq!(rest.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), ids[3..]);
+
+    // a's own pending list, after a cursor; a history read counts a delivery.
+    let mine = reader.read("a", &cursor("0"), 10).await.expect("history");
+    assert_eq!(mine.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), ids[..3]);
+    let after_first = reader.read("a", &cursor(&ids[0]), 10).await.expect("history");
+    assert_eq!(after_first.len(), 2);
+    let counts = store.delivery_counts(CH, "a", &ids[0], &ids[2], 10).await.expect("counts");
+    assert_eq!(counts.get(&ids[0]), Some(&2));
+    assert_eq!(counts.get(&ids[1]), Some(&3));
+    assert!(store.delivery_counts(CH, "a", &ids[3], &ids[4], 10).await.expect("counts").is_empty());
+
+    assert_eq!(store.ack(CH, &ids[..2]).await.expect("ack"), 2);
+    assert_eq!(store.ack(CH, &ids[..2]).await.expect("ack"), 0, "an ack of what is not pending is a no-op");
+    assert_eq!(store.snapshot(CH).await.expect("snapshot").stats.pending, 3);
+    assert!(store.raw_entry(CH, &ids[0]).await.expect("raw").is_some(), "acked entries stay until trimmed");
+    assert!(reader.read("a", &cursor(">"), 10).await.expect("read").is_empty());
+}
+
+async fn stale_entries_are_reclaimed_and_claims_count_deliveries(backing: Backing) {
+    let store = open(&backing).await;
+    let ids = append(&store, 2).await;
+    let mut reader = store.reader().await.expect("reader");
+    assert_eq!(reader.read("a", &cursor(">"), 10).await.expect("read").len(), 2);
+    let idle = Duration::from_millis(300);
+    assert!(store.autoclaim(CH, "b", idle, 10).await.expect("autoclaim").is_empty(), "not stale yet");
+    tokio::time::sleep(idle + Duration::from_millis(100)).await;
+    let taken = store.autoclaim(CH, "b", idle, 10).await.expect("autoclaim");
+    assert_eq!(taken.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), ids);
+    assert!(taken.iter().all(|e| e.webhook.is_ok()));
+    let counts = store.delivery_counts(CH, "b", &ids[0], &ids[1], 10).await.expect("counts");
+    assert_eq!(counts.get(&ids[0]), Some(&2), "a reclaim counts as a delivery");
+    assert!(store.delivery_counts(CH, "a", &ids[0], &ids[1], 10).await.expect("counts").is_empty());
+
+    let claimed = store.claim(CH, "a", &ids[0]).await.expect("claim").expect("pending");
+    assert_eq!(claimed.webhook.expect("webhook").id, "wh-0");
+    let counts = store.delivery_counts(CH, "a", &ids[0], &ids[0], 10).await.expect("counts");
+    assert_eq!(counts.get(&ids[0]), Some(&3));
+    store.ack(CH, &ids[..1]).await.expect("ack");
+    assert!(store.claim(CH, "a", &ids[0]).await.expect("claim").is_none(), "acked: nothing to claim");
+}
+
+async fn dead_letters_keep_the_bytes_and_replay_as_new_entries(backing: Backing) {
+    let store = open(&backing).await;
+    let ids = append(&store, 3).await;
+    let mut reader = store.reader().await.expect("reader");
+    reader.read("a", &cursor(">"), 10).await.expect("read");
+    let raw = store.raw_entry(CH, &ids[1]).await.expect("raw").expect("stored");
+    let letter =
+        DeadLetter { channel: CH, id: &ids[1], reason: "http 400", status: Some(400), attempts: 1, raw: Some(&raw) };
+    store.dead_letter(&letter).await.expect("dead-letter");
+    let snap = store.snapshot(CH).await.expect("snapshot");
+    assert_eq!((snap.stats.pending, snap.dlq_length), (2, 1), "moved out of the pending list, into the DLQ");
+
+    let dead = store.dlq_list(CH, None, 10).await.expect("list");
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(
+        (d.stream_id.as_str(), d.reason.as_str(), d.status, d.attempts),
+        (ids[1].as_str(), "http 400", Some(400), 1)
+    );
+    assert_eq!(d.raw.as_deref(), Some(raw.as_slice()), "bytes kept verbatim");
+    assert_eq!(d.webhook().expect("decodes").id, "wh-1");
+    assert_eq!(store.dlq_get(CH, &d.id).await.expect("get").map(|e| e.stream_id), Some(ids[1].clone()));
+    assert!(store.dlq_list(CH, Some(&d.id), 10).await.expect("list").is_empty(), "paging starts after `after`");
+
+    let new_id = store.dlq_replay_one(CH, d).await.expect("replay").expect("has a webhook");
+    assert!(relay_edge::store::parse_id(&new_id) > relay_edge::store::parse_id(&ids[2]));
+    assert_eq!(store.dlq_len(CH).await.expect("len"), 0);
+    let again = reader.read("a", &cursor(">"), 10).await.expect("read");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].field("w").as_deref(), Some(raw.as_slice()), "same bytes, so the same webhook id");
+
+    for id in &ids[..2] {
+        let letter = DeadLetter { channel: CH, id, reason: "r", status: None, attempts: 0, raw: None };
+        store.dead_letter(&letter).await.expect("dead-letter");
+    }
+    assert_eq!(store.dlq_purge(CH, Some(0)).await.expect("purge"), 0, "nothing older than the epoch");
+    assert_eq!(store.dlq_purge(CH, None).await.expect("purge"), 2);
+    assert_eq!(store.dlq_len(CH).await.expect("len"), 0);
+}
+
+async fn retention_dead_letters_unacked_entries_and_trims_only_acked_ones(backing: Backing) {
+    let store = open(&backing).await;
+    let old = append(&store, 4).await;
+    let mut reader = store.reader().await.expect("reader");
+    reader.read("a", &cursor(">"), 2).await.expect("read");
+    store.ack(CH, &old[..1]).await.expect("ack");
+    // old[0] acked, old[1] pending, old[2..] never delivered.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let young = append(&store, 1).await;
+    let retention = Duration::from_millis(800);
+    assert_eq!(store.expire(CH, retention).await.expect("expire"), 3, "the pending one and the two undelivered");
+    let dead = store.dlq_list(CH, None, 10).await.expect("list");
+    assert!(dead.iter().all(|d| d.reason == "expired" && d.raw.is_some()));
+    let mut expired: Vec<String> = dead.iter().map(|d| d.stream_id.clone()).collect();
+    expired.sort();
+    assert_eq!(expired, old[1..].to_vec());
+    assert_eq!(dead.iter().find(|d| d.stream_id == old[1]).map(|d| d.attempts), Some(1));
+
+    assert_eq!(store.trim(CH, retention).await.expect("trim"), 4);
+    let snap = store.snapshot(CH).await.expect("snapshot");
+    assert_eq!((snap.length, snap.stats.backlog, snap.stats.pending), (1, 1, 0), "only the young entry is left");
+    let got = reader.read("a", &cursor(">"), 10).await.expect("read");
+    assert_eq!(got.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), young);
+    assert_eq!(store.trim(CH, retention).await.expect("trim"), 0, "a young entry is kept");
+}
+
+async fn history_replays_in_order_with_the_same_bytes(backing: Backing) {
+    let store = open(&backing).await;
+    let since = relay_edge::store::now_ms();
+    let ids = append(&store, 3).await;
+    let mut reader = store.reader().await.expect("reader");
+    reader.read("a", &cursor(">"), 10).await.expect("read");
+    store.ack(CH, &ids).await.expect("ack");
+    let n = store.replay_range(CH, since, relay_edge::store::now_ms()).await.expect("replay");
+    assert_eq!(n, 3);
+    let again = reader.read("a", &cursor(">"), 10).await.expect("read");
+    let names: Vec<String> = again.into_iter().map(|e| e.into_entry(CH).webhook.expect("webhook").id).collect();
+    assert_eq!(names, ["wh-0", "wh-1", "wh-2"]);
+}
+
+async fn dedupe_keys_claim_record_and_release(backing: Backing) {
+    let store = open(&backing).await;
+    let window = Duration::from_secs(60);
+    let key = relay_edge::store::keys::dedupe("hooks", "abc");
+    assert_eq!(store.dedupe_claim(&key, window).await.expect("claim"), None, "first");
+    assert_eq!(store.dedupe_claim(&key, window).await.expect("claim").as_deref(), Some("pending"));
+    store.dedupe_record(&key, "{\"ok\":1}", window).await.expect("record");
+    assert_eq!(store.dedupe_get(&key).await.expect("get").as_deref(), Some("{\"ok\":1}"));
+    assert_eq!(store.dedupe_claim(&key, window).await.expect("claim").as_deref(), Some("{\"ok\":1}"));
+    store.dedupe_release(&key).await.expect("release");
+    assert_eq!(store.dedupe_get(&key).await.expect("get"), None);
+    let short = Duration::from_millis(200);
+    let other = relay_edge::store::keys::dedupe("hooks", "def");
+    assert_eq!(store.dedupe_claim(&other, short).await.expect("claim"), None);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.dedupe_claim(&other, short).await.expect("claim"), None, "expired after its window");
+}
+
+async fn a_blocking_read_returns_as_soon_as_an_entry_arrives(backing: Backing) {
+    let store = open(&backing).await;
+    let mut reader = store.reader().await.expect("reader");
+    let waiting = tokio::spawn(async move { reader.read("a", &cursor(">"), 10).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!waiting.is_finished(), "nothing to read: the read waits");
+    append(&store, 1).await;
+    // The default BLOCK is 2 s: an empty answer means the append did not wake it.
+    let got = waiting.await.expect("join").expect("read");
+    assert_eq!(got.len(), 1, "woken by the append within one BLOCK");
+}
+
+both_backends!(
+    groups_track_pending_entries_and_acks,
+    stale_entries_are_reclaimed_and_claims_count_deliveries,
+    dead_letters_keep_the_bytes_and_replay_as_new_entries,
+    retention_dead_letters_unacked_entries_and_trims_only_acked_ones,
+    history_replays_in_order_with_the_same_bytes,
+    dedupe_keys_claim_record_and_release,
+    a_blocking_read_returns_as_soon_as_an_entry_arrives,
+);
+
+#[tokio::test]
+async fn the_embedded_store_survives_a_reopen() {
+    let backing = Backing::embedded();
+    let ids = {
+        let store = open(&backing).await;
+        let ids = append(&store, 3).await;
+        let mut reader = store.reader().await.expect("reader");
+        reader.read("a", &cursor(">"), 1).await.expect("read");
+        ids
+        // Last handle dropped: the file is synced and closed.
+    };
+    let store = open(&backing).await;
+    let snap = store.snapshot(CH).await.expect("snapshot");
+    assert_eq!((snap.length, snap.stats.backlog, snap.stats.pending), (3, 2, 1));
+    let mut reader = store.reader().await.expect("reader");
+    let mine = reader.read("a", &cursor("0"), 10).await.expect("history");
+    assert_eq!(mine.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), ids[..1]);
+    let next = append(&store, 1).await;
+    assert!(relay_edge::store::parse_id(&next[0]) > relay_edge::store::parse_id(&ids[2]), "ids keep growing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_store_in_use_or_unwritable_is_refused_with_a_clear_error() {
+    let backing = Backing::embedded();
+    let certs = Certs::generate();
+    let first = write_edge(&certs, "edge-a", &backing.toml(), "3s");
+    let mut edge = Proc::start("relay-edge", &first.config);
+    wait_until(Duration::from_secs(15), "first edge ready", || {
+        std::net::TcpStream::connect(("127.0.0.1", first.admin)).is_ok()
+    })
+    .await;
+    let second = write_edge(&certs, "edge-b", &backing.toml(), "3s");
+    let config = second.config.display().to_string();
+    let (code, _, err) = run_bin("relay-edge", &["--config", &config]).await;
+    assert_ne!(code, 0, "a second edge on the same file must not start");
+    assert!(err.contains("in use by another process"), "{err}");
+    edge.sigterm().await;
+
+    let bad = write_edge(&certs, "edge-c", "path = \"/proc/version/relay.redb\"", "3s");
+    let config = bad.config.display().to_string();
+    let (code, _, err) = run_bin("relay-edge", &["--config", &config]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot open the embedded store /proc/version/relay.redb"), "{err}");
+}
