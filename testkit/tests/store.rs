@@ -274,3 +274,51 @@ async fn an_embedded_store_in_use_or_unwritable_is_refused_with_a_clear_error() 
     assert_ne!(code, 0);
     assert!(err.contains("cannot open the embedded store /proc/version/relay.redb"), "{err}");
 }
+
+/// The README's migration: drain the embedded store with `max_backlog = 0`
+/// (ingest refuses, agents deliver), then switch the edge to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moving_from_embedded_to_redis_by_draining_loses_nothing() {
+    init_tracing();
+    let (embedded, redis) = (Backing::embedded(), Backing::redis());
+    let certs = Certs::generate();
+    let rx = Receiver::start().await;
+    let client = reqwest::Client::new();
+    let mut sent = Vec::new();
+
+    let edge = Edge::start(edge_config(&embedded, &certs)).await;
+    for i in 0..20 {
+        let (s, j) = post(&client, &edge.hook_url("hooks"), KEY, format!("{{\"old\":{i}}}").into_bytes()).await;
+        assert_eq!(s, 200, "{j}");
+        sent.push(j["webhook_id"].as_str().expect("webhook_id").to_string());
+    }
+    let addrs = edge.stop().await;
+
+    // 1. Drain mode: nothing accepted, the stored backlog still delivered.
+    let mut cfg = edge_config(&embedded, &certs);
+    cfg.store.max_backlog = 0;
+    let edge = Edge::start_at(cfg, addrs).await;
+    let (s, j) = post(&client, &edge.hook_url("hooks"), KEY, b"{\"during\":1}".to_vec()).await;
+    assert_eq!((s, j["error"].as_str()), (503, Some("backlog_full")), "{j}");
+    let agent_cfg = agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]);
+    let agent = Agent::start(agent_cfg);
+    wait_until(Duration::from_secs(20), "the embedded backlog drained", || rx.distinct_accepted() == 20).await;
+    assert_drained(&embedded, "crm").await;
+    assert_eq!(embedded.snapshot("crm").await.stats.backlog, 0);
+    let addrs = edge.stop().await;
+
+    // 2. Switch to Redis on the same addresses; the agent reconnects by itself.
+    let edge = Edge::start_at(edge_config(&redis, &certs), addrs).await;
+    agent.wait_connected(Duration::from_secs(15)).await;
+    for i in 0..5 {
+        let (s, j) = post(&client, &edge.hook_url("hooks"), KEY, format!("{{\"new\":{i}}}").into_bytes()).await;
+        assert_eq!(s, 200, "{j}");
+        sent.push(j["webhook_id"].as_str().expect("webhook_id").to_string());
+    }
+    wait_until(Duration::from_secs(20), "new webhooks delivered via Redis", || rx.distinct_accepted() == 25).await;
+    let got: std::collections::HashSet<String> = rx.accepted().into_iter().map(|d| d.relay_id).collect();
+    assert!(sent.iter().all(|id| got.contains(id)), "every webhook answered 200 was delivered");
+    assert_drained(&redis, "crm").await;
+    agent.stop().await;
+    edge.stop().await;
+}
