@@ -1,7 +1,8 @@
 //! `relay-bench`: starts redis-server, relay-edge and relay-agent (release
 //! binaries next to this one) and a built-in receiver on loopback, runs
-//! bounded scenarios and prints a table plus a JSON report. Yardsticks are
-//! measured in the same run, so relay figures are also given as ratios.
+//! bounded scenarios once per store backend (Redis, embedded) and prints a
+//! table plus a JSON report. Yardsticks are measured in the same run, so
+//! relay figures are also given as ratios.
 //!
 //! Run it with `./scripts/bench.sh` (builds the release binaries first).
 
@@ -42,13 +43,22 @@ struct Args {
 
 struct Procs {
     redis: Child,
-    edge: Child,
+    edge: Option<Child>,
     agent: Option<Child>,
+}
+
+impl Procs {
+    fn stop_relay(&mut self) {
+        for c in [self.agent.take(), self.edge.take()].into_iter().flatten() {
+            let mut c = c;
+            sigterm(&mut c);
+        }
+    }
 }
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for c in [Some(&mut self.redis), Some(&mut self.edge), self.agent.as_mut()].into_iter().flatten() {
+        for c in [Some(&mut self.redis), self.edge.as_mut(), self.agent.as_mut()].into_iter().flatten() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -95,9 +105,10 @@ struct Sample {
 }
 
 fn sample(p: &Procs) -> Sample {
+    let of = |c: &Option<Child>| c.as_ref().map(|c| usage(c.id())).unwrap_or_default();
     Sample {
-        edge: usage(p.edge.id()),
-        agent: p.agent.as_ref().map(|a| usage(a.id())).unwrap_or_default(),
+        edge: of(&p.edge),
+        agent: of(&p.agent),
         redis: usage(p.redis.id()),
         bench: relay_bench::proc::me(),
         at: Instant::now(),
@@ -123,6 +134,49 @@ fn cpu(a: &Sample, b: &Sample, items: u64) -> Value {
         "agent_rss_mib": b.agent.rss_kib as f64 / 1024.0,
         "redis_peak_rss_mib": b.redis.peak_rss_kib as f64 / 1024.0,
     })
+}
+
+/// The store one pass of the relay scenarios runs on.
+enum StoreKind {
+    Redis(String),
+    Embedded(PathBuf),
+}
+
+impl StoreKind {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Redis(_) => "redis",
+            Self::Embedded(_) => "embedded",
+        }
+    }
+
+    fn toml(&self) -> String {
+        match self {
+            Self::Redis(url) => format!("redis_url = \"{url}\""),
+            Self::Embedded(path) => format!("path = \"{}\"", path.display()),
+        }
+    }
+
+    /// Bytes the store holds: Redis `used_memory`, or the file's size.
+    async fn footprint(&self) -> anyhow::Result<u64> {
+        match self {
+            Self::Redis(url) => redis_memory(url).await,
+            Self::Embedded(path) => Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)),
+        }
+    }
+}
+
+/// What every pass shares.
+struct Ctx<'a> {
+    args: &'a Args,
+    dir: &'a Path,
+    edge_bin: &'a Path,
+    agent_bin: &'a Path,
+    client: &'a load::HttpClient,
+    rx: &'a Arc<Receiver>,
+    target: String,
+    y_http: f64,
+    y_redis100: f64,
 }
 
 #[tokio::main]
@@ -151,18 +205,12 @@ async fn main() -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .spawn()
         .context("starting redis-server (apt-get install -y redis-server)")?;
+    let mut procs = Procs { redis, edge: None, agent: None };
     let redis_url = format!("redis://127.0.0.1:{redis_port}/0");
     let (rx, rx_addr) = Receiver::start().await;
-    let (ingest, tunnel, admin) = (free_port()?, free_port()?, free_port()?);
-    let edge_cfg = write_edge(d, ingest, tunnel, admin, &redis_url, &["lan-1".to_string()])?;
-    let agent_cfg = write_agent(d, "lan-1", tunnel, &format!("http://{rx_addr}/webhook"), 256)?;
     wait_for("redis", Duration::from_secs(5), || std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_ok())
         .await?;
-    let edge = spawn(&edge_bin, &edge_cfg)?;
-    let mut procs = Procs { redis, edge, agent: None };
-    wait_for("edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok()).await?;
     let client = load::client();
-    let hook = format!("http://127.0.0.1:{ingest}/hooks/bench");
     let direct = format!("http://{rx_addr}/webhook");
     let secs = args.secs;
     let mut report = serde_json::Map::new();
@@ -170,11 +218,12 @@ async fn main() -> anyhow::Result<()> {
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "cpu": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("").trim(),
+        "disk": "the temp dir's filesystem (embedded store file, Redis AOF)",
         "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     });
     report.insert("machine".into(), machine.clone());
     println!(
-        "relay-bench — {} cores, {}; {secs} s per scenario, 1 KiB JSON bodies, loopback, AOF everysec",
+        "relay-bench — {} cores, {}; {secs} s per scenario, 1 KiB JSON bodies, loopback; Redis AOF everysec, embedded store fsync per commit",
         machine["cores"], machine["cpu"]
     );
 
@@ -196,19 +245,73 @@ async fn main() -> anyhow::Result<()> {
     println!("{:<44} {:>12.0}", "raw Redis XADD+XREADGROUP+XACK, batch 100", y_redis100);
     println!("{:<44} {:>12.0}", "raw Redis XADD+XREADGROUP+XACK, batch 1", y_redis1);
 
+    let ctx = Ctx {
+        args: &args,
+        dir: d,
+        edge_bin: &edge_bin,
+        agent_bin: &agent_bin,
+        client: &client,
+        rx: &rx,
+        target: direct.clone(),
+        y_http,
+        y_redis100,
+    };
+    let mut stores = serde_json::Map::new();
+    for store in [StoreKind::Redis(redis_url.clone()), StoreKind::Embedded(d.join("store").join("relay.redb"))] {
+        let v = relay_pass(&ctx, &mut procs, &store).await?;
+        stores.insert(store.label().into(), v);
+        procs.stop_relay();
+    }
+    report.insert("stores".into(), Value::Object(stores));
+
+    // 4. Fan-in: many agents on one edge.
+    if args.agents > 0 {
+        match fan_in(&args, d, &edge_bin, &redis_url, &client, &rx, rx_addr).await {
+            Ok(v) => {
+                report.insert("fan_in".into(), v);
+            }
+            Err(e) => println!("\nfan-in: skipped after an error: {e:#}"),
+        }
+    }
+    drop(procs);
+    std::fs::write(&args.out, serde_json::to_string_pretty(&Value::Object(report))?)?;
+    println!("\nreport written to {}", args.out.display());
+    Ok(())
+}
+
+/// Ingest, end to end (saturation and fixed rates) and backlog drain on a
+/// fresh edge over `store`.
+async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyhow::Result<Value> {
+    let (client, rx, secs) = (ctx.client, ctx.rx, ctx.args.secs);
+    let (y_http, y_redis100) = (ctx.y_http, ctx.y_redis100);
+    let (ingest, tunnel, admin) = (free_port()?, free_port()?, free_port()?);
+    let sub = ctx.dir.join(store.label());
+    std::fs::create_dir_all(&sub)?;
+    for f in ["ca.pem", "edge.pem", "edge-key.pem", "lan-1.pem", "lan-1-key.pem"] {
+        std::fs::copy(ctx.dir.join(f), sub.join(f))?;
+    }
+    let edge_cfg = write_edge(&sub, ingest, tunnel, admin, &store.toml(), &["lan-1".to_string()])?;
+    let agent_cfg = write_agent(&sub, "lan-1", tunnel, &ctx.target, 256)?;
+    procs.edge = Some(spawn(ctx.edge_bin, &edge_cfg)?);
+    wait_for("edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok()).await?;
+    let hook = format!("http://127.0.0.1:{ingest}/hooks/bench");
+    let mut out = serde_json::Map::new();
+    println!("\n── store: {} ──", store.label());
+
     // 1. Ingest (no agent connected).
     println!(
-        "\n{:<28} {:>10} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "{:<28} {:>10} {:>8} {:>8} {:>8} {:>8} {:>10}",
         "ingest (no agent)", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "vs HTTP"
     );
     let mut ingest_json = serde_json::Map::new();
-    let mut best_ingest = 0.0f64;
+    let mut stored = 0;
+    let footprint0 = store.footprint().await?;
     for c in [32, 128] {
-        let a = sample(&procs);
-        let mut run = load::closed_loop(&client, &hook, Some(KEY), c, secs).await;
-        let b = sample(&procs);
+        let a = sample(procs);
+        let mut run = load::closed_loop(client, &hook, Some(KEY), c, secs).await;
+        let b = sample(procs);
+        stored += run.ok;
         let lat = Latency::of(&mut run.latencies);
-        best_ingest = best_ingest.max(run.rate());
         println!(
             "{:<28} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.0}%",
             format!("concurrency {c}"),
@@ -224,28 +327,29 @@ async fn main() -> anyhow::Result<()> {
             json!({ "rps": run.rate(), "errors": run.errors, "latency": lat.json(), "ratio_to_direct_http": run.rate() / y_http, "resources": cpu(&a, &b, run.ok) }),
         );
     }
-    report.insert("ingest".into(), Value::Object(ingest_json));
+    out.insert("ingest".into(), Value::Object(ingest_json));
 
+    let mut retained = stored;
     // The ingest runs left a backlog: let the agent drain it before timing.
-    let stored = stream_len(&redis_url).await?;
     let base = rx.count.load(Ordering::Relaxed);
-    procs.agent = Some(spawn(&agent_bin, &agent_cfg)?);
+    procs.agent = Some(spawn(ctx.agent_bin, &agent_cfg)?);
     wait_for("first drain", Duration::from_secs(600), || rx.count.load(Ordering::Relaxed) >= base + stored).await?;
 
     // 2. End to end at saturation.
-    let a = sample(&procs);
+    let a = sample(procs);
     let before = rx.count.load(Ordering::Relaxed);
-    let run = load::closed_loop(&client, &hook, Some(KEY), 64, secs).await;
+    let run = load::closed_loop(client, &hook, Some(KEY), 64, secs).await;
     let delivered_in_window = rx.count.load(Ordering::Relaxed) - before;
-    let b = sample(&procs);
+    let b = sample(procs);
     let target = before + run.ok;
+    retained += run.ok;
     let load_started = b.at - Duration::from_secs_f64(run.secs);
     wait_for("saturation drain", Duration::from_secs(300), || rx.count.load(Ordering::Relaxed) >= target).await?;
     // Sustained: everything ingested under load, delivered, over the time
     // until the last one arrived.
     let sustained = run.ok as f64 / load_started.elapsed().as_secs_f64();
     let e2e_rate = delivered_in_window as f64 / run.secs;
-    println!("\nend to end at saturation (closed loop, c=64)");
+    println!("end to end at saturation (closed loop, c=64)");
     println!(
         "  ingested {:.0}/s while delivering {:.0}/s; sustained end to end {:.0}/s = {:.0}% of the Redis cycle yardstick (batch 100), {:.0}% of direct HTTP",
         run.rate(),
@@ -273,17 +377,18 @@ async fn main() -> anyhow::Result<()> {
 
     // Fixed rates: latency from the sender's request start to the receiver.
     println!(
-        "\n{:<20} {:>10} {:>12} {:>12} {:>12} {:>14}",
+        "{:<20} {:>10} {:>12} {:>12} {:>12} {:>14}",
         "end to end, open loop", "sent/s", "e2e p50 ms", "e2e p99 ms", "e2e max ms", "ingest p99 ms"
     );
     for rate in [200.0, 1000.0, 5000.0] {
         rx.record(true);
         let before = rx.count.load(Ordering::Relaxed);
-        let a = sample(&procs);
-        let mut run = load::open_loop(&client, &hook, Some(KEY), rate, secs).await;
+        let a = sample(procs);
+        let mut run = load::open_loop(client, &hook, Some(KEY), rate, secs).await;
         let target = before + run.ok;
+        retained += run.ok;
         wait_for("open-loop drain", Duration::from_secs(60), || rx.count.load(Ordering::Relaxed) >= target).await?;
-        let b = sample(&procs);
+        let b = sample(procs);
         rx.record(false);
         let mut e2e_lat = rx.take_latencies();
         let e = Latency::of(&mut e2e_lat);
@@ -302,54 +407,40 @@ async fn main() -> anyhow::Result<()> {
             json!({ "sent_per_s": run.rate(), "errors": run.errors, "end_to_end": e.json(), "ingest": i.json(), "resources": cpu(&a, &b, run.ok) }),
         );
     }
-    report.insert("end_to_end".into(), Value::Object(e2e));
+    out.insert("end_to_end".into(), Value::Object(e2e));
 
     // 3. Backlog drain.
     if let Some(mut agent) = procs.agent.take() {
         sigterm(&mut agent);
     }
-    let mem0 = redis_memory(&redis_url).await?;
     let started = Instant::now();
-    let stored0 = stream_len(&redis_url).await?;
-    let fill = fill(&client, &hook, args.backlog).await;
+    let fill = fill(client, &hook, ctx.args.backlog).await;
     let fill_secs = started.elapsed().as_secs_f64();
-    let mem1 = redis_memory(&redis_url).await?;
+    // Every entry of the pass is retained (24 h): bytes per retained entry.
+    retained += fill;
+    let footprint = store.footprint().await?.saturating_sub(footprint0);
     let before = rx.count.load(Ordering::Relaxed);
-    procs.agent = Some(spawn(&agent_bin, &agent_cfg)?);
-    let a = sample(&procs);
+    procs.agent = Some(spawn(ctx.agent_bin, &agent_cfg)?);
+    let a = sample(procs);
     let t = Instant::now();
     wait_for("backlog drain", Duration::from_secs(900), || rx.count.load(Ordering::Relaxed) >= before + fill).await?;
     let drain_secs = t.elapsed().as_secs_f64();
-    let b = sample(&procs);
+    let b = sample(procs);
     let drain_rate = fill as f64 / drain_secs;
+    let kib_per_1k = footprint as f64 / 1024.0 / (retained as f64 / 1000.0);
     println!(
-        "\nbacklog: {fill} webhooks stored in {fill_secs:.1} s ({:.0}/s) with no agent; drained in {drain_secs:.1} s = {drain_rate:.0}/s ({:.0}% of the Redis cycle yardstick); Redis memory {:.0} KiB per 1k entries",
+        "backlog: {fill} webhooks stored in {fill_secs:.1} s ({:.0}/s) with no agent; drained in {drain_secs:.1} s = {drain_rate:.0}/s ({:.0}% of the Redis cycle yardstick); store: {:.0} MiB for {retained} retained entries = {kib_per_1k:.0} KiB per 1k",
         fill as f64 / fill_secs,
         100.0 * drain_rate / y_redis100,
-        (mem1.saturating_sub(mem0)) as f64 / 1024.0 / (fill as f64 / 1000.0)
+        footprint as f64 / 1024.0 / 1024.0,
     );
-    let _ = stored0;
-    report.insert(
+    out.insert(
         "backlog_drain".into(),
-        json!({ "webhooks": fill, "fill_s": fill_secs, "drain_s": drain_secs, "drain_per_s": drain_rate,
-                 "ratio_to_redis_cycle": drain_rate / y_redis100,
-                 "redis_kib_per_1k_entries": (mem1.saturating_sub(mem0)) as f64 / 1024.0 / (fill as f64 / 1000.0),
-                 "resources": cpu(&a, &b, fill) }),
+        json!({ "webhooks": fill, "fill_s": fill_secs, "fill_per_s": fill as f64 / fill_secs, "drain_s": drain_secs,
+                 "drain_per_s": drain_rate, "ratio_to_redis_cycle": drain_rate / y_redis100,
+                 "store_bytes": footprint, "retained_entries": retained, "store_kib_per_1k_entries": kib_per_1k, "resources": cpu(&a, &b, fill) }),
     );
-
-    // 4. Fan-in: many agents on one edge.
-    if args.agents > 0 {
-        match fan_in(&args, d, &edge_bin, &redis_url, &client, &rx, rx_addr).await {
-            Ok(v) => {
-                report.insert("fan_in".into(), v);
-            }
-            Err(e) => println!("\nfan-in: skipped after an error: {e:#}"),
-        }
-    }
-    drop(procs);
-    std::fs::write(&args.out, serde_json::to_string_pretty(&Value::Object(report))?)?;
-    println!("\nreport written to {}", args.out.display());
-    Ok(())
+    Ok(Value::Object(out))
 }
 
 /// Stores exactly `n` webhooks (64 senders).
@@ -391,11 +482,6 @@ async fn redis_conn(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnecti
     Ok(redis::Client::open(url)?.get_multiplexed_async_connection().await?)
 }
 
-async fn stream_len(url: &str) -> anyhow::Result<u64> {
-    let mut c = redis_conn(url).await?;
-    Ok(redis::cmd("XLEN").arg("relay:{bench}:stream").query_async(&mut c).await?)
-}
-
 async fn redis_memory(url: &str) -> anyhow::Result<u64> {
     let mut c = redis_conn(url).await?;
     let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await?;
@@ -407,7 +493,7 @@ fn write_edge(
     ingest: u16,
     tunnel: u16,
     admin: u16,
-    redis: &str,
+    store: &str,
     agents: &[String],
 ) -> anyhow::Result<PathBuf> {
     let dd = d.display();
@@ -426,7 +512,7 @@ max_window = 1000
 [admin]
 listen = "127.0.0.1:{admin}"
 [store]
-redis_url = "{redis}"
+{store}
 max_backlog = 100000000
 [[route]]
 name = "bench"
@@ -486,7 +572,7 @@ async fn fan_in(
         relay_edge::certs::agent(&fan, name)?;
     }
     let (ingest, tunnel, admin) = (free_port()?, free_port()?, free_port()?);
-    let cfg = write_edge(&fan, ingest, tunnel, admin, redis_url, &names)?;
+    let cfg = write_edge(&fan, ingest, tunnel, admin, &format!("redis_url = \"{redis_url}\""), &names)?;
     let mut edge = spawn(edge_bin, &cfg)?;
     wait_for("fan-in edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok())
         .await?;

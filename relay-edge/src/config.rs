@@ -169,6 +169,8 @@ pub struct StoreConfig {
     /// File of the embedded store (created with its directory); used only
     /// when `redis_url` is unset.
     pub path: PathBuf,
+    /// Memory the embedded store may use to cache its file's pages.
+    pub cache: ByteSize,
     /// Retention by age (`XTRIM MINID`); never cuts unacknowledged entries.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -195,6 +197,7 @@ impl Default for StoreConfig {
         Self {
             redis_url: None,
             path: PathBuf::from("relay-edge.redb"),
+            cache: ByteSize::mib(64),
             retention: Duration::from_secs(24 * 3600),
             command_timeout: Duration::from_secs(3),
             block: Duration::from_secs(2),

@@ -349,7 +349,7 @@ impl EmbeddedStore {
         let inner = match open.iter().find(|(p, _)| *p == abs).and_then(|(_, w)| w.upgrade()) {
             Some(inner) => inner,
             None => {
-                let inner = Arc::new(Inner::open(&abs)?);
+                let inner = Arc::new(Inner::open(&abs, cfg.cache.as_u64() as usize)?);
                 open.push((abs, Arc::downgrade(&inner)));
                 inner
             }
@@ -480,11 +480,11 @@ fn absolute(path: &Path) -> std::io::Result<PathBuf> {
 }
 
 impl Inner {
-    fn open(path: &Path) -> Result<Self, StoreError> {
+    fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         // A previous holder may still be closing (a restart): wait a little.
         let deadline = Instant::now() + LOCK_WAIT;
         let db = loop {
-            match Database::create(path) {
+            match Database::builder().set_cache_size(cache_bytes).create(path) {
                 Ok(db) => break db,
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50));
