@@ -205,6 +205,10 @@ fn warn_about_config(cfg: &EdgeConfig) {
     }
 }
 
+/// Most batches of one retention pass per channel (each backend batch is
+/// 500–5,000 entries).
+const RETENTION_ROUNDS: usize = 1000;
+
 /// Trims every channel by age, never cutting unacknowledged entries.
 async fn retention_loop(state: Arc<AppState>, shutdown: CancellationToken) {
     let retention = state.cfg.store.retention;
@@ -215,20 +219,36 @@ async fn retention_loop(state: Arc<AppState>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
         }
         for ch in state.cfg.all_channels() {
-            match state.store.expire(&ch, retention).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    state.metrics.expired.inc_by(n);
-                    tracing::warn!(channel = %ch, count = n, "unacknowledged webhooks reached the retention age; moved to the DLQ with reason `expired`");
+            // Backends work in bounded batches (each its own transaction or
+            // command): repeat until a round finds nothing left.
+            let mut expired = 0;
+            for _ in 0..RETENTION_ROUNDS {
+                match state.store.expire(&ch, retention).await {
+                    Ok(0) => break,
+                    Ok(n) => expired += n,
+                    Err(e) => {
+                        tracing::debug!(channel = %ch, error = %e, "expiry failed");
+                        break;
+                    }
                 }
-                Err(e) => tracing::debug!(channel = %ch, error = %e, "expiry failed"),
             }
-            match state.store.trim(&ch, retention).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(channel = %ch, removed = n, "retention trimmed acknowledged entries")
+            if expired > 0 {
+                state.metrics.expired.inc_by(expired);
+                tracing::warn!(channel = %ch, count = expired, "unacknowledged webhooks reached the retention age; moved to the DLQ with reason `expired`");
+            }
+            let mut removed = 0;
+            for _ in 0..RETENTION_ROUNDS {
+                match state.store.trim(&ch, retention).await {
+                    Ok(0) => break,
+                    Ok(n) => removed += n,
+                    Err(e) => {
+                        tracing::debug!(channel = %ch, error = %e, "retention trim failed");
+                        break;
+                    }
                 }
-                Err(e) => tracing::debug!(channel = %ch, error = %e, "retention trim failed"),
+            }
+            if removed > 0 {
+                tracing::info!(channel = %ch, removed, "retention trimmed acknowledged entries");
             }
         }
     }
