@@ -209,6 +209,27 @@ fn warn_about_config(cfg: &EdgeConfig) {
 /// 500–5,000 entries).
 const RETENTION_ROUNDS: usize = 1000;
 
+/// Repeats one bounded retention step until it finds nothing left (or
+/// fails, or [`RETENTION_ROUNDS`] passed); returns the entries it handled.
+async fn until_done<F, Fut>(what: &str, channel: &str, mut step: F) -> u64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, error::StoreError>>,
+{
+    let mut total = 0;
+    for _ in 0..RETENTION_ROUNDS {
+        match step().await {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => {
+                tracing::debug!(channel, error = %e, "{what} failed");
+                break;
+            }
+        }
+    }
+    total
+}
+
 /// Trims every channel by age, never cutting unacknowledged entries.
 async fn retention_loop(state: Arc<AppState>, shutdown: CancellationToken) {
     let retention = state.cfg.store.retention;
@@ -221,32 +242,12 @@ async fn retention_loop(state: Arc<AppState>, shutdown: CancellationToken) {
         for ch in state.cfg.all_channels() {
             // Backends work in bounded batches (each its own transaction or
             // command): repeat until a round finds nothing left.
-            let mut expired = 0;
-            for _ in 0..RETENTION_ROUNDS {
-                match state.store.expire(&ch, retention).await {
-                    Ok(0) => break,
-                    Ok(n) => expired += n,
-                    Err(e) => {
-                        tracing::debug!(channel = %ch, error = %e, "expiry failed");
-                        break;
-                    }
-                }
-            }
+            let expired = until_done("expiry", &ch, || state.store.expire(&ch, retention)).await;
             if expired > 0 {
                 state.metrics.expired.inc_by(expired);
                 tracing::warn!(channel = %ch, count = expired, "unacknowledged webhooks reached the retention age; moved to the DLQ with reason `expired`");
             }
-            let mut removed = 0;
-            for _ in 0..RETENTION_ROUNDS {
-                match state.store.trim(&ch, retention).await {
-                    Ok(0) => break,
-                    Ok(n) => removed += n,
-                    Err(e) => {
-                        tracing::debug!(channel = %ch, error = %e, "retention trim failed");
-                        break;
-                    }
-                }
-            }
+            let removed = until_done("retention trim", &ch, || state.store.trim(&ch, retention)).await;
             if removed > 0 {
                 tracing::info!(channel = %ch, removed, "retention trimmed acknowledged entries");
             }
