@@ -8,12 +8,6 @@ use clap::{Parser, Subcommand};
 use relay_edge::cli;
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc instead of glibc malloc: under load the edge spent a sixth of
-/// its CPU in glibc's malloc/free (README, Performance). The agent keeps
-/// glibc, whose resident memory stayed lower there.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "relay-edge", version, about = "Public edge of the webhook relay")]
 struct Cli {
