@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the release binaries and runs the benchmark (≈ 6 minutes). Extra
+# Builds the release binaries and runs the benchmark (≈ 3 minutes after the build). Extra
 # arguments go to relay-bench, e.g. --secs 10 --backlog 1000000 --agents 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
