@@ -82,11 +82,13 @@ fn load(urls: &[String]) -> Workload {
     Workload::start(urls, 2, Duration::from_millis(25), 512)
 }
 
-/// One round normally; with `RELAY_SOAK_SECS=N`, rounds until N seconds
-/// have passed (the soak mode: `RELAY_SOAK_SECS=3600 cargo test -p testkit
-/// --test faults -- --nocapture --test-threads 1`).
+/// One round normally; with `SOAK_SECS=N`, rounds until N seconds have
+/// passed (the soak mode: `SOAK_SECS=3600 cargo test -p testkit --test
+/// faults -- --nocapture --test-threads 1`). Not a `RELAY_` variable: the
+/// edge and agent processes inherit the environment and refuse unknown
+/// `RELAY_*` keys.
 fn soak_rounds() -> impl Iterator<Item = u64> {
-    let secs: u64 = std::env::var("RELAY_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let started = std::time::Instant::now();
     (1..).take_while(move |&round| round == 1 || started.elapsed() < Duration::from_secs(secs))
 }
