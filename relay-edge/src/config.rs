@@ -186,6 +186,16 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
+    /// Which store this selects and where, without secrets (e.g.
+    /// `embedded at relay-edge.redb`, `redis at 127.0.0.1:6379 db 0`).
+    pub fn describe(&self) -> String {
+        match self.redis().map(redis::Client::open) {
+            Some(Ok(client)) => format!("redis at {}", crate::store::redis_store::describe(&client)),
+            Some(Err(_)) => "redis (unusable URL)".into(),
+            None => format!("embedded at {}", self.path.display()),
+        }
+    }
+
     /// The Redis URL when one is configured (an empty one counts as unset).
     pub fn redis(&self) -> Option<&str> {
         self.redis_url.as_ref().map(|u| u.expose()).filter(|u| !u.is_empty())

@@ -166,8 +166,9 @@ fn main() -> ExitCode {
             })
         }),
         Command::CheckConfig => match relay_edge::EdgeConfig::load(cli.config.as_deref()) {
-            Ok(_) => {
+            Ok(cfg) => {
                 println!("configuration is valid");
+                println!("store: {}", cfg.store.describe());
                 ExitCode::SUCCESS
             }
             Err(e) => {

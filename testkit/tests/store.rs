@@ -268,6 +268,16 @@ async fn an_embedded_store_in_use_or_unwritable_is_refused_with_a_clear_error() 
     assert!(err.contains("in use by another process"), "{err}");
     edge.sigterm().await;
 
+    // check-config says which store a config selects, without secrets.
+    let (code, out, _) = run_bin("relay-edge", &["--config", &config, "check-config"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("store: embedded at ") && out.contains("relay.redb"), "{out}");
+    let redis = write_edge(&certs, "edge-r", "redis_url = \"redis://:hunter2pw@127.0.0.1:1/0\"", "3s");
+    let config_r = redis.config.display().to_string();
+    let (code, out, _) = run_bin("relay-edge", &["--config", &config_r, "check-config"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("store: redis at 127.0.0.1:1 db 0") && !out.contains("hunter2pw"), "{out}");
+
     let bad = write_edge(&certs, "edge-c", "path = \"/proc/version/relay.redb\"", "3s");
     let config = bad.config.display().to_string();
     let (code, _, err) = run_bin("relay-edge", &["--config", &config]).await;

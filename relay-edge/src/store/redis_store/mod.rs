@@ -597,7 +597,7 @@ impl BlockingRead for Reader {
 }
 
 /// The Redis address without its password.
-fn describe(client: &redis::Client) -> String {
+pub fn describe(client: &redis::Client) -> String {
     let info = client.get_connection_info();
     format!("{} db {}", info.addr(), info.redis_settings().db())
 }
