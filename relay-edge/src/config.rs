@@ -491,7 +491,12 @@ impl EdgeConfig {
         for r in &self.tunnel.revoked {
             let ok = match r.split_once(':') {
                 Some(("sha256", h)) => h.len() == 64 && hex::decode(h).is_ok(),
-                Some(("serial", h)) => !h.is_empty() && hex::decode(h.trim_start_matches("0x")).is_ok(),
+                // Any number of hex digits: serials are printed without
+                // leading zeros, so an odd count is normal.
+                Some(("serial", h)) => {
+                    let h = h.trim_start_matches("0x");
+                    !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit())
+                }
                 _ => false,
             };
             if !ok {
@@ -573,6 +578,23 @@ pub(crate) fn parse_reference_duration(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn revoked_serials_may_have_an_odd_number_of_hex_digits() {
+        // Whether validation refuses the entry (other keys may fail too:
+        // the default config names certificate files that do not exist).
+        let refused = |entry: &str| {
+            let mut cfg = EdgeConfig::default();
+            cfg.tunnel.revoked = vec![entry.to_string()];
+            cfg.validate().is_err_and(|e| e.to_string().contains("tunnel.revoked"))
+        };
+        // Serials are printed without leading zeros (`certs fingerprint`).
+        assert!(!refused("serial:145f75e79fc981d4851423583b0f47acbb18a0c"));
+        assert!(!refused("serial:0x0a1"));
+        assert!(refused("serial:"));
+        assert!(refused("serial:12g4"));
+        assert!(refused("sha256:abcd"));
+    }
 
     #[test]
     fn secret_debug_is_masked() {

@@ -177,13 +177,17 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> I
 async fn accept(state: &AppState, peer: SocketAddr, route_name: &str, key: Option<String>, req: Request) -> Response {
     let started = std::time::Instant::now();
     let route = state.cfg.routes.iter().find(|r| r.name == route_name);
+    // One deadline for the whole request: past it, a body still being read
+    // is the client's fault (408), a write still running is the store's (503).
+    let body_read = std::sync::atomic::AtomicBool::new(false);
     let result = match tokio::time::timeout(
         state.cfg.ingest.request_timeout,
-        store_webhook(state, peer, route, route_name, key, req),
+        store_webhook(state, peer, route, route_name, key, req, &body_read),
     )
     .await
     {
         Ok(r) => r,
+        Err(_) if !body_read.load(std::sync::atomic::Ordering::Relaxed) => Err(IngestError::SlowBody),
         Err(_) => Err(IngestError::StoreUnavailable),
     };
     let status = match &result {
@@ -215,6 +219,7 @@ async fn store_webhook(
     route_name: &str,
     key: Option<String>,
     req: Request,
+    body_read: &std::sync::atomic::AtomicBool,
 ) -> Result<serde_json::Value, IngestError> {
     let cfg = &state.cfg.ingest;
     state.limiter.check_ip(client_ip(peer, req.headers(), &cfg.trusted_proxies))?;
@@ -229,6 +234,7 @@ async fn store_webhook(
         return Err(IngestError::TooLarge(limit));
     }
     let body = read_body(body, limit as usize, cfg.request_timeout).await?;
+    body_read.store(true, std::sync::atomic::Ordering::Relaxed);
     check_body(route, &parts.headers, &body)?;
 
     let dedupe = match route.dedupe_window {
