@@ -56,13 +56,13 @@ impl RawEntry {
         Self { channel: channel.to_string(), id, fields: bytes.map(|b| vec![(keys::FIELD_WEBHOOK.to_string(), b)]) }
     }
 
-    pub fn field(&self, name: &str) -> Option<Vec<u8>> {
-        self.fields.as_ref()?.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields.as_ref()?.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
     }
 
     pub fn into_entry(self, channel: &str) -> Entry {
         let webhook = match self.field(keys::FIELD_WEBHOOK) {
-            Some(bytes) => rmp_serde::from_slice(&bytes).map_err(|e| format!("undecodable webhook: {e}")),
+            Some(bytes) => rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable webhook: {e}")),
             None if self.fields.is_none() => Err(DELETED_WHILE_PENDING.into()),
             None => Err(format!("entry has no `{}` field", keys::FIELD_WEBHOOK)),
         };

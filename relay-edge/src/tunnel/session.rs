@@ -27,7 +27,7 @@ use super::Peer;
 use super::registry::{Kick, Live, SessionInfo};
 use crate::AppState;
 use crate::store::{Backend, BlockingRead};
-use crate::store::{DeadLetter, Entry, Store, now_ms};
+use crate::store::{DELETED_WHILE_PENDING, DeadLetter, Entry, Store, now_ms};
 
 /// Why a session ended; sent to the agent as `Error { code, message }`.
 struct Close {
@@ -613,7 +613,7 @@ impl Session {
     /// to deliver, acknowledge it) or corrupt (keep it, in the DLQ).
     async fn discard_unreadable(&self, channel: &str, id: &str, why: &str) {
         tracing::warn!(agent = %self.peer.agent, channel, id, why, "unreadable stream entry");
-        let result = if why.contains("deleted") {
+        let result = if why == DELETED_WHILE_PENDING {
             self.state.store.ack(channel, &[id.to_string()]).await.map(|_| ())
         } else {
             let raw = self.state.store.raw_entry(channel, id).await.ok().flatten();

@@ -10,14 +10,14 @@ use super::{DeadEntry, RawEntry, keys};
 
 /// A DLQ stream entry's fields as a [`DeadEntry`].
 pub fn dead_entry(raw: RawEntry) -> DeadEntry {
-    let text = |k: &str| raw.field(k).map(|v| String::from_utf8_lossy(&v).into_owned());
+    let text = |k: &str| raw.field(k).map(|v| String::from_utf8_lossy(v).into_owned());
     DeadEntry {
         stream_id: text("stream_id").unwrap_or_default(),
         reason: text("reason").unwrap_or_default(),
         attempts: text("attempts").and_then(|v| v.parse().ok()).unwrap_or(0),
         status: text("status").and_then(|v| v.parse().ok()),
         failed_at_ms: text("failed_at_ms").and_then(|v| v.parse().ok()).unwrap_or(0),
-        raw: raw.field(keys::FIELD_WEBHOOK),
+        raw: raw.field(keys::FIELD_WEBHOOK).map(<[u8]>::to_vec),
         id: raw.id,
     }
 }

@@ -200,7 +200,7 @@ impl Backend for RedisStore {
     /// Reads raw fields of entries by id (for dead-lettering).
     async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let v: Value = self.run("XRANGE", redis::cmd("XRANGE").arg(keys::stream(channel)).arg(id).arg(id)).await?;
-        Ok(parse::entries(v)?.into_iter().next().and_then(|e| e.field(keys::FIELD_WEBHOOK)))
+        Ok(parse::entries(v)?.into_iter().next().and_then(|e| e.field(keys::FIELD_WEBHOOK).map(<[u8]>::to_vec)))
     }
 
     /// Opens a dedicated connection for one session's blocking reads.
@@ -344,14 +344,13 @@ impl Backend for RedisStore {
                 // come back here: they stay pending on the pseudo-consumer and
                 // are reclaimed by a session after the visibility timeout.
                 if id_ms(&raw.id).is_some_and(|t| t < cutoff) {
-                    let bytes = raw.field(keys::FIELD_WEBHOOK);
                     let letter = DeadLetter {
                         channel,
                         id: &raw.id,
                         reason: "expired",
                         status: None,
                         attempts: 0,
-                        raw: bytes.as_deref(),
+                        raw: raw.field(keys::FIELD_WEBHOOK),
                     };
                     self.dead_letter(&letter).await?;
                     expired += 1;
