@@ -343,31 +343,24 @@ impl Session {
     }
 
     async fn send(&self, ws: &mut WebSocket, frame: &Frame) -> Result<(), Close> {
-        let bytes = relay_protocol::encode(frame, &self.limits)
-            .map_err(|e| Close::new("internal", format!("cannot encode {}: {e}", frame.kind())))?;
-        let deadline = self.state.cfg.tunnel.heartbeat * 3;
-        match tokio::time::timeout(deadline, ws.send(Message::Binary(bytes.into()))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Close::new("transport_error", format!("send failed: {e}"))),
-            Err(_) => Err(Close::new("send_timeout", "the agent stopped reading")),
-        }
+        self.queue(ws, frame).await?;
+        self.flush(ws).await
     }
 
     /// Queues a frame without flushing; [`Session::flush`] sends the queue.
     async fn queue(&self, ws: &mut WebSocket, frame: &Frame) -> Result<(), Close> {
         let bytes = relay_protocol::encode(frame, &self.limits)
             .map_err(|e| Close::new("internal", format!("cannot encode {}: {e}", frame.kind())))?;
-        let deadline = self.state.cfg.tunnel.heartbeat * 3;
-        match tokio::time::timeout(deadline, ws.feed(Message::Binary(bytes.into()))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Close::new("transport_error", format!("send failed: {e}"))),
-            Err(_) => Err(Close::new("send_timeout", "the agent stopped reading")),
-        }
+        self.in_time(ws.feed(Message::Binary(bytes.into()))).await
     }
 
     async fn flush(&self, ws: &mut WebSocket) -> Result<(), Close> {
-        let deadline = self.state.cfg.tunnel.heartbeat * 3;
-        match tokio::time::timeout(deadline, ws.flush()).await {
+        self.in_time(ws.flush()).await
+    }
+
+    /// A write to the agent, bounded by the dead-session deadline.
+    async fn in_time(&self, write: impl std::future::Future<Output = Result<(), axum::Error>>) -> Result<(), Close> {
+        match tokio::time::timeout(self.state.cfg.tunnel.heartbeat * 3, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Close::new("transport_error", format!("send failed: {e}"))),
             Err(_) => Err(Close::new("send_timeout", "the agent stopped reading")),
