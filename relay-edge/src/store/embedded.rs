@@ -161,6 +161,35 @@ fn cursor_id(s: &str) -> Option<(u64, u64)> {
     parse_id(s).or_else(|| s.parse().ok().map(|ms| (ms, 0)))
 }
 
+/// A channel's row, as a read transaction sees it.
+fn channel_meta(txn: &ReadTransaction, channel: &str) -> DbResult<Option<Meta>> {
+    Ok(txn.open_table(CHANNELS)?.get(channel)?.map(|g| Meta::from_row(g.value())))
+}
+
+/// Pending entries in `range` (of one channel) that `keep(consumer,
+/// delivery count, last delivery ms)` accepts, oldest first, at most
+/// `count`: their ids and delivery counts.
+fn scan_pending<'a>(
+    pending: &impl ReadableTable<Id, (&'static str, u32, u64)>,
+    range: (Bound<Key<'a>>, Bound<Key<'a>>),
+    count: usize,
+    mut keep: impl FnMut(&str, u32, u64) -> bool,
+) -> DbResult<Vec<((u64, u64), u32)>> {
+    let mut out = Vec::new();
+    for item in pending.range(range)? {
+        if out.len() >= count {
+            break;
+        }
+        let (k, v) = item?;
+        let (who, n, at) = v.value();
+        if keep(who, n, at) {
+            let (_, ms, seq) = k.value();
+            out.push(((ms, seq), n));
+        }
+    }
+    Ok(out)
+}
+
 impl W<'_> {
     fn meta(&self, channel: &str) -> DbResult<Meta> {
         Ok(self.channels.get(channel)?.map(|g| Meta::from_row(g.value())).unwrap_or_default())
@@ -208,16 +237,17 @@ impl W<'_> {
         if meta.undelivered == 0 {
             return Ok(Vec::new());
         }
-        let mut out = Vec::new();
+        let mut read = Vec::new();
         for item in self.entries.range(after(channel, meta.delivered))?.take(count) {
             let (k, v) = item?;
             let (_, ms, seq) = k.value();
-            out.push(RawEntry::webhook(channel, format_id((ms, seq)), Some(v.value().to_vec())));
+            read.push(((ms, seq), v.value().to_vec()));
         }
-        for e in &out {
-            let id = parse_id(&e.id).ok_or_else(|| corrupt("bad id"))?;
+        let mut out = Vec::with_capacity(read.len());
+        for (id, bytes) in read {
             self.pending.insert(key(channel, id), (consumer, 1, self.now))?;
             meta.delivered = id;
+            out.push(RawEntry::webhook(channel, format_id(id), Some(bytes)));
         }
         meta.undelivered = meta.undelivered.saturating_sub(out.len() as u64);
         self.put_meta(channel, &meta)?;
@@ -233,18 +263,7 @@ impl W<'_> {
         cursor: (u64, u64),
         count: usize,
     ) -> DbResult<Vec<RawEntry>> {
-        let mut mine = Vec::new();
-        for item in self.pending.range(after(channel, cursor))? {
-            let (k, v) = item?;
-            let (who, n, _) = v.value();
-            if who == consumer {
-                let (_, ms, seq) = k.value();
-                mine.push(((ms, seq), n));
-                if mine.len() >= count {
-                    break;
-                }
-            }
-        }
+        let mine = scan_pending(&self.pending, after(channel, cursor), count, |who, _, _| who == consumer)?;
         let mut out = Vec::with_capacity(mine.len());
         for (id, n) in mine {
             self.pending.insert(key(channel, id), (consumer, n.saturating_add(1), self.now))?;
@@ -419,9 +438,8 @@ impl EmbeddedStore {
     fn has_new(&self, cursors: &[(String, String)]) -> Result<bool, StoreError> {
         let check = || -> DbResult<bool> {
             let txn = self.inner.db.begin_read()?;
-            let t = txn.open_table(CHANNELS)?;
             for (ch, _) in cursors {
-                if t.get(ch.as_str())?.is_some_and(|g| Meta::from_row(g.value()).undelivered > 0) {
+                if channel_meta(&txn, ch)?.is_some_and(|m| m.undelivered > 0) {
                     return Ok(true);
                 }
             }
@@ -683,18 +701,9 @@ impl Backend for EmbeddedStore {
         let idle = min_idle.as_millis() as u64;
         let raws = self
             .write("autoclaim", false, false, move |w| {
-                let mut stale = Vec::new();
-                for item in w.pending.range(after(&ch, (0, 0)))? {
-                    let (k, v) = item?;
-                    let (_, n, at) = v.value();
-                    if w.now.saturating_sub(at) >= idle {
-                        let (_, ms, seq) = k.value();
-                        stale.push(((ms, seq), n));
-                        if stale.len() >= count {
-                            break;
-                        }
-                    }
-                }
+                let now = w.now;
+                let stale =
+                    scan_pending(&w.pending, after(&ch, (0, 0)), count, |_, _, at| now.saturating_sub(at) >= idle)?;
                 let mut out = Vec::with_capacity(stale.len());
                 for (id, n) in stale {
                     let bytes = w.take_over(&ch, &consumer, id, n)?;
@@ -717,20 +726,9 @@ impl Backend for EmbeddedStore {
         let (Some(first), Some(last)) = (parse_id(first), parse_id(last)) else { return Ok(HashMap::new()) };
         let (ch, consumer) = (channel.to_string(), consumer.to_string());
         self.read("delivery counts", move |txn| {
-            let t = txn.open_table(PENDING)?;
-            let mut out = HashMap::new();
-            for item in t.range(key(&ch, first)..=key(&ch, last))? {
-                let (k, v) = item?;
-                let (who, n, _) = v.value();
-                if who == consumer {
-                    let (_, ms, seq) = k.value();
-                    out.insert(format_id((ms, seq)), n);
-                    if out.len() >= count {
-                        break;
-                    }
-                }
-            }
-            Ok(out)
+            let range = (Bound::Included(key(&ch, first)), Bound::Included(key(&ch, last)));
+            let mine = scan_pending(&txn.open_table(PENDING)?, range, count, |who, _, _| who == consumer)?;
+            Ok(mine.into_iter().map(|(id, n)| (format_id(id), n)).collect())
         })
         .await
     }
@@ -764,12 +762,8 @@ impl Backend for EmbeddedStore {
         self.write("expire", true, false, move |w| {
             let end = key(&ch, (cutoff - 1, u64::MAX));
             // 1. Pending (delivered, unacknowledged) and too old.
-            let mut old = Vec::new();
-            for item in w.pending.range(key(&ch, (0, 0))..=end)?.take(RETENTION_BATCH) {
-                let (k, v) = item?;
-                let (_, ms, seq) = k.value();
-                old.push(((ms, seq), v.value().1));
-            }
+            let range = (Bound::Included(key(&ch, (0, 0))), Bound::Included(end));
+            let old = scan_pending(&w.pending, range, RETENTION_BATCH, |_, _, _| true)?;
             let mut expired = 0;
             for (id, attempts) in old {
                 let record = w.expired(&ch, id, attempts)?;
@@ -840,7 +834,7 @@ impl Backend for EmbeddedStore {
     async fn snapshot(&self, channel: &str) -> Result<Snapshot, StoreError> {
         let ch = channel.to_string();
         self.read("snapshot", move |txn| {
-            let Some(meta) = txn.open_table(CHANNELS)?.get(ch.as_str())?.map(|g| Meta::from_row(g.value())) else {
+            let Some(meta) = channel_meta(txn, &ch)? else {
                 return Ok(Snapshot::empty(&ch));
             };
             let pending = txn.open_table(PENDING)?;
@@ -909,7 +903,8 @@ impl Backend for EmbeddedStore {
     }
 
     async fn dlq_len(&self, channel: &str) -> Result<u64, StoreError> {
-        Ok(self.snapshot(channel).await?.dlq_length)
+        let ch = channel.to_string();
+        self.read("dlq length", move |txn| Ok(channel_meta(txn, &ch)?.map(|m| m.dlq_length).unwrap_or(0))).await
     }
 
     async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<String>, StoreError> {
@@ -932,14 +927,10 @@ impl Backend for EmbeddedStore {
 
     async fn dlq_purge(&self, channel: &str, before_ms: Option<u64>) -> Result<u64, StoreError> {
         let ch = channel.to_string();
-        let end = match before_ms {
-            Some(ms) => Bound::Excluded((ms, 0)),
-            None => Bound::Included((u64::MAX, u64::MAX)),
-        };
         self.write("dlq purge", true, false, move |w| {
-            let end = match end {
-                Bound::Excluded(id) => Bound::Excluded(key(&ch, id)),
-                _ => Bound::Included(key(&ch, (u64::MAX, u64::MAX))),
+            let end = match before_ms {
+                Some(ms) => Bound::Excluded(key(&ch, (ms, 0))),
+                None => Bound::Included(key(&ch, (u64::MAX, u64::MAX))),
             };
             let mut ids = Vec::new();
             for item in w.dlq.range((Bound::Included(key(&ch, (0, 0))), end))? {
