@@ -54,9 +54,9 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let body = serde_json::json!({
         "status": if redis.is_ok() { "healthy" } else { "degraded" },
-        "store": state.store.kind(),
-        "redis": match (&state.store, redis.is_ok()) {
-            (crate::store::Store::Embedded(_), _) => "not used",
+        "store": state.cfg.store.backend(),
+        "redis": match (state.cfg.store.redis(), redis.is_ok()) {
+            (None, _) => "not used",
             (_, true) => "up",
             (_, false) => "down",
         },

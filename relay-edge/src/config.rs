@@ -186,13 +186,21 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
-    /// Which store this selects and where, without secrets (e.g.
-    /// `embedded at relay-edge.redb`, `redis at 127.0.0.1:6379 db 0`).
-    pub fn describe(&self) -> String {
+    /// The store this selects: `redis` or `embedded`.
+    pub fn backend(&self) -> &'static str {
+        if self.redis().is_some() { "redis" } else { "embedded" }
+    }
+
+    /// Where that store lives, without secrets (`relay-edge.redb`,
+    /// `127.0.0.1:6379 db 0`).
+    pub fn location(&self) -> String {
         match self.redis().map(redis::Client::open) {
-            Some(Ok(client)) => format!("redis at {}", crate::store::redis_store::describe(&client)),
-            Some(Err(_)) => "redis (unusable URL)".into(),
-            None => format!("embedded at {}", self.path.display()),
+            Some(Ok(client)) => {
+                let info = client.get_connection_info();
+                format!("{} db {}", info.addr(), info.redis_settings().db())
+            }
+            Some(Err(_)) => "(unusable URL)".into(),
+            None => self.path.display().to_string(),
         }
     }
 

@@ -143,7 +143,7 @@ pub async fn run(
         cfg,
     });
     warn_about_config(&state.cfg);
-    tracing::info!(backend = state.store.kind(), location = %state.store.describe(), "store");
+    tracing::info!(backend = state.cfg.store.backend(), location = %state.cfg.store.location(), "store");
     match state.store.ping().await {
         Ok(()) => {
             for ch in state.cfg.all_channels() {

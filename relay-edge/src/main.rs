@@ -168,7 +168,7 @@ fn main() -> ExitCode {
         Command::CheckConfig => match relay_edge::EdgeConfig::load(cli.config.as_deref()) {
             Ok(cfg) => {
                 println!("configuration is valid");
-                println!("store: {}", cfg.store.describe());
+                println!("store: {} at {}", cfg.store.backend(), cfg.store.location());
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -311,7 +311,6 @@ type Run = Box<dyn for<'t> FnOnce(&mut W<'t>) -> (bool, Finish) + Send>;
 type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 struct Inner {
-    path: PathBuf,
     db: Arc<Database>,
     jobs: Option<mpsc::Sender<Job>>,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -529,14 +528,7 @@ impl Inner {
             .name("relay-store-writer".into())
             .spawn(move || writer_loop(&writer_db, &rx, &wake_tx))
             .map_err(|e| open_err(path, format!("cannot start its writer thread: {e}")))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            db,
-            jobs: Some(jobs),
-            writer: Some(writer),
-            wake,
-            last_sweep: Mutex::new(None),
-        })
+        Ok(Self { db, jobs: Some(jobs), writer: Some(writer), wake, last_sweep: Mutex::new(None) })
     }
 }
 
@@ -630,10 +622,6 @@ fn commit_batch(db: &Database, batch: Vec<Job>, durable: bool) -> bool {
 
 impl Backend for EmbeddedStore {
     type Reader = Reader;
-
-    fn describe(&self) -> String {
-        format!("{}", self.inner.path.display())
-    }
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.read("ping", |txn| txn.open_table(CHANNELS).map(|_| ()).map_err(Into::into)).await

@@ -141,9 +141,6 @@ pub trait Backend: Send + Sync {
     /// A session's handle for blocking reads.
     type Reader: BlockingRead;
 
-    /// Where the data lives, for the start-up log (no secrets).
-    fn describe(&self) -> String;
-
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Appends one webhook to each channel's stream; returns the entry ids
@@ -311,22 +308,10 @@ impl Store {
             None => Ok(Self::Embedded(EmbeddedStore::open(&cfg.path, cfg, errors)?)),
         }
     }
-
-    /// `redis` or `embedded`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Redis(_) => "redis",
-            Self::Embedded(_) => "embedded",
-        }
-    }
 }
 
 impl Backend for Store {
     type Reader = Reader;
-
-    fn describe(&self) -> String {
-        dispatch!(self, s => s.describe())
-    }
 
     async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping().await)

@@ -124,10 +124,6 @@ impl RedisStore {
 impl Backend for RedisStore {
     type Reader = Reader;
 
-    fn describe(&self) -> String {
-        describe(&self.client)
-    }
-
     async fn ping(&self) -> Result<(), StoreError> {
         let _: String = self.run("PING", &redis::cmd("PING")).await?;
         Ok(())
@@ -593,10 +589,4 @@ impl BlockingRead for Reader {
         let v: Value = cmd.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
         parse::read_reply(v)
     }
-}
-
-/// The Redis address without its password.
-pub fn describe(client: &redis::Client) -> String {
-    let info = client.get_connection_info();
-    format!("{} db {}", info.addr(), info.redis_settings().db())
 }
