@@ -127,9 +127,6 @@ impl DeadEntry {
     }
 }
 
-/// Consumer name under which retention reads never-delivered entries.
-pub const EXPIRY_CONSUMER: &str = "__expiry";
-
 /// Value of a de-duplication key while its first request is being stored.
 pub const DEDUPE_PENDING: &str = "pending";
 

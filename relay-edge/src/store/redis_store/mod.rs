@@ -35,11 +35,14 @@ use redis::{AsyncConnectionConfig, Value};
 use relay_protocol::{ChannelStats, Webhook};
 
 use super::{
-    Backend, BlockingRead, DEDUPE_PENDING, DeadEntry, DeadLetter, EXPIRY_CONSUMER, Entry, RawEntry, Snapshot, id_ms,
-    keys, now_ms, parse_id,
+    Backend, BlockingRead, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, RawEntry, Snapshot, id_ms, keys, now_ms,
+    parse_id,
 };
 use crate::config::StoreConfig;
 use crate::error::StoreError;
+
+/// Consumer name under which retention reads never-delivered entries.
+const EXPIRY_CONSUMER: &str = "__expiry";
 
 /// Handle on the Redis store; cheap to clone.
 #[derive(Clone)]
