@@ -1,6 +1,7 @@
 //! MessagePack codec. Size is checked before decoding; after decoding, the
 //! frame's own counts (window, ack batch) are checked against [`Limits`].
 
+use crate::frame::WebhookView;
 use crate::{DecodeError, EncodeError, Frame, Limits};
 
 /// Encodes a frame with named fields (`rmp_serde::to_vec_named`).
@@ -29,4 +30,45 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Frame, DecodeError> {
         ))),
         _ => Ok(frame),
     }
+}
+
+/// Checks that `bytes` is an encoded [`crate::Webhook`] (named fields, as
+/// the edge stores it) without copying it, and returns its
+/// `received_at_ms`. Whatever passes decodes as a `Webhook`.
+pub fn check_webhook(bytes: &[u8]) -> Result<u64, DecodeError> {
+    let view: WebhookView<'_> = rmp_serde::from_slice(bytes)?;
+    Ok(view.received_at_ms)
+}
+
+/// Encodes `Frame::Deliver` around an already encoded webhook (checked by
+/// [`check_webhook`]): the same bytes as [`encode`] of the frame, without
+/// decoding the webhook and encoding it again.
+pub fn encode_deliver(
+    id: &str,
+    channel: &str,
+    attempt: u32,
+    received_at_ms: u64,
+    webhook: &[u8],
+    limits: &Limits,
+) -> Result<Vec<u8>, EncodeError> {
+    use rmp::encode::{write_map_len, write_str, write_uint};
+    let mut out = Vec::with_capacity(64 + id.len() + channel.len() + webhook.len());
+    // Writing to a Vec cannot fail.
+    let _ = write_map_len(&mut out, 1);
+    let _ = write_str(&mut out, "Deliver");
+    let _ = write_map_len(&mut out, 5);
+    let _ = write_str(&mut out, "id");
+    let _ = write_str(&mut out, id);
+    let _ = write_str(&mut out, "channel");
+    let _ = write_str(&mut out, channel);
+    let _ = write_str(&mut out, "attempt");
+    let _ = write_uint(&mut out, u64::from(attempt));
+    let _ = write_str(&mut out, "received_at_ms");
+    let _ = write_uint(&mut out, received_at_ms);
+    let _ = write_str(&mut out, "webhook");
+    out.extend_from_slice(webhook);
+    if out.len() > limits.max_frame {
+        return Err(EncodeError::TooLarge { size: out.len(), limit: limits.max_frame });
+    }
+    Ok(out)
 }

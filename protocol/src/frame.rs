@@ -95,12 +95,45 @@ pub struct Webhook {
     /// Original order; hop-by-hop and auth headers removed.
     pub headers: Vec<Header>,
     /// Body bytes, never re-encoded, so signatures still verify downstream.
-    #[serde(with = "serde_bytes")]
-    pub body: Vec<u8>,
+    /// `Bytes`: handed to the local HTTP client (and kept for a retry)
+    /// without a copy.
+    pub body: bytes::Bytes,
     /// Name of the route that accepted it.
     pub route: String,
     /// Milliseconds since the Unix epoch when the edge received it.
     pub received_at_ms: u64,
+}
+
+/// A [`Webhook`] read in place from its encoded bytes, to check an entry
+/// before it is forwarded as is. Same fields, types and defaults as
+/// `Webhook` (kept next to it; `tests/codec.rs` checks they agree).
+#[derive(Deserialize)]
+#[allow(dead_code)] // fields other than `received_at_ms` are only type-checked
+pub(crate) struct WebhookView<'a> {
+    #[serde(borrow)]
+    id: &'a str,
+    #[serde(borrow)]
+    method: &'a str,
+    #[serde(borrow)]
+    path: &'a str,
+    #[serde(default, borrow)]
+    query: &'a str,
+    #[serde(borrow)]
+    headers: Vec<HeaderView<'a>>,
+    #[serde(with = "serde_bytes", borrow)]
+    body: &'a [u8],
+    #[serde(borrow)]
+    route: &'a str,
+    pub received_at_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct HeaderView<'a> {
+    #[serde(borrow)]
+    name: &'a str,
+    #[serde(with = "serde_bytes", borrow)]
+    value: &'a [u8],
 }
 
 /// One HTTP header; values are bytes because HTTP allows non-UTF-8 values.

@@ -11,7 +11,7 @@ mod error;
 mod frame;
 mod limits;
 
-pub use codec::{decode, encode};
+pub use codec::{check_webhook, decode, encode, encode_deliver};
 pub use error::{DecodeError, EncodeError};
 pub use frame::{ChannelStats, Frame, Header, Webhook};
 pub use limits::Limits;

@@ -1,5 +1,7 @@
 use proptest::prelude::*;
-use relay_protocol::{ChannelStats, DecodeError, Frame, Header, Limits, Webhook, decode, encode};
+use relay_protocol::{
+    ChannelStats, DecodeError, Frame, Header, Limits, Webhook, check_webhook, decode, encode, encode_deliver,
+};
 
 fn webhook() -> Webhook {
     Webhook {
@@ -11,7 +13,7 @@ fn webhook() -> Webhook {
             Header { name: "content-type".into(), value: b"application/json".to_vec() },
             Header { name: "x-odd".into(), value: vec![0xff, 0x00, 0x80] },
         ],
-        body: br#"{"entry":[{"id":"\u00e9"}]}"#.to_vec(),
+        body: br#"{"entry":[{"id":"\u00e9"}]}"#.to_vec().into(),
         route: "meta".into(),
         received_at_ms: 1_700_000_000_123,
     }
@@ -74,7 +76,7 @@ fn body_bytes_are_encoded_as_binary_not_an_integer_array() {
         Frame::Deliver { id: "1-0".into(), channel: "c".into(), attempt: 1, received_at_ms: 0, webhook: webhook() };
     let bytes = encode(&frame, &Limits::default()).expect("encode");
     let body = &webhook().body;
-    assert!(bytes.windows(body.len()).any(|w| w == body.as_slice()), "body must appear verbatim");
+    assert!(bytes.windows(body.len()).any(|w| w == &body[..]), "body must appear verbatim");
 }
 
 #[test]
@@ -132,6 +134,61 @@ fn optional_fields_may_be_missing() {
     );
 }
 
+#[test]
+fn deliver_around_stored_bytes_is_the_frame_encoded_whole() {
+    let w = webhook();
+    let stored = rmp_serde::to_vec_named(&w).expect("store encoding");
+    assert_eq!(check_webhook(&stored).expect("valid"), w.received_at_ms);
+    for (attempt, received_at_ms) in [(1, 0), (127, 1), (128, 255), (70_000, u64::MAX), (u32::MAX, 1_700_000_000_123)] {
+        let spliced = encode_deliver("1700000000000-12", "crm", attempt, received_at_ms, &stored, &Limits::default())
+            .expect("splice");
+        let frame = Frame::Deliver {
+            id: "1700000000000-12".into(),
+            channel: "crm".into(),
+            attempt,
+            received_at_ms,
+            webhook: w.clone(),
+        };
+        assert_eq!(spliced, encode(&frame, &Limits::default()).expect("encode"), "attempt {attempt}");
+    }
+}
+
+#[test]
+fn stored_bytes_that_are_not_a_webhook_fail_the_check() {
+    let mut w = rmp_serde::to_vec_named(&webhook()).expect("encode");
+    assert!(check_webhook(&w[..w.len() - 3]).is_err(), "truncated");
+    assert!(check_webhook(&rmp_serde::to_vec_named(&("id", 1)).expect("encode")).is_err(), "not a map");
+    // A field of the wrong type: the id as a number.
+    #[derive(serde::Serialize)]
+    struct NumericId {
+        id: u32,
+        method: &'static str,
+        path: &'static str,
+        headers: Vec<Header>,
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+        route: &'static str,
+        received_at_ms: u64,
+    }
+    let numeric =
+        NumericId { id: 7, method: "POST", path: "/", headers: vec![], body: vec![], route: "r", received_at_ms: 1 };
+    let bad = rmp_serde::to_vec_named(&numeric).expect("encode");
+    assert!(check_webhook(&bad).is_err(), "id must be a string");
+    assert!(rmp_serde::from_slice::<Webhook>(&bad).is_err(), "and Webhook agrees");
+    w.clear();
+    assert!(check_webhook(&w).is_err(), "empty");
+}
+
+#[test]
+fn a_spliced_deliver_over_the_limit_is_refused() {
+    let stored = rmp_serde::to_vec_named(&webhook()).expect("encode");
+    let limits = Limits { max_frame: stored.len(), ..Limits::default() };
+    assert!(matches!(
+        encode_deliver("1-0", "c", 1, 0, &stored, &limits),
+        Err(relay_protocol::EncodeError::TooLarge { .. })
+    ));
+}
+
 proptest! {
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
@@ -152,11 +209,15 @@ proptest! {
     #[test]
     fn arbitrary_webhooks_round_trip(body in proptest::collection::vec(any::<u8>(), 0..512), path in "/[a-z/]{0,20}", value in proptest::collection::vec(any::<u8>(), 0..32)) {
         let mut w = webhook();
-        w.body = body;
+        w.body = body.into();
         w.path = path;
         w.headers.push(Header { name: "x".into(), value });
+        let stored = rmp_serde::to_vec_named(&w).expect("store encoding");
+        prop_assert_eq!(check_webhook(&stored).expect("valid"), w.received_at_ms);
         let frame = Frame::Deliver { id: "9-9".into(), channel: "c".into(), attempt: 1, received_at_ms: 0, webhook: w };
         let bytes = encode(&frame, &Limits::default()).expect("encode");
+        let spliced = encode_deliver("9-9", "c", 1, 0, &stored, &Limits::default()).expect("splice");
+        prop_assert_eq!(&spliced, &bytes);
         prop_assert_eq!(decode(&bytes, &Limits::default()).expect("decode"), frame);
     }
 }

@@ -3,10 +3,15 @@
 //! posting it to the local endpoint twice.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+/// A delivery's identity, `channel\0id`; shared (not copied) between the
+/// set and the eviction order.
+pub type Key = Arc<str>;
 
 pub struct Recent {
-    set: HashSet<String>,
-    order: VecDeque<String>,
+    set: HashSet<Key>,
+    order: VecDeque<Key>,
     capacity: usize,
 }
 
@@ -15,15 +20,19 @@ impl Recent {
         Self { set: HashSet::with_capacity(capacity), order: VecDeque::with_capacity(capacity), capacity }
     }
 
-    pub fn key(channel: &str, id: &str) -> String {
-        format!("{channel}\u{0}{id}")
+    pub fn key(channel: &str, id: &str) -> Key {
+        let mut key = String::with_capacity(channel.len() + 1 + id.len());
+        key.push_str(channel);
+        key.push('\0');
+        key.push_str(id);
+        key.into()
     }
 
     pub fn contains(&self, key: &str) -> bool {
         self.set.contains(key)
     }
 
-    pub fn insert(&mut self, key: String) {
+    pub fn insert(&mut self, key: Key) {
         if !self.set.insert(key.clone()) {
             return;
         }

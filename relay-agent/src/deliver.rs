@@ -11,6 +11,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use relay_protocol::Webhook;
 
 use crate::backoff;
@@ -42,66 +49,59 @@ pub enum Verdict {
     },
 }
 
+/// Posts webhooks to the local targets over one keep-alive connection pool
+/// (hyper's client: targets are plain `http://` on the LAN, so no TLS, no
+/// redirects, no proxy; each target's URL is parsed once, at start).
 pub struct Deliverer {
-    client: reqwest::Client,
-    targets: HashMap<String, String>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    targets: HashMap<String, Uri>,
+    timeout: Duration,
     retry: RetryConfig,
 }
 
+/// Why a local request got no HTTP answer.
+enum Failure {
+    Refused,
+    TimedOut,
+    Other(String),
+}
+
 impl Deliverer {
-    pub fn new(cfg: &AgentConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .timeout(cfg.request_timeout)
-            .connect_timeout(Duration::from_secs(5).min(cfg.request_timeout))
-            .pool_max_idle_per_host(cfg.window as usize)
-            .no_proxy()
-            .build()?;
-        Ok(Self {
-            client,
-            targets: cfg.targets.iter().map(|t| (t.channel.clone(), t.url.clone())).collect(),
-            retry: cfg.retry.clone(),
-        })
+    pub fn new(cfg: &AgentConfig) -> Result<Self, String> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5).min(cfg.request_timeout)));
+        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(cfg.window as usize).build(connector);
+        let mut targets = HashMap::new();
+        for t in &cfg.targets {
+            let uri = t.url.parse::<Uri>().map_err(|e| format!("target url `{}` is not a URL: {e}", t.url))?;
+            targets.insert(t.channel.clone(), uri);
+        }
+        Ok(Self { client, targets, timeout: cfg.request_timeout, retry: cfg.retry.clone() })
     }
 
     pub async fn deliver(&self, channel: &str, attempt: u32, webhook: &Webhook) -> Verdict {
-        let Some(url) = self.targets.get(channel) else {
+        let Some(uri) = self.targets.get(channel) else {
             return Verdict::DeadLetter {
                 reason: format!("no target configured for channel `{channel}`"),
                 status: None,
             };
         };
-        let method = reqwest::Method::from_bytes(webhook.method.as_bytes()).unwrap_or(reqwest::Method::POST);
-        let mut req = self.client.request(method, url.as_str());
-        for h in &webhook.headers {
-            if SKIP.contains(&h.name.as_str()) || h.name.starts_with("x-relay-") {
-                continue;
-            }
-            req = req.header(h.name.as_str(), h.value.as_slice());
-        }
-        let req = req
-            .header("x-relay-id", webhook.id.as_str())
-            .header("x-relay-attempt", attempt.to_string())
-            .header("x-relay-channel", channel)
-            .body(webhook.body.clone());
-        let outcome = match req.send().await {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let retry_after = resp
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
-                // Drain the body so the connection can be reused.
-                let _ = resp.bytes().await;
-                classify(status, retry_after)
-            }
-            Err(e) if e.is_connect() || e.is_timeout() => {
+        let req = request(uri, channel, attempt, webhook);
+        let outcome = match tokio::time::timeout(self.timeout, self.post(req)).await {
+            Ok(Ok((status, retry_after))) => classify(status, retry_after),
+            Ok(Err(Failure::Other(reason))) => Err((reason, None, None)),
+            Ok(Err(failure)) => {
                 let after =
                     backoff::delay(attempt, self.retry.initial_delay, self.retry.multiplier, self.retry.max_delay);
-                return Verdict::Down { reason: describe(&e), refused: e.is_connect(), after };
+                let refused = matches!(failure, Failure::Refused);
+                return Verdict::Down { reason: failure.describe(), refused, after };
             }
-            Err(e) => Err((describe(&e), None, None)),
+            Err(_) => {
+                let after =
+                    backoff::delay(attempt, self.retry.initial_delay, self.retry.multiplier, self.retry.max_delay);
+                return Verdict::Down { reason: Failure::TimedOut.describe(), refused: false, after };
+            }
         };
         match outcome {
             Ok(v) => v,
@@ -115,6 +115,94 @@ impl Deliverer {
             }
         }
     }
+
+    /// Sends the request and reads the whole answer (so the connection goes
+    /// back to the pool): status and `Retry-After` seconds.
+    async fn post(&self, req: Request<Full<Bytes>>) -> Result<(u16, Option<Duration>), Failure> {
+        let resp = self.client.request(req).await.map_err(|e| {
+            if !e.is_connect() {
+                Failure::Other(format!("local request failed: {}", chain(&e)))
+            } else if timed_out(&e) {
+                Failure::TimedOut
+            } else {
+                Failure::Refused
+            }
+        })?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        resp.into_body()
+            .collect()
+            .await
+            .map_err(|e| Failure::Other(format!("local request failed: reading the answer: {}", chain(&e))))?;
+        Ok((status, retry_after))
+    }
+}
+
+/// The local request: the webhook's method, headers and body (a cheap
+/// reference-counted clone) plus the relay's own headers.
+fn request(uri: &Uri, channel: &str, attempt: u32, webhook: &Webhook) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(webhook.body.clone()));
+    *req.method_mut() = Method::from_bytes(webhook.method.as_bytes()).unwrap_or(Method::POST);
+    *req.uri_mut() = uri.clone();
+    let headers = req.headers_mut();
+    headers.reserve(webhook.headers.len() + 3);
+    for h in &webhook.headers {
+        if SKIP.contains(&h.name.as_str()) || h.name.starts_with("x-relay-") {
+            continue;
+        }
+        // The edge stored what its HTTP parser accepted, so both are valid;
+        // a header that is not (a hand-made stream entry) is left out.
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(&h.value)) {
+            headers.append(name, value);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&webhook.id) {
+        headers.insert(HeaderName::from_static("x-relay-id"), v);
+    }
+    headers.insert(HeaderName::from_static("x-relay-attempt"), HeaderValue::from(attempt));
+    if let Ok(v) = HeaderValue::from_str(channel) {
+        headers.insert(HeaderName::from_static("x-relay-channel"), v);
+    }
+    req
+}
+
+impl Failure {
+    fn describe(&self) -> String {
+        match self {
+            Failure::TimedOut => "local endpoint timed out".into(),
+            Failure::Refused => "local endpoint refused the connection".into(),
+            Failure::Other(reason) => reason.clone(),
+        }
+    }
+}
+
+/// A connect error caused by the connect timeout (not a refusal).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// An error with its causes, `outer: inner: …`.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        source = err.source();
+    }
+    out
 }
 
 type Retryable = (String, Option<u16>, Option<Duration>);
@@ -124,16 +212,6 @@ fn classify(status: u16, retry_after: Option<Duration>) -> Result<Verdict, Retry
         200..=299 => Ok(Verdict::Ack { status }),
         408 | 429 | 500..=599 => Err((format!("local endpoint answered {status}"), Some(status), retry_after)),
         _ => Ok(Verdict::DeadLetter { reason: format!("local endpoint answered {status}"), status: Some(status) }),
-    }
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "local endpoint timed out".into()
-    } else if e.is_connect() {
-        "local endpoint refused the connection".into()
-    } else {
-        format!("local request failed: {e}")
     }
 }
 

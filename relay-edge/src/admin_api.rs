@@ -90,7 +90,7 @@ pub fn entry_json(channel: &str, e: &DeadEntry, full: bool) -> Value {
         v["query"] = w.query.clone().into();
         v["headers"] =
             w.headers.iter().map(|h| json!([h.name, String::from_utf8_lossy(&h.value)])).collect::<Vec<_>>().into();
-        match String::from_utf8(w.body.clone()) {
+        match String::from_utf8(w.body.to_vec()) {
             Ok(text) => v["body"] = text.into(),
             Err(_) => v["body_base64"] = base64::engine::general_purpose::STANDARD.encode(&w.body).into(),
         }

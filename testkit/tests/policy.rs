@@ -270,6 +270,37 @@ async fn window_one_keeps_fifo_across_retries(store: Backing) {
     s.edge.stop().await;
 }
 
+/// A stream entry that is not a webhook (written by hand, or damaged) is
+/// moved to the DLQ by the edge with its bytes; it never reaches the agent,
+/// and the webhooks around it are delivered.
+#[tokio::test]
+async fn a_corrupt_stream_entry_is_dead_lettered_and_the_rest_delivered() {
+    let mut s = setup(Backing::redis(), |_| {}).await;
+    s.post_seq(1).await;
+    let mut conn = s.store.redis_server().conn().await;
+    let stream = relay_edge::store::keys::stream("crm");
+    let bad = [0x81u8, 0xa2, b'i', b'd', 0x07]; // {"id": 7}: MessagePack, not a webhook
+    let _: String =
+        redis::cmd("XADD").arg(&stream).arg("*").arg("w").arg(&bad[..]).query_async(&mut conn).await.expect("xadd");
+    s.post_seq(1).await;
+    let agent = s.agent(|_| {});
+    wait_until(Duration::from_secs(10), "both webhooks delivered", || s.rx.accepted().len() == 2).await;
+    for _ in 0..100 {
+        if xlen(&s.store, "crm", "dlq").await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(xlen(&s.store, "crm", "dlq").await, 1, "the corrupt entry is dead-lettered");
+    assert_drained(&s.store, "crm").await;
+    let (code, out, err) = edge_cli(&s.edge, &["dlq", "list", "--channel", "crm"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("undecodable webhook"), "{out}");
+    assert_eq!(s.rx.count(), 2, "nothing else was posted");
+    agent.stop().await;
+    s.edge.stop().await;
+}
+
 both_backends!(
     server_errors_are_retried_until_success,
     client_errors_go_to_the_dlq_and_replay_delivers_them,

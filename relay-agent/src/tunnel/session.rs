@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::connect::Ws;
 use super::supervisor::{Outcome, Pipeline};
 use crate::config::AgentConfig;
-use crate::dedup::Recent;
+use crate::dedup::{Key, Recent};
 use crate::deliver::Verdict;
 use crate::error::SessionError;
 use crate::status::{Status, now_ms};
@@ -138,7 +138,7 @@ async fn on_frame(
                 status.update(|s| s.duplicates_dropped += 1);
                 return send(ws, &Frame::Ack { ids: vec![id] }, deadline).await;
             }
-            if !pipe.running.insert(key) {
+            if !pipe.running.insert(key.clone()) {
                 // Still being posted from an earlier session (or parked);
                 // its result will be acked when it finishes.
                 return Ok(());
@@ -154,7 +154,7 @@ async fn on_frame(
             if attempt > 1 {
                 status.update(|s| s.retried += 1);
             }
-            spawn_delivery(pipe, channel, id, attempt, webhook);
+            spawn_delivery(pipe, key, channel, id, attempt, webhook);
             status.update(|s| s.in_flight = pipe.running.len() as u64);
             Ok(())
         }
@@ -193,11 +193,11 @@ fn warn_visibility(cfg: &AgentConfig, reclaim_after_ms: Option<u64>, edge_heartb
     status.update(|s| s.warnings = warning.into_iter().collect());
 }
 
-fn spawn_delivery(pipe: &mut Pipeline, channel: String, id: String, attempt: u32, webhook: Webhook) {
+fn spawn_delivery(pipe: &mut Pipeline, key: Key, channel: String, id: String, attempt: u32, webhook: Webhook) {
     let deliverer = pipe.deliverer.clone();
     pipe.tasks.spawn(async move {
         let verdict = deliverer.deliver(&channel, attempt, &webhook).await;
-        Outcome { channel, id, attempt, webhook, verdict }
+        Outcome { key, channel, id, attempt, webhook, verdict }
     });
 }
 
@@ -214,8 +214,7 @@ async fn settle(
     let mut nacks = Vec::new();
     let mut resumed = Vec::new();
     for outcome in outcomes {
-        let Ok(Outcome { channel, id, attempt, webhook, verdict }) = outcome else { continue };
-        let key = Recent::key(&channel, &id);
+        let Ok(Outcome { key, channel, id, attempt, webhook, verdict }) = outcome else { continue };
         let health = pipe.health.entry(channel.clone()).or_default();
         let verdict = match verdict {
             Verdict::Down { reason, refused, after } => {
@@ -329,7 +328,8 @@ async fn resume(
     tracing::info!(%channel, parked = parked.len(), "local endpoint is back: resuming the channel");
     status.update(|s| set_paused(s, channel, false, 0));
     for p in parked {
-        spawn_delivery(pipe, channel.to_string(), p.id, p.attempt, p.webhook);
+        let key = Recent::key(channel, &p.id);
+        spawn_delivery(pipe, key, channel.to_string(), p.id, p.attempt, p.webhook);
     }
     send(ws, &Frame::Flow { window: cfg.window, channel: Some(channel.to_string()) }, deadline).await
 }

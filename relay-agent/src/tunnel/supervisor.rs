@@ -25,6 +25,7 @@ use crate::status::{Status, now_ms};
 /// Result of one local delivery task (the webhook comes back so it can be
 /// parked if the endpoint turned out to be down).
 pub struct Outcome {
+    pub key: crate::dedup::Key,
     pub channel: String,
     pub id: String,
     pub attempt: u32,
@@ -38,7 +39,7 @@ pub struct Pipeline {
     /// Running local deliveries; dropping the set aborts them.
     pub tasks: JoinSet<Outcome>,
     /// Keys (`channel\0id`) of deliveries running now.
-    pub running: HashSet<String>,
+    pub running: HashSet<crate::dedup::Key>,
     /// Recently acked keys.
     pub recent: Recent,
     /// Acks whose session died before they could be sent.

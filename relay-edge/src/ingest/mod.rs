@@ -319,7 +319,7 @@ async fn append(
     route: &RouteConfig,
     route_name: &str,
     parts: &axum::http::request::Parts,
-    body: Vec<u8>,
+    body: bytes::Bytes,
 ) -> Result<serde_json::Value, IngestError> {
     if let Err(e) = state.backlog.check(&route.channels, state.cfg.store.max_backlog) {
         state.metrics.backlog_rejected.inc();
@@ -374,10 +374,10 @@ fn unknown_route(name: &str) -> IngestError {
     IngestError::UnknownRoute(name.chars().take(64).collect())
 }
 
-async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Vec<u8>, IngestError> {
+async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<bytes::Bytes, IngestError> {
     match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(IngestError::SlowBody),
-        Ok(Ok(b)) => Ok(b.to_vec()),
+        Ok(Ok(b)) => Ok(b),
         Ok(Err(e)) => {
             let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
                 || e.to_string().contains("length limit");

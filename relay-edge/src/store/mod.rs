@@ -37,7 +37,24 @@ pub struct Entry {
     /// Stream entry id, e.g. `1700000000000-0`.
     pub id: String,
     /// The webhook, or why it could not be read (trimmed, corrupt).
-    pub webhook: Result<Webhook, String>,
+    pub webhook: Result<Stored, String>,
+}
+
+/// A stored webhook as its encoded bytes, checked to decode: sessions
+/// forward these bytes to the agent without decoding and encoding again.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub bytes: Vec<u8>,
+    /// When the edge received it (read from the bytes).
+    pub received_at_ms: u64,
+}
+
+impl Stored {
+    /// The webhook itself (for the admin API and tests; sessions forward
+    /// the bytes).
+    pub fn decode(&self) -> Result<Webhook, String> {
+        rmp_serde::from_slice(&self.bytes).map_err(|e| format!("undecodable webhook: {e}"))
+    }
 }
 
 /// One entry as a backend read it, before decoding.
@@ -61,10 +78,15 @@ impl RawEntry {
     }
 
     pub fn into_entry(self, channel: &str) -> Entry {
-        let webhook = match self.field(keys::FIELD_WEBHOOK) {
-            Some(bytes) => rmp_serde::from_slice(bytes).map_err(|e| format!("undecodable webhook: {e}")),
-            None if self.fields.is_none() => Err(DELETED_WHILE_PENDING.into()),
-            None => Err(format!("entry has no `{}` field", keys::FIELD_WEBHOOK)),
+        let webhook = match self.fields {
+            None => Err(DELETED_WHILE_PENDING.into()),
+            Some(fields) => match fields.into_iter().find(|(k, _)| k == keys::FIELD_WEBHOOK) {
+                None => Err(format!("entry has no `{}` field", keys::FIELD_WEBHOOK)),
+                Some((_, bytes)) => match relay_protocol::check_webhook(&bytes) {
+                    Ok(received_at_ms) => Ok(Stored { bytes, received_at_ms }),
+                    Err(e) => Err(format!("undecodable webhook: {e}")),
+                },
+            },
         };
         Entry { channel: channel.to_string(), id: self.id, webhook }
     }

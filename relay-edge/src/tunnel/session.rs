@@ -27,7 +27,7 @@ use super::Peer;
 use super::registry::{Kick, Live, SessionInfo};
 use crate::AppState;
 use crate::store::{Backend, BlockingRead};
-use crate::store::{DELETED_WHILE_PENDING, DeadLetter, Entry, Store, now_ms};
+use crate::store::{DELETED_WHILE_PENDING, DeadLetter, Entry, Store, Stored, now_ms};
 
 /// Why a session ended; sent to the agent as `Error { code, message }`.
 struct Close {
@@ -354,6 +354,21 @@ impl Session {
         self.in_time(ws.feed(Message::Binary(bytes.into()))).await
     }
 
+    /// Queues `Deliver` of a stored webhook, its bytes forwarded as stored.
+    async fn queue_deliver(
+        &self,
+        ws: &mut WebSocket,
+        id: &str,
+        channel: &str,
+        attempt: u32,
+        webhook: &Stored,
+    ) -> Result<(), Close> {
+        let bytes =
+            relay_protocol::encode_deliver(id, channel, attempt, webhook.received_at_ms, &webhook.bytes, &self.limits)
+                .map_err(|e| Close::new("internal", format!("cannot encode deliver: {e}")))?;
+        self.in_time(ws.feed(Message::Binary(bytes.into()))).await
+    }
+
     async fn flush(&self, ws: &mut WebSocket) -> Result<(), Close> {
         self.in_time(ws.flush()).await
     }
@@ -528,9 +543,8 @@ impl Session {
                     if let Some(f) = self.inflight.get_mut(&id) {
                         f.attempt = attempt;
                     }
-                    let frame =
-                        Frame::Deliver { id, channel, attempt, received_at_ms: webhook.received_at_ms, webhook };
-                    return self.send(ws, &frame).await;
+                    self.queue_deliver(ws, &id, &channel, attempt, &webhook).await?;
+                    return self.flush(ws).await;
                 }
                 self.inflight.remove(&id);
                 self.release();
@@ -575,18 +589,10 @@ impl Session {
                 return Ok(());
             }
         };
-        self.inflight.insert(
-            entry.id.clone(),
-            Inflight { channel: entry.channel.clone(), attempt, received_at_ms: webhook.received_at_ms },
-        );
-        let frame = Frame::Deliver {
-            id: entry.id,
-            channel: entry.channel,
-            attempt,
-            received_at_ms: webhook.received_at_ms,
-            webhook,
-        };
-        self.queue(ws, &frame).await
+        self.queue_deliver(ws, &entry.id, &entry.channel, attempt, &webhook).await?;
+        self.inflight
+            .insert(entry.id, Inflight { channel: entry.channel, attempt, received_at_ms: webhook.received_at_ms });
+        Ok(())
     }
 
     async fn dispatch_held(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
