@@ -36,6 +36,9 @@ struct Args {
     /// The agent's window (deliveries in flight); 64 is the agent's default.
     #[arg(long, default_value_t = 64)]
     window: u32,
+    /// The edge's `worker_threads` (1 = single-threaded, its default; 0 = one per core).
+    #[arg(long, default_value_t = 1)]
+    edge_threads: usize,
     /// Where to write the JSON report.
     #[arg(long, default_value = "bench-report.json")]
     out: PathBuf,
@@ -228,11 +231,12 @@ async fn main() -> anyhow::Result<()> {
         "disk": "the temp dir's filesystem (embedded store file, Redis AOF)",
         "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "agent_window": args.window,
+        "edge_worker_threads": args.edge_threads,
     });
     report.insert("machine".into(), machine.clone());
     println!(
-        "relay-bench — {} cores, {}; {secs} s per scenario, 1 KiB JSON bodies, loopback; Redis AOF everysec, embedded store fsync per commit; agent window {}",
-        machine["cores"], machine["cpu"], args.window
+        "relay-bench — {} cores, {}; {secs} s per scenario, 1 KiB JSON bodies, loopback; Redis AOF everysec, embedded store fsync per commit; agent window {}, edge worker_threads {}",
+        machine["cores"], machine["cpu"], args.window, args.edge_threads
     );
 
     // Yardsticks.
@@ -299,7 +303,8 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     for f in ["ca.pem", "edge.pem", "edge-key.pem", "lan-1.pem", "lan-1-key.pem"] {
         std::fs::copy(ctx.dir.join(f), sub.join(f))?;
     }
-    let edge_cfg = write_edge(&sub, ingest, tunnel, admin, &store.toml(), &["lan-1".to_string()])?;
+    let edge_cfg =
+        write_edge(&sub, ingest, tunnel, admin, &store.toml(), &["lan-1".to_string()], ctx.args.edge_threads)?;
     let agent_cfg = write_agent(&sub, "lan-1", tunnel, &ctx.target, ctx.args.window)?;
     procs.edge = Some(spawn(ctx.edge_bin, &edge_cfg)?);
     wait_for("edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok()).await?;
@@ -522,10 +527,12 @@ fn write_edge(
     admin: u16,
     store: &str,
     agents: &[String],
+    threads: usize,
 ) -> anyhow::Result<PathBuf> {
     let dd = d.display();
     let mut text = format!(
         r#"
+worker_threads = {threads}
 [ingest]
 listen = "127.0.0.1:{ingest}"
 rate_per_ip = 0
@@ -599,7 +606,8 @@ async fn fan_in(
         relay_edge::certs::agent(&fan, name)?;
     }
     let (ingest, tunnel, admin) = (free_port()?, free_port()?, free_port()?);
-    let cfg = write_edge(&fan, ingest, tunnel, admin, &format!("redis_url = \"{redis_url}\""), &names)?;
+    let cfg =
+        write_edge(&fan, ingest, tunnel, admin, &format!("redis_url = \"{redis_url}\""), &names, args.edge_threads)?;
     let mut edge = spawn(edge_bin, &cfg)?;
     wait_for("fan-in edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok())
         .await?;

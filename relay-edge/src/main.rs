@@ -184,7 +184,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
-            let rt = match tokio::runtime::Runtime::new() {
+            let rt = match cfg.worker_threads {
+                1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+                0 => tokio::runtime::Runtime::new(),
+                n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+            };
+            let rt = match rt {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("relay-edge: cannot start the runtime: {e}");

@@ -13,6 +13,12 @@ async fn sigterm_on_edge_and_agent_under_load_loses_nothing(store: Backing) {
     let rx = Receiver::start().await;
     rx.delay(Duration::from_millis(5));
     let edge_spec = write_edge(&certs, "edge", &store.toml(), "5s");
+    if matches!(store, Backing::Embedded { .. }) {
+        // One backend's edge runs a thread per core (`worker_threads = 0`);
+        // the other the default, single-threaded runtime.
+        let text = std::fs::read_to_string(&edge_spec.config).expect("edge config");
+        std::fs::write(&edge_spec.config, format!("worker_threads = 0\n{text}")).expect("edge config");
+    }
     let (agent_cfg, socket) = write_agent(&certs, "lan-1", edge_spec.tunnel, &rx.url(), "window = 16");
     let mut edge = Proc::start("relay-edge", &edge_spec.config);
     let mut agent = Proc::start("relay-agent", &agent_cfg);
