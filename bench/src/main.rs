@@ -54,6 +54,16 @@ struct Procs {
 }
 
 impl Procs {
+    /// Which of the edge and agent has exited, if one has.
+    fn exited(&mut self) -> Option<String> {
+        for (name, child) in [("relay-edge", &mut self.edge), ("relay-agent", &mut self.agent)] {
+            if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
+                return Some(format!("{name} exited ({status})"));
+            }
+        }
+        None
+    }
+
     fn stop_relay(&mut self) {
         for c in [self.agent.take(), self.edge.take()].into_iter().flatten() {
             let mut c = c;
@@ -91,9 +101,27 @@ fn sigterm(child: &mut Child) {
     let _ = child.wait();
 }
 
-async fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+async fn wait_for(what: &str, within: Duration, ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    wait_unless(what, within, ok, || None).await
+}
+
+/// Waits for the relay to get somewhere, failing at once if the edge or
+/// the agent exited meanwhile (e.g. refused its configuration).
+async fn wait_relay(procs: &mut Procs, what: &str, within: Duration, ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    wait_unless(what, within, ok, || procs.exited()).await
+}
+
+async fn wait_unless(
+    what: &str,
+    within: Duration,
+    mut ok: impl FnMut() -> bool,
+    mut gone: impl FnMut() -> Option<String>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     while !ok() {
+        if let Some(which) = gone() {
+            bail!("{which} while waiting for {what}");
+        }
         if Instant::now() > deadline {
             bail!("timed out waiting for {what}");
         }
@@ -307,7 +335,8 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
         write_edge(&sub, ingest, tunnel, admin, &store.toml(), &["lan-1".to_string()], ctx.args.edge_threads)?;
     let agent_cfg = write_agent(&sub, "lan-1", tunnel, &ctx.target, ctx.args.window)?;
     procs.edge = Some(spawn(ctx.edge_bin, &edge_cfg)?);
-    wait_for("edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok()).await?;
+    wait_relay(procs, "edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok())
+        .await?;
     let hook = format!("http://127.0.0.1:{ingest}/hooks/bench");
     let mut out = serde_json::Map::new();
     println!("\n── store: {} ──", store.label());
@@ -351,7 +380,8 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     // The ingest runs left a backlog: let the agent drain it before timing.
     let base = rx.count.load(Ordering::Relaxed);
     procs.agent = Some(spawn(ctx.agent_bin, &agent_cfg)?);
-    wait_for("first drain", Duration::from_secs(600), || rx.count.load(Ordering::Relaxed) >= base + stored).await?;
+    wait_relay(procs, "first drain", Duration::from_secs(600), || rx.count.load(Ordering::Relaxed) >= base + stored)
+        .await?;
 
     // 2. End to end at saturation.
     let y_redis100 = redis_cycle().await?;
@@ -362,7 +392,8 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     let load_started = Instant::now() - Duration::from_secs_f64(run.secs);
     let target = before + run.ok;
     retained += run.ok;
-    wait_for("saturation drain", Duration::from_secs(300), || rx.count.load(Ordering::Relaxed) >= target).await?;
+    wait_relay(procs, "saturation drain", Duration::from_secs(300), || rx.count.load(Ordering::Relaxed) >= target)
+        .await?;
     // CPU from the first request until the last delivery: every webhook of
     // the run was both ingested and delivered in it.
     let b = sample(procs);
@@ -417,7 +448,8 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
         let mut run = load::open_loop(client, &hook, Some(KEY), rate, secs).await;
         let target = before + run.ok;
         retained += run.ok;
-        wait_for("open-loop drain", Duration::from_secs(60), || rx.count.load(Ordering::Relaxed) >= target).await?;
+        wait_relay(procs, "open-loop drain", Duration::from_secs(60), || rx.count.load(Ordering::Relaxed) >= target)
+            .await?;
         let b = sample(procs);
         rx.record(false);
         let mut e2e_lat = rx.take_latencies();
@@ -454,7 +486,8 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     procs.agent = Some(spawn(ctx.agent_bin, &agent_cfg)?);
     let a = sample(procs);
     let t = Instant::now();
-    wait_for("backlog drain", Duration::from_secs(900), || rx.count.load(Ordering::Relaxed) >= before + fill).await?;
+    wait_relay(procs, "backlog drain", Duration::from_secs(900), || rx.count.load(Ordering::Relaxed) >= before + fill)
+        .await?;
     let drain_secs = t.elapsed().as_secs_f64();
     let b = sample(procs);
     let drain_rate = fill as f64 / drain_secs;
