@@ -16,20 +16,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 
-impl Default for EdgeConfig {
-    fn default() -> Self {
-        Self {
-            worker_threads: 1,
-            ingest: IngestConfig::default(),
-            tunnel: TunnelConfig::default(),
-            admin: AdminConfig::default(),
-            store: StoreConfig::default(),
-            routes: Vec::new(),
-            agents: Vec::new(),
-        }
-    }
-}
-
 /// Name of the route behind `POST /webhook` (reference relay compatibility).
 pub const LEGACY_ROUTE: &str = "webhook";
 /// Channel of the legacy route.
@@ -55,6 +41,20 @@ pub struct EdgeConfig {
     /// Agent identities and the channels granted to each (`[[agent]]`).
     #[serde(rename = "agent")]
     pub agents: Vec<AgentGrant>,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: 1,
+            ingest: IngestConfig::default(),
+            tunnel: TunnelConfig::default(),
+            admin: AdminConfig::default(),
+            store: StoreConfig::default(),
+            routes: Vec::new(),
+            agents: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
