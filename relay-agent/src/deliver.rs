@@ -88,32 +88,32 @@ impl Deliverer {
             };
         };
         let req = request(uri, channel, attempt, webhook);
-        let outcome = match tokio::time::timeout(self.timeout, self.post(req)).await {
-            Ok(Ok((status, retry_after))) => classify(status, retry_after),
-            Ok(Err(Failure::Other(reason))) => Err((reason, None, None)),
-            Ok(Err(failure)) => {
-                let after =
-                    backoff::delay(attempt, self.retry.initial_delay, self.retry.multiplier, self.retry.max_delay);
-                let refused = matches!(failure, Failure::Refused);
-                return Verdict::Down { reason: failure.describe(), refused, after };
-            }
-            Err(_) => {
-                let after =
-                    backoff::delay(attempt, self.retry.initial_delay, self.retry.multiplier, self.retry.max_delay);
-                return Verdict::Down { reason: Failure::TimedOut.describe(), refused: false, after };
+        let posted = tokio::time::timeout(self.timeout, self.post(req)).await.unwrap_or(Err(Failure::TimedOut));
+        let outcome = match posted {
+            Ok((status, retry_after)) => classify(status, retry_after),
+            Err(Failure::Other(reason)) => Err((reason, None, None)),
+            Err(down) => {
+                let (reason, refused) = match down {
+                    Failure::Refused => ("local endpoint refused the connection", true),
+                    _ => ("local endpoint timed out", false),
+                };
+                return Verdict::Down { reason: reason.into(), refused, after: self.backoff(attempt) };
             }
         };
         match outcome {
             Ok(v) => v,
             Err((reason, status, retry_after)) if attempt < self.retry.max_attempts => {
-                let backoff =
-                    backoff::delay(attempt, self.retry.initial_delay, self.retry.multiplier, self.retry.max_delay);
-                Verdict::Retry { reason, status, after: retry_after.unwrap_or(backoff).min(self.retry.max_delay) }
+                let after = retry_after.unwrap_or_else(|| self.backoff(attempt)).min(self.retry.max_delay);
+                Verdict::Retry { reason, status, after }
             }
             Err((reason, status, _)) => {
                 Verdict::DeadLetter { reason: format!("gave up after {attempt} attempts: {reason}"), status }
             }
         }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        backoff::delay(attempt, self.retry.initial_delay, self.retry.multiplier, self.retry.max_delay)
     }
 
     /// Sends the request and reads the whole answer (so the connection goes
@@ -171,38 +171,19 @@ fn request(uri: &Uri, channel: &str, attempt: u32, webhook: &Webhook) -> Request
     req
 }
 
-impl Failure {
-    fn describe(&self) -> String {
-        match self {
-            Failure::TimedOut => "local endpoint timed out".into(),
-            Failure::Refused => "local endpoint refused the connection".into(),
-            Failure::Other(reason) => reason.clone(),
-        }
-    }
+/// An error and its causes, outermost first.
+fn causes<'a>(e: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
 }
 
 /// A connect error caused by the connect timeout (not a refusal).
 fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(e);
-    while let Some(err) = source {
-        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    causes(e).any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut))
 }
 
 /// An error with its causes, `outer: inner: …`.
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(err) = source {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        source = err.source();
-    }
-    out
+    causes(e).map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
 }
 
 type Retryable = (String, Option<u16>, Option<Duration>);

@@ -50,8 +50,7 @@ pub struct Stored {
 }
 
 impl Stored {
-    /// The webhook itself (for the admin API and tests; sessions forward
-    /// the bytes).
+    /// The webhook itself (for tests and tools; sessions forward the bytes).
     pub fn decode(&self) -> Result<Webhook, String> {
         rmp_serde::from_slice(&self.bytes).map_err(|e| format!("undecodable webhook: {e}"))
     }

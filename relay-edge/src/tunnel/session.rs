@@ -351,7 +351,7 @@ impl Session {
     async fn queue(&self, ws: &mut WebSocket, frame: &Frame) -> Result<(), Close> {
         let bytes = relay_protocol::encode(frame, &self.limits)
             .map_err(|e| Close::new("internal", format!("cannot encode {}: {e}", frame.kind())))?;
-        self.in_time(ws.feed(Message::Binary(bytes.into()))).await
+        self.feed(ws, bytes).await
     }
 
     /// Queues `Deliver` of a stored webhook, its bytes forwarded as stored.
@@ -366,6 +366,11 @@ impl Session {
         let bytes =
             relay_protocol::encode_deliver(id, channel, attempt, webhook.received_at_ms, &webhook.bytes, &self.limits)
                 .map_err(|e| Close::new("internal", format!("cannot encode deliver: {e}")))?;
+        self.feed(ws, bytes).await
+    }
+
+    /// Queues an encoded frame.
+    async fn feed(&self, ws: &mut WebSocket, bytes: Vec<u8>) -> Result<(), Close> {
         self.in_time(ws.feed(Message::Binary(bytes.into()))).await
     }
 
