@@ -23,11 +23,14 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Frame, DecodeError> {
         Frame::Hello { window, .. } | Frame::Flow { window, .. } if *window > limits.max_window => {
             Err(DecodeError::Limit(format!("window {window} is above the maximum of {}", limits.max_window)))
         }
-        Frame::Ack { ids } if ids.len() > limits.max_ack_batch => Err(DecodeError::Limit(format!(
+        Frame::Ack { ids, .. } if ids.len() > limits.max_ack_batch => Err(DecodeError::Limit(format!(
             "ack of {} ids is above the maximum of {}",
             ids.len(),
             limits.max_ack_batch
         ))),
+        Frame::Ack { ids, channels } if !channels.is_empty() && channels.len() != ids.len() => {
+            Err(DecodeError::Limit(format!("ack names {} channels for {} ids", channels.len(), ids.len())))
+        }
         _ => Ok(frame),
     }
 }

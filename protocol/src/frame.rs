@@ -12,11 +12,17 @@ pub enum Frame {
         version: u32,
         window: u32,
         /// Channels the agent wants; `None` = every channel granted to it.
-        #[serde(default)]
+        /// At most [`MAX_HELLO_CHANNELS`], counted while decoding.
+        #[serde(default, deserialize_with = "bounded::hello_channels")]
         channels: Option<Vec<String>>,
         /// Free-form agent build string, for the edge's agent list.
         #[serde(default)]
         agent_version: Option<String>,
+        /// This agent's `Ack`s and `Nack`s name each entry's channel.
+        /// `false` (the default, for agents that predate it): the edge
+        /// treats their verdicts by id, where unambiguous.
+        #[serde(default)]
+        named_acks: bool,
     },
     /// edge → agent: session accepted.
     Welcome {
@@ -32,10 +38,25 @@ pub enum Frame {
     },
     /// edge → agent: one webhook. `id` is the stream entry id.
     Deliver { id: String, channel: String, attempt: u32, received_at_ms: u64, webhook: Webhook },
-    /// agent → edge: delivered (local endpoint answered 2xx).
-    Ack { ids: Vec<String> },
+    /// agent → edge: delivered (local endpoint answered 2xx). Settles the
+    /// entries `(channels[i], ids[i])`. `channels` came after v1's first
+    /// release: an agent that sends it empty names ids only, which the edge
+    /// settles only where that is unambiguous (see `relay-edge`'s
+    /// `tunnel::inflight`). Build it with [`Frame::ack`]; read it with
+    /// [`Frame::acked`]. Both lists are counted while decoding (at most
+    /// [`MAX_ACK_BATCH`]).
+    Ack {
+        #[serde(deserialize_with = "bounded::ack_list")]
+        ids: Vec<String>,
+        #[serde(default, deserialize_with = "bounded::ack_list")]
+        channels: Vec<String>,
+    },
     /// agent → edge: not delivered; retry later, or dead-letter if `permanent`.
     Nack {
+        /// The entry's channel (`None` from agents that predate it: the
+        /// edge then applies the nack only where the id is unambiguous).
+        #[serde(default)]
+        channel: Option<String>,
         id: String,
         permanent: bool,
         reason: String,
@@ -64,7 +85,34 @@ pub enum Frame {
     Error { code: String, message: String },
 }
 
+/// Most ids (and channels) one `Ack` may carry; checked while decoding,
+/// before the list is allocated beyond it.
+pub const MAX_ACK_BATCH: usize = 10_000;
+
+/// Most channels one `Hello` may ask for; checked while decoding.
+pub const MAX_HELLO_CHANNELS: usize = 1_024;
+
 impl Frame {
+    /// An `Ack` naming each `(channel, id)` it settles.
+    pub fn ack<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let (channels, ids) = entries.into_iter().map(|(c, i)| (c.to_string(), i.to_string())).unzip();
+        Frame::Ack { ids, channels }
+    }
+
+    /// What an `Ack` settles: `(Some(channel), id)` pairs, or `(None, id)`
+    /// from an agent that names ids only. `None` when the lists disagree in
+    /// length (a malformed frame) or `self` is not an `Ack`.
+    pub fn acked(&self) -> Option<Vec<(Option<&str>, &str)>> {
+        let Frame::Ack { ids, channels } = self else { return None };
+        if channels.is_empty() {
+            return Some(ids.iter().map(|i| (None, i.as_str())).collect());
+        }
+        if channels.len() != ids.len() {
+            return None;
+        }
+        Some(channels.iter().zip(ids).map(|(c, i)| (Some(c.as_str()), i.as_str())).collect())
+    }
+
     /// Short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -155,4 +203,74 @@ pub struct ChannelStats {
     /// Age of the oldest pending or undelivered entry, in milliseconds.
     #[serde(default)]
     pub oldest_ms: Option<u64>,
+}
+
+/// Lists whose length is checked while they are decoded, so a small frame
+/// of many empty strings cannot make the decoder allocate far more than
+/// its size.
+mod bounded {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::Deserializer;
+    use serde::de::{self, Deserialize, SeqAccess, Visitor};
+
+    pub fn ack_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        d.deserialize_seq(List { max: super::MAX_ACK_BATCH, what: "acked entries", item: PhantomData })
+    }
+
+    pub fn hello_channels<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+        d.deserialize_option(Optional(List { max: super::MAX_HELLO_CHANNELS, what: "channels", item: PhantomData }))
+    }
+
+    struct List<T> {
+        max: usize,
+        what: &'static str,
+        item: PhantomData<T>,
+    }
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for List<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "a list of at most {} {}", self.max, self.what)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let hint = seq.size_hint().unwrap_or(0);
+            if hint > self.max {
+                return Err(de::Error::invalid_length(hint, &self));
+            }
+            let mut out = Vec::with_capacity(hint);
+            while let Some(item) = seq.next_element()? {
+                if out.len() == self.max {
+                    return Err(de::Error::invalid_length(self.max + 1, &self));
+                }
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+
+    struct Optional<V>(V);
+
+    impl<'de, V: Visitor<'de>> Visitor<'de> for Optional<V> {
+        type Value = Option<V::Value>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            self.0.expecting(f)
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self.0).map(Some)
+        }
+    }
 }

@@ -13,7 +13,7 @@ mod limits;
 
 pub use codec::{check_webhook, decode, encode, encode_deliver};
 pub use error::{DecodeError, EncodeError};
-pub use frame::{ChannelStats, Frame, Header, Webhook};
+pub use frame::{ChannelStats, Frame, Header, MAX_ACK_BATCH, MAX_HELLO_CHANNELS, Webhook};
 pub use limits::Limits;
 
 /// Protocol version carried in `Hello` and checked by the edge.

@@ -16,6 +16,17 @@ pub struct Limits {
 
 impl Limits {
     pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
+
+    /// Largest frame an agent sends (`Hello`, `Ack`, `Nack`, `Flow`,
+    /// heartbeats; never a webhook): the edge decodes agent frames with
+    /// this cap, so with the counted lists of [`crate::Frame`] no agent frame
+    /// costs the edge much more than a few MiB to decode.
+    pub const MAX_AGENT_FRAME: usize = 1024 * 1024;
+
+    /// The limits for frames an agent sends, from the session's limits.
+    pub fn for_agent_frames(self) -> Self {
+        Self { max_frame: self.max_frame.min(Self::MAX_AGENT_FRAME), ..self }
+    }
 }
 
 impl Default for Limits {

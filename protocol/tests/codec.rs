@@ -26,8 +26,9 @@ fn every_frame() -> Vec<Frame> {
             window: 64,
             channels: Some(vec!["crm".into()]),
             agent_version: Some("0.1.0".into()),
+            named_acks: true,
         },
-        Frame::Hello { version: 1, window: 1, channels: None, agent_version: None },
+        Frame::Hello { version: 1, window: 1, channels: None, agent_version: None, named_acks: true },
         Frame::Welcome {
             session: "s1".into(),
             agent: "lan-1".into(),
@@ -42,8 +43,10 @@ fn every_frame() -> Vec<Frame> {
             received_at_ms: 1,
             webhook: webhook(),
         },
-        Frame::Ack { ids: vec!["1-0".into(), "2-0".into()] },
+        Frame::ack([("crm", "1-0"), ("erp", "1-0")]),
+        Frame::Ack { ids: vec!["1-0".into(), "2-0".into()], channels: vec![] },
         Frame::Nack {
+            channel: Some("crm".into()),
             id: "1-0".into(),
             permanent: true,
             reason: "404 Not Found".into(),
@@ -98,12 +101,15 @@ fn garbage_is_a_malformed_error() {
 #[test]
 fn window_and_ack_batch_limits_are_enforced() {
     let limits = Limits { max_window: 10, max_ack_batch: 2, ..Limits::default() };
-    let hello =
-        encode(&Frame::Hello { version: 1, window: 11, channels: None, agent_version: None }, &Limits::default())
-            .expect("encode");
+    let hello = encode(
+        &Frame::Hello { version: 1, window: 11, channels: None, agent_version: None, named_acks: true },
+        &Limits::default(),
+    )
+    .expect("encode");
     assert!(matches!(decode(&hello, &limits), Err(DecodeError::Limit(_))));
     let ack =
-        encode(&Frame::Ack { ids: vec!["1".into(), "2".into(), "3".into()] }, &Limits::default()).expect("encode");
+        encode(&Frame::Ack { ids: vec!["1".into(), "2".into(), "3".into()], channels: vec![] }, &Limits::default())
+            .expect("encode");
     assert!(matches!(decode(&ack, &limits), Err(DecodeError::Limit(_))));
 }
 
@@ -130,7 +136,7 @@ fn optional_fields_may_be_missing() {
     let bytes = rmp_serde::to_vec_named(&OldHello::Hello { version: 1, window: 5 }).expect("encode");
     assert_eq!(
         decode(&bytes, &Limits::default()).expect("decode"),
-        Frame::Hello { version: 1, window: 5, channels: None, agent_version: None }
+        Frame::Hello { version: 1, window: 5, channels: None, agent_version: None, named_acks: false }
     );
 }
 
@@ -196,7 +202,7 @@ proptest! {
     }
 
     #[test]
-    fn decoding_mutated_frames_never_panics(idx in 0usize..12, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+    fn decoding_mutated_frames_never_panics(idx in 0usize..13, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
         let frames = every_frame();
         let mut bytes = encode(&frames[idx % frames.len()], &Limits::default()).expect("encode");
         for (pos, val) in flips {
@@ -220,4 +226,81 @@ proptest! {
         prop_assert_eq!(&spliced, &bytes);
         prop_assert_eq!(decode(&bytes, &Limits::default()).expect("decode"), frame);
     }
+}
+
+/// An `Ack` from an agent that predates `channels` decodes with the list
+/// empty, and reads back as ids with no channel.
+#[derive(serde::Serialize)]
+enum OldAck {
+    Ack { ids: Vec<String> },
+    Nack { id: String, permanent: bool, reason: String },
+}
+
+#[test]
+fn acks_and_nacks_of_older_agents_name_no_channel() {
+    let bytes = rmp_serde::to_vec_named(&OldAck::Ack { ids: vec!["1-0".into()] }).expect("encode");
+    let frame = decode(&bytes, &Limits::default()).expect("decode");
+    assert_eq!(frame.acked(), Some(vec![(None, "1-0")]));
+    let bytes = rmp_serde::to_vec_named(&OldAck::Nack { id: "1-0".into(), permanent: false, reason: "x".into() })
+        .expect("encode");
+    let Frame::Nack { channel, id, .. } = decode(&bytes, &Limits::default()).expect("decode") else {
+        panic!("not a nack")
+    };
+    assert_eq!((channel, id.as_str()), (None, "1-0"));
+}
+
+#[test]
+fn an_ack_names_each_channel_and_id() {
+    let frame = Frame::ack([("a", "1-0"), ("b", "1-0")]);
+    assert_eq!(frame.acked(), Some(vec![(Some("a"), "1-0"), (Some("b"), "1-0")]));
+}
+
+#[test]
+fn an_ack_whose_lists_disagree_is_refused() {
+    let frame = Frame::Ack { ids: vec!["1-0".into(), "2-0".into()], channels: vec!["a".into()] };
+    let bytes = encode(&frame, &Limits::default()).expect("encode");
+    assert!(matches!(decode(&bytes, &Limits::default()), Err(DecodeError::Limit(_))));
+    assert_eq!(frame.acked(), None);
+}
+
+/// MessagePack `fixarray`/`array32` headers claiming more entries than the
+/// cap are refused from the header; a real list past the cap is refused at
+/// the first entry over it.
+#[test]
+fn lists_are_counted_while_decoding() {
+    let many: Vec<String> = vec![String::new(); relay_protocol::MAX_HELLO_CHANNELS + 1];
+    let hello = Frame::Hello { version: 1, window: 1, channels: Some(many), agent_version: None, named_acks: true };
+    let bytes = encode(&hello, &Limits::default()).expect("encode");
+    let err = decode(&bytes, &Limits::default()).expect_err("too many channels");
+    assert!(err.to_string().contains("at most 1024 channels"), "{err}");
+
+    let ids: Vec<String> = vec![String::new(); relay_protocol::MAX_ACK_BATCH + 1];
+    let bytes = encode(&Frame::Ack { ids, channels: vec![] }, &Limits::default()).expect("encode");
+    assert!(decode(&bytes, &Limits::default()).is_err(), "too many ids");
+
+    // A header announcing 2^32-1 ids in a 20-byte frame.
+    let mut forged = Vec::new();
+    rmp::encode::write_map_len(&mut forged, 1).expect("write");
+    rmp::encode::write_str(&mut forged, "Ack").expect("write");
+    rmp::encode::write_map_len(&mut forged, 1).expect("write");
+    rmp::encode::write_str(&mut forged, "ids").expect("write");
+    rmp::encode::write_array_len(&mut forged, u32::MAX).expect("write");
+    assert!(decode(&forged, &Limits::default()).is_err());
+}
+
+#[test]
+fn agent_frames_are_capped_below_deliveries() {
+    let limits = Limits::default().for_agent_frames();
+    assert_eq!(limits.max_frame, Limits::MAX_AGENT_FRAME);
+    let reason = "x".repeat(Limits::MAX_AGENT_FRAME);
+    let nack = Frame::Nack {
+        channel: Some("a".into()),
+        id: "1-0".into(),
+        permanent: false,
+        reason,
+        retry_after_ms: None,
+        status: None,
+    };
+    let bytes = encode(&nack, &Limits::default()).expect("encode");
+    assert!(matches!(decode(&bytes, &limits), Err(DecodeError::TooLarge { .. })));
 }

@@ -1,12 +1,7 @@
 //! Local delivery: POST the webhook to the channel's target with its
 //! original headers and raw body, plus `X-Relay-Id` / `X-Relay-Attempt`,
-//! and classify the outcome.
-//!
-//! 2xx → ack. 408, 429, 5xx and other transport errors → retry with
-//! backoff (honouring `Retry-After`). Any other status → dead letter at
-//! once. Attempts exhausted → dead letter with the last outcome. Connection
-//! refused and timeouts are reported as `Down`: the session decides whether
-//! to pause the channel (see `tunnel::pause`).
+//! and report how it went ([`Posted`]). What that means (ack, retry, park,
+//! dead-letter) is decided by `pipeline::verdict`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,33 +15,24 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use relay_protocol::Webhook;
 
-use crate::backoff;
-use crate::config::{AgentConfig, RetryConfig};
+use crate::config::AgentConfig;
 
 /// Headers not forwarded: hop-by-hop, and ones the HTTP client sets itself.
 const SKIP: &[&str] = &["host", "content-length", "connection", "transfer-encoding", "keep-alive", "te", "upgrade"];
 
+/// How one local POST went; `pipeline::verdict` decides what it means.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    Ack {
-        status: u16,
-    },
-    Retry {
-        reason: String,
-        status: Option<u16>,
-        after: Duration,
-    },
-    /// The endpoint did not answer at all: connection refused (`refused`)
-    /// or timed out. The session pauses the channel rather than burn attempts.
-    Down {
-        reason: String,
-        refused: bool,
-        after: Duration,
-    },
-    DeadLetter {
-        reason: String,
-        status: Option<u16>,
-    },
+pub enum Posted {
+    /// The endpoint answered (any status), with its `Retry-After` seconds.
+    Answered { status: u16, retry_after: Option<Duration> },
+    /// Connection refused.
+    Refused,
+    /// No answer within `request_timeout` (or the connect timeout).
+    TimedOut,
+    /// Another transport error.
+    Failed(String),
+    /// The channel has no target in this agent's config.
+    NoTarget(String),
 }
 
 /// Posts webhooks to the local targets over one keep-alive connection pool
@@ -56,7 +42,6 @@ pub struct Deliverer {
     client: Client<HttpConnector, Full<Bytes>>,
     targets: HashMap<String, Uri>,
     timeout: Duration,
-    retry: RetryConfig,
 }
 
 /// Why a local request got no HTTP answer.
@@ -77,48 +62,25 @@ impl Deliverer {
             let uri = t.url.parse::<Uri>().map_err(|e| format!("target url `{}` is not a URL: {e}", t.url))?;
             targets.insert(t.channel.clone(), uri);
         }
-        Ok(Self { client, targets, timeout: cfg.request_timeout, retry: cfg.retry.clone() })
+        Ok(Self { client, targets, timeout: cfg.request_timeout })
     }
 
-    pub async fn deliver(&self, channel: &str, attempt: u32, webhook: &Webhook) -> Verdict {
+    pub async fn post(&self, channel: &str, attempt: u32, webhook: &Webhook) -> Posted {
         let Some(uri) = self.targets.get(channel) else {
-            return Verdict::DeadLetter {
-                reason: format!("no target configured for channel `{channel}`"),
-                status: None,
-            };
+            return Posted::NoTarget(format!("no target configured for channel `{channel}`"));
         };
         let req = request(uri, channel, attempt, webhook);
-        let posted = tokio::time::timeout(self.timeout, self.post(req)).await.unwrap_or(Err(Failure::TimedOut));
-        let outcome = match posted {
-            Ok((status, retry_after)) => classify(status, retry_after),
-            Err(Failure::Other(reason)) => Err((reason, None, None)),
-            Err(down) => {
-                let (reason, refused) = match down {
-                    Failure::Refused => ("local endpoint refused the connection", true),
-                    _ => ("local endpoint timed out", false),
-                };
-                return Verdict::Down { reason: reason.into(), refused, after: self.backoff(attempt) };
-            }
-        };
-        match outcome {
-            Ok(v) => v,
-            Err((reason, status, retry_after)) if attempt < self.retry.max_attempts => {
-                let after = retry_after.unwrap_or_else(|| self.backoff(attempt)).min(self.retry.max_delay);
-                Verdict::Retry { reason, status, after }
-            }
-            Err((reason, status, _)) => {
-                Verdict::DeadLetter { reason: format!("gave up after {attempt} attempts: {reason}"), status }
-            }
+        match tokio::time::timeout(self.timeout, self.send(req)).await.unwrap_or(Err(Failure::TimedOut)) {
+            Ok((status, retry_after)) => Posted::Answered { status, retry_after },
+            Err(Failure::Refused) => Posted::Refused,
+            Err(Failure::TimedOut) => Posted::TimedOut,
+            Err(Failure::Other(reason)) => Posted::Failed(reason),
         }
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        backoff::delay(attempt, self.retry.initial_delay, self.retry.multiplier, self.retry.max_delay)
     }
 
     /// Sends the request and reads the whole answer (so the connection goes
     /// back to the pool): status and `Retry-After` seconds.
-    async fn post(&self, req: Request<Full<Bytes>>) -> Result<(u16, Option<Duration>), Failure> {
+    async fn send(&self, req: Request<Full<Bytes>>) -> Result<(u16, Option<Duration>), Failure> {
         let resp = self.client.request(req).await.map_err(|e| {
             if !e.is_connect() {
                 Failure::Other(format!("local request failed: {}", chain(&e)))
@@ -184,30 +146,4 @@ fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
 /// An error with its causes, `outer: inner: …`.
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     causes(e).map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
-}
-
-type Retryable = (String, Option<u16>, Option<Duration>);
-
-fn classify(status: u16, retry_after: Option<Duration>) -> Result<Verdict, Retryable> {
-    match status {
-        200..=299 => Ok(Verdict::Ack { status }),
-        408 | 429 | 500..=599 => Err((format!("local endpoint answered {status}"), Some(status), retry_after)),
-        _ => Ok(Verdict::DeadLetter { reason: format!("local endpoint answered {status}"), status: Some(status) }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classification_follows_the_contract() {
-        assert_eq!(classify(204, None), Ok(Verdict::Ack { status: 204 }));
-        assert!(classify(500, None).is_err());
-        assert!(classify(503, None).is_err());
-        assert!(classify(408, None).is_err());
-        assert!(classify(429, Some(Duration::from_secs(3))).is_err());
-        assert!(matches!(classify(404, None), Ok(Verdict::DeadLetter { status: Some(404), .. })));
-        assert!(matches!(classify(400, None), Ok(Verdict::DeadLetter { .. })));
-    }
 }

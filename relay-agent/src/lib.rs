@@ -2,9 +2,11 @@
 //! webhook to the local target of its channel, and acks it after a 2xx.
 //!
 //! Component map: [`config`] (layered, validated), [`tunnel`] (connect,
-//! session, reconnecting supervisor), [`deliver`] (local HTTP and outcome
-//! classification), [`dedup`], [`backoff`], [`status`] (socket server and
-//! the `status` command).
+//! session, reconnecting supervisor, endpoint pause/probe), [`pipeline`]
+//! (every delivery the agent holds, across sessions, and the one place
+//! that decides ack / retry / park / dead-letter), [`deliver`] (the local
+//! HTTP POST), [`dedup`], [`backoff`], [`status`] (socket server and the
+//! `status` command).
 #![forbid(unsafe_code)]
 
 pub mod backoff;
@@ -12,6 +14,7 @@ pub mod config;
 pub mod dedup;
 pub mod deliver;
 pub mod error;
+pub mod pipeline;
 pub mod status;
 pub mod tunnel;
 

@@ -134,6 +134,10 @@ pub struct TunnelConfig {
     pub max_frame: ByteSize,
     /// Largest window an agent may ask for.
     pub max_window: u32,
+    /// Most webhook bytes one session holds for its agent (sent and not
+    /// yet settled, or waiting to be redelivered). The fetcher reads only
+    /// while a whole `max_frame` per entry fits, so this is a hard bound.
+    pub session_bytes: ByteSize,
     /// Delay before redelivering a nacked webhook when the agent gave none.
     #[serde(with = "humantime_serde")]
     pub retry_delay: Duration,
@@ -158,6 +162,7 @@ impl Default for TunnelConfig {
             reclaim_after: Duration::from_secs(120),
             max_frame: ByteSize::mib(8),
             max_window: 1000,
+            session_bytes: ByteSize::mib(128),
             retry_delay: Duration::from_secs(1),
             revoked: Vec::new(),
             revoked_file: None,
@@ -447,6 +452,15 @@ impl EdgeConfig {
                 format!(
                     "{} cannot carry a body of ingest.max_body = {} plus headers; raise it",
                     self.tunnel.max_frame, self.ingest.max_body
+                ),
+            ));
+        }
+        if self.tunnel.session_bytes.as_u64() < self.tunnel.max_frame.as_u64() {
+            return Err(bad(
+                "tunnel.session_bytes",
+                format!(
+                    "{} is below tunnel.max_frame ({}): a session could not hold even one webhook",
+                    self.tunnel.session_bytes, self.tunnel.max_frame
                 ),
             ));
         }

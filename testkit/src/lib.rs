@@ -380,7 +380,17 @@ pub mod raw {
 
     /// Hello with window 0 (receives nothing) and waits for Welcome.
     pub async fn hello_idle(ws: &mut Ws, channels: Option<Vec<String>>) -> Result<Frame, String> {
-        send(ws, &Frame::Hello { version: relay_protocol::VERSION, window: 0, channels, agent_version: None }).await?;
+        send(
+            ws,
+            &Frame::Hello {
+                version: relay_protocol::VERSION,
+                window: 0,
+                channels,
+                agent_version: None,
+                named_acks: true,
+            },
+        )
+        .await?;
         recv(ws).await?.ok_or_else(|| "closed".to_string())
     }
 

@@ -61,7 +61,13 @@ async fn unauthenticated_and_unauthorized_agents_are_refused_and_get_nothing(sto
     let mut ws = raw::connect(&edge, &certs, "lan-3").await.expect("lan-3 has a valid certificate");
     raw::send(
         &mut ws,
-        &Frame::Hello { version: 1, window: 10, channels: Some(vec!["crm".into()]), agent_version: None },
+        &Frame::Hello {
+            version: 1,
+            window: 10,
+            channels: Some(vec!["crm".into()]),
+            agent_version: None,
+            named_acks: true,
+        },
     )
     .await
     .expect("hello");
@@ -86,7 +92,7 @@ async fn unauthenticated_and_unauthorized_agents_are_refused_and_get_nothing(sto
 
     // 4. Wrong protocol version and missing subprotocol.
     let mut ws = raw::connect(&edge, &certs, "lan-2").await.expect("connect");
-    raw::send(&mut ws, &Frame::Hello { version: 99, window: 1, channels: None, agent_version: None })
+    raw::send(&mut ws, &Frame::Hello { version: 99, window: 1, channels: None, agent_version: None, named_acks: true })
         .await
         .expect("hello");
     let (code, _) = raw::recv_error(&mut ws).await.expect("error frame");
@@ -110,7 +116,8 @@ async fn bad_frames_close_only_their_own_session(store: Backing) {
     let cases: Vec<(&str, Message)> = vec![
         ("bad_frame", Message::Binary(b"\xc1\xc1\xc1 definitely not msgpack".to_vec().into())),
         ("text_frame", Message::Text("{\"Ack\":{\"ids\":[]}}".into())),
-        ("frame_too_large", Message::Binary(vec![0x80u8; 8 * 1024 * 1024 + 1].into())),
+        // Agents send small frames only: past 1 MiB a frame is refused.
+        ("frame_too_large", Message::Binary(vec![0x80u8; relay_protocol::Limits::MAX_AGENT_FRAME + 1].into())),
     ];
     for (i, (code, msg)) in cases.into_iter().enumerate() {
         let expected = i + 1;
@@ -131,6 +138,21 @@ async fn bad_frames_close_only_their_own_session(store: Backing) {
         wait_until(Duration::from_secs(10), "delivery after a bad session", || rx.accepted().len() == expected).await;
         assert!(agent.status().expect("status").connected);
     }
+
+    // A delivery-sized frame (8 MiB) from an agent is cut off by the
+    // WebSocket layer after ~1 MiB, never buffered whole.
+    let mut ws = raw::connect(&edge, &certs, "lan-2").await.expect("connect");
+    raw::hello_idle(&mut ws, Some(vec!["crm".into()])).await.expect("welcome");
+    let sent = raw::send_raw(&mut ws, Message::Binary(vec![0x80u8; 8 * 1024 * 1024 + 1].into())).await;
+    if sent.is_ok() {
+        match raw::recv_error(&mut ws).await {
+            Some((code, _)) => assert_eq!(code, "frame_too_large"),
+            None => assert!(matches!(raw::recv(&mut ws).await, Ok(None) | Err(_)), "session closed"),
+        }
+    }
+    let (s, _) = post(&client, &edge.hook_url("hooks"), KEY, b"{\"after\":\"8MiB\"}".to_vec()).await;
+    assert_eq!(s, 200);
+    wait_until(Duration::from_secs(10), "delivery after a huge frame", || rx.accepted().len() == 4).await;
     agent.stop().await;
     edge.stop().await;
 }

@@ -1,23 +1,23 @@
 //! One tunnel session from the agent's side: `Hello` → `Welcome`, then a
-//! `select!` over the edge's frames, finished local deliveries, the
-//! heartbeat tick and shutdown. Acks are batched: every delivery that has
-//! finished by the time one is handled goes out in the same `Ack` frame.
+//! `select!` over the edge's frames, finished local deliveries, endpoint
+//! probes, the heartbeat tick and shutdown. The delivery state and its
+//! decisions live in the [`Pipeline`]; this loop moves frames. Acks are
+//! batched: every delivery that has finished by the time one is handled
+//! goes out in the same `Ack` frame.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use relay_protocol::{Frame, Limits, VERSION, Webhook};
+use relay_protocol::{Frame, Limits, VERSION};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::connect::Ws;
-use super::supervisor::{Outcome, Pipeline};
 use crate::config::AgentConfig;
-use crate::dedup::{Key, Recent};
-use crate::deliver::Verdict;
 use crate::error::SessionError;
+use crate::pipeline::{Pipeline, Settled};
 use crate::status::{Status, now_ms};
 
 pub async fn run(
@@ -34,6 +34,7 @@ pub async fn run(
         window: cfg.window,
         channels: Some(cfg.channels()),
         agent_version: Some(concat!("relay-agent/", env!("CARGO_PKG_VERSION")).into()),
+        named_acks: true,
     };
     send(&mut ws, &hello, cfg.heartbeat * 3).await?;
     let welcome = tokio::time::timeout(cfg.connect_timeout, recv(&mut ws, &limits))
@@ -65,27 +66,16 @@ pub async fn run(
         s.heartbeat_ms = deadline.as_millis() as u64 / 3;
         s.window = cfg.window;
     });
-    // Parked deliveries of the last session come back as redeliveries.
-    for (channel, h) in pipe.health.iter_mut() {
-        for p in h.parked.drain(..) {
-            pipe.running.remove(&Recent::key(channel, &p.id));
-        }
-        if h.paused {
-            let flow = Frame::Flow { window: 0, channel: Some(channel.clone()) };
-            send(&mut ws, &flow, deadline).await?;
-        }
+    for frame in pipe.session_started() {
+        send(&mut ws, &frame, deadline).await?;
     }
-    // Acks of deliveries that finished while we were disconnected.
-    if !pipe.unsent_acks.is_empty() {
-        let ids = std::mem::take(&mut pipe.unsent_acks);
-        send(&mut ws, &Frame::Ack { ids }, deadline).await?;
-    }
+    pipe.acks_sent();
 
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rx = Instant::now();
     loop {
-        let probe_at = next_probe(pipe);
+        let probe_at = pipe.next_probe();
         tokio::select! {
             _ = shutdown.cancelled() => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), drain(&mut ws, cfg, pipe, status, deadline)).await;
@@ -98,17 +88,16 @@ pub async fn run(
                 status.update(|s| s.last_heartbeat_ms = Some(now_ms()));
                 on_frame(&mut ws, frame, pipe, status, deadline).await?;
             }
-            Some(done) = pipe.tasks.join_next(), if !pipe.tasks.is_empty() => {
-                let mut outcomes = vec![done];
-                while let Some(more) = pipe.tasks.try_join_next() {
-                    outcomes.push(more);
-                }
-                settle(&mut ws, outcomes, cfg, pipe, status, deadline).await?;
+            done = Pipeline::finished(&mut pipe.tasks) => {
+                let settled = pipe.settle(done, status);
+                send_settled(&mut ws, settled, cfg, pipe, status, deadline).await?;
             }
-            _ = sleep_until(probe_at) => start_probes(pipe, cfg),
+            _ = sleep_until(probe_at) => pipe.start_probes(cfg),
             Some(Ok((channel, up))) = pipe.probes.join_next(), if !pipe.probes.is_empty() => {
                 if up {
-                    resume(&mut ws, &channel, cfg, pipe, status, deadline).await?;
+                    if let Some(flow) = pipe.resume(&channel, cfg.window, status) {
+                        send(&mut ws, &flow, deadline).await?;
+                    }
                 } else if let Some(h) = pipe.health.get_mut(&channel) {
                     h.probe_failed();
                 }
@@ -132,31 +121,10 @@ async fn on_frame(
 ) -> Result<(), SessionError> {
     match frame {
         Frame::Deliver { id, channel, attempt, webhook, .. } => {
-            let key = Recent::key(&channel, &id);
-            if pipe.recent.contains(&key) {
-                // Delivered already; the edge missed our ack.
-                status.update(|s| s.duplicates_dropped += 1);
-                return send(ws, &Frame::Ack { ids: vec![id] }, deadline).await;
+            match pipe.on_deliver(channel, id, attempt, webhook, status) {
+                Some(ack) => send(ws, &ack, deadline).await,
+                None => Ok(()),
             }
-            if !pipe.running.insert(key.clone()) {
-                // Still being posted from an earlier session (or parked);
-                // its result will be acked when it finishes.
-                return Ok(());
-            }
-            if let Some(h) = pipe.health.get_mut(&channel)
-                && h.paused
-            {
-                h.parked.push_back(super::pause::Parked { id, attempt, webhook });
-                let parked = h.parked.len() as u64;
-                status.update(|s| set_paused(s, &channel, true, parked));
-                return Ok(());
-            }
-            if attempt > 1 {
-                status.update(|s| s.retried += 1);
-            }
-            spawn_delivery(pipe, key, channel, id, attempt, webhook);
-            status.update(|s| s.in_flight = pipe.running.len() as u64);
-            Ok(())
         }
         Frame::Ping { t } => send(ws, &Frame::Pong { t }, deadline).await,
         Frame::Pong { t } => {
@@ -193,150 +161,33 @@ fn warn_visibility(cfg: &AgentConfig, reclaim_after_ms: Option<u64>, edge_heartb
     status.update(|s| s.warnings = warning.into_iter().collect());
 }
 
-fn spawn_delivery(pipe: &mut Pipeline, key: Key, channel: String, id: String, attempt: u32, webhook: Webhook) {
-    let deliverer = pipe.deliverer.clone();
-    pipe.tasks.spawn(async move {
-        let verdict = deliverer.deliver(&channel, attempt, &webhook).await;
-        Outcome { key, channel, id, attempt, webhook, verdict }
-    });
-}
-
-/// Turns finished deliveries into one `Ack` frame plus any `Nack`s.
-async fn settle(
+/// Sends what finished deliveries settled: the `Ack`, then `Nack`s and
+/// pauses, then resumes the channels whose endpoint answered again.
+async fn send_settled(
     ws: &mut Ws,
-    outcomes: Vec<Result<Outcome, tokio::task::JoinError>>,
+    settled: Settled,
     cfg: &AgentConfig,
     pipe: &mut Pipeline,
     status: &Status,
     deadline: Duration,
 ) -> Result<(), SessionError> {
-    let mut acks = Vec::new();
-    let mut nacks = Vec::new();
-    let mut resumed = Vec::new();
-    for outcome in outcomes {
-        let Ok(Outcome { key, channel, id, attempt, webhook, verdict }) = outcome else { continue };
-        let health = pipe.health.entry(channel.clone()).or_default();
-        let verdict = match verdict {
-            Verdict::Down { reason, refused, after } => {
-                health.timeouts += 1;
-                if health.paused || refused || health.timeouts >= super::pause::TIMEOUTS_TO_PAUSE {
-                    // Keep it (no attempt used) until the endpoint answers.
-                    if !health.paused {
-                        health.pause();
-                        tracing::warn!(%channel, %reason, "local endpoint down: pausing the channel and probing it");
-                        nacks.push(Frame::Flow { window: 0, channel: Some(channel.clone()) });
-                    }
-                    health.parked.push_back(super::pause::Parked { id, attempt, webhook });
-                    let parked = health.parked.len() as u64;
-                    status.update(|s| {
-                        note_target(s, &channel, None, Some(reason.clone()));
-                        set_paused(s, &channel, true, parked);
-                    });
-                    continue;
-                }
-                if attempt >= cfg.retry.max_attempts {
-                    Verdict::DeadLetter { reason: format!("gave up after {attempt} attempts: {reason}"), status: None }
-                } else {
-                    Verdict::Retry { reason, status: None, after }
-                }
-            }
-            answered => {
-                // The endpoint answered: it is up.
-                health.timeouts = 0;
-                if health.paused {
-                    resumed.push(channel.clone());
-                }
-                answered
-            }
-        };
-        pipe.running.remove(&key);
-        match verdict {
-            Verdict::Ack { status: code } => {
-                pipe.recent.insert(key);
-                acks.push(id);
-                status.update(|s| {
-                    s.delivered += 1;
-                    note_target(s, &channel, Some(code), None);
-                });
-            }
-            Verdict::Retry { reason, status: code, after } => {
-                status.update(|s| {
-                    s.failed += 1;
-                    note_target(s, &channel, code, Some(reason.clone()));
-                });
-                tracing::info!(%channel, %id, %reason, ?after, "delivery failed; edge will retry");
-                nacks.push(Frame::Nack {
-                    id,
-                    permanent: false,
-                    reason,
-                    retry_after_ms: Some(after.as_millis() as u64),
-                    status: code,
-                });
-            }
-            Verdict::Down { .. } => {}
-            Verdict::DeadLetter { reason, status: code } => {
-                status.update(|s| {
-                    s.failed += 1;
-                    s.dead_lettered += 1;
-                    note_target(s, &channel, code, Some(reason.clone()));
-                });
-                tracing::warn!(%channel, %id, %reason, "delivery failed permanently; dead-lettering");
-                nacks.push(Frame::Nack { id, permanent: true, reason, retry_after_ms: None, status: code });
-            }
-        }
-    }
-    status.update(|s| s.in_flight = pipe.running.len() as u64);
+    let Settled { acks, frames, resumed } = settled;
     if !acks.is_empty() {
-        let frame = Frame::Ack { ids: acks };
+        let frame = Frame::ack(acks.iter().map(|(c, i)| (c.as_str(), i.as_str())));
         if let Err(e) = send(ws, &frame, deadline).await {
-            if let Frame::Ack { ids } = frame {
-                pipe.unsent_acks.extend(ids);
-            }
+            pipe.keep_unsent(acks);
             return Err(e);
         }
     }
-    for nack in nacks {
-        send(ws, &nack, deadline).await?;
+    for frame in frames {
+        send(ws, &frame, deadline).await?;
     }
     for channel in resumed {
-        resume(ws, &channel, cfg, pipe, status, deadline).await?;
+        if let Some(flow) = pipe.resume(&channel, cfg.window, status) {
+            send(ws, &flow, deadline).await?;
+        }
     }
     Ok(())
-}
-
-fn set_paused(s: &mut crate::status::Snapshot, channel: &str, paused: bool, parked: u64) {
-    if let Some(t) = s.targets.iter_mut().find(|t| t.channel == channel) {
-        t.paused = paused;
-        t.parked = parked;
-    }
-}
-
-/// The endpoint answers again: resume the channel and post what was parked.
-async fn resume(
-    ws: &mut Ws,
-    channel: &str,
-    cfg: &AgentConfig,
-    pipe: &mut Pipeline,
-    status: &Status,
-    deadline: Duration,
-) -> Result<(), SessionError> {
-    let Some(h) = pipe.health.get_mut(channel) else { return Ok(()) };
-    if !h.paused {
-        return Ok(());
-    }
-    let parked = h.resume();
-    tracing::info!(%channel, parked = parked.len(), "local endpoint is back: resuming the channel");
-    status.update(|s| set_paused(s, channel, false, 0));
-    for p in parked {
-        let key = Recent::key(channel, &p.id);
-        spawn_delivery(pipe, key, channel.to_string(), p.id, p.attempt, p.webhook);
-    }
-    send(ws, &Frame::Flow { window: cfg.window, channel: Some(channel.to_string()) }, deadline).await
-}
-
-/// When the earliest probe of a paused channel is due.
-fn next_probe(pipe: &Pipeline) -> Option<std::time::Instant> {
-    pipe.health.values().filter(|h| h.paused && !h.probing).filter_map(|h| h.next_probe).min()
 }
 
 /// Sleeps until `at`, forever when `None`.
@@ -347,35 +198,12 @@ async fn sleep_until(at: Option<std::time::Instant>) {
     }
 }
 
-fn start_probes(pipe: &mut Pipeline, cfg: &AgentConfig) {
-    let now = std::time::Instant::now();
-    for (channel, h) in pipe.health.iter_mut() {
-        if h.paused && !h.probing && h.next_probe.is_some_and(|t| t <= now) {
-            h.probing = true;
-            let url = cfg.targets.iter().find(|t| &t.channel == channel).map(|t| t.url.clone()).unwrap_or_default();
-            let channel = channel.clone();
-            pipe.probes.spawn(async move {
-                let up = super::pause::probe(&url).await;
-                (channel, up)
-            });
-        }
-    }
-}
-
-/// Records the last outcome on the channel's target (targets are listed in
-/// the snapshot from the start, one per configured channel).
-fn note_target(s: &mut crate::status::Snapshot, channel: &str, code: Option<u16>, error: Option<String>) {
-    if let Some(t) = s.targets.iter_mut().find(|t| t.channel == channel) {
-        t.last_status = code;
-        t.last_error = error;
-        t.last_attempt_ms = Some(now_ms());
-    }
-}
-
 /// On shutdown: wait for running deliveries and ack them before closing.
 async fn drain(ws: &mut Ws, cfg: &AgentConfig, pipe: &mut Pipeline, status: &Status, deadline: Duration) {
-    while let Some(done) = pipe.tasks.join_next().await {
-        if settle(ws, vec![done], cfg, pipe, status, deadline).await.is_err() {
+    while !pipe.is_idle() {
+        let done = Pipeline::finished(&mut pipe.tasks).await;
+        let settled = pipe.settle(done, status);
+        if send_settled(ws, settled, cfg, pipe, status, deadline).await.is_err() {
             return;
         }
     }

@@ -2,53 +2,23 @@
 //! any end wait a capped, jittered, growing delay before trying again —
 //! forever, until shutdown. A session that stayed up resets the backoff.
 //!
-//! Deliveries outlive sessions: a local POST that finishes after the link
-//! dropped is acked on the next session, so a reconnect does not turn into
-//! a duplicate POST.
+//! Deliveries outlive sessions (the [`Pipeline`] is kept across them): a
+//! local POST that finishes after the link dropped is acked on the next
+//! session, so a reconnect does not turn into a duplicate POST.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::connect::Connector;
 use super::session;
 use crate::backoff;
 use crate::config::AgentConfig;
-use crate::dedup::Recent;
-use crate::deliver::{Deliverer, Verdict};
+use crate::deliver::Deliverer;
 use crate::error::SessionError;
+use crate::pipeline::Pipeline;
 use crate::status::{Status, now_ms};
-
-/// Result of one local delivery task (the webhook comes back so it can be
-/// parked if the endpoint turned out to be down).
-pub struct Outcome {
-    pub key: crate::dedup::Key,
-    pub channel: String,
-    pub id: String,
-    pub attempt: u32,
-    pub webhook: relay_protocol::Webhook,
-    pub verdict: Verdict,
-}
-
-/// Delivery state that survives reconnects.
-pub struct Pipeline {
-    pub deliverer: Arc<Deliverer>,
-    /// Running local deliveries; dropping the set aborts them.
-    pub tasks: JoinSet<Outcome>,
-    /// Keys (`channel\0id`) of deliveries running now.
-    pub running: HashSet<crate::dedup::Key>,
-    /// Recently acked keys.
-    pub recent: Recent,
-    /// Acks whose session died before they could be sent.
-    pub unsent_acks: Vec<String>,
-    /// Endpoint health per channel (pause/probe state, parked deliveries).
-    pub health: std::collections::HashMap<String, super::pause::Health>,
-    /// Running endpoint probes: (channel, endpoint reachable).
-    pub probes: JoinSet<(String, bool)>,
-}
 
 pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationToken) {
     let connector = match Connector::new(&cfg) {
@@ -71,15 +41,7 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
             return;
         }
     };
-    let mut pipeline = Pipeline {
-        deliverer,
-        tasks: JoinSet::new(),
-        running: HashSet::new(),
-        recent: Recent::new(16_384),
-        unsent_acks: Vec::new(),
-        health: cfg.channels().into_iter().map(|c| (c, Default::default())).collect(),
-        probes: JoinSet::new(),
-    };
+    let mut pipeline = Pipeline::new(deliverer, &cfg);
     let mut failures: u32 = 0;
     let mut first_attempt = true;
     let mut first = true;
@@ -140,6 +102,5 @@ pub async fn run(cfg: Arc<AgentConfig>, status: Status, shutdown: CancellationTo
     }
     // Let running local deliveries finish briefly; their acks are lost with
     // the link, and the edge redelivers them to the next agent session.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while pipeline.tasks.join_next().await.is_some() {} })
-        .await;
+    pipeline.wind_down(Duration::from_secs(2)).await;
 }

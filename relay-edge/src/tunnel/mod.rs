@@ -4,6 +4,8 @@
 //! refused, and the WebSocket upgrade to subprotocol `relay.v1` handed to
 //! [`session::run`].
 
+pub mod fetcher;
+pub mod inflight;
 pub mod registry;
 pub mod session;
 pub mod tls;
@@ -99,7 +101,9 @@ async fn upgrade(
         )
             .into_response();
     }
-    let max = state.cfg.tunnel.max_frame.as_u64() as usize;
+    // Agents send only small frames (verdicts, flow, heartbeats): reading
+    // is capped at the agent-frame limit, not the delivery limit.
+    let max = relay_protocol::Limits::MAX_AGENT_FRAME.min(state.cfg.tunnel.max_frame.as_u64() as usize);
     ws.protocols([SUBPROTOCOL])
         // 16 KiB instead of tungstenite's 128 KiB each way: idle sessions are
         // the edge's main memory cost, and deliveries are flushed per batch.

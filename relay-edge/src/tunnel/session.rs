@@ -1,33 +1,30 @@
-//! One agent session: handshake, then a `select!` loop over the agent's
-//! frames, entries fetched from the store, redelivery timers, heartbeats
-//! and shutdown.
+//! One agent session: handshake, then one `select!` loop over the agent's
+//! frames, batches from the [`Fetcher`], due redeliveries, heartbeats and
+//! shutdown. What each event means is decided by the pure in-flight
+//! [`Table`] (see `inflight.rs`); this loop performs its decisions against
+//! the store and the socket.
 //!
-//! Flow control: a semaphore holds the session's free window slots. The
-//! fetcher takes slots before it reads, the session gives one back when a
-//! delivery is settled (`Ack`, permanent `Nack`). A transient `Nack` keeps
-//! its slot while it waits to be redelivered, so `window = 1` stays strictly
-//! FIFO across retries. `Flow` shrinking the window is absorbed as debt.
-//!
-//! An entry is settled only by the agent's verdict. A session that dies
-//! leaves its entries pending in Redis; the next session of the same agent
-//! re-reads them first, and another agent reclaims them after the
-//! visibility timeout.
+//! An entry is settled only by the agent's verdict on that `(channel, id)`.
+//! A session that dies leaves its entries pending in the store; the next
+//! session of the same agent re-reads them first, and another agent
+//! reclaims them after the visibility timeout.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use relay_protocol::{DecodeError, Frame, Limits, VERSION};
-use tokio::sync::{Notify, Semaphore, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
+use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::Peer;
+use super::fetcher::{Fetched, Fetcher};
+use super::inflight::{Acked, Arrival, Claimed, EntryKey, Grant, Nacked, Send, Table};
 use super::registry::{Kick, Live, SessionInfo};
 use crate::AppState;
-use crate::store::{Backend, BlockingRead};
-use crate::store::{DELETED_WHILE_PENDING, DeadLetter, Entry, Store, Stored, now_ms};
+use crate::store::{Backend, DELETED_WHILE_PENDING, DeadLetter, Store, Stored, now_ms};
 
 /// Why a session ended; sent to the agent as `Error { code, message }`.
 struct Close {
@@ -41,55 +38,46 @@ impl Close {
     }
 }
 
-/// Entries read in one go. `overdraft` counts entries beyond the slots the
-/// fetcher held (`COUNT` applies per stream), paid back as window debt.
-struct Batch {
-    entries: Vec<Fetched>,
-    overdraft: u32,
-}
-
-/// An entry fetched for delivery, with its attempt number.
-struct Fetched {
-    entry: Entry,
-    attempt: u32,
-}
-
-/// Events from helper tasks into the session loop.
-enum Event {
-    /// A transiently nacked entry is due again.
-    Redeliver { channel: String, id: String },
-    /// Fresh backlog figures for the agent.
-    Stats(Vec<relay_protocol::ChannelStats>),
-}
-
-/// One delivery awaiting the agent's verdict.
-struct Inflight {
-    channel: String,
-    attempt: u32,
-    /// When the edge received the webhook (for end-to-end latency).
-    received_at_ms: u64,
-}
+/// Fresh backlog figures for the agent, from a helper task.
+type StatsEvent = Vec<relay_protocol::ChannelStats>;
 
 pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     let tunnel = &state.cfg.tunnel;
     let limits =
         Limits { max_frame: tunnel.max_frame.as_u64() as usize, max_window: tunnel.max_window, ..Limits::default() };
     let session_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    // Nothing from an identity this edge does not serve is decoded at all.
+    if !state.grants.contains_key(&peer.agent) {
+        let c = Close::new(
+            "unknown_agent",
+            format!("agent `{}` is not configured on this edge ([[agent]] name = \"{}\")", peer.agent, peer.agent),
+        );
+        return close(ws, &peer, c).await;
+    }
 
     let handshake = tokio::time::timeout(tunnel.handshake_timeout, recv_frame(&mut ws, &limits)).await;
-    let (window, channels) = match handshake {
+    let (window, channels, named) = match handshake {
         Err(_) => {
             return close(ws, &peer, Close::new("handshake_timeout", "no Hello frame in time")).await;
         }
         Ok(Err(c)) => return close(ws, &peer, c).await,
         Ok(Ok(None)) => return,
-        Ok(Ok(Some(Frame::Hello { version, window, channels, .. }))) => {
+        Ok(Ok(Some(Frame::Hello { version, window, channels, named_acks, .. }))) => {
             if version != VERSION {
                 let msg = format!("protocol version {version} is not supported; this edge speaks {VERSION}");
                 return close(ws, &peer, Close::new("unsupported_version", msg)).await;
             }
             match resolve_channels(&state, &peer.agent, channels) {
-                Ok(c) => (window, c),
+                Ok(c) if !named_acks && c.len() > 1 => {
+                    // Its acks name ids only, which repeat across channels.
+                    let msg = format!(
+                        "this agent's acks name no channel, so it can be served one channel per session, not {}: \
+                         upgrade relay-agent, or list a single channel in its [[target]]s",
+                        c.len()
+                    );
+                    return close(ws, &peer, Close::new("upgrade_required", msg)).await;
+                }
+                Ok(c) => (window, c, named_acks),
                 Err(c) => return close(ws, &peer, c).await,
             }
         }
@@ -129,7 +117,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         },
         kick.clone(),
     );
-    tracing::info!(agent = %peer.agent, session = %session_id, ?channels, window, "agent connected");
+    tracing::info!(agent = %peer.agent, session = %session_id, ?channels, window, named_acks = named, "agent connected");
     state.metrics.sessions_opened.inc();
 
     let welcome = Frame::Welcome {
@@ -139,41 +127,32 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         heartbeat_ms: tunnel.heartbeat.as_millis() as u64,
         reclaim_after_ms: Some(tunnel.reclaim_after.as_millis() as u64),
     };
-    let credit = Arc::new(Semaphore::new(window as usize));
-    let paused = Arc::new(std::sync::Mutex::new(HashSet::new()));
-    let wake_fetcher = Arc::new(Notify::new());
-    let (fetch_tx, fetch_rx) = mpsc::channel(4);
-    let (events_tx, events_rx) = mpsc::channel(64);
-    let fetcher = tokio::spawn(fetch_loop(
-        state.store.clone(),
-        reader,
-        peer.agent.clone(),
+    let (grant_tx, grant_rx) = mpsc::channel(1);
+    let (batch_tx, batch_rx) = mpsc::channel(1);
+    let (stats_tx, stats_rx) = mpsc::channel(1);
+    let fetcher = Fetcher::new(state.store.clone(), reader, peer.agent.clone(), &channels, tunnel.reclaim_after);
+    let fetcher = tokio::spawn(fetcher.run(grant_rx, batch_tx, cancel.clone()));
+    let table = Table::new(
         channels.clone(),
-        credit.clone(),
-        fetch_tx,
-        cancel.clone(),
-        tunnel.reclaim_after,
-        paused.clone(),
-        wake_fetcher.clone(),
-    ));
+        window,
+        tunnel.session_bytes.as_u64() as usize,
+        tunnel.max_frame.as_u64() as usize,
+    );
     let mut session = Session {
+        store: state.store.clone(),
         state: state.clone(),
         peer: peer.clone(),
-        channels,
         limits,
-        window,
-        debt: 0,
-        credit,
-        inflight: HashMap::new(),
-        held: VecDeque::new(),
+        table,
+        redeliveries: DelayQueue::new(),
+        scheduled: HashMap::new(),
+        grant_tx,
+        stats_tx,
         last_rx: Instant::now(),
         live,
-        paused,
-        wake_fetcher,
-        events_tx,
     };
     let outcome = match session.send(&mut ws, &welcome).await {
-        Ok(()) => session.run(&mut ws, fetch_rx, events_rx, &kick).await,
+        Ok(()) => session.run(&mut ws, batch_rx, stats_rx, &kick).await,
         Err(c) => Err(c),
     };
     cancel.cancel();
@@ -228,17 +207,26 @@ async fn close(mut ws: WebSocket, peer: &Peer, c: Close) {
 
 /// Next frame from the agent; `Ok(None)` when the socket closed.
 async fn recv_frame(ws: &mut WebSocket, limits: &Limits) -> Result<Option<Frame>, Close> {
+    let limits = limits.for_agent_frames();
     loop {
         let msg = match ws.recv().await {
             None => return Ok(None),
             Some(Err(e)) => {
+                use tokio_tungstenite::tungstenite::Error as WsError;
+                let too_large = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<WsError>())
+                    .is_some_and(|w| matches!(w, WsError::Capacity(_)));
+                if too_large {
+                    let msg = format!("an agent frame is limited to {} bytes: {e}", limits.max_frame);
+                    return Err(Close::new("frame_too_large", msg));
+                }
                 return Err(Close::new("transport_error", format!("websocket error: {e}")));
             }
             Some(Ok(m)) => m,
         };
         match msg {
             Message::Binary(bytes) => {
-                return relay_protocol::decode(&bytes, limits).map(Some).map_err(|e| match e {
+                return relay_protocol::decode(&bytes, &limits).map(Some).map_err(|e| match e {
                     DecodeError::TooLarge { .. } => Close::new("frame_too_large", e.to_string()),
                     other => Close::new("bad_frame", other.to_string()),
                 });
@@ -256,47 +244,42 @@ async fn recv_frame(ws: &mut WebSocket, limits: &Limits) -> Result<Option<Frame>
 }
 
 struct Session {
+    /// The durable store (also reachable through `state`; kept for brevity).
+    store: Store,
     state: Arc<AppState>,
     peer: Peer,
-    /// Channels this session delivers.
-    channels: Vec<String>,
     limits: Limits,
-    /// Current window asked by the agent.
-    window: u32,
-    /// Slots to swallow before giving any back (after a window shrink).
-    debt: u32,
-    /// Free window slots; the fetcher takes, settling gives back.
-    credit: Arc<Semaphore>,
-    /// Deliveries sent and not yet settled, by stream id.
-    inflight: HashMap<String, Inflight>,
-    /// Fetched entries whose id collides with an in-flight one of another
-    /// channel (fan-out gives equal ids); sent once that one settles.
-    held: VecDeque<Fetched>,
+    /// Every delivery the agent holds, and the flow control.
+    table: Table<Stored>,
+    /// Transiently nacked entries, each due once for redelivery.
+    redeliveries: DelayQueue<EntryKey>,
+    /// The queue slot of each scheduled entry: at most one per entry.
+    scheduled: HashMap<EntryKey, delay_queue::Key>,
+    /// Hands the fetcher its next grant (one outstanding at a time).
+    grant_tx: mpsc::Sender<Grant>,
+    /// Backlog figures from the stats task.
+    stats_tx: mpsc::Sender<StatsEvent>,
     /// Last time anything arrived from the agent.
     last_rx: Instant,
     /// Figures shown by `relay-edge agents`.
     live: Arc<Live>,
-    /// Channels the agent paused (its local endpoint is down); shared with the fetcher.
-    paused: Arc<std::sync::Mutex<HashSet<String>>>,
-    /// Wakes the fetcher when a channel resumes.
-    wake_fetcher: Arc<Notify>,
-    events_tx: mpsc::Sender<Event>,
 }
 
 impl Session {
     async fn run(
         &mut self,
         ws: &mut WebSocket,
-        mut fetch_rx: mpsc::Receiver<Batch>,
-        mut events_rx: mpsc::Receiver<Event>,
+        mut batches: mpsc::Receiver<Vec<Fetched>>,
+        mut stats_rx: mpsc::Receiver<StatsEvent>,
         kick: &Kick,
     ) -> Result<(), Close> {
         let heartbeat = self.state.cfg.tunnel.heartbeat;
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
+        self.grant();
         loop {
-            self.live.in_flight.store(self.inflight.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.live.in_flight.store(self.table.held() as u64, std::sync::atomic::Ordering::Relaxed);
             tokio::select! {
                 _ = kick.token.cancelled() => {
                     return Err(if self.state.shutdown.is_cancelled() {
@@ -316,18 +299,13 @@ impl Session {
                         }
                     }
                 }
-                Some(batch) = fetch_rx.recv() => {
-                    self.debt += batch.overdraft;
-                    for f in batch.entries {
-                        self.dispatch(ws, f).await?;
-                    }
-                    // One flush (one TLS record run, one syscall) per batch.
-                    self.flush(ws).await?;
+                Some(batch) = batches.recv() => self.on_batch(ws, batch).await?,
+                Some(due) = self.redeliveries.next(), if !self.redeliveries.is_empty() => {
+                    let key = due.into_inner();
+                    self.scheduled.remove(&key);
+                    self.redeliver(ws, key).await?;
                 }
-                Some(ev) = events_rx.recv() => match ev {
-                    Event::Redeliver { channel, id } => self.redeliver(ws, channel, id).await?,
-                    Event::Stats(channels) => self.send(ws, &Frame::Stats { channels }).await?,
-                },
+                Some(channels) = stats_rx.recv() => self.send(ws, &Frame::Stats { channels }).await?,
                 _ = ticker.tick() => {
                     if self.last_rx.elapsed() > heartbeat * 3 {
                         return Err(Close::new("heartbeat_timeout", format!("nothing received for {:?}", self.last_rx.elapsed())));
@@ -339,6 +317,27 @@ impl Session {
                     ticks += 1;
                 }
             }
+            self.grant();
+        }
+    }
+
+    /// Schedules `key`'s redelivery in `delay`, replacing any earlier one.
+    fn schedule(&mut self, key: EntryKey, delay: Duration) {
+        match self.scheduled.get(&key) {
+            Some(slot) => self.redeliveries.reset(slot, delay),
+            None => {
+                let slot = self.redeliveries.insert(key.clone(), delay);
+                self.scheduled.insert(key, slot);
+            }
+        }
+    }
+
+    /// Hands the fetcher its next read, when the table allows one.
+    fn grant(&mut self) {
+        if let Some(g) = self.table.grant() {
+            // Capacity 1 and one grant outstanding at a time: never full.
+            // Closed only when the fetcher ended, and so does the session.
+            let _ = self.grant_tx.try_send(g);
         }
     }
 
@@ -355,18 +354,29 @@ impl Session {
     }
 
     /// Queues `Deliver` of a stored webhook, its bytes forwarded as stored.
-    async fn queue_deliver(
-        &self,
-        ws: &mut WebSocket,
-        id: &str,
-        channel: &str,
-        attempt: u32,
-        webhook: &Stored,
-    ) -> Result<(), Close> {
-        let bytes =
-            relay_protocol::encode_deliver(id, channel, attempt, webhook.received_at_ms, &webhook.bytes, &self.limits)
-                .map_err(|e| Close::new("internal", format!("cannot encode deliver: {e}")))?;
+    async fn queue_deliver(&self, ws: &mut WebSocket, d: &Send<Stored>) -> Result<(), Close> {
+        let (key, webhook) = (&d.key, &d.payload);
+        let bytes = relay_protocol::encode_deliver(
+            &key.id,
+            &key.channel,
+            d.attempt,
+            webhook.received_at_ms,
+            &webhook.bytes,
+            &self.limits,
+        )
+        .map_err(|e| Close::new("internal", format!("cannot encode deliver: {e}")))?;
         self.feed(ws, bytes).await
+    }
+
+    /// Queues every delivery, then flushes once (one TLS record run).
+    async fn deliver_all(&self, ws: &mut WebSocket, sends: Vec<Send<Stored>>) -> Result<(), Close> {
+        if sends.is_empty() {
+            return Ok(());
+        }
+        for d in &sends {
+            self.queue_deliver(ws, d).await?;
+        }
+        self.flush(ws).await
     }
 
     /// Queues an encoded frame.
@@ -389,15 +399,37 @@ impl Session {
 
     async fn on_frame(&mut self, ws: &mut WebSocket, frame: Frame) -> Result<(), Close> {
         match frame {
-            Frame::Ack { ids } => {
-                self.on_ack(ids).await;
-                self.dispatch_held(ws).await?;
+            Frame::Ack { .. } => {
+                let Some(acked) = frame.acked() else {
+                    return Err(Close::new("protocol_error", "Ack lists a different number of channels and ids"));
+                };
+                let acked: Vec<(Option<String>, String)> =
+                    acked.into_iter().map(|(c, i)| (c.map(str::to_string), i.to_string())).collect();
+                self.on_ack(acked).await;
             }
-            Frame::Nack { id, permanent, reason, retry_after_ms, status } => {
-                self.on_nack(ws, id, permanent, reason, retry_after_ms, status).await?
+            Frame::Nack { channel, id, permanent, reason, retry_after_ms, status } => {
+                let key = match channel {
+                    Some(channel) => Some(EntryKey::new(channel, id.as_str())),
+                    None => self.table.resolve(&id),
+                };
+                match key {
+                    Some(key) => self.on_nack(key, permanent, reason, retry_after_ms, status).await,
+                    None => tracing::debug!(agent = %self.peer.agent, id, "nack naming an ambiguous id; ignored"),
+                }
             }
-            Frame::Flow { window, channel: None } => self.on_flow(window),
-            Frame::Flow { window, channel: Some(channel) } => self.on_channel_flow(&channel, window > 0)?,
+            Frame::Flow { window, channel: None } => {
+                tracing::debug!(agent = %self.peer.agent, to = window, "window changed");
+                self.table.set_window(window);
+            }
+            Frame::Flow { window, channel: Some(channel) } => {
+                if !self.table.set_paused(&channel, window == 0) {
+                    return Err(Close::new(
+                        "protocol_error",
+                        format!("Flow names channel `{channel}`, not part of this session"),
+                    ));
+                }
+                tracing::info!(agent = %self.peer.agent, channel, resume = window > 0, "channel flow changed by the agent");
+            }
             Frame::Ping { t } => self.send(ws, &Frame::Pong { t }).await?,
             Frame::Pong { t } => {
                 let rtt_us = relay_protocol::now_micros().saturating_sub(t);
@@ -410,229 +442,185 @@ impl Session {
         Ok(())
     }
 
-    /// Frees one window slot, or pays down debt after a window shrink.
-    fn release(&mut self) {
-        if self.debt > 0 {
-            self.debt -= 1;
-        } else {
-            self.credit.add_permits(1);
-        }
-    }
-
-    fn on_flow(&mut self, window: u32) {
-        if window >= self.window {
-            let mut grow = window - self.window;
-            let absorbed = grow.min(self.debt);
-            self.debt -= absorbed;
-            grow -= absorbed;
-            self.credit.add_permits(grow as usize);
-        } else {
-            self.debt += self.window - window;
-        }
-        tracing::debug!(agent = %self.peer.agent, from = self.window, to = window, "window changed");
-        self.window = window;
-    }
-
-    /// Pauses or resumes one channel: the fetcher stops reading it; what is
-    /// already in flight stays with the agent.
-    fn on_channel_flow(&mut self, channel: &str, resume: bool) -> Result<(), Close> {
-        if !self.channels.iter().any(|c| c == channel) {
-            return Err(Close::new(
-                "protocol_error",
-                format!("Flow names channel `{channel}`, not part of this session"),
-            ));
-        }
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        if resume {
-            paused.remove(channel);
-        } else {
-            paused.insert(channel.to_string());
-        }
-        drop(paused);
-        self.wake_fetcher.notify_one();
-        tracing::info!(agent = %self.peer.agent, channel, resume, "channel flow changed by the agent");
-        Ok(())
-    }
-
-    async fn on_ack(&mut self, ids: Vec<String>) {
-        let mut by_channel: HashMap<String, Vec<String>> = HashMap::new();
-        let mut unknown = Vec::new();
-        for id in ids {
-            match self.inflight.remove(&id) {
-                Some(f) => {
-                    self.state.metrics.delivered(&f.channel, f.received_at_ms);
-                    by_channel.entry(f.channel).or_default().push(id);
-                    self.release();
+    /// Settles what an `Ack` names (see `inflight.rs` for entries not in
+    /// flight here and for agents that name ids only).
+    async fn on_ack(&mut self, acked: Vec<(Option<String>, String)>) {
+        let mut by_channel: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (channel, id) in acked {
+            let key = match channel {
+                Some(channel) => EntryKey::new(channel, id),
+                None => match self.table.resolve(&id) {
+                    Some(key) => key,
+                    None => {
+                        tracing::debug!(agent = %self.peer.agent, id, "ack naming an ambiguous id; left pending");
+                        continue;
+                    }
+                },
+            };
+            match self.table.ack(&key) {
+                Acked::Settled(f) => self.state.metrics.delivered(&key.channel, f.received_at_ms),
+                Acked::NotHere => {
+                    tracing::debug!(agent = %self.peer.agent, entry = %key, "ack for an entry not in flight here")
                 }
-                None => unknown.push(id),
+                Acked::Foreign => {
+                    tracing::debug!(agent = %self.peer.agent, entry = %key, "ack naming a channel outside the session; ignored");
+                    continue;
+                }
             }
-        }
-        // An ack for an entry delivered by an earlier session of this agent:
-        // the agent did deliver it, so acknowledge it on every channel of the
-        // session (XACK of an id that is not pending is a no-op).
-        if !unknown.is_empty() {
-            for channel in &self.channels {
-                by_channel.entry(channel.clone()).or_default().extend(unknown.iter().cloned());
-            }
+            by_channel.entry(key.channel).or_default().push(key.id);
         }
         for (channel, ids) in by_channel {
-            if let Err(e) = self.state.store.ack(&channel, &ids).await {
+            if let Err(e) = self.store.ack(&channel, &ids).await {
                 // Still pending: it will be redelivered (at-least-once).
-                tracing::warn!(agent = %self.peer.agent, channel, error = %e, "XACK failed");
+                tracing::warn!(agent = %self.peer.agent, channel, error = %e, "acknowledging in the store failed");
             }
         }
     }
 
     async fn on_nack(
         &mut self,
-        ws: &mut WebSocket,
-        id: String,
+        key: EntryKey,
         permanent: bool,
         reason: String,
         retry_after_ms: Option<u64>,
         status: Option<u16>,
-    ) -> Result<(), Close> {
-        let Some(f) = self.inflight.get(&id) else {
-            tracing::debug!(agent = %self.peer.agent, id, "nack for an entry not in flight; ignored");
-            return Ok(());
-        };
-        let channel = f.channel.clone();
-        let attempts = f.attempt;
-        if permanent {
-            let raw = match self.state.store.raw_entry(&channel, &id).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "cannot read entry to dead-letter; left pending");
-                    return Ok(());
-                }
-            };
-            let letter =
-                DeadLetter { channel: &channel, id: &id, reason: &reason, status, attempts, raw: raw.as_deref() };
-            match self.state.store.dead_letter(&letter).await {
-                Ok(()) => {
-                    tracing::warn!(agent = %self.peer.agent, channel, id, attempts, reason, "webhook dead-lettered");
-                    self.state.metrics.outcome(&channel, "dead_lettered");
-                    self.inflight.remove(&id);
-                    self.release();
-                    self.dispatch_held(ws).await?;
-                }
-                Err(e) => {
-                    tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "dead-letter failed; left pending")
+    ) {
+        let tunnel = &self.state.cfg.tunnel;
+        match self.table.nack(&key, permanent) {
+            Nacked::Ignore => {
+                tracing::debug!(agent = %self.peer.agent, entry = %key, "nack for an entry not awaiting a verdict; ignored");
+            }
+            Nacked::Schedule => {
+                let delay = retry_after_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(tunnel.retry_delay)
+                    .min(tunnel.reclaim_after / 2);
+                tracing::debug!(agent = %self.peer.agent, entry = %key, ?delay, reason, "nacked; redelivery scheduled");
+                self.state.metrics.outcome(&key.channel, "nacked");
+                self.schedule(key, delay);
+            }
+            Nacked::DeadLetter { attempts } => {
+                let stored = self.dead_letter(&key, &reason, status, attempts).await;
+                self.table.dead_lettered(&key, stored);
+                if stored {
+                    tracing::warn!(agent = %self.peer.agent, channel = %key.channel, id = %key.id, attempts, reason, "webhook dead-lettered");
+                    self.state.metrics.outcome(&key.channel, "dead_lettered");
+                } else {
+                    // Held, and offered to the agent again: it decides anew.
+                    let delay = tunnel.retry_delay;
+                    self.schedule(key, delay);
                 }
             }
-            return Ok(());
         }
-        let delay = retry_after_ms
-            .map(Duration::from_millis)
-            .unwrap_or(self.state.cfg.tunnel.retry_delay)
-            .min(self.state.cfg.tunnel.reclaim_after / 2);
-        tracing::debug!(agent = %self.peer.agent, channel, id, attempts, ?delay, reason, "nacked; redelivery scheduled");
-        self.state.metrics.outcome(&channel, "nacked");
-        let tx = self.events_tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = tx.send(Event::Redeliver { channel, id }).await;
-        });
-        Ok(())
     }
 
-    async fn redeliver(&mut self, ws: &mut WebSocket, channel: String, id: String) -> Result<(), Close> {
-        let Some(attempt) = self.inflight.get(&id).map(|f| f.attempt + 1) else {
-            return Ok(());
-        };
-        self.state.metrics.retried.inc();
-        self.state.metrics.outcome(&channel, "redelivered");
-        match self.state.store.claim(&channel, &self.peer.agent, &id).await {
-            Ok(Some(entry)) => {
-                if let Ok(webhook) = entry.webhook {
-                    if let Some(f) = self.inflight.get_mut(&id) {
-                        f.attempt = attempt;
-                    }
-                    self.queue_deliver(ws, &id, &channel, attempt, &webhook).await?;
-                    return self.flush(ws).await;
-                }
-                self.inflight.remove(&id);
-                self.release();
-                Ok(())
+    /// Records a dead letter with the entry's stored bytes; `false` when
+    /// the store failed (the entry stays pending).
+    async fn dead_letter(&self, key: &EntryKey, reason: &str, status: Option<u16>, attempts: u32) -> bool {
+        let (channel, id) = (key.channel.as_str(), key.id.as_str());
+        let raw = match self.store.raw_entry(channel, id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "cannot read entry to dead-letter; left pending");
+                return false;
             }
+        };
+        let letter = DeadLetter { channel, id, reason, status, attempts, raw: raw.as_deref() };
+        match self.store.dead_letter(&letter).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "dead-letter failed; left pending");
+                false
+            }
+        }
+    }
+
+    /// A scheduled redelivery is due: claim the entry again and resend it.
+    async fn redeliver(&mut self, ws: &mut WebSocket, key: EntryKey) -> Result<(), Close> {
+        let Some(attempt) = self.table.due(&key) else { return Ok(()) };
+        self.state.metrics.retried.inc();
+        self.state.metrics.outcome(&key.channel, "redelivered");
+        match self.store.claim(&key.channel, &self.peer.agent, &key.id).await {
+            Ok(Some(entry)) => match entry.webhook {
+                Ok(webhook) => {
+                    let send = Send { key: key.clone(), attempt, payload: webhook };
+                    self.queue_deliver(ws, &send).await?;
+                    self.table.redelivered(&key, Claimed::Sent);
+                    self.flush(ws).await
+                }
+                Err(why) => {
+                    self.discard_unreadable(&key, &why).await;
+                    self.table.forget(&key);
+                    Ok(())
+                }
+            },
             Ok(None) => {
                 // No longer pending here (acked late, or taken by another consumer).
-                self.inflight.remove(&id);
-                self.release();
+                self.table.redelivered(&key, Claimed::Gone);
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "redelivery read failed; retrying later");
-                let tx = self.events_tx.clone();
-                let delay = self.state.cfg.tunnel.retry_delay;
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = tx.send(Event::Redeliver { channel, id }).await;
-                });
+                tracing::warn!(agent = %self.peer.agent, entry = %key, error = %e, "redelivery read failed; retrying later");
+                self.table.redelivered(&key, Claimed::Failed);
+                self.schedule(key, self.state.cfg.tunnel.retry_delay);
                 Ok(())
             }
         }
     }
 
-    async fn dispatch(&mut self, ws: &mut WebSocket, f: Fetched) -> Result<(), Close> {
-        let Fetched { entry, attempt } = f;
-        if let Some(existing) = self.inflight.get(&entry.id) {
-            if existing.channel == entry.channel {
-                // Our own in-flight entry came back through a reclaim: it is
-                // already with the agent; don't deliver it twice.
-                self.release();
-                return Ok(());
-            }
-            self.held.push_back(Fetched { entry, attempt });
-            return Ok(());
-        }
-        let webhook = match entry.webhook {
-            Ok(w) => w,
-            Err(why) => {
-                self.discard_unreadable(&entry.channel, &entry.id, &why).await;
-                self.release();
-                return Ok(());
-            }
-        };
-        self.queue_deliver(ws, &entry.id, &entry.channel, attempt, &webhook).await?;
-        self.inflight
-            .insert(entry.id, Inflight { channel: entry.channel, attempt, received_at_ms: webhook.received_at_ms });
-        Ok(())
-    }
-
-    async fn dispatch_held(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
-        let mut still = VecDeque::new();
-        while let Some(f) = self.held.pop_front() {
-            if self.inflight.contains_key(&f.entry.id) {
-                still.push_back(f);
-            } else {
-                self.dispatch(ws, f).await?;
+    /// A batch from the fetcher: unreadable entries are settled here, the
+    /// rest go through the table, and what it says to send is sent.
+    async fn on_batch(&mut self, ws: &mut WebSocket, batch: Vec<Fetched>) -> Result<(), Close> {
+        let max = self.limits.max_frame;
+        let mut arrivals = Vec::with_capacity(batch.len());
+        for Fetched { entry, attempt } in batch {
+            let key = EntryKey::new(entry.channel, entry.id);
+            match entry.webhook {
+                Ok(w) if w.bytes.len() + 256 + key.id.len() + key.channel.len() > max => {
+                    let why = format!(
+                        "stored webhook of {} bytes does not fit a Deliver frame (tunnel.max_frame = {max} bytes)",
+                        w.bytes.len()
+                    );
+                    self.discard_unreadable(&key, &why).await;
+                }
+                Ok(w) => arrivals.push(Arrival {
+                    key,
+                    attempt,
+                    bytes: w.bytes.len(),
+                    received_at_ms: w.received_at_ms,
+                    payload: w,
+                }),
+                Err(why) => self.discard_unreadable(&key, &why).await,
             }
         }
-        self.held = still;
-        self.flush(ws).await
+        let sends = self.table.arrived(arrivals);
+        self.deliver_all(ws, sends).await
     }
 
     /// An entry that cannot be delivered: trimmed while pending (nothing left
-    /// to deliver, acknowledge it) or corrupt (keep it, in the DLQ).
-    async fn discard_unreadable(&self, channel: &str, id: &str, why: &str) {
-        tracing::warn!(agent = %self.peer.agent, channel, id, why, "unreadable stream entry");
+    /// to deliver, acknowledge it) or corrupt or too large (keep it, in the DLQ).
+    async fn discard_unreadable(&self, key: &EntryKey, why: &str) {
+        let (channel, id) = (key.channel.as_str(), key.id.as_str());
+        tracing::warn!(agent = %self.peer.agent, channel, id, why, "undeliverable stream entry");
         let result = if why == DELETED_WHILE_PENDING {
-            self.state.store.ack(channel, &[id.to_string()]).await.map(|_| ())
+            self.store.ack(channel, &[id.to_string()]).await.map(|_| ())
         } else {
-            let raw = self.state.store.raw_entry(channel, id).await.ok().flatten();
+            let raw = self.store.raw_entry(channel, id).await.ok().flatten();
             let letter = DeadLetter { channel, id, reason: why, status: None, attempts: 0, raw: raw.as_deref() };
-            self.state.store.dead_letter(&letter).await
+            self.store.dead_letter(&letter).await
         };
         if let Err(e) = result {
-            tracing::warn!(channel, id, error = %e, "cannot settle unreadable entry; left pending");
+            tracing::warn!(channel, id, error = %e, "cannot settle undeliverable entry; left pending");
         }
     }
 
     fn spawn_stats(&self) {
-        let store = self.state.store.clone();
-        let channels = self.channels.clone();
-        let tx = self.events_tx.clone();
+        let store = self.store.clone();
+        let channels = self.table.channels().to_vec();
+        let tx = self.stats_tx.clone();
+        if tx.capacity() == 0 {
+            return; // the last figures are not read yet
+        }
         tokio::spawn(async move {
             let mut out = Vec::with_capacity(channels.len());
             for ch in &channels {
@@ -644,155 +632,7 @@ impl Session {
                     }
                 }
             }
-            let _ = tx.send(Event::Stats(out)).await;
+            let _ = tx.try_send(out);
         });
     }
-}
-
-/// Reads entries for a session: its own pending entries first (cursor `0`,
-/// advancing), then new ones (`>`), plus stale entries of vanished
-/// consumers every half visibility timeout. Never reads more than the
-/// window slots it holds.
-#[allow(clippy::too_many_arguments)]
-async fn fetch_loop(
-    store: Store,
-    mut reader: crate::store::Reader,
-    consumer: String,
-    channels: Vec<String>,
-    credit: Arc<Semaphore>,
-    tx: mpsc::Sender<Batch>,
-    cancel: CancellationToken,
-    reclaim_after: Duration,
-    paused: Arc<std::sync::Mutex<HashSet<String>>>,
-    wake: Arc<Notify>,
-) {
-    const MAX_BATCH: usize = 256;
-    let mut cursors: Vec<(String, String)> = channels.iter().map(|c| (c.clone(), "0".to_string())).collect();
-    let reclaim_every = (reclaim_after / 2).max(Duration::from_millis(200));
-    let mut next_reclaim = Instant::now();
-    loop {
-        let active: Vec<(String, String)> = {
-            let paused = paused.lock().unwrap_or_else(|p| p.into_inner());
-            cursors.iter().filter(|(c, _)| !paused.contains(c)).cloned().collect()
-        };
-        if active.is_empty() {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = wake.notified() => continue,
-            }
-        }
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => return,
-            p = credit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
-        permit.forget();
-        let mut slots = 1;
-        while slots < MAX_BATCH {
-            match credit.try_acquire() {
-                Ok(p) => {
-                    p.forget();
-                    slots += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        let mut batch: Vec<Fetched> = Vec::new();
-        let mut failed = false;
-
-        if Instant::now() >= next_reclaim {
-            next_reclaim = Instant::now() + reclaim_every;
-            for (ch, _) in &active {
-                if batch.len() >= slots {
-                    break;
-                }
-                match store.autoclaim(ch, &consumer, reclaim_after, slots - batch.len()).await {
-                    Ok(entries) if !entries.is_empty() => {
-                        tracing::info!(agent = %consumer, channel = %ch, count = entries.len(), "reclaimed stale pending entries");
-                        let counts = counts_for(&store, ch, &consumer, &entries).await;
-                        batch.extend(entries.into_iter().map(|e| {
-                            let attempt = counts.get(&e.id).copied().unwrap_or(1);
-                            Fetched { entry: e, attempt }
-                        }));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(agent = %consumer, channel = %ch, error = %e, "reclaim failed");
-                        failed = true;
-                    }
-                }
-            }
-        }
-
-        if !failed && batch.len() < slots {
-            // COUNT applies per stream: split the free slots between them.
-            let want = ((slots - batch.len()) / active.len()).max(1);
-            let read = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = reader.read(&consumer, &active, want) => r,
-            };
-            match read {
-                Ok(raws) => {
-                    // Pending phase: advance each channel's cursor; a channel
-                    // whose own pending list is exhausted moves to `>`.
-                    let history: Vec<(String, String)> = active.iter().filter(|(_, c)| c != ">").cloned().collect();
-                    for (ch, cursor) in cursors.iter_mut() {
-                        if cursor == ">" || !history.iter().any(|(c, _)| c == ch) {
-                            continue;
-                        }
-                        match raws.iter().rev().find(|r| &r.channel == ch).map(|r| r.id.clone()) {
-                            Some(last) => *cursor = last,
-                            None => *cursor = ">".into(),
-                        }
-                    }
-                    let mut by_channel: HashMap<String, Vec<Entry>> = HashMap::new();
-                    for raw in raws {
-                        let ch = raw.channel.clone();
-                        by_channel.entry(ch.clone()).or_default().push(raw.into_entry(&ch));
-                    }
-                    for (ch, entries) in by_channel {
-                        let from_history = history.iter().any(|(c, _)| c == &ch);
-                        let counts = if from_history {
-                            counts_for(&store, &ch, &consumer, &entries).await
-                        } else {
-                            HashMap::new()
-                        };
-                        batch.extend(entries.into_iter().map(|e| {
-                            let attempt = counts.get(&e.id).copied().unwrap_or(1);
-                            Fetched { entry: e, attempt }
-                        }));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(agent = %consumer, error = %e, "XREADGROUP failed");
-                    failed = true;
-                }
-            }
-        }
-
-        let unused = slots.saturating_sub(batch.len());
-        if unused > 0 {
-            credit.add_permits(unused);
-        }
-        let overdraft = batch.len().saturating_sub(slots) as u32;
-        if !batch.is_empty() && tx.send(Batch { entries: batch, overdraft }).await.is_err() {
-            return;
-        }
-        if failed {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-            if let Ok(r) = store.reader().await {
-                reader = r;
-            }
-        }
-    }
-}
-
-/// Delivery counts of entries that came from a pending list.
-async fn counts_for(store: &Store, channel: &str, consumer: &str, entries: &[Entry]) -> HashMap<String, u32> {
-    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-        return HashMap::new();
-    };
-    store.delivery_counts(channel, consumer, &first.id, &last.id, entries.len()).await.unwrap_or_default()
 }
