@@ -241,7 +241,8 @@ mod bounded {
             if hint > self.max {
                 return Err(de::Error::invalid_length(hint, &self));
             }
-            let mut out = Vec::with_capacity(hint);
+            // The header's count is the peer's claim: grow as items arrive.
+            let mut out = Vec::with_capacity(hint.min(64));
             while let Some(item) = seq.next_element()? {
                 if out.len() == self.max {
                     return Err(de::Error::invalid_length(self.max + 1, &self));

@@ -170,10 +170,8 @@ impl Pipeline {
                 frames.push(Frame::Flow { window: 0, channel: Some(channel.clone()) });
             }
         }
-        if !self.unsent_acks.is_empty() {
-            // Kept until `acks_sent`: sending them twice is harmless.
-            frames.push(Frame::ack(self.unsent_acks.iter().map(|(c, i)| (c.as_str(), i.as_str()))));
-        }
+        // Kept until `acks_sent`: sending them twice is harmless.
+        frames.extend(ack_frames(&self.unsent_acks));
         frames
     }
 
@@ -368,6 +366,15 @@ impl Pipeline {
     }
 }
 
+/// Most entries in one `Ack` frame: far below the edge's limits (10,000
+/// ids, 1 MiB), however many acks piled up while disconnected.
+const ACKS_PER_FRAME: usize = 1_000;
+
+/// `Ack` frames for `acks`, `(channel, id)` each.
+pub fn ack_frames(acks: &[(String, String)]) -> Vec<Frame> {
+    acks.chunks(ACKS_PER_FRAME).map(|chunk| Frame::ack(chunk.iter().map(|(c, i)| (c.as_str(), i.as_str())))).collect()
+}
+
 fn nack(
     channel: String,
     id: String,
@@ -418,6 +425,16 @@ mod tests {
 
     fn answered(status: u16) -> Posted {
         Posted::Answered { status, retry_after: None }
+    }
+
+    #[test]
+    fn acks_are_split_into_frames_the_edge_takes() {
+        let acks: Vec<(String, String)> = (0..2_500).map(|i| ("crm".to_string(), format!("{i}-0"))).collect();
+        let frames = ack_frames(&acks);
+        assert_eq!(frames.len(), 3);
+        let total: usize = frames.iter().map(|f| f.acked().map(|a| a.len()).unwrap_or(0)).sum();
+        assert_eq!(total, 2_500);
+        assert!(ack_frames(&[]).is_empty());
     }
 
     #[test]

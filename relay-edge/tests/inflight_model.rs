@@ -21,10 +21,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proptest::prelude::*;
+use relay_edge::tunnel::fetcher::{Cursor, admit, next_cursor};
 use relay_edge::tunnel::inflight::{Acked, Arrival, Claimed, EntryKey, Nacked, Table};
 
 const CHANNELS: [&str; 2] = ["a", "b"];
-const MAX_BYTES: usize = 1_000;
+const MAX_BYTES: usize = 400;
 const RESERVE: usize = 100;
 const AGENTS: usize = 2;
 
@@ -160,13 +161,6 @@ impl ModelStore {
     }
 }
 
-/// A session's cursor per channel, as the fetcher keeps it.
-#[derive(Debug, Clone, Copy)]
-enum Cursor {
-    Pending(u64),
-    New,
-}
-
 /// One edge session, driven as `session.rs` drives its table.
 struct Session {
     table: Table<()>,
@@ -217,7 +211,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (agent.clone(), any::<usize>(), prop::bool::weighted(0.1)).prop_map(|(agent, pick, fail)| Op::Due { agent, pick, fail }),
         1 => agent.clone().prop_map(|agent| Op::Drop { agent }),
         1 => (agent.clone(), prop::bool::weighted(0.2)).prop_map(|(agent, only_a)| Op::Connect { agent, only_a }),
-        1 => (agent.clone(), 0..6u32).prop_map(|(agent, window)| Op::Window { agent, window }),
+        1 => (agent.clone(), 0..12u32).prop_map(|(agent, window)| Op::Window { agent, window }),
         1 => (agent, 0..2usize, any::<bool>()).prop_map(|(agent, channel, paused)| Op::Pause { agent, channel, paused }),
     ]
 }
@@ -250,7 +244,7 @@ impl World {
         } else {
             CHANNELS.iter().map(|c| c.to_string()).collect()
         };
-        let cursors = channels.iter().map(|c| (c.clone(), Cursor::Pending(0))).collect();
+        let cursors = channels.iter().map(|c| (c.clone(), Cursor::Pending("0".into()))).collect();
         let table = Table::new(channels, 4, MAX_BYTES, RESERVE);
         self.agents[a].session = Some(Session { table, cursors, scheduled: BTreeSet::new(), window: 4 });
         // Acks of deliveries that finished while disconnected.
@@ -260,36 +254,58 @@ impl World {
         }
     }
 
-    /// What the fetcher does for one grant.
+    /// What the fetcher does for one grant (with its real admission and
+    /// cursor rules).
     fn fetch(&mut self, a: usize, reclaim: bool, fail: bool) {
         let Some(s) = self.agents[a].session.as_mut() else { return };
         let Some(grant) = s.table.grant() else { return };
         assert!(s.table.held() + grant.slots <= s.window as usize, "grant past the window");
-        assert!(s.table.bytes() + grant.slots * RESERVE <= MAX_BYTES, "grant past the byte budget");
+        assert!(s.table.bytes() + grant.bytes <= MAX_BYTES, "grant past the byte budget");
+        assert!(grant.bytes >= RESERVE, "a grant always fits one largest entry");
         let mut got: Vec<(String, (u64, u32, usize))> = vec![];
         if !fail {
+            let mut bytes = grant.bytes;
             if reclaim {
                 for ch in &grant.channels {
-                    let room = grant.slots - got.len();
-                    got.extend(self.store.autoclaim(a, ch, room).into_iter().map(|e| (ch.clone(), e)));
+                    let room = (grant.slots - got.len()).min(bytes / RESERVE);
+                    let claimed = self.store.autoclaim(a, ch, room);
+                    bytes -= claimed.iter().map(|e| e.2).sum::<usize>();
+                    got.extend(claimed.into_iter().map(|e| (ch.clone(), e)));
                 }
             }
             let room = grant.slots - got.len();
-            let n = grant.channels.len().min(room);
-            for ch in grant.channels.iter().take(n) {
-                let want = room / n.max(1);
-                let entries = match s.cursors[ch] {
-                    Cursor::Pending(after) => {
-                        let e = self.store.read_pending(a, ch, after, want);
-                        s.cursors.insert(ch.clone(), e.last().map(|l| Cursor::Pending(l.0)).unwrap_or(Cursor::New));
-                        e
-                    }
-                    Cursor::New => self.store.read_new(a, ch, want),
-                };
-                got.extend(entries.into_iter().map(|e| (ch.clone(), e)));
+            if room > 0 {
+                let want = room.div_ceil(grant.channels.len());
+                let mut per_channel = vec![];
+                for ch in &grant.channels {
+                    let entries = match &s.cursors[ch] {
+                        Cursor::Pending(after) => {
+                            let after = after.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0);
+                            self.store.read_pending(a, ch, after, want)
+                        }
+                        Cursor::New => self.store.read_new(a, ch, want),
+                    };
+                    per_channel.push((ch.clone(), entries));
+                }
+                for (ch, mut read, taken) in admit(per_channel, room, bytes, |e| e.2) {
+                    let ids: Vec<String> = read.iter().map(|e| format!("{}-0", e.0)).collect();
+                    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    let next = next_cursor(&s.cursors[&ch], &ids, taken);
+                    s.cursors.insert(ch.clone(), next);
+                    read.truncate(taken);
+                    got.extend(read.into_iter().map(|e| (ch.clone(), e)));
+                }
             }
         }
         assert!(got.len() <= grant.slots, "the fetcher read past its grant");
+        let offered = got.len();
+        // A reclaim and a pending read in one fetch may return one entry twice.
+        let fresh: BTreeSet<EntryKey> = got
+            .iter()
+            .map(|(ch, (id, _, _))| EntryKey::new(ch.as_str(), id.to_string()))
+            .filter(|k| s.table.flight(k).is_none())
+            .collect();
+        let fresh = fresh.len();
         let arrivals = got
             .into_iter()
             .map(|(ch, (id, attempt, bytes))| Arrival {
@@ -301,6 +317,7 @@ impl World {
             })
             .collect();
         let sends = s.table.arrived(arrivals);
+        assert_eq!(sends.len(), fresh, "the table took every entry the fetcher admitted ({offered} offered)");
         assert!(s.table.bytes() <= MAX_BYTES);
         for send in sends {
             self.receive(a, send.key);

@@ -83,6 +83,7 @@ async fn post_fan(edge: &Edge, body: &str) {
 
 both_backends!(a_late_ack_settles_only_the_channel_it_names, an_agent_that_names_ids_only_gets_one_channel);
 both_backends!(repeated_nacks_schedule_one_redelivery, a_session_holds_at_most_its_byte_budget);
+both_backends!(an_idle_channel_does_not_slow_a_busy_one, small_webhooks_fill_the_whole_window);
 
 /// The fan-out loss, frame by frame: the agent holds both copies, acks
 /// `crm`'s only, loses the link, and acks `crm`'s again on the next
@@ -207,6 +208,48 @@ async fn a_session_holds_at_most_its_byte_budget(store: Backing) {
     raw::send(&mut ws, &Frame::ack(acks)).await.expect("ack");
     let rest = deliveries(&mut ws, 10 - held.len()).await;
     assert!(rest.iter().all(|d| !held.contains(d)), "the rest, after the acks");
+    edge.stop().await;
+}
+
+/// `window = 1` over two channels, one idle: the busy one drains at the
+/// speed of the acks, not one entry per blocking read of the idle one.
+async fn an_idle_channel_does_not_slow_a_busy_one(store: Backing) {
+    init_tracing();
+    let certs = Certs::generate();
+    let edge = Edge::start(fan_out_config(&store, &certs)).await;
+    let client = reqwest::Client::new();
+    for i in 0..20 {
+        let (status, _) = post(&client, &edge.hook_url("hooks"), KEY, format!("{{\"i\":{i}}}").into_bytes()).await;
+        assert_eq!(status, 200);
+    }
+    let mut ws = session(&edge, &certs, &hello(1, &["crm", "default"], true)).await;
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let d = deliveries(&mut ws, 1).await;
+        raw::send(&mut ws, &Frame::ack([(d[0].0.as_str(), d[0].1.as_str())])).await.expect("ack");
+    }
+    // store.block is 500 ms here: one blocking read per delivery would take 10 s.
+    assert!(started.elapsed() < Duration::from_secs(4), "20 deliveries took {:?}", started.elapsed());
+    edge.stop().await;
+}
+
+/// The byte budget counts real sizes: small webhooks fill the agent's
+/// whole window (64), not the budget divided by the largest frame.
+async fn small_webhooks_fill_the_whole_window(store: Backing) {
+    init_tracing();
+    let certs = Certs::generate();
+    let edge = Edge::start(fan_out_config(&store, &certs)).await;
+    let client = reqwest::Client::new();
+    for i in 0..80 {
+        let (status, _) = post(&client, &edge.hook_url("hooks"), KEY, format!("{{\"i\":{i}}}").into_bytes()).await;
+        assert_eq!(status, 200);
+    }
+    let mut ws = session(&edge, &certs, &hello(64, &["crm"], true)).await;
+    let first = deliveries(&mut ws, 64).await;
+    let more = deliveries_within(&mut ws, Duration::from_millis(800)).await;
+    assert!(more.is_empty(), "the window is 64: {} more", more.len());
+    raw::send(&mut ws, &Frame::ack([(first[0].0.as_str(), first[0].1.as_str())])).await.expect("ack");
+    assert_eq!(deliveries(&mut ws, 1).await.len(), 1);
     edge.stop().await;
 }
 

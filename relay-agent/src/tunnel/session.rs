@@ -172,8 +172,7 @@ async fn send_settled(
     deadline: Duration,
 ) -> Result<(), SessionError> {
     let Settled { acks, frames, resumed } = settled;
-    if !acks.is_empty() {
-        let frame = Frame::ack(acks.iter().map(|(c, i)| (c.as_str(), i.as_str())));
+    for frame in crate::pipeline::ack_frames(&acks) {
         if let Err(e) = send(ws, &frame, deadline).await {
             pipe.keep_unsent(acks);
             return Err(e);

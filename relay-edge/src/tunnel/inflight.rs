@@ -10,13 +10,13 @@
 //!   repeat across channels (a fan-out appends the same id to each stream),
 //!   so nothing here is ever looked up by id alone, and no verdict settles
 //!   an entry on a channel it does not name.
-//! - **Flow control.** The fetcher reads only what a [`Grant`] allows, and
-//!   one grant is outstanding at a time. A grant never takes the session
-//!   past the agent's window (counted over every held delivery, including
-//!   ones waiting to be redelivered, so `window = 1` stays FIFO across
-//!   retries) nor past its byte budget: each granted slot reserves
-//!   `entry_reserve` bytes (the largest entry a `Deliver` can carry), so the
-//!   held bytes never exceed `max_bytes`, whatever the entries weigh.
+//! - **Flow control.** The fetcher hands over only what a [`Grant`] allows,
+//!   and one grant is outstanding at a time. A grant never takes the
+//!   session past the agent's window (counted over every held delivery,
+//!   including ones waiting to be redelivered, so `window = 1` stays FIFO
+//!   across retries) nor past its byte budget, counted in the entries' real
+//!   sizes. A grant is issued only while a whole largest entry
+//!   (`entry_reserve`) still fits, so every grant makes progress.
 //! - **One exit per delivery.** A delivery leaves the table exactly once: by
 //!   an ack, by a dead-letter that the store recorded, or because the store
 //!   no longer holds it for us (`forget`). A transient nack parks it for one
@@ -60,11 +60,14 @@ impl std::fmt::Display for EntryKey {
     }
 }
 
-/// Permission for the fetcher to read at most `slots` entries from
-/// `channels` (the session's channels the agent has not paused).
+/// Permission for the fetcher to hand over at most `slots` entries
+/// weighing at most `bytes` together, from `channels` (the session's
+/// channels the agent has not paused). `bytes` is at least one whole
+/// largest entry, so a grant always admits the first entry it reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     pub slots: usize,
+    pub bytes: usize,
     pub channels: Vec<String>,
 }
 
@@ -161,8 +164,8 @@ pub struct Table<P> {
     flights: HashMap<EntryKey, Flight>,
     /// Bytes of `flights`.
     bytes: usize,
-    /// The grant the fetcher is working on.
-    granted: Option<usize>,
+    /// The grant the fetcher is working on: slots and bytes.
+    granted: Option<(usize, usize)>,
     payload: std::marker::PhantomData<P>,
 }
 
@@ -210,27 +213,31 @@ impl<P> Table<P> {
         if channels.is_empty() {
             return None;
         }
-        let room = (self.window as usize).saturating_sub(self.held());
-        let byte_room = self.max_bytes.saturating_sub(self.bytes) / self.entry_reserve;
-        let slots = room.min(byte_room).min(self.max_grant);
-        if slots == 0 {
+        let slots = (self.window as usize).saturating_sub(self.held()).min(self.max_grant);
+        let bytes = self.max_bytes.saturating_sub(self.bytes);
+        if slots == 0 || bytes < self.entry_reserve {
             return None;
         }
-        self.granted = Some(slots);
-        Some(Grant { slots, channels })
+        self.granted = Some((slots, bytes));
+        Some(Grant { slots, bytes, channels })
     }
 
     /// The fetcher's read came back (possibly empty). Returns what to send.
     /// An entry already in flight here (our own, reclaimed by us after the
-    /// visibility timeout) is not sent twice. Entries beyond the grant are
-    /// not taken (they stay pending in the store and come back later).
+    /// visibility timeout) is not sent twice. The fetcher never hands over
+    /// more than the grant; should it, the excess is not taken (it stays
+    /// pending in the store and comes back on reconnect or reclaim).
     pub fn arrived(&mut self, entries: Vec<Arrival<P>>) -> Vec<Send<P>> {
-        let slots = self.granted.take().unwrap_or(0);
+        let (slots, mut bytes) = self.granted.take().unwrap_or((0, 0));
         let mut out = Vec::new();
         for a in entries.into_iter().take(slots) {
             if self.flights.contains_key(&a.key) {
                 continue;
             }
+            if a.bytes > bytes {
+                break;
+            }
+            bytes -= a.bytes;
             self.bytes += a.bytes;
             let flight = Flight {
                 attempt: a.attempt,
@@ -372,11 +379,14 @@ mod tests {
         t.arrived(vec![arrival("a", "1-0")]);
         assert_eq!(t.grant().map(|g| g.slots), Some(2));
         t.arrived(vec![]);
-        // Budget 1000 bytes, 100 reserved per slot: 9 more after 10 bytes held.
+        // Budget 1000 bytes: the grant offers what is left, and none once
+        // less than one largest entry (100 bytes) is left.
         let mut t = Table::<()>::new(vec!["a".into()], 1_000, 1_000, 100);
-        assert_eq!(t.grant().map(|g| g.slots), Some(10));
-        t.arrived(vec![arrival("a", "1-0")]);
-        assert_eq!(t.grant().map(|g| g.slots), Some(9));
+        assert_eq!(t.grant().map(|g| (g.slots, g.bytes)), Some((256, 1_000)));
+        let big = |id: &str| Arrival { bytes: 460, ..arrival("a", id) };
+        assert_eq!(t.arrived(vec![big("1-0"), big("2-0"), big("3-0")]).len(), 2, "the third is past the budget");
+        assert_eq!(t.bytes(), 920);
+        assert_eq!(t.grant(), None, "80 bytes left: not a whole largest entry");
     }
 
     #[test]

@@ -38,6 +38,9 @@ impl Close {
     }
 }
 
+/// Longest nack reason kept (dead-letter record, logs).
+const MAX_REASON: usize = 1024;
+
 /// Fresh backlog figures for the agent, from a helper task.
 type StatsEvent = Vec<relay_protocol::ChannelStats>;
 
@@ -130,7 +133,9 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     let (grant_tx, grant_rx) = mpsc::channel(1);
     let (batch_tx, batch_rx) = mpsc::channel(1);
     let (stats_tx, stats_rx) = mpsc::channel(1);
-    let fetcher = Fetcher::new(state.store.clone(), reader, peer.agent.clone(), &channels, tunnel.reclaim_after);
+    let max_entry = tunnel.max_frame.as_u64() as usize;
+    let fetcher =
+        Fetcher::new(state.store.clone(), reader, peer.agent.clone(), &channels, tunnel.reclaim_after, max_entry);
     let fetcher = tokio::spawn(fetcher.run(grant_rx, batch_tx, cancel.clone()));
     let table = Table::new(
         channels.clone(),
@@ -150,9 +155,10 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         stats_tx,
         last_rx: Instant::now(),
         live,
+        kick: kick.clone(),
     };
     let outcome = match session.send(&mut ws, &welcome).await {
-        Ok(()) => session.run(&mut ws, batch_rx, stats_rx, &kick).await,
+        Ok(()) => session.run(&mut ws, batch_rx, stats_rx).await,
         Err(c) => Err(c),
     };
     cancel.cancel();
@@ -263,6 +269,8 @@ struct Session {
     last_rx: Instant,
     /// Figures shown by `relay-edge agents`.
     live: Arc<Live>,
+    /// Stops the session (replaced, revoked, shutdown).
+    kick: Kick,
 }
 
 impl Session {
@@ -271,7 +279,6 @@ impl Session {
         ws: &mut WebSocket,
         mut batches: mpsc::Receiver<Vec<Fetched>>,
         mut stats_rx: mpsc::Receiver<StatsEvent>,
-        kick: &Kick,
     ) -> Result<(), Close> {
         let heartbeat = self.state.cfg.tunnel.heartbeat;
         let mut ticker = tokio::time::interval(heartbeat);
@@ -281,15 +288,7 @@ impl Session {
         loop {
             self.live.in_flight.store(self.table.held() as u64, std::sync::atomic::Ordering::Relaxed);
             tokio::select! {
-                _ = kick.token.cancelled() => {
-                    return Err(if self.state.shutdown.is_cancelled() {
-                        Close::new("shutdown", "the edge is shutting down; reconnect shortly")
-                    } else if kick.was_revoked() {
-                        Close::new("revoked", "this agent's certificate has been revoked")
-                    } else {
-                        Close::new("replaced", "a newer session of this agent took over")
-                    });
-                }
+                _ = self.kick.token.cancelled() => return Err(self.kicked()),
                 frame = recv_frame(ws, &self.limits) => {
                     match frame? {
                         None => return Ok(()),
@@ -299,7 +298,12 @@ impl Session {
                         }
                     }
                 }
-                Some(batch) = batches.recv() => self.on_batch(ws, batch).await?,
+                batch = batches.recv() => match batch {
+                    Some(batch) => self.on_batch(ws, batch).await?,
+                    // Only if the fetcher task died: end the session, so the
+                    // agent reconnects to a working one.
+                    None => return Err(Close::new("internal", "the session's store reader stopped")),
+                },
                 Some(due) = self.redeliveries.next(), if !self.redeliveries.is_empty() => {
                     let key = due.into_inner();
                     self.scheduled.remove(&key);
@@ -373,8 +377,9 @@ impl Session {
         if sends.is_empty() {
             return Ok(());
         }
-        for d in &sends {
-            self.queue_deliver(ws, d).await?;
+        // By value: each stored payload is let go once it is encoded.
+        for d in sends {
+            self.queue_deliver(ws, &d).await?;
         }
         self.flush(ws).await
     }
@@ -388,12 +393,28 @@ impl Session {
         self.in_time(ws.flush()).await
     }
 
-    /// A write to the agent, bounded by the dead-session deadline.
+    /// A write to the agent, bounded by the dead-session deadline, and
+    /// given up when the session is stopped (a replaced session stuck on
+    /// an agent that stopped reading lets go of what it holds at once).
     async fn in_time(&self, write: impl std::future::Future<Output = Result<(), axum::Error>>) -> Result<(), Close> {
-        match tokio::time::timeout(self.state.cfg.tunnel.heartbeat * 3, write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Close::new("transport_error", format!("send failed: {e}"))),
-            Err(_) => Err(Close::new("send_timeout", "the agent stopped reading")),
+        tokio::select! {
+            _ = self.kick.token.cancelled() => Err(self.kicked()),
+            r = tokio::time::timeout(self.state.cfg.tunnel.heartbeat * 3, write) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(Close::new("transport_error", format!("send failed: {e}"))),
+                Err(_) => Err(Close::new("send_timeout", "the agent stopped reading")),
+            },
+        }
+    }
+
+    /// Why the session was stopped from outside.
+    fn kicked(&self) -> Close {
+        if self.state.shutdown.is_cancelled() {
+            Close::new("shutdown", "the edge is shutting down; reconnect shortly")
+        } else if self.kick.was_revoked() {
+            Close::new("revoked", "this agent's certificate has been revoked")
+        } else {
+            Close::new("replaced", "a newer session of this agent took over")
         }
     }
 
@@ -407,7 +428,15 @@ impl Session {
                     acked.into_iter().map(|(c, i)| (c.map(str::to_string), i.to_string())).collect();
                 self.on_ack(acked).await;
             }
-            Frame::Nack { channel, id, permanent, reason, retry_after_ms, status } => {
+            Frame::Nack { channel, id, permanent, mut reason, retry_after_ms, status } => {
+                // Stored with a dead letter and logged: keep it short.
+                if reason.len() > MAX_REASON {
+                    let mut end = MAX_REASON;
+                    while !reason.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    reason.truncate(end);
+                }
                 let key = match channel {
                     Some(channel) => Some(EntryKey::new(channel, id.as_str())),
                     None => self.table.resolve(&id),
