@@ -217,11 +217,7 @@ async fn an_idle_channel_does_not_slow_a_busy_one(store: Backing) {
     init_tracing();
     let certs = Certs::generate();
     let edge = Edge::start(fan_out_config(&store, &certs)).await;
-    let client = reqwest::Client::new();
-    for i in 0..20 {
-        let (status, _) = post(&client, &edge.hook_url("hooks"), KEY, format!("{{\"i\":{i}}}").into_bytes()).await;
-        assert_eq!(status, 200);
-    }
+    post_small(&edge, 20).await;
     let mut ws = session(&edge, &certs, &hello(1, &["crm", "default"], true)).await;
     let started = std::time::Instant::now();
     for _ in 0..20 {
@@ -239,11 +235,7 @@ async fn small_webhooks_fill_the_whole_window(store: Backing) {
     init_tracing();
     let certs = Certs::generate();
     let edge = Edge::start(fan_out_config(&store, &certs)).await;
-    let client = reqwest::Client::new();
-    for i in 0..80 {
-        let (status, _) = post(&client, &edge.hook_url("hooks"), KEY, format!("{{\"i\":{i}}}").into_bytes()).await;
-        assert_eq!(status, 200);
-    }
+    post_small(&edge, 80).await;
     let mut ws = session(&edge, &certs, &hello(64, &["crm"], true)).await;
     let first = deliveries(&mut ws, 64).await;
     let more = deliveries_within(&mut ws, Duration::from_millis(800)).await;
@@ -251,6 +243,15 @@ async fn small_webhooks_fill_the_whole_window(store: Backing) {
     raw::send(&mut ws, &Frame::ack([(first[0].0.as_str(), first[0].1.as_str())])).await.expect("ack");
     assert_eq!(deliveries(&mut ws, 1).await.len(), 1);
     edge.stop().await;
+}
+
+/// Posts `n` small webhooks to route `hooks` (channel `crm`).
+async fn post_small(edge: &Edge, n: usize) {
+    let client = reqwest::Client::new();
+    for i in 0..n {
+        let (status, _) = post(&client, &edge.hook_url("hooks"), KEY, format!("{{\"i\":{i}}}").into_bytes()).await;
+        assert_eq!(status, 200);
+    }
 }
 
 fn bytesize_kib(n: u64) -> bytesize::ByteSize {
