@@ -56,6 +56,26 @@ impl Proc {
         }
     }
 
+    /// The running process's PID (`None` once it was killed or stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// How the process ended, when it exited by itself (rather than
+    /// through this handle); `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Sends `kill -<sig> <pid>` (e.g. `STOP`, `CONT`) to the running
+    /// process, by its own PID; does nothing when it is not running.
+    pub async fn signal(&self, sig: &str) {
+        let Some(pid) = self.pid() else { return };
+        let ok =
+            Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().await.expect("kill").success();
+        assert!(ok, "kill -{sig} {pid} ({})", self.name);
+    }
+
     /// `kill -TERM <pid>` and wait for a clean exit.
     pub async fn sigterm(&mut self) {
         let Some(mut c) = self.child.take() else { return };
@@ -84,8 +104,28 @@ impl EdgeSpec {
 
 /// Writes an edge config with the `[store]` lines `store` (see
 /// [`crate::Backing::toml`]) and the visibility timeout `reclaim_after`
-/// (e.g. `"3s"`).
+/// (e.g. `"3s"`): route `hooks` → `crm`, agents `lan-1` and `lan-2`
+/// granted `crm`.
 pub fn write_edge(certs: &Certs, name: &str, store: &str, reclaim_after: &str) -> EdgeSpec {
+    write_edge_with(certs, name, store, reclaim_after, &routing(&["crm"], &["lan-1", "lan-2"]))
+}
+
+/// The `[[route]]` `hooks` (key [`KEY`]) fanned out to `channels`, and one
+/// `[[agent]]` per name in `agents`, each granted every one of `channels`.
+pub fn routing(channels: &[&str], agents: &[&str]) -> String {
+    let list = |names: &[&str]| names.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
+    let channels = list(channels);
+    let mut text = format!("[[route]]\nname = \"hooks\"\nchannels = [{channels}]\napi_keys = [\"{KEY}\"]\n");
+    for agent in agents {
+        text.push_str(&format!("[[agent]]\nname = \"{agent}\"\nchannels = [{channels}]\n"));
+    }
+    text
+}
+
+/// Like [`write_edge`], with the `[[route]]` and `[[agent]]` tables
+/// `routing` (see [`routing`]); [`EdgeSpec::hook_url`] posts to the route
+/// named `hooks`.
+pub fn write_edge_with(certs: &Certs, name: &str, store: &str, reclaim_after: &str, routing: &str) -> EdgeSpec {
     let d = certs.dir.path().display();
     let spec = EdgeSpec {
         ingest: free_port(),
@@ -114,17 +154,7 @@ listen = "127.0.0.1:{admin}"
 {store}
 block = "500ms"
 command_timeout = "1s"
-[[route]]
-name = "hooks"
-channels = ["crm"]
-api_keys = ["{KEY}"]
-[[agent]]
-name = "lan-1"
-channels = ["crm"]
-[[agent]]
-name = "lan-2"
-channels = ["crm"]
-"#,
+{routing}"#,
         ingest = spec.ingest,
         tunnel = spec.tunnel,
         admin = spec.admin,
@@ -136,9 +166,41 @@ channels = ["crm"]
 /// Writes an agent config for identity `name` dialing `tunnel_port`;
 /// `extra` lines go at the top level. Returns (config, status socket).
 pub fn write_agent(certs: &Certs, name: &str, tunnel_port: u16, target: &str, extra: &str) -> (PathBuf, PathBuf) {
+    let opts = AgentOpts { targets: vec![("crm".into(), target.into())], extra: extra.into(), ..Default::default() };
+    write_agent_with(certs, name, tunnel_port, &opts)
+}
+
+/// What an agent config says besides its identity, certificates and edge.
+#[derive(Debug, Clone)]
+pub struct AgentOpts {
+    /// One `[[target]]` per `(channel, url)`.
+    pub targets: Vec<(String, String)>,
+    /// Top-level lines, e.g. `window = 16`.
+    pub extra: String,
+    /// `request_timeout` of a local POST.
+    pub request_timeout: String,
+    /// More lines of the `[retry]` table, e.g. `max_attempts = 1000`.
+    pub retry: String,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        Self { targets: Vec::new(), extra: String::new(), request_timeout: "2s".into(), retry: String::new() }
+    }
+}
+
+/// Writes an agent config for identity `name` dialing `tunnel_port` (fast
+/// heartbeats, reconnects and retries) with `opts`. Returns (config,
+/// status socket).
+pub fn write_agent_with(certs: &Certs, name: &str, tunnel_port: u16, opts: &AgentOpts) -> (PathBuf, PathBuf) {
     let d = certs.dir.path().display();
     let config = certs.dir.path().join(format!("{name}-agent.toml"));
     let socket = certs.dir.path().join(format!("{name}-agent.sock"));
+    let targets: String = opts
+        .targets
+        .iter()
+        .map(|(channel, url)| format!("[[target]]\nchannel = \"{channel}\"\nurl = \"{url}\"\n"))
+        .collect();
     let text = format!(
         r#"
 edge = "wss://127.0.0.1:{tunnel_port}"
@@ -147,7 +209,7 @@ key = "{d}/{name}-key.pem"
 ca = "{d}/ca.pem"
 status_socket = "{socket}"
 heartbeat = "300ms"
-request_timeout = "2s"
+request_timeout = "{request_timeout}"
 {extra}
 [reconnect]
 initial_delay = "50ms"
@@ -155,11 +217,12 @@ max_delay = "500ms"
 [retry]
 initial_delay = "50ms"
 max_delay = "500ms"
-[[target]]
-channel = "crm"
-url = "{target}"
-"#,
+{retry}
+{targets}"#,
         socket = socket.display(),
+        request_timeout = opts.request_timeout,
+        extra = opts.extra,
+        retry = opts.retry,
     );
     std::fs::write(&config, text).expect("write agent config");
     (config, socket)
@@ -299,6 +362,169 @@ pub async fn check_invariant(
         duplicates: deliveries.len() - distinct.len(),
         wait_ms,
     }
+}
+
+/// What one channel ended with (see [`settle`]).
+#[derive(Debug, Clone)]
+pub struct ChannelReport {
+    pub channel: String,
+    /// Webhooks answered 200.
+    pub accepted: usize,
+    /// Webhooks answered 200 that never reached the channel's receiver with a 2xx.
+    pub missing: Vec<String>,
+    /// Deliveries answered 2xx whose body or `x-body-sha256` header is not what was sent.
+    pub corrupt: Vec<String>,
+    /// Requests the receiver answered 2xx.
+    pub deliveries: usize,
+    /// Of those, repeats of an id already delivered.
+    pub duplicates: usize,
+    /// The edge's last figures for the channel (`None`: it did not say —
+    /// edge or store down): delivered and unacknowledged, never delivered,
+    /// dead-lettered.
+    pub pending: Option<u64>,
+    pub backlog: Option<u64>,
+    pub dlq: Option<u64>,
+    /// Until every webhook had arrived, or the wait ended.
+    pub wait_ms: u128,
+}
+
+impl ChannelReport {
+    /// What breaks the invariant, one line each; empty when it holds.
+    pub fn failures(&self) -> Vec<String> {
+        let ch = &self.channel;
+        let mut out = Vec::new();
+        if !self.missing.is_empty() {
+            let some: Vec<&str> = self.missing.iter().take(3).map(String::as_str).collect();
+            out.push(format!(
+                "`{ch}`: {} of {} webhooks answered 200 were never delivered (e.g. {})",
+                self.missing.len(),
+                self.accepted,
+                some.join(", ")
+            ));
+        }
+        if !self.corrupt.is_empty() {
+            out.push(format!(
+                "`{ch}`: {} deliveries with a changed body or header: {:?}",
+                self.corrupt.len(),
+                self.corrupt
+            ));
+        }
+        match self.pending {
+            Some(0) => {}
+            Some(n) => out.push(format!("`{ch}`: {n} entries still pending")),
+            None => out.push(format!("`{ch}`: the edge reports no pending count")),
+        }
+        match self.dlq {
+            Some(0) => {}
+            Some(n) => out.push(format!("`{ch}`: {n} entries dead-lettered")),
+            None => out.push(format!("`{ch}`: the edge reports no DLQ total")),
+        }
+        out
+    }
+}
+
+/// How long a channel must show nothing left to deliver (nothing pending,
+/// no backlog) while webhooks are missing before [`settle`] calls them lost.
+const LOST_AFTER: Duration = Duration::from_secs(3);
+
+/// The invariant per channel, without panicking: waits up to `within`
+/// until every webhook of `accepted` reached each channel's receiver with a
+/// 2xx and the edge answering on `admin` reports nothing pending and no
+/// backlog there. A channel whose missing webhooks can no longer arrive
+/// (nothing left in the store for [`LOST_AFTER`]) stops the wait for it
+/// early. Then reads each DLQ and checks every delivered body.
+pub async fn settle(
+    admin: u16,
+    channels: &[(&str, &Receiver)],
+    accepted: &HashMap<String, String>,
+    within: Duration,
+) -> Vec<ChannelReport> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("client");
+    let started = std::time::Instant::now();
+    // Per channel: missing ids, last (backlog, pending), when every webhook
+    // had arrived, since when nothing was left to deliver, settled.
+    struct Watch {
+        missing: Vec<String>,
+        stats: Option<(u64, u64)>,
+        arrived_ms: Option<u128>,
+        idle_since: Option<std::time::Instant>,
+        done: bool,
+    }
+    let mut watch: Vec<Watch> = channels
+        .iter()
+        .map(|_| Watch { missing: Vec::new(), stats: None, arrived_ms: None, idle_since: None, done: false })
+        .collect();
+    loop {
+        for ((channel, rx), w) in channels.iter().zip(watch.iter_mut()).filter(|(_, w)| !w.done) {
+            let got: HashSet<String> = rx.accepted().into_iter().map(|d| d.relay_id).collect();
+            w.missing = accepted.keys().filter(|id| !got.contains(*id)).cloned().collect();
+            w.stats = admin_channel_stats(&client, admin, channel).await;
+            if w.missing.is_empty() {
+                w.arrived_ms.get_or_insert(started.elapsed().as_millis());
+            }
+            let empty = w.stats == Some((0, 0));
+            if empty && w.missing.is_empty() {
+                w.done = true;
+            } else if empty {
+                let since = *w.idle_since.get_or_insert_with(std::time::Instant::now);
+                w.done = since.elapsed() >= LOST_AFTER;
+            } else {
+                w.idle_since = None;
+            }
+        }
+        if watch.iter().all(|w| w.done) || started.elapsed() >= within {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut reports = Vec::new();
+    for ((channel, rx), w) in channels.iter().zip(watch) {
+        let deliveries = rx.accepted();
+        let corrupt = deliveries
+            .iter()
+            .filter(|d| accepted.get(&d.relay_id).is_some_and(|expected| !intact(d, expected)))
+            .map(|d| d.relay_id.clone())
+            .collect();
+        let distinct: HashSet<&str> = deliveries.iter().map(|d| d.relay_id.as_str()).collect();
+        let dlq = admin_try(&client, admin, &format!("/admin/dlq/{channel}")).await.and_then(|v| v["total"].as_u64());
+        let mut missing = w.missing;
+        missing.sort();
+        reports.push(ChannelReport {
+            channel: channel.to_string(),
+            accepted: accepted.len(),
+            missing,
+            corrupt,
+            deliveries: deliveries.len(),
+            duplicates: deliveries.len() - distinct.len(),
+            pending: w.stats.map(|(_, pending)| pending),
+            backlog: w.stats.map(|(backlog, _)| backlog),
+            dlq,
+            wait_ms: w.arrived_ms.unwrap_or_else(|| started.elapsed().as_millis()),
+        });
+    }
+    reports
+}
+
+/// Whether a delivery carries the body (and `x-body-sha256` header) whose
+/// sha256 is `expected`.
+fn intact(d: &crate::Delivery, expected: &str) -> bool {
+    use sha2::Digest;
+    let header = d.headers.iter().find(|(k, _)| k == "x-body-sha256").map(|(_, v)| v.as_slice());
+    header == Some(expected.as_bytes()) && hex::encode(sha2::Sha256::digest(&d.body)) == expected
+}
+
+/// `GET` on the admin API; `None` when the edge does not answer with JSON.
+async fn admin_try(client: &reqwest::Client, admin: u16, path: &str) -> Option<serde_json::Value> {
+    let resp = client.get(format!("http://127.0.0.1:{admin}{path}")).send().await.ok()?;
+    serde_json::from_slice(&resp.bytes().await.ok()?).ok()
+}
+
+/// `(backlog, pending)` of `channel` per the edge's `/health`; `None` when
+/// the edge or its store is down.
+async fn admin_channel_stats(client: &reqwest::Client, admin: u16, channel: &str) -> Option<(u64, u64)> {
+    let health = admin_try(client, admin, "/health").await?;
+    let ch = &health["channels"][channel];
+    Some((ch["backlog"].as_u64()?, ch["pending"].as_u64()?))
 }
 
 /// Waits until the agent answering on `socket` reports a live session.

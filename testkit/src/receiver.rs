@@ -2,7 +2,7 @@
 //! answers with a status the test controls.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ struct Inner {
     log: Mutex<Vec<Delivery>>,
     status: AtomicU16,
     delay_ms: AtomicU64,
+    /// Requests being handled (waiting out the delay) right now.
+    in_flight: AtomicUsize,
     /// Statuses for the next requests, before `status` applies again.
     script: Mutex<std::collections::VecDeque<u16>>,
 }
@@ -116,12 +118,34 @@ impl Receiver {
         self.accepted().iter().map(|d| d.relay_id.clone()).collect::<std::collections::HashSet<_>>().len()
     }
 
+    /// Requests received and not answered yet (e.g. waiting out a delay).
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn count(&self) -> usize {
         self.inner.log.lock().map(|l| l.len()).unwrap_or(0)
     }
 }
 
+/// Counts a request in flight until it is answered or dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Self(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let _in_flight = InFlight::enter(&inner.in_flight);
     let delay = inner.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
