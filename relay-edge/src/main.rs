@@ -208,28 +208,37 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cfg: relay_edge::EdgeConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
+    // Handlers first: once a port answers, SIGTERM means a clean shutdown
+    // and SIGHUP a reload, never the signals' default action (exit).
+    use tokio::signal::unix::{SignalKind, signal};
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()));
+    let (Ok(term), Ok(int), Ok(hup)) = handlers else {
+        anyhow::bail!("cannot install the SIGTERM/SIGINT/SIGHUP handlers");
+    };
     let listeners = relay_edge::Listeners::bind(&cfg).await?;
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(signals(shutdown.clone(), reload_tx, path));
+    tokio::spawn(signals(Signals { term, int, hup }, shutdown.clone(), reload_tx, path));
     relay_edge::run(cfg, listeners, shutdown, reload_rx).await?;
     Ok(())
+}
+
+/// The installed handlers of the signals the edge acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 /// SIGINT or SIGTERM cancel the one shutdown token; SIGHUP reloads the
 /// configuration (a bad one is logged and the running one kept).
 async fn signals(
+    s: Signals,
     shutdown: CancellationToken,
     reload: tokio::sync::mpsc::Sender<relay_edge::EdgeConfig>,
     path: Option<PathBuf>,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+    let Signals { mut term, mut int, mut hup } = s;
     loop {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),

@@ -536,6 +536,18 @@ pub async fn wait_connected(socket: &Path) {
     .await;
 }
 
+/// Waits (up to 15 s) until an edge answers on its admin port `admin`:
+/// it has started (and installed its signal handlers), whether or not its
+/// store is reachable.
+pub async fn wait_edge_up(admin: u16) {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().expect("client");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while admin_try(&client, admin, "/health").await.is_none() {
+        assert!(std::time::Instant::now() < deadline, "the edge with admin port {admin} did not start within 15 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn admin_get(admin: u16, path: &str) -> serde_json::Value {
     let url = format!("http://127.0.0.1:{admin}{path}");
     let resp = reqwest::get(&url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));

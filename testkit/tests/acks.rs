@@ -26,6 +26,14 @@ fn fan_out_config(store: &Backing, certs: &Certs) -> relay_edge::config::EdgeCon
     cfg
 }
 
+/// Certificates and a running edge with [`fan_out_config`].
+async fn start(store: &Backing) -> (Certs, Edge) {
+    init_tracing();
+    let certs = Certs::generate();
+    let edge = Edge::start(fan_out_config(store, &certs)).await;
+    (certs, edge)
+}
+
 fn hello(window: u32, channels: &[&str], named_acks: bool) -> Frame {
     Frame::Hello {
         version: VERSION,
@@ -89,9 +97,7 @@ both_backends!(an_idle_channel_does_not_slow_a_busy_one, small_webhooks_fill_the
 /// `crm`'s only, loses the link, and acks `crm`'s again on the next
 /// session (a late duplicate). `default`'s copy stays owed until acked.
 async fn a_late_ack_settles_only_the_channel_it_names(store: Backing) {
-    init_tracing();
-    let certs = Certs::generate();
-    let edge = Edge::start(fan_out_config(&store, &certs)).await;
+    let (certs, edge) = start(&store).await;
     let h = hello(10, &["crm", "default"], true);
     let mut ws = session(&edge, &certs, &h).await;
     post_fan(&edge, "{\"n\":1}").await;
@@ -134,9 +140,7 @@ async fn a_late_ack_settles_only_the_channel_it_names(store: Backing) {
 /// channels (its ids would be ambiguous), served a session of one, where
 /// an id alone settles that channel's entry.
 async fn an_agent_that_names_ids_only_gets_one_channel(store: Backing) {
-    init_tracing();
-    let certs = Certs::generate();
-    let edge = Edge::start(fan_out_config(&store, &certs)).await;
+    let (certs, edge) = start(&store).await;
     let mut ws = raw::connect(&edge, &certs, "lan-1").await.expect("connect");
     raw::send(&mut ws, &hello(10, &["crm", "default"], false)).await.expect("hello");
     let (code, message) = raw::recv_error(&mut ws).await.expect("refused");
@@ -156,9 +160,7 @@ async fn an_agent_that_names_ids_only_gets_one_channel(store: Backing) {
 /// A thousand transient nacks of one entry: one redelivery, not a
 /// thousand (each nack used to spawn its own timer task and resend).
 async fn repeated_nacks_schedule_one_redelivery(store: Backing) {
-    init_tracing();
-    let certs = Certs::generate();
-    let edge = Edge::start(fan_out_config(&store, &certs)).await;
+    let (certs, edge) = start(&store).await;
     let mut ws = session(&edge, &certs, &hello(10, &["crm"], true)).await;
     let (status, _) = post(&reqwest::Client::new(), &edge.hook_url("hooks"), KEY, b"{}".to_vec()).await;
     assert_eq!(status, 200);
@@ -214,9 +216,7 @@ async fn a_session_holds_at_most_its_byte_budget(store: Backing) {
 /// `window = 1` over two channels, one idle: the busy one drains at the
 /// speed of the acks, not one entry per blocking read of the idle one.
 async fn an_idle_channel_does_not_slow_a_busy_one(store: Backing) {
-    init_tracing();
-    let certs = Certs::generate();
-    let edge = Edge::start(fan_out_config(&store, &certs)).await;
+    let (certs, edge) = start(&store).await;
     post_small(&edge, 20).await;
     let mut ws = session(&edge, &certs, &hello(1, &["crm", "default"], true)).await;
     let started = std::time::Instant::now();
@@ -232,9 +232,7 @@ async fn an_idle_channel_does_not_slow_a_busy_one(store: Backing) {
 /// The byte budget counts real sizes: small webhooks fill the agent's
 /// whole window (64), not the budget divided by the largest frame.
 async fn small_webhooks_fill_the_whole_window(store: Backing) {
-    init_tracing();
-    let certs = Certs::generate();
-    let edge = Edge::start(fan_out_config(&store, &certs)).await;
+    let (certs, edge) = start(&store).await;
     post_small(&edge, 80).await;
     let mut ws = session(&edge, &certs, &hello(64, &["crm"], true)).await;
     let first = deliveries(&mut ws, 64).await;

@@ -248,9 +248,11 @@ async fn chaos(backing: fn() -> Backing) {
     let _serial = SERIAL.lock().await;
     init_tracing();
     let mut failed = Vec::new();
+    let mut backend = "";
     for seed in seeds() {
         let store = backing();
         let name = store.name();
+        backend = name;
         eprintln!("chaos seed = {seed} ({name})");
         match AssertUnwindSafe(chaos_once(seed, store)).catch_unwind().await {
             Ok(row) => {
@@ -276,7 +278,7 @@ async fn chaos(backing: fn() -> Backing) {
     }
     assert!(
         failed.is_empty(),
-        "{}\nreplay one with CHAOS_SEED=<seed> cargo test -p testkit --test nothing_lost random_faults",
+        "{}\nreplay one with: CHAOS_SEED=<seed> cargo test -p testkit --test nothing_lost random_faults_lose_nothing::{backend} -- --nocapture",
         failed.join("\n")
     );
 }
@@ -431,15 +433,20 @@ impl Rig {
 
     async fn apply(&mut self, action: &Action) {
         match *action {
+            // Each restart waits for the edge to answer: a SIGTERM in its
+            // first milliseconds, before it installed its handler, would
+            // end it by the signal's default action.
             Action::EdgeKill { down } => {
                 self.edge.kill9().await;
                 tokio::time::sleep(down).await;
                 self.edge.restart();
+                wait_edge_up(self.spec.admin).await;
             }
             Action::EdgeTerm { down } => {
                 self.edge.sigterm().await;
                 tokio::time::sleep(down).await;
                 self.edge.restart();
+                wait_edge_up(self.spec.admin).await;
             }
             Action::AgentKill { agent, down } => {
                 self.agents[agent].0.kill9().await;
@@ -571,7 +578,11 @@ async fn chaos_once(seed: u64, store: Backing) -> Row {
     let started = tokio::time::Instant::now();
     for step in &steps {
         tokio::time::sleep_until(started + step.at).await;
+        let began = tokio::time::Instant::now();
         rig.apply(&step.action).await;
+        if began.elapsed() > Duration::from_secs(1) {
+            eprintln!("  seed {seed}: {:?} took {} ms", step.action, began.elapsed().as_millis());
+        }
     }
     let (accepted, refused) = load.stop().await;
 
