@@ -20,6 +20,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(crate::admin_api::router(state.clone()))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::admin_api::same_origin_only))
         .with_state(state)
 }
 

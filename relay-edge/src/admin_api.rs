@@ -4,11 +4,22 @@
 //! Authorization: `Authorization: Bearer <admin.token>`. Without a
 //! configured token the API is open only because the listener is loopback
 //! (config validation refuses a non-loopback admin listener without one).
+//!
+//! Loopback is not enough against a browser: an operator's browser reaches
+//! the port (e.g. through `ssh -L`), and any page it shows can send it
+//! requests. So the whole admin listener ([`same_origin_only`]) refuses
+//! requests a browser marks as coming from another site (`Sec-Fetch-Site`,
+//! `Origin`), and, while no token protects it, requests whose `Host` is
+//! not a loopback name or the listener's own address (DNS rebinding: a page
+//! whose name now resolves to 127.0.0.1 is same-origin to itself, but its
+//! `Host` is its own name). Destructive calls take an explicit JSON body
+//! (`Content-Type: application/json`), which a cross-site page cannot send
+//! without a CORS preflight, and this API answers no preflight.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -46,6 +57,72 @@ async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next)
         }
     }
     next.run(req).await
+}
+
+/// Refuses cross-site and DNS-rebound requests (see the module doc).
+pub async fn same_origin_only(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let check_host = state.cfg.admin.token.is_none();
+    if let Err(why) = browser_guard(req.headers(), &state.cfg.admin.listen, check_host) {
+        tracing::warn!(path = %req.uri().path(), why, "admin request refused");
+        return error(StatusCode::FORBIDDEN, "forbidden", format!("{why}; use the relay-edge CLI or curl"));
+    }
+    next.run(req).await
+}
+
+/// Why a request must be refused, if it must: another site's page
+/// (`Sec-Fetch-Site` other than `same-origin`/`none`, or an `Origin` whose
+/// host is not ours) or, with `check_host`, a `Host` that is neither a
+/// loopback name nor the host of `listen`.
+pub fn browser_guard(headers: &HeaderMap, listen: &str, check_host: bool) -> Result<(), &'static str> {
+    let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if let Some(site) = text("sec-fetch-site")
+        && !matches!(site, "same-origin" | "none")
+    {
+        return Err("a browser page of another site sent this request");
+    }
+    if let Some(origin) = text("origin") {
+        let host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or("");
+        if !our_host(host, listen) {
+            return Err("a browser page of another origin sent this request");
+        }
+    }
+    if check_host
+        && let Some(host) = text("host")
+        && !our_host(host, listen)
+    {
+        return Err("the Host is not this listener's (DNS rebinding?)");
+    }
+    Ok(())
+}
+
+/// `host[:port]` names this listener: a loopback name or address, or the
+/// host part of `listen`.
+fn our_host(host_port: &str, listen: &str) -> bool {
+    let host = strip_port(host_port);
+    if host.is_empty() {
+        return false;
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>()
+        && ip.is_loopback()
+    {
+        return true;
+    }
+    let listen_host = strip_port(listen);
+    !listen_host.is_empty() && host.eq_ignore_ascii_case(listen_host)
+}
+
+/// `example:80` → `example`, `[::1]:80` → `[::1]`, `::1` stays.
+fn strip_port(host_port: &str) -> &str {
+    if host_port.starts_with('[') {
+        return host_port.split_once(']').map(|(h, _)| &host_port[..h.len() + 1]).unwrap_or(host_port);
+    }
+    match host_port.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host_port,
+    }
 }
 
 fn error(status: StatusCode, code: &str, message: String) -> Response {
@@ -130,7 +207,7 @@ async fn show(State(state): State<Arc<AppState>>, Path((channel, id)): Path<(Str
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 struct ReplayBody {
     #[serde(default)]
     ids: Vec<String>,
@@ -141,12 +218,11 @@ struct ReplayBody {
 async fn replay_dlq(
     State(state): State<Arc<AppState>>,
     Path(channel): Path<String>,
-    body: Option<Json<ReplayBody>>,
+    Json(body): Json<ReplayBody>,
 ) -> Response {
     if let Some(r) = unknown_channel(&state, &channel) {
         return r;
     }
-    let body = body.map(|b| b.0).unwrap_or_default();
     if body.ids.is_empty() && !body.all {
         return error(StatusCode::BAD_REQUEST, "bad_request", "name the ids to replay, or all".into());
     }
@@ -185,20 +261,30 @@ async fn replay_dlq(
     Json(json!({ "channel": channel, "replayed": replayed, "missing": missing })).into_response()
 }
 
+/// What to purge: `{"all": true}`, or `{"before_ms": N}`.
 #[derive(Deserialize, Default)]
 struct PurgeBody {
     before_ms: Option<u64>,
+    #[serde(default)]
+    all: bool,
 }
 
 async fn purge(
     State(state): State<Arc<AppState>>,
     Path(channel): Path<String>,
-    body: Option<Json<PurgeBody>>,
+    Json(body): Json<PurgeBody>,
 ) -> Response {
     if let Some(r) = unknown_channel(&state, &channel) {
         return r;
     }
-    let before = body.and_then(|b| b.0.before_ms);
+    let before = match (body.all, body.before_ms) {
+        (true, None) => None,
+        (false, Some(ms)) => Some(ms),
+        _ => {
+            let msg = "say what to purge: {\"all\": true}, or {\"before_ms\": N}".into();
+            return error(StatusCode::BAD_REQUEST, "bad_request", msg);
+        }
+    };
     match state.store.dlq_purge(&channel, before).await {
         Ok(n) => {
             tracing::info!(%channel, purged = n, "dead letters purged");
@@ -250,4 +336,54 @@ async fn agents(State(state): State<Arc<AppState>>) -> Response {
         })
         .collect();
     Json(json!({ "agents": list })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(axum::http::HeaderName::from_bytes(k.as_bytes()).expect("name"), v.parse().expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn hosts_and_origins_of_this_listener_pass() {
+        let listen = "127.0.0.1:9090";
+        for host in ["127.0.0.1:9090", "localhost:9090", "LOCALHOST", "[::1]:9090", "127.0.0.2:1"] {
+            assert_eq!(browser_guard(&headers(&[("host", host)]), listen, true), Ok(()), "{host}");
+        }
+        let same = headers(&[
+            ("host", "localhost:9090"),
+            ("origin", "http://localhost:9090"),
+            ("sec-fetch-site", "same-origin"),
+        ]);
+        assert_eq!(browser_guard(&same, listen, true), Ok(()));
+        assert_eq!(browser_guard(&headers(&[("host", "10.0.0.5:9090")]), "10.0.0.5:9090", true), Ok(()));
+        assert_eq!(
+            browser_guard(&headers(&[("host", "relay.example:9090")]), "0.0.0.0:9090", false),
+            Ok(()),
+            "with a token, any Host"
+        );
+    }
+
+    #[test]
+    fn other_sites_and_rebound_names_are_refused() {
+        let listen = "127.0.0.1:9090";
+        for h in [
+            headers(&[("sec-fetch-site", "cross-site")]),
+            headers(&[("sec-fetch-site", "same-site")]),
+            headers(&[("origin", "http://evil.example")]),
+            headers(&[("origin", "null")]),
+            headers(&[("host", "rebind.evil.example:9090")]),
+            headers(&[("host", "127.0.0.1.evil.example")]),
+        ] {
+            assert!(browser_guard(&h, listen, true).is_err(), "{h:?}");
+        }
+        let cross = headers(&[("origin", "http://evil.example")]);
+        assert!(browser_guard(&cross, "0.0.0.0:9090", false).is_err(), "Origin is checked with a token too");
+    }
 }

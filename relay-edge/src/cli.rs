@@ -41,6 +41,14 @@ impl AdminClient {
     }
 }
 
+/// The purge call's body: everything, or what failed before a time.
+fn purge_body(before_ms: Option<u64>) -> Value {
+    match before_ms {
+        Some(ms) => json!({ "before_ms": ms }),
+        None => json!({ "all": true }),
+    }
+}
+
 /// A point in time: RFC 3339, or a duration meaning "that long ago" (`2h`).
 pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
@@ -91,9 +99,7 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<St
             render_replayed,
         ),
         Command::Purge { channel, before_ms } => (
-            client
-                .call(Method::POST, &format!("/admin/dlq/{channel}/purge"), Some(json!({ "before_ms": before_ms })))
-                .await?,
+            client.call(Method::POST, &format!("/admin/dlq/{channel}/purge"), Some(purge_body(before_ms))).await?,
             |v| format!("purged {} dead letters from channel {}\n", v["purged"], v["channel"].as_str().unwrap_or("")),
         ),
         Command::Agents => (client.call(Method::GET, "/admin/agents", None).await?, render_agents),
