@@ -135,8 +135,10 @@ pub struct TunnelConfig {
     /// Largest window an agent may ask for.
     pub max_window: u32,
     /// Most webhook bytes one session holds for its agent (sent and not
-    /// yet settled, or waiting to be redelivered). The fetcher reads only
-    /// while a whole `max_frame` per entry fits, so this is a hard bound.
+    /// yet settled, or waiting to be redelivered), counted in real sizes.
+    /// A store read is sized as if every entry were `max_frame` and only
+    /// happens while one fits, so with what it read a session pins at most
+    /// about twice this (plus one `max_frame` per further channel).
     pub session_bytes: ByteSize,
     /// Delay before redelivering a nacked webhook when the agent gave none.
     #[serde(with = "humantime_serde")]

@@ -18,10 +18,10 @@
 //! `PROPTEST_CASES=20000 cargo test -p relay-edge --test inflight_model`
 //! runs a longer search (the default is 256 cases).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
-use relay_edge::tunnel::fetcher::{Cursor, admit, next_cursor};
+use relay_edge::tunnel::fetcher::{Cursor, Planner, Step};
 use relay_edge::tunnel::inflight::{Acked, Arrival, Claimed, EntryKey, Nacked, Table};
 
 const CHANNELS: [&str; 2] = ["a", "b"];
@@ -38,6 +38,14 @@ struct StoredEntry {
     acked: bool,
     dead: bool,
     count: u32,
+}
+
+/// An entry as a read returns it: id (`N-0`), delivery count, size.
+type Read = (String, u32, usize);
+
+/// The number of a model id (`N-0` → N; a bare `0` → 0).
+fn num(id: &str) -> u64 {
+    id.split('-').next().and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 /// Redis Streams, as the relay uses them.
@@ -64,7 +72,7 @@ impl ModelStore {
     }
 
     fn entry(&mut self, key: &EntryKey) -> Option<&mut StoredEntry> {
-        self.streams.get_mut(&key.channel)?.get_mut(&key.id.parse::<u64>().ok()?)
+        self.streams.get_mut(&key.channel)?.get_mut(&num(&key.id))
     }
 
     fn pending(e: &StoredEntry) -> bool {
@@ -72,40 +80,40 @@ impl ModelStore {
     }
 
     /// `XREADGROUP … >`: entries never delivered, in order.
-    fn read_new(&mut self, consumer: usize, channel: &str, count: usize) -> Vec<(u64, u32, usize)> {
+    fn read_new(&mut self, consumer: usize, channel: &str, count: usize) -> Vec<Read> {
         let Some(s) = self.streams.get_mut(channel) else { return vec![] };
         let mut out = vec![];
         for (id, e) in s.iter_mut().filter(|(_, e)| !e.delivered).take(count) {
             e.delivered = true;
             e.owner = Some(consumer);
             e.count += 1;
-            out.push((*id, e.count, e.bytes));
+            out.push((format!("{id}-0"), e.count, e.bytes));
         }
         out
     }
 
     /// `XREADGROUP … <after>`: this consumer's pending entries after `after`.
-    fn read_pending(&mut self, consumer: usize, channel: &str, after: u64, count: usize) -> Vec<(u64, u32, usize)> {
+    fn read_pending(&mut self, consumer: usize, channel: &str, after: u64, count: usize) -> Vec<Read> {
         let Some(s) = self.streams.get_mut(channel) else { return vec![] };
         let mut out = vec![];
         for (id, e) in
             s.range_mut(after + 1..).filter(|(_, e)| Self::pending(e) && e.owner == Some(consumer)).take(count)
         {
             e.count += 1;
-            out.push((*id, e.count, e.bytes));
+            out.push((format!("{id}-0"), e.count, e.bytes));
         }
         out
     }
 
     /// `XAUTOCLAIM` with every pending entry idle long enough (the worst
     /// case: a slow agent's in-flight entries are taken too).
-    fn autoclaim(&mut self, consumer: usize, channel: &str, count: usize) -> Vec<(u64, u32, usize)> {
+    fn autoclaim(&mut self, consumer: usize, channel: &str, count: usize) -> Vec<Read> {
         let Some(s) = self.streams.get_mut(channel) else { return vec![] };
         let mut out = vec![];
         for (id, e) in s.iter_mut().filter(|(_, e)| Self::pending(e)).take(count) {
             e.owner = Some(consumer);
             e.count += 1;
-            out.push((*id, e.count, e.bytes));
+            out.push((format!("{id}-0"), e.count, e.bytes));
         }
         out
     }
@@ -164,7 +172,10 @@ impl ModelStore {
 /// One edge session, driven as `session.rs` drives its table.
 struct Session {
     table: Table<()>,
-    cursors: HashMap<String, Cursor>,
+    /// The fetcher's real decisions: cursors and entries read, not yet handed over.
+    planner: Planner<Read>,
+    /// Channels of the session.
+    channels: Vec<String>,
     /// Scheduled redeliveries (the session's `DelayQueue`, one per key).
     scheduled: BTreeSet<EntryKey>,
     window: u32,
@@ -244,9 +255,9 @@ impl World {
         } else {
             CHANNELS.iter().map(|c| c.to_string()).collect()
         };
-        let cursors = channels.iter().map(|c| (c.clone(), Cursor::Pending("0".into()))).collect();
-        let table = Table::new(channels, 4, MAX_BYTES, RESERVE);
-        self.agents[a].session = Some(Session { table, cursors, scheduled: BTreeSet::new(), window: 4 });
+        let planner = Planner::new(&channels, RESERVE);
+        let table = Table::new(channels.clone(), 4, MAX_BYTES, RESERVE);
+        self.agents[a].session = Some(Session { table, planner, channels, scheduled: BTreeSet::new(), window: 4 });
         // Acks of deliveries that finished while disconnected.
         let unsent = std::mem::take(&mut self.agents[a].unsent);
         for key in unsent {
@@ -254,62 +265,56 @@ impl World {
         }
     }
 
-    /// What the fetcher does for one grant (with its real admission and
-    /// cursor rules).
+    /// What the fetcher does for one grant, with its real planner.
     fn fetch(&mut self, a: usize, reclaim: bool, fail: bool) {
         let Some(s) = self.agents[a].session.as_mut() else { return };
         let Some(grant) = s.table.grant() else { return };
         assert!(s.table.held() + grant.slots <= s.window as usize, "grant past the window");
         assert!(s.table.bytes() + grant.bytes <= MAX_BYTES, "grant past the byte budget");
         assert!(grant.bytes >= RESERVE, "a grant always fits one largest entry");
-        let mut got: Vec<(String, (u64, u32, usize))> = vec![];
+        let mut got: Vec<(String, Read)> = vec![];
         if !fail {
-            let mut bytes = grant.bytes;
-            if reclaim {
-                for ch in &grant.channels {
-                    let room = (grant.slots - got.len()).min(bytes / RESERVE);
-                    let claimed = self.store.autoclaim(a, ch, room);
-                    bytes -= claimed.iter().map(|e| e.2).sum::<usize>();
-                    got.extend(claimed.into_iter().map(|e| (ch.clone(), e)));
-                }
-            }
-            let room = grant.slots - got.len();
-            if room > 0 {
-                let want = room.div_ceil(grant.channels.len());
-                let mut per_channel = vec![];
-                for ch in &grant.channels {
-                    let entries = match &s.cursors[ch] {
-                        Cursor::Pending(after) => {
-                            let after = after.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0);
-                            self.store.read_pending(a, ch, after, want)
+            match s.planner.step(&grant) {
+                Step::Serve => got = s.planner.serve(&grant, |e| e.2),
+                Step::Read { cursors, count } => {
+                    let mut rest = grant.clone();
+                    if reclaim {
+                        for ch in &grant.channels {
+                            let room = rest.slots.min(rest.bytes / RESERVE);
+                            let claimed = self.store.autoclaim(a, ch, room);
+                            rest.slots -= claimed.len();
+                            rest.bytes -= claimed.iter().map(|e| e.2).sum::<usize>();
+                            got.extend(claimed.into_iter().map(|e| (ch.clone(), e)));
                         }
-                        Cursor::New => self.store.read_new(a, ch, want),
-                    };
-                    per_channel.push((ch.clone(), entries));
-                }
-                for (ch, mut read, taken) in admit(per_channel, room, bytes, |e| e.2) {
-                    let ids: Vec<String> = read.iter().map(|e| format!("{}-0", e.0)).collect();
-                    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    let next = next_cursor(&s.cursors[&ch], &ids, taken);
-                    s.cursors.insert(ch.clone(), next);
-                    read.truncate(taken);
-                    got.extend(read.into_iter().map(|e| (ch.clone(), e)));
+                    }
+                    if rest.slots > 0 {
+                        let per_channel: Vec<(String, Vec<Read>)> = cursors
+                            .iter()
+                            .map(|(ch, c)| {
+                                let read = if c == ">" {
+                                    self.store.read_new(a, ch, count)
+                                } else {
+                                    self.store.read_pending(a, ch, num(c), count)
+                                };
+                                (ch.clone(), read)
+                            })
+                            .collect();
+                        got.extend(s.planner.read_done(&rest, per_channel, |e| e.0.as_str(), |e| e.2));
+                    }
                 }
             }
         }
-        assert!(got.len() <= grant.slots, "the fetcher read past its grant");
-        let offered = got.len();
+        assert!(got.len() <= grant.slots, "the fetcher handed over past its grant");
         // A reclaim and a pending read in one fetch may return one entry twice.
         let fresh: BTreeSet<EntryKey> = got
             .iter()
-            .map(|(ch, (id, _, _))| EntryKey::new(ch.as_str(), id.to_string()))
+            .map(|(ch, e)| EntryKey::new(ch.as_str(), e.0.as_str()))
             .filter(|k| s.table.flight(k).is_none())
             .collect();
-        let fresh = fresh.len();
         let arrivals = got
             .into_iter()
             .map(|(ch, (id, attempt, bytes))| Arrival {
-                key: EntryKey::new(ch, id.to_string()),
+                key: EntryKey::new(ch, id),
                 attempt,
                 bytes,
                 received_at_ms: 0,
@@ -317,10 +322,28 @@ impl World {
             })
             .collect();
         let sends = s.table.arrived(arrivals);
-        assert_eq!(sends.len(), fresh, "the table took every entry the fetcher admitted ({offered} offered)");
+        assert_eq!(sends.len(), fresh.len(), "the table took every entry the fetcher handed over");
         assert!(s.table.bytes() <= MAX_BYTES);
         for send in sends {
             self.receive(a, send.key);
+        }
+    }
+
+    /// Nothing is lost for a live session: every entry pending for its
+    /// agent on its channels is in its table, waiting in its planner, or
+    /// ahead of the channel's pending-list cursor.
+    fn check_reachable(&self) {
+        for (a, agent) in self.agents.iter().enumerate() {
+            let Some(s) = &agent.session else { continue };
+            for ch in &s.channels {
+                let Some(stream) = self.store.streams.get(ch) else { continue };
+                for (id, _) in stream.iter().filter(|(_, e)| ModelStore::pending(e) && e.owner == Some(a)) {
+                    let key = EntryKey::new(ch.as_str(), format!("{id}-0"));
+                    let held = s.table.flight(&key).is_some() || s.planner.is_waiting(ch, |w| w.0 == key.id);
+                    let ahead = matches!(s.planner.cursor(ch), Some(Cursor::Pending(after)) if *id > num(after));
+                    assert!(held || ahead, "{key} is pending for agent {a} but its session will never deliver it");
+                }
+            }
         }
     }
 
@@ -355,7 +378,7 @@ impl World {
             return;
         }
         let key = agent.holding.remove(pick % agent.holding.len());
-        self.store.succeeded.insert((key.channel.clone(), key.id.parse().unwrap_or(0)));
+        self.store.succeeded.insert((key.channel.clone(), num(&key.id)));
         agent.recent.insert(key.clone());
         if repeat {
             agent.repeat.push(key.clone());
@@ -441,6 +464,7 @@ impl World {
             }
         }
         self.store.check_safety();
+        self.check_reachable();
         for agent in &self.agents {
             if let Some(s) = &agent.session {
                 assert!(s.table.bytes() <= MAX_BYTES, "byte budget exceeded");

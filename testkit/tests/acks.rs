@@ -92,6 +92,7 @@ async fn post_fan(edge: &Edge, body: &str) {
 both_backends!(a_late_ack_settles_only_the_channel_it_names, an_agent_that_names_ids_only_gets_one_channel);
 both_backends!(repeated_nacks_schedule_one_redelivery, a_session_holds_at_most_its_byte_budget);
 both_backends!(an_idle_channel_does_not_slow_a_busy_one, small_webhooks_fill_the_whole_window);
+both_backends!(attempts_count_deliveries_not_reads);
 
 /// The fan-out loss, frame by frame: the agent holds both copies, acks
 /// `crm`'s only, loses the link, and acks `crm`'s again on the next
@@ -240,6 +241,26 @@ async fn small_webhooks_fill_the_whole_window(store: Backing) {
     assert!(more.is_empty(), "the window is 64: {} more", more.len());
     raw::send(&mut ws, &Frame::ack([(first[0].0.as_str(), first[0].1.as_str())])).await.expect("ack");
     assert_eq!(deliveries(&mut ws, 1).await.len(), 1);
+    edge.stop().await;
+}
+
+/// `window = 1` over two busy channels: a read takes one entry of each and
+/// the grant only one; the other waits, read once, so every first delivery
+/// is attempt 1 (re-reading it from the pending list would count up).
+async fn attempts_count_deliveries_not_reads(store: Backing) {
+    let (certs, edge) = start(&store).await;
+    for i in 0..10 {
+        post_fan(&edge, &format!("{{\"i\":{i}}}")).await;
+    }
+    let mut ws = session(&edge, &certs, &hello(1, &["crm", "default"], true)).await;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let d = deliveries(&mut ws, 1).await;
+        raw::send(&mut ws, &Frame::ack([(d[0].0.as_str(), d[0].1.as_str())])).await.expect("ack");
+        seen.push(d[0].clone());
+    }
+    assert!(seen.iter().all(|d| d.2 == 1), "first deliveries are attempt 1: {seen:?}");
+    assert_eq!(seen.iter().filter(|d| d.0 == "crm").count(), 10, "both channels served: {seen:?}");
     edge.stop().await;
 }
 

@@ -191,6 +191,19 @@ async fn history_replays_in_order_with_the_same_bytes(backing: Backing) {
     assert_eq!(names, ["wh-0", "wh-1", "wh-2"]);
 }
 
+/// A replay whose `until` is in the future stops at the newest entry that
+/// existed when it started: it never re-reads its own copies (it used to
+/// grow the stream by millions and send each webhook thousands of times).
+async fn a_replay_into_the_future_stops_at_what_existed(backing: Backing) {
+    let store = open(&backing).await;
+    append(&store, 1_200).await;
+    let tomorrow = relay_edge::store::now_ms() + 86_400_000;
+    let replay = tokio::time::timeout(Duration::from_secs(30), store.replay_range(CH, 0, tomorrow)).await;
+    let n = replay.expect("the replay finishes").expect("replay");
+    assert_eq!(n, 1_200, "each entry once");
+    assert_eq!(store.snapshot(CH).await.expect("snapshot").length, 2_400);
+}
+
 async fn dedupe_keys_claim_record_and_release(backing: Backing) {
     let store = open(&backing).await;
     let window = Duration::from_secs(60);
@@ -221,6 +234,7 @@ async fn a_blocking_read_returns_as_soon_as_an_entry_arrives(backing: Backing) {
     assert_eq!(got.len(), 1, "woken by the append within one BLOCK");
 }
 
+both_backends!(a_replay_into_the_future_stops_at_what_existed);
 both_backends!(
     groups_track_pending_entries_and_acks,
     stale_entries_are_reclaimed_and_claims_count_deliveries,

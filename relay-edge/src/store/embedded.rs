@@ -72,6 +72,9 @@ const META_LEN: usize = 9;
 /// How long opening waits for another holder of the file to let go.
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 
+/// Entries one replay transaction copies.
+const REPLAY_PAGE: usize = 500;
+
 /// Per-channel bookkeeping, one row of `channels`.
 #[derive(Debug, Clone, Copy, Default)]
 struct Meta {
@@ -937,19 +940,42 @@ impl Backend for EmbeddedStore {
         .await
     }
 
+    /// In pages of [`REPLAY_PAGE`] entries, one transaction each (ingest
+    /// goes on between them), up to the newest entry that existed when the
+    /// replay started: its own copies are never read again.
     async fn replay_range(&self, channel: &str, since_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
         let ch = channel.to_string();
-        self.write("replay", true, true, move |w| {
-            let mut bodies = Vec::new();
-            for item in w.entries.range(key(&ch, (since_ms, 0))..=key(&ch, (until_ms, u64::MAX)))? {
-                bodies.push(item?.1.value().to_vec());
+        let last =
+            self.read("replay stop point", move |txn| Ok(channel_meta(txn, &ch)?.unwrap_or_default().last)).await?;
+        let end = last.min((until_ms, u64::MAX));
+        let mut from = Bound::Included((since_ms, 0));
+        let mut replayed = 0;
+        loop {
+            let ch = channel.to_string();
+            let page = self
+                .write("replay", true, true, move |w| {
+                    let lower = match from {
+                        Bound::Included(id) => Bound::Included(key(&ch, id)),
+                        _ => from.map(|id| key(&ch, id)),
+                    };
+                    let mut rows = Vec::new();
+                    for item in w.entries.range((lower, Bound::Included(key(&ch, end))))?.take(REPLAY_PAGE) {
+                        let (k, v) = item?;
+                        let (_, ms, seq) = k.value();
+                        rows.push(((ms, seq), v.value().to_vec()));
+                    }
+                    for (_, b) in &rows {
+                        w.append(&ch, b)?;
+                    }
+                    Ok((rows.len(), rows.last().map(|(id, _)| *id)))
+                })
+                .await?;
+            replayed += page.0 as u64;
+            match page {
+                (n, Some(id)) if n == REPLAY_PAGE => from = Bound::Excluded(id),
+                _ => return Ok(replayed),
             }
-            for b in &bodies {
-                w.append(&ch, b)?;
-            }
-            Ok(bodies.len() as u64)
-        })
-        .await
+        }
     }
 
     async fn dedupe_claim(&self, key_: &str, window: Duration) -> Result<Option<String>, StoreError> {

@@ -1,11 +1,19 @@
 //! Reads a session's entries from the store, one [`Grant`] at a time: the
 //! agent's own pending entries first (each channel's cursor walks its
 //! pending list, then moves on to new entries), plus entries of vanished
-//! consumers every half visibility timeout. Never returns more entries than
-//! the grant's slots. Runs as its own task because a read of new entries
-//! blocks (up to `store.block`) until something arrives.
+//! consumers every half visibility timeout. Runs as its own task because a
+//! read of new entries blocks (up to `store.block`) until something
+//! arrives.
+//!
+//! What to read and what to hand over is decided by the pure [`Planner`]:
+//! every active channel is read at once (so a read blocks only when all of
+//! them are idle), as many entries per channel as the grant could take if
+//! each were of the largest size, and entries the grant cannot take now
+//! wait in the planner, handed over before anything is read again. Each
+//! entry is read once per session, so waiting does not raise its delivery
+//! count (the attempt number the agent sees).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -32,24 +40,149 @@ impl Cursor {
     }
 }
 
+/// Pause after a failed read before the next one.
+const BACKOFF: Duration = Duration::from_millis(500);
+
+/// What the fetcher does for a grant.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Hand over entries already read ([`Planner::serve`]).
+    Serve,
+    /// Read these `(channel, cursor)`s, at most `count` entries each, then
+    /// [`Planner::read_done`].
+    Read { cursors: Vec<(String, String)>, count: usize },
+}
+
+/// The fetcher's decisions, pure: each channel's cursor, the entries read
+/// but not yet handed over, and what the next read is.
+#[derive(Debug)]
+pub struct Planner<E> {
+    cursors: HashMap<String, Cursor>,
+    /// Read, not yet handed over, per channel in stream order.
+    waiting: HashMap<String, VecDeque<E>>,
+    /// Rotates which channel goes first, for fairness.
+    turn: usize,
+    /// The largest entry a session delivers (`tunnel.max_frame`).
+    max_entry: usize,
+}
+
+impl<E> Planner<E> {
+    pub fn new(channels: &[String], max_entry: usize) -> Self {
+        Self {
+            cursors: channels.iter().map(|c| (c.clone(), Cursor::Pending("0".into()))).collect(),
+            waiting: HashMap::new(),
+            turn: 0,
+            max_entry: max_entry.max(1),
+        }
+    }
+
+    pub fn cursor(&self, channel: &str) -> Option<&Cursor> {
+        self.cursors.get(channel)
+    }
+
+    /// Whether `pred` holds for an entry waiting on `channel`.
+    pub fn is_waiting(&self, channel: &str, pred: impl Fn(&E) -> bool) -> bool {
+        self.waiting.get(channel).is_some_and(|q| q.iter().any(pred))
+    }
+
+    /// Entries waiting, all channels.
+    pub fn waiting(&self) -> usize {
+        self.waiting.values().map(VecDeque::len).sum()
+    }
+
+    /// Serve what waits on the grant's channels, else read them all: as
+    /// many per channel as the grant could take of the largest entries.
+    pub fn step(&self, grant: &Grant) -> Step {
+        if grant.channels.iter().any(|c| self.waiting.get(c).is_some_and(|q| !q.is_empty())) {
+            return Step::Serve;
+        }
+        let allowed = grant.slots.min((grant.bytes / self.max_entry).max(1));
+        let count = allowed.div_ceil(grant.channels.len().max(1));
+        let cursors = grant
+            .channels
+            .iter()
+            .map(|c| (c.clone(), self.cursors.get(c).unwrap_or(&Cursor::New).as_arg().to_string()))
+            .collect();
+        Step::Read { cursors, count }
+    }
+
+    /// A read came back, `per_channel` in stream order: moves the cursors
+    /// (a pending list is walked until a read of it is empty), then hands
+    /// over what the grant takes; the rest waits.
+    pub fn read_done(
+        &mut self,
+        grant: &Grant,
+        per_channel: Vec<(String, Vec<E>)>,
+        id: impl Fn(&E) -> &str,
+        cost: impl Fn(&E) -> usize,
+    ) -> Vec<(String, E)> {
+        for (ch, read) in per_channel {
+            if let Some(cursor) = self.cursors.get_mut(&ch)
+                && let Cursor::Pending(_) = cursor
+            {
+                *cursor = match read.last() {
+                    Some(last) => Cursor::Pending(id(last).to_string()),
+                    None => Cursor::New,
+                };
+            }
+            self.waiting.entry(ch).or_default().extend(read);
+        }
+        self.serve(grant, cost)
+    }
+
+    /// Hands over waiting entries of the grant's channels: round-robin, at
+    /// most `grant.slots`, their costs within `grant.bytes`; a channel whose
+    /// next entry does not fit gives nothing more this time. The first
+    /// entry always fits (a grant holds a whole largest entry).
+    pub fn serve(&mut self, grant: &Grant, cost: impl Fn(&E) -> usize) -> Vec<(String, E)> {
+        let n = grant.channels.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = self.turn % n;
+        self.turn = self.turn.wrapping_add(1);
+        let order: Vec<&String> = grant.channels.iter().cycle().skip(start).take(n).collect();
+        let mut open = vec![true; n];
+        let (mut slots, mut bytes) = (grant.slots, grant.bytes);
+        let mut out = Vec::new();
+        while slots > 0 && open.iter().any(|o| *o) {
+            for (i, ch) in order.iter().enumerate() {
+                if slots == 0 || !open[i] {
+                    continue;
+                }
+                let Some(queue) = self.waiting.get_mut(*ch) else {
+                    open[i] = false;
+                    continue;
+                };
+                match queue.front().map(&cost) {
+                    Some(c) if c <= bytes => {
+                        bytes -= c;
+                        slots -= 1;
+                        if let Some(e) = queue.pop_front() {
+                            out.push(((*ch).clone(), e));
+                        }
+                    }
+                    _ => open[i] = false,
+                }
+            }
+        }
+        self.waiting.retain(|_, q| !q.is_empty());
+        out
+    }
+}
+
 /// An entry read for delivery, with its attempt number.
 pub struct Fetched {
     pub entry: Entry,
     pub attempt: u32,
 }
 
-/// Pause after a failed read before the next one.
-const BACKOFF: Duration = Duration::from_millis(500);
-
 pub struct Fetcher {
     store: Store,
     reader: Reader,
     /// Consumer name: the agent's identity.
     consumer: String,
-    cursors: HashMap<String, Cursor>,
-    /// Rotates which channel is read first when a grant has fewer slots
-    /// than there are channels.
-    turn: usize,
+    planner: Planner<Fetched>,
     reclaim_after: Duration,
     next_reclaim: Instant,
     /// The largest entry a session delivers (`tunnel.max_frame`).
@@ -65,9 +198,9 @@ impl Fetcher {
         reclaim_after: Duration,
         max_entry: usize,
     ) -> Self {
-        let cursors = channels.iter().map(|c| (c.clone(), Cursor::Pending("0".into()))).collect();
         let max_entry = max_entry.max(1);
-        Self { store, reader, consumer, cursors, turn: 0, reclaim_after, next_reclaim: Instant::now(), max_entry }
+        let planner = Planner::new(channels, max_entry);
+        Self { store, reader, consumer, planner, reclaim_after, next_reclaim: Instant::now(), max_entry }
     }
 
     /// Answers every grant with one batch (possibly empty) until the
@@ -85,7 +218,7 @@ impl Fetcher {
             };
             let batch = tokio::select! {
                 _ = cancel.cancelled() => return,
-                b = self.fetch(&grant) => b,
+                b = self.fetch(grant) => b,
             };
             if batches.send(batch).await.is_err() {
                 return;
@@ -95,78 +228,39 @@ impl Fetcher {
 
     /// One batch within the grant: at most `grant.slots` entries weighing
     /// at most `grant.bytes`.
-    async fn fetch(&mut self, grant: &Grant) -> Vec<Fetched> {
+    async fn fetch(&mut self, mut grant: Grant) -> Vec<Fetched> {
+        let max = self.max_entry;
+        let cost = move |f: &Fetched| cost(&f.entry, max);
+        let Step::Read { cursors, count } = self.planner.step(&grant) else {
+            return self.planner.serve(&grant, cost).into_iter().map(|(_, f)| f).collect();
+        };
         let mut batch = Vec::new();
-        let mut bytes = grant.bytes;
         let mut failed = false;
         if Instant::now() >= self.next_reclaim {
             self.next_reclaim = Instant::now() + (self.reclaim_after / 2).max(Duration::from_millis(200));
-            for ch in &grant.channels {
-                // Reclaimed entries are taken as a whole: as many as fit
-                // even if each is of the largest size.
-                let room = (grant.slots - batch.len()).min(bytes / self.max_entry);
-                if room == 0 {
-                    break;
-                }
-                match self.store.autoclaim(ch, &self.consumer, self.reclaim_after, room).await {
-                    Ok(entries) if !entries.is_empty() => {
-                        tracing::info!(agent = %self.consumer, channel = %ch, count = entries.len(), "reclaimed stale pending entries");
-                        let entries: Vec<Entry> = entries.into_iter().take(room).collect();
-                        bytes -= entries.iter().map(|e| self.cost(e)).sum::<usize>().min(bytes);
-                        self.with_counts(ch, entries, &mut batch).await;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(agent = %self.consumer, channel = %ch, error = %e, "reclaim failed");
-                        failed = true;
-                    }
-                }
-            }
+            failed = self.reclaim(&mut grant, &mut batch).await;
         }
-        let room = grant.slots - batch.len();
-        if !failed && room > 0 {
-            // Every active channel in one read, so it blocks only when all
-            // of them have nothing new. COUNT applies per stream; what the
-            // grant cannot take stays in our pending list, and its
-            // channel's cursor goes back to before it.
-            let want = room.div_ceil(grant.channels.len());
-            let cursors: Vec<(String, String)> = grant
-                .channels
-                .iter()
-                .map(|c| (c.clone(), self.cursors.get(c).unwrap_or(&Cursor::New).as_arg().to_string()))
-                .collect();
-            match self.reader.read(&self.consumer, &cursors, want).await {
+        if !failed && grant.slots > 0 {
+            match self.reader.read(&self.consumer, &cursors, count).await {
                 Ok(raws) => {
                     let mut by_channel: HashMap<String, Vec<Entry>> = HashMap::new();
                     for raw in raws {
                         let ch = raw.channel.clone();
                         by_channel.entry(ch.clone()).or_default().push(raw.into_entry(&ch));
                     }
-                    let start = self.turn % grant.channels.len();
-                    self.turn = self.turn.wrapping_add(1);
-                    let order: Vec<String> =
-                        grant.channels.iter().cycle().skip(start).take(grant.channels.len()).cloned().collect();
-                    let per_channel: Vec<(String, Vec<Entry>)> = order
-                        .into_iter()
-                        .map(|c| {
-                            let e = by_channel.remove(&c).unwrap_or_default();
-                            (c, e)
-                        })
-                        .collect();
-                    let admitted = admit(per_channel, room, bytes, |e| self.cost(e));
-                    for (ch, mut read, taken) in admitted {
-                        let Some(cursor) = self.cursors.get_mut(&ch) else { continue };
-                        let from_pending = matches!(cursor, Cursor::Pending(_));
-                        let ids: Vec<&str> = read.iter().map(|e| e.id.as_str()).collect();
-                        *cursor = next_cursor(cursor, &ids, taken);
-                        read.truncate(taken);
-                        let taken = read;
-                        if from_pending {
-                            self.with_counts(&ch, taken, &mut batch).await;
+                    let mut per_channel = Vec::with_capacity(cursors.len());
+                    for (ch, cursor) in &cursors {
+                        let mut entries = by_channel.remove(ch).unwrap_or_default();
+                        entries.truncate(count);
+                        let fetched = if cursor == ">" {
+                            entries.into_iter().map(|entry| Fetched { entry, attempt: 1 }).collect()
                         } else {
-                            batch.extend(taken.into_iter().map(|entry| Fetched { entry, attempt: 1 }));
-                        }
+                            self.with_counts(ch, entries).await
+                        };
+                        per_channel.push((ch.clone(), fetched));
                     }
+                    let taken = self.planner.read_done(&grant, per_channel, |f| f.entry.id.as_str(), cost);
+                    batch.extend(taken.into_iter().map(|(_, f)| f));
                 }
                 Err(e) => {
                     tracing::warn!(agent = %self.consumer, error = %e, "store read failed");
@@ -183,19 +277,36 @@ impl Fetcher {
         batch
     }
 
-    /// Bytes an entry counts against the session's budget: its stored size,
-    /// or nothing when the session settles it at once (unreadable, or too
-    /// large for a `Deliver`).
-    fn cost(&self, e: &Entry) -> usize {
-        match &e.webhook {
-            Ok(w) if w.bytes.len() <= self.max_entry => w.bytes.len(),
-            _ => 0,
+    /// Takes over entries of vanished consumers, as many as the grant takes
+    /// even if each is of the largest size, and shrinks the grant by them.
+    /// `true` when the store failed.
+    async fn reclaim(&mut self, grant: &mut Grant, batch: &mut Vec<Fetched>) -> bool {
+        for ch in grant.channels.clone() {
+            let room = grant.slots.min(grant.bytes / self.max_entry);
+            if room == 0 {
+                break;
+            }
+            match self.store.autoclaim(&ch, &self.consumer, self.reclaim_after, room).await {
+                Ok(entries) if !entries.is_empty() => {
+                    tracing::info!(agent = %self.consumer, channel = %ch, count = entries.len(), "reclaimed stale pending entries");
+                    let entries: Vec<Entry> = entries.into_iter().take(room).collect();
+                    grant.slots -= entries.len();
+                    grant.bytes -= entries.iter().map(|e| cost(e, self.max_entry)).sum::<usize>().min(grant.bytes);
+                    batch.extend(self.with_counts(&ch, entries).await);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(agent = %self.consumer, channel = %ch, error = %e, "reclaim failed");
+                    return true;
+                }
+            }
         }
+        false
     }
 
-    /// Adds entries that came from a pending list, with their delivery
-    /// counts as attempt numbers.
-    async fn with_counts(&self, channel: &str, entries: Vec<Entry>, batch: &mut Vec<Fetched>) {
+    /// Entries that came from a pending list, with their delivery counts as
+    /// attempt numbers.
+    async fn with_counts(&self, channel: &str, entries: Vec<Entry>) -> Vec<Fetched> {
         let counts = match (entries.first(), entries.last()) {
             (Some(first), Some(last)) => self
                 .store
@@ -204,81 +315,23 @@ impl Fetcher {
                 .unwrap_or_default(),
             _ => HashMap::new(),
         };
-        batch.extend(entries.into_iter().map(|entry| {
-            let attempt = counts.get(&entry.id).copied().unwrap_or(1);
-            Fetched { entry, attempt }
-        }));
+        entries
+            .into_iter()
+            .map(|entry| {
+                let attempt = counts.get(&entry.id).copied().unwrap_or(1);
+                Fetched { entry, attempt }
+            })
+            .collect()
     }
 }
 
-/// Which entries a grant takes from one read: round-robin over the
-/// channels (in the order given), at most `slots` in all, their `cost`s
-/// within `bytes`. A channel whose next entry does not fit takes nothing
-/// more, so what each channel takes is a prefix of what it read. Returns,
-/// per channel, what it read and how many of them it takes.
-pub fn admit<E>(
-    per_channel: Vec<(String, Vec<E>)>,
-    slots: usize,
-    bytes: usize,
-    cost: impl Fn(&E) -> usize,
-) -> Vec<(String, Vec<E>, usize)> {
-    let mut taken = vec![0usize; per_channel.len()];
-    let mut closed = vec![false; per_channel.len()];
-    let (mut left, mut room) = (slots, bytes);
-    loop {
-        let mut progressed = false;
-        for (i, (_, read)) in per_channel.iter().enumerate() {
-            if left == 0 {
-                break;
-            }
-            if closed[i] {
-                continue;
-            }
-            let Some(e) = read.get(taken[i]) else {
-                closed[i] = true;
-                continue;
-            };
-            let c = cost(e);
-            if c > room {
-                closed[i] = true;
-                continue;
-            }
-            room -= c;
-            left -= 1;
-            taken[i] += 1;
-            progressed = true;
-        }
-        if !progressed || left == 0 {
-            break;
-        }
-    }
-    per_channel.into_iter().zip(taken).map(|((ch, read), n)| (ch, read, n)).collect()
-}
-
-/// A channel's cursor after a read that returned the entries `read` (their
-/// ids, in stream order) of which the first `taken` were handed over.
-pub fn next_cursor(cursor: &Cursor, read: &[&str], taken: usize) -> Cursor {
-    let last_taken = taken.checked_sub(1).and_then(|i| read.get(i)).map(|id| id.to_string());
-    let first_left = read.get(taken).copied();
-    match (cursor, last_taken, first_left) {
-        // The pending list is walked; an empty answer means it is done.
-        (Cursor::Pending(_), _, _) if read.is_empty() => Cursor::New,
-        (Cursor::Pending(_), Some(last), _) => Cursor::Pending(last),
-        (Cursor::Pending(after), None, _) => Cursor::Pending(after.clone()),
-        // New entries left over are now in our pending list: walk it from
-        // just before them.
-        (Cursor::New, Some(last), Some(_)) => Cursor::Pending(last),
-        (Cursor::New, None, Some(first)) => Cursor::Pending(before(first)),
-        (Cursor::New, _, None) => Cursor::New,
-    }
-}
-
-/// The stream id just before `id` (`ms-seq`), as a pending-list cursor.
-fn before(id: &str) -> String {
-    match crate::store::parse_id(id) {
-        Some((ms, seq)) if seq > 0 => crate::store::format_id((ms, seq - 1)),
-        Some((ms, _)) if ms > 0 => crate::store::format_id((ms - 1, u64::MAX)),
-        _ => "0".into(),
+/// Bytes an entry counts against the session's budget: its stored size,
+/// or nothing when the session settles it at once (unreadable, or too
+/// large for a `Deliver`).
+fn cost(e: &Entry, max_entry: usize) -> usize {
+    match &e.webhook {
+        Ok(w) if w.bytes.len() <= max_entry => w.bytes.len(),
+        _ => 0,
     }
 }
 
@@ -286,27 +339,47 @@ fn before(id: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn admission_is_round_robin_within_slots_and_bytes() {
-        let per = vec![("a".to_string(), vec![5, 5, 5]), ("b".to_string(), vec![5, 50, 5])];
-        let got = admit(per.clone(), 10, 100, |c| *c);
-        assert_eq!(got.iter().map(|(_, _, n)| *n).collect::<Vec<_>>(), vec![3, 3]);
-        let got = admit(per.clone(), 3, 100, |c| *c);
-        assert_eq!(got.iter().map(|(_, _, n)| *n).collect::<Vec<_>>(), vec![2, 1], "slots shared in turn");
-        let got = admit(per, 10, 20, |c| *c);
-        assert_eq!(got.iter().map(|(_, _, n)| *n).collect::<Vec<_>>(), vec![3, 1], "b stops at what does not fit");
+    fn grant(slots: usize, bytes: usize, channels: &[&str]) -> Grant {
+        Grant { slots, bytes, channels: channels.iter().map(|c| c.to_string()).collect() }
+    }
+
+    /// Entries as `(id, cost)`.
+    fn read(
+        p: &mut Planner<(&'static str, usize)>,
+        g: &Grant,
+        per: Vec<(&str, Vec<(&'static str, usize)>)>,
+    ) -> Vec<&'static str> {
+        let per = per.into_iter().map(|(c, e)| (c.to_string(), e)).collect();
+        p.read_done(g, per, |e| e.0, |e| e.1).into_iter().map(|(_, e)| e.0).collect()
     }
 
     #[test]
-    fn entries_left_over_are_read_again_from_the_pending_list() {
-        let read = ["5-0", "5-1", "7-0"];
-        assert_eq!(next_cursor(&Cursor::New, &read, 3), Cursor::New);
-        assert_eq!(next_cursor(&Cursor::New, &read, 1), Cursor::Pending("5-0".into()));
-        assert_eq!(next_cursor(&Cursor::New, &read, 0), Cursor::Pending(format!("4-{}", u64::MAX)));
-        assert_eq!(next_cursor(&Cursor::Pending("0".into()), &read, 2), Cursor::Pending("5-1".into()));
-        assert_eq!(next_cursor(&Cursor::Pending("3-0".into()), &read, 0), Cursor::Pending("3-0".into()));
-        assert_eq!(next_cursor(&Cursor::Pending("3-0".into()), &[], 0), Cursor::New);
-        assert_eq!(before("7-0"), format!("6-{}", u64::MAX));
-        assert_eq!(before("0-0"), "0");
+    fn every_channel_is_read_at_once_and_leftovers_wait() {
+        let mut p = Planner::new(&["a".into(), "b".into()], 100);
+        let g = grant(1, 1_000, &["a", "b"]);
+        assert_eq!(
+            p.step(&g),
+            Step::Read { cursors: vec![("a".into(), "0".into()), ("b".into(), "0".into())], count: 1 }
+        );
+        assert_eq!(read(&mut p, &g, vec![("a", vec![("1-0", 10)]), ("b", vec![])]), ["1-0"]);
+        assert_eq!(p.cursor("b"), Some(&Cursor::New), "b's pending list is done");
+        assert_eq!(p.cursor("a"), Some(&Cursor::Pending("1-0".into())));
+        let g = grant(1, 1_000, &["a", "b"]);
+        let taken = read(&mut p, &g, vec![("a", vec![("2-0", 10)]), ("b", vec![("5-0", 10)])]);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(p.waiting(), 1);
+        assert_eq!(p.step(&g), Step::Serve, "what waits goes first, without a read");
+        assert_eq!(p.serve(&g, |e| e.1).len(), 1);
+        assert_eq!(p.waiting(), 0);
+    }
+
+    #[test]
+    fn reads_are_sized_for_the_largest_entries_and_serving_for_real_ones() {
+        let mut p = Planner::new(&["a".into()], 100);
+        let g = grant(50, 1_000, &["a"]);
+        assert!(matches!(p.step(&g), Step::Read { count: 10, .. }), "1000 bytes hold ten largest entries");
+        let small: Vec<(&'static str, usize)> = vec![("1-0", 300), ("2-0", 300), ("3-0", 300), ("4-0", 300)];
+        assert_eq!(read(&mut p, &g, vec![("a", small)]), ["1-0", "2-0", "3-0"], "the fourth is past the bytes");
+        assert_eq!(p.waiting(), 1);
     }
 }

@@ -531,10 +531,18 @@ impl Backend for RedisStore {
     /// Re-appends the webhooks received in `[since_ms, until_ms]` (from the
     /// stream's retained history, acknowledged or not) as new entries, in
     /// their original order. Returns how many were replayed.
+    /// Up to the newest entry that existed when the replay started (its
+    /// own copies get later ids and are never read again).
     async fn replay_range(&self, channel: &str, since_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
         const PAGE: usize = 500;
         let mut start = since_ms.to_string();
-        let end = format!("{until_ms}-18446744073709551615");
+        let newest: Value = self
+            .run("XREVRANGE", redis::cmd("XREVRANGE").arg(keys::stream(channel)).arg("+").arg("-").arg("COUNT").arg(1))
+            .await?;
+        let Some(newest) = parse::entries(newest)?.first().and_then(|e| crate::store::parse_id(&e.id)) else {
+            return Ok(0);
+        };
+        let end = crate::store::format_id(newest.min((until_ms, u64::MAX)));
         let mut replayed = 0;
         loop {
             let v: Value = self
