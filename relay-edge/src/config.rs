@@ -352,12 +352,20 @@ impl EdgeConfig {
         Ok(cfg)
     }
 
-    /// Adds the entries of `tunnel.revoked_file` (when set and present) to
-    /// `tunnel.revoked`.
+    /// Adds the entries of `tunnel.revoked_file` (when set) to
+    /// `tunnel.revoked`. A configured file that is missing is an error:
+    /// revocation must not fail open (at start the edge refuses to run; on
+    /// SIGHUP the running configuration is kept).
     pub fn read_revoked_file(&mut self) -> Result<(), ConfigError> {
         let Some(path) = &self.tunnel.revoked_file else { return Ok(()) };
         if !path.exists() {
-            return Ok(());
+            return Err(ConfigError::Key {
+                key: "tunnel.revoked_file".into(),
+                why: format!(
+                    "{} does not exist, so no certificate would be revoked; create it (an empty file revokes nothing) or remove the key",
+                    path.display()
+                ),
+            });
         }
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Key {
             key: "tunnel.revoked_file".into(),

@@ -59,6 +59,30 @@ fn bad_config_fails_naming_the_key() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+/// A configured revocation list that is missing would revoke nothing
+/// (fail open): the edge refuses to start (and a reload keeps the running
+/// configuration). An empty file is fine.
+#[test]
+fn a_missing_revocation_file_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    certs_in(dir.path());
+    let d = dir.path().display();
+    let list = dir.path().join("revoked.txt");
+    let text = format!(
+        "[tunnel]\ncert = \"{d}/edge.pem\"\nkey = \"{d}/edge-key.pem\"\nclient_ca = \"{d}/ca.pem\"\nrevoked_file = \"{}\"\n",
+        list.display()
+    );
+    let cfg = dir.path().join("edge.toml");
+    std::fs::write(&cfg, text).expect("write");
+    let out = bin().arg("--config").arg(&cfg).arg("check-config").output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("tunnel.revoked_file") && err.contains("does not exist"), "{err}");
+    std::fs::write(&list, "").expect("create an empty list");
+    let out = bin().arg("--config").arg(&cfg).arg("check-config").output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn shipped_example_configs_parse() {
     let dir = tempfile::tempdir().expect("tempdir");
