@@ -43,7 +43,7 @@ pub enum Frame {
     /// release: an agent that sends it empty names ids only, which the edge
     /// settles only where that is unambiguous (see `relay-edge`'s
     /// `tunnel::inflight`). Build it with [`Frame::ack`]; read it with
-    /// [`Frame::acked`]. Both lists are counted while decoding (at most
+    /// [`Frame::into_acked`]. Both lists are counted while decoding (at most
     /// [`MAX_ACK_BATCH`]).
     Ack {
         #[serde(deserialize_with = "bounded::ack_list")]
@@ -101,16 +101,17 @@ impl Frame {
 
     /// What an `Ack` settles: `(Some(channel), id)` pairs, or `(None, id)`
     /// from an agent that names ids only. `None` when the lists disagree in
-    /// length (a malformed frame) or `self` is not an `Ack`.
-    pub fn acked(&self) -> Option<Vec<(Option<&str>, &str)>> {
+    /// length (a malformed frame) or `self` is not an `Ack`. Consumes the
+    /// frame: the decoded strings are moved, not copied.
+    pub fn into_acked(self) -> Option<Vec<(Option<String>, String)>> {
         let Frame::Ack { ids, channels } = self else { return None };
         if channels.is_empty() {
-            return Some(ids.iter().map(|i| (None, i.as_str())).collect());
+            return Some(ids.into_iter().map(|i| (None, i)).collect());
         }
         if channels.len() != ids.len() {
             return None;
         }
-        Some(channels.iter().zip(ids).map(|(c, i)| (Some(c.as_str()), i.as_str())).collect())
+        Some(channels.into_iter().map(Some).zip(ids).collect())
     }
 
     /// Short name for logs and metrics.

@@ -240,7 +240,7 @@ enum OldAck {
 fn acks_and_nacks_of_older_agents_name_no_channel() {
     let bytes = rmp_serde::to_vec_named(&OldAck::Ack { ids: vec!["1-0".into()] }).expect("encode");
     let frame = decode(&bytes, &Limits::default()).expect("decode");
-    assert_eq!(frame.acked(), Some(vec![(None, "1-0")]));
+    assert_eq!(frame.into_acked(), Some(vec![(None, "1-0".to_string())]));
     let bytes = rmp_serde::to_vec_named(&OldAck::Nack { id: "1-0".into(), permanent: false, reason: "x".into() })
         .expect("encode");
     let Frame::Nack { channel, id, .. } = decode(&bytes, &Limits::default()).expect("decode") else {
@@ -252,7 +252,8 @@ fn acks_and_nacks_of_older_agents_name_no_channel() {
 #[test]
 fn an_ack_names_each_channel_and_id() {
     let frame = Frame::ack([("a", "1-0"), ("b", "1-0")]);
-    assert_eq!(frame.acked(), Some(vec![(Some("a"), "1-0"), (Some("b"), "1-0")]));
+    let pair = |c: &str| (Some(c.to_string()), "1-0".to_string());
+    assert_eq!(frame.into_acked(), Some(vec![pair("a"), pair("b")]));
 }
 
 #[test]
@@ -260,7 +261,7 @@ fn an_ack_whose_lists_disagree_is_refused() {
     let frame = Frame::Ack { ids: vec!["1-0".into(), "2-0".into()], channels: vec!["a".into()] };
     let bytes = encode(&frame, &Limits::default()).expect("encode");
     assert!(matches!(decode(&bytes, &Limits::default()), Err(DecodeError::Limit(_))));
-    assert_eq!(frame.acked(), None);
+    assert_eq!(frame.into_acked(), None);
 }
 
 /// MessagePack `fixarray`/`array32` headers claiming more entries than the

@@ -28,6 +28,11 @@ impl Recent {
         key.into()
     }
 
+    /// `(channel, id)` of a key made by [`Recent::key`].
+    pub fn split(key: &str) -> (&str, &str) {
+        key.split_once('\0').unwrap_or((key, ""))
+    }
+
     pub fn contains(&self, key: &str) -> bool {
         self.set.contains(key)
     }

@@ -119,7 +119,7 @@ pub struct Pipeline {
     /// Running local POSTs; dropping the set aborts them.
     pub tasks: JoinSet<Outcome>,
     /// What each running task posts, to answer for it if it panics.
-    task_keys: HashMap<Id, (String, String)>,
+    task_keys: HashMap<Id, Key>,
     /// Keys (`channel\0id`) of deliveries running or parked now.
     running: HashSet<Key>,
     /// Recently acked keys.
@@ -224,12 +224,12 @@ impl Pipeline {
 
     fn spawn(&mut self, key: Key, channel: String, id: String, attempt: u32, webhook: Webhook) {
         let deliverer = self.deliverer.clone();
-        let (c, i) = (channel.clone(), id.clone());
+        let task_key = key.clone();
         let handle = self.tasks.spawn(async move {
             let posted = deliverer.post(&channel, attempt, &webhook).await;
             Outcome { key, channel, id, attempt, webhook, posted }
         });
-        self.task_keys.insert(handle.id(), (c, i));
+        self.task_keys.insert(handle.id(), task_key);
     }
 
     /// Every POST that has finished: waits for the first, then takes the
@@ -258,8 +258,10 @@ impl Pipeline {
                 Err(e) => {
                     // A POST that panicked: no verdict from it, so let the
                     // edge offer it again rather than hold it forever.
-                    if let Some((channel, id)) = self.task_keys.remove(&e.id()) {
-                        self.running.remove(&Recent::key(&channel, &id));
+                    if let Some(key) = self.task_keys.remove(&e.id()) {
+                        self.running.remove(&key);
+                        let (channel, id) = Recent::split(&key);
+                        let (channel, id) = (channel.to_string(), id.to_string());
                         tracing::error!(%channel, %id, error = %e, "local delivery task failed; edge will retry");
                         out.frames.push(nack(channel, id, false, "local delivery task failed".into(), None, None));
                     }
@@ -432,7 +434,7 @@ mod tests {
         let acks: Vec<(String, String)> = (0..2_500).map(|i| ("crm".to_string(), format!("{i}-0"))).collect();
         let frames = ack_frames(&acks);
         assert_eq!(frames.len(), 3);
-        let total: usize = frames.iter().map(|f| f.acked().map(|a| a.len()).unwrap_or(0)).sum();
+        let total: usize = frames.into_iter().map(|f| f.into_acked().map(|a| a.len()).unwrap_or(0)).sum();
         assert_eq!(total, 2_500);
         assert!(ack_frames(&[]).is_empty());
     }

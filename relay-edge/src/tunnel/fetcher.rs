@@ -325,12 +325,22 @@ impl Fetcher {
     }
 }
 
+/// Room a `Deliver` needs around the stored webhook: its other fields
+/// (channel names and stream ids are short) and MessagePack framing.
+const DELIVER_OVERHEAD: usize = 1024;
+
+/// Whether a stored webhook of `len` bytes fits a `Deliver` of at most
+/// `max_frame` bytes; the session dead-letters those that do not.
+pub fn deliverable(len: usize, max_frame: usize) -> bool {
+    len + DELIVER_OVERHEAD <= max_frame
+}
+
 /// Bytes an entry counts against the session's budget: its stored size,
 /// or nothing when the session settles it at once (unreadable, or too
 /// large for a `Deliver`).
 fn cost(e: &Entry, max_entry: usize) -> usize {
     match &e.webhook {
-        Ok(w) if w.bytes.len() <= max_entry => w.bytes.len(),
+        Ok(w) if deliverable(w.bytes.len(), max_entry) => w.bytes.len(),
         _ => 0,
     }
 }

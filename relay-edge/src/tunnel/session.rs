@@ -20,11 +20,11 @@ use tokio::sync::mpsc;
 use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::Peer;
-use super::fetcher::{Fetched, Fetcher};
+use super::fetcher::{Fetched, Fetcher, deliverable};
 use super::inflight::{Acked, Arrival, Claimed, EntryKey, Grant, Nacked, Send, Table};
 use super::registry::{Kick, Live, SessionInfo};
 use crate::AppState;
-use crate::store::{Backend, DELETED_WHILE_PENDING, DeadLetter, Store, Stored, now_ms};
+use crate::store::{Backend, DELETED_WHILE_PENDING, DeadLetter, Stored, now_ms};
 
 /// Why a session ended; sent to the agent as `Error { code, message }`.
 struct Close {
@@ -144,7 +144,6 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
         tunnel.max_frame.as_u64() as usize,
     );
     let mut session = Session {
-        store: state.store.clone(),
         state: state.clone(),
         peer: peer.clone(),
         limits,
@@ -250,8 +249,6 @@ async fn recv_frame(ws: &mut WebSocket, limits: &Limits) -> Result<Option<Frame>
 }
 
 struct Session {
-    /// The durable store (also reachable through `state`; kept for brevity).
-    store: Store,
     state: Arc<AppState>,
     peer: Peer,
     limits: Limits,
@@ -420,12 +417,10 @@ impl Session {
 
     async fn on_frame(&mut self, ws: &mut WebSocket, frame: Frame) -> Result<(), Close> {
         match frame {
-            Frame::Ack { .. } => {
-                let Some(acked) = frame.acked() else {
+            ack @ Frame::Ack { .. } => {
+                let Some(acked) = ack.into_acked() else {
                     return Err(Close::new("protocol_error", "Ack lists a different number of channels and ids"));
                 };
-                let acked: Vec<(Option<String>, String)> =
-                    acked.into_iter().map(|(c, i)| (c.map(str::to_string), i.to_string())).collect();
                 self.on_ack(acked).await;
             }
             Frame::Nack { channel, id, permanent, mut reason, retry_after_ms, status } => {
@@ -487,7 +482,13 @@ impl Session {
                 },
             };
             match self.table.ack(&key) {
-                Acked::Settled(f) => self.state.metrics.delivered(&key.channel, f.received_at_ms),
+                Acked::Settled(f) => {
+                    self.state.metrics.delivered(&key.channel, f.received_at_ms);
+                    // A redelivery it was waiting for is moot: free its timer now.
+                    if let Some(slot) = self.scheduled.remove(&key) {
+                        self.redeliveries.remove(&slot);
+                    }
+                }
                 Acked::NotHere => {
                     tracing::debug!(agent = %self.peer.agent, entry = %key, "ack for an entry not in flight here")
                 }
@@ -499,7 +500,7 @@ impl Session {
             by_channel.entry(key.channel).or_default().push(key.id);
         }
         for (channel, ids) in by_channel {
-            if let Err(e) = self.store.ack(&channel, &ids).await {
+            if let Err(e) = self.state.store.ack(&channel, &ids).await {
                 // Still pending: it will be redelivered (at-least-once).
                 tracing::warn!(agent = %self.peer.agent, channel, error = %e, "acknowledging in the store failed");
             }
@@ -547,7 +548,7 @@ impl Session {
     /// the store failed (the entry stays pending).
     async fn dead_letter(&self, key: &EntryKey, reason: &str, status: Option<u16>, attempts: u32) -> bool {
         let (channel, id) = (key.channel.as_str(), key.id.as_str());
-        let raw = match self.store.raw_entry(channel, id).await {
+        let raw = match self.state.store.raw_entry(channel, id).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "cannot read entry to dead-letter; left pending");
@@ -555,7 +556,7 @@ impl Session {
             }
         };
         let letter = DeadLetter { channel, id, reason, status, attempts, raw: raw.as_deref() };
-        match self.store.dead_letter(&letter).await {
+        match self.state.store.dead_letter(&letter).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "dead-letter failed; left pending");
@@ -569,7 +570,7 @@ impl Session {
         let Some(attempt) = self.table.due(&key) else { return Ok(()) };
         self.state.metrics.retried.inc();
         self.state.metrics.outcome(&key.channel, "redelivered");
-        match self.store.claim(&key.channel, &self.peer.agent, &key.id).await {
+        match self.state.store.claim(&key.channel, &self.peer.agent, &key.id).await {
             Ok(Some(entry)) => match entry.webhook {
                 Ok(webhook) => {
                     let send = Send { key: key.clone(), attempt, payload: webhook };
@@ -605,7 +606,7 @@ impl Session {
         for Fetched { entry, attempt } in batch {
             let key = EntryKey::new(entry.channel, entry.id);
             match entry.webhook {
-                Ok(w) if w.bytes.len() + 256 + key.id.len() + key.channel.len() > max => {
+                Ok(w) if !deliverable(w.bytes.len(), max) => {
                     let why = format!(
                         "stored webhook of {} bytes does not fit a Deliver frame (tunnel.max_frame = {max} bytes)",
                         w.bytes.len()
@@ -632,11 +633,11 @@ impl Session {
         let (channel, id) = (key.channel.as_str(), key.id.as_str());
         tracing::warn!(agent = %self.peer.agent, channel, id, why, "undeliverable stream entry");
         let result = if why == DELETED_WHILE_PENDING {
-            self.store.ack(channel, &[id.to_string()]).await.map(|_| ())
+            self.state.store.ack(channel, &[id.to_string()]).await.map(|_| ())
         } else {
-            let raw = self.store.raw_entry(channel, id).await.ok().flatten();
+            let raw = self.state.store.raw_entry(channel, id).await.ok().flatten();
             let letter = DeadLetter { channel, id, reason: why, status: None, attempts: 0, raw: raw.as_deref() };
-            self.store.dead_letter(&letter).await
+            self.state.store.dead_letter(&letter).await
         };
         if let Err(e) = result {
             tracing::warn!(channel, id, error = %e, "cannot settle undeliverable entry; left pending");
@@ -644,7 +645,7 @@ impl Session {
     }
 
     fn spawn_stats(&self) {
-        let store = self.store.clone();
+        let store = self.state.store.clone();
         let channels = self.table.channels().to_vec();
         let tx = self.stats_tx.clone();
         if tx.capacity() == 0 {
