@@ -17,8 +17,31 @@ use relay_protocol::Webhook;
 
 use crate::config::AgentConfig;
 
-/// Headers not forwarded: hop-by-hop, and ones the HTTP client sets itself.
-const SKIP: &[&str] = &["host", "content-length", "connection", "transfer-encoding", "keep-alive", "te", "upgrade"];
+/// Headers not forwarded: hop-by-hop, ones the HTTP client sets itself,
+/// and what a sender says about itself (the edge drops these too; entries
+/// stored by older edges may hold them). `X-Relay-*` is the relay's own.
+const SKIP: &[&str] = &[
+    "host",
+    "content-length",
+    "connection",
+    "transfer-encoding",
+    "keep-alive",
+    "te",
+    "upgrade",
+    "expect",
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-real-ip",
+];
+
+/// The one `X-Relay-*` header the edge stores: the client address it saw.
+const CLIENT_IP_HEADER: &str = "x-relay-client-ip";
+
+/// Most bytes of a local answer read: only its status and `Retry-After`
+/// count, the rest is read so the connection can be reused. A longer
+/// answer is cut off (its connection closed).
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// How one local POST went; `pipeline::verdict` decides what it means.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,10 +120,17 @@ impl Deliverer {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        resp.into_body()
-            .collect()
-            .await
-            .map_err(|e| Failure::Other(format!("local request failed: reading the answer: {}", chain(&e))))?;
+        let mut body = resp.into_body();
+        let mut read = 0;
+        while read <= MAX_ANSWER_BYTES {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
+                Some(Err(e)) => {
+                    return Err(Failure::Other(format!("local request failed: reading the answer: {}", chain(&e))));
+                }
+            }
+        }
         Ok((status, retry_after))
     }
 }
@@ -114,7 +144,7 @@ fn request(uri: &Uri, channel: &str, attempt: u32, webhook: &Webhook) -> Request
     let headers = req.headers_mut();
     headers.reserve(webhook.headers.len() + 3);
     for h in &webhook.headers {
-        if SKIP.contains(&h.name.as_str()) || h.name.starts_with("x-relay-") {
+        if SKIP.contains(&h.name.as_str()) || (h.name.starts_with("x-relay-") && h.name != CLIENT_IP_HEADER) {
             continue;
         }
         // The edge stored what its HTTP parser accepted, so both are valid;
@@ -146,4 +176,36 @@ fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
 /// An error with its causes, `outer: inner: …`.
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     causes(e).map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A local app that answers an endless body: the status counts, and the
+    /// agent stops reading after [`MAX_ANSWER_BYTES`] instead of waiting
+    /// for (or buffering) the rest.
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_off_and_its_status_counts() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let endless = || async {
+            let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+            let stream = futures_util::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+            axum::body::Body::from_stream(stream)
+        };
+        let app = axum::Router::new().route("/", axum::routing::post(endless));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let cfg = AgentConfig {
+            request_timeout: Duration::from_secs(5),
+            targets: vec![crate::config::Target { channel: "crm".into(), url: format!("http://{addr}/") }],
+            ..Default::default()
+        };
+        let deliverer = Deliverer::new(&cfg).expect("deliverer");
+        let webhook = Webhook { id: "w".into(), method: "POST".into(), ..Default::default() };
+        let started = std::time::Instant::now();
+        let posted = deliverer.post("crm", 1, &webhook).await;
+        assert_eq!(posted, Posted::Answered { status: 200, retry_after: None });
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    }
 }

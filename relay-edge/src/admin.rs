@@ -10,8 +10,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::AppState;
+use crate::server::{ConnCaps, ConnLimits, accept_loop, serve_http};
 use crate::store::Backend;
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -24,11 +26,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
-    let result = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "admin listener failed");
-    }
+/// Connections the admin listener holds at once (operators and scrapers).
+const ADMIN_CONNECTIONS: usize = 64;
+
+/// Serves like the public listeners do: a deadline for each request head
+/// (a stuck client cannot hold a connection) and a cap on connections.
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken, tracker: TaskTracker) {
+    let app = router(state.clone());
+    let limits = ConnLimits {
+        header_timeout: state.cfg.ingest.header_timeout,
+        max_headers: state.cfg.ingest.max_headers,
+        max_header_bytes: state.cfg.ingest.max_header_bytes.as_u64() as usize,
+    };
+    let caps = ConnCaps { total: ADMIN_CONNECTIONS, per_ip: 0, exempt: Vec::new() };
+    let conn_shutdown = shutdown.clone();
+    accept_loop("admin", listener, caps, shutdown, tracker, move |tcp, addr| {
+        serve_http(tcp, addr, app.clone(), (), limits, conn_shutdown.clone())
+    })
+    .await;
 }
 
 /// Liveness and details; `200` while the process runs, `status` says

@@ -85,7 +85,12 @@ pub struct IngestConfig {
     pub rate_per_key: u32,
     pub burst_per_key: u32,
     /// Reverse proxies whose `X-Forwarded-For` is believed (exact IPs).
+    /// They are also exempt from `max_connections_per_ip`.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Connections held at once, in all and from one client IP; past
+    /// either, a new connection is closed at once, before TLS (0 = no cap).
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for IngestConfig {
@@ -104,6 +109,8 @@ impl Default for IngestConfig {
             rate_per_key: 5000,
             burst_per_key: 10000,
             trusted_proxies: Vec::new(),
+            max_connections: 2048,
+            max_connections_per_ip: 128,
         }
     }
 }
@@ -150,6 +157,10 @@ pub struct TunnelConfig {
     /// A file of more such entries, one per line (`#` comments), which
     /// `relay-edge certs revoke` appends to; read at start and on SIGHUP.
     pub revoked_file: Option<PathBuf>,
+    /// Connections held at once, in all and from one IP (agents behind one
+    /// NAT share an IP); past either, a new one is closed before TLS.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for TunnelConfig {
@@ -168,6 +179,8 @@ impl Default for TunnelConfig {
             retry_delay: Duration::from_secs(1),
             revoked: Vec::new(),
             revoked_file: None,
+            max_connections: 512,
+            max_connections_per_ip: 64,
         }
     }
 }

@@ -160,7 +160,7 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     tracker.spawn(ingest::serve(listeners.ingest, state.clone(), shutdown.clone(), tracker.clone()));
-    tracker.spawn(admin::serve(listeners.admin, state.clone(), shutdown.clone()));
+    tracker.spawn(admin::serve(listeners.admin, state.clone(), shutdown.clone(), tracker.clone()));
     tracker.spawn(tunnel::serve(listeners.tunnel, state.clone(), shutdown.clone(), tracker.clone()));
     tracker.spawn(retention_loop(state.clone(), shutdown.clone()));
     tracker.spawn(backlog::refresh_loop(state.clone(), shutdown.clone()));

@@ -3,11 +3,14 @@
 //! happen there, never in the accept loop), HTTP/1.1 with limits on the
 //! request head and a deadline for sending it, WebSocket upgrades kept
 //! working (`serve_connection_with_upgrades`), and a graceful close on
-//! shutdown.
+//! shutdown. Connections past a listener's caps (in all, per client IP)
+//! are closed as soon as they are accepted, before any TLS handshake.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -28,10 +31,67 @@ pub struct ConnLimits {
     pub max_header_bytes: usize,
 }
 
-/// Accepts until `shutdown`; `on_conn` runs in a tracked task per connection.
+/// How many connections a listener holds at once (0 = no cap).
+#[derive(Debug, Clone, Default)]
+pub struct ConnCaps {
+    pub total: usize,
+    pub per_ip: usize,
+    /// Addresses the per-IP cap does not apply to (trusted proxies).
+    pub exempt: Vec<IpAddr>,
+}
+
+/// Counts the connections a listener holds, in all and per IP.
+struct Gate {
+    caps: ConnCaps,
+    held: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One held connection; gives its slot back when dropped.
+struct Slot {
+    gate: Arc<Gate>,
+    ip: IpAddr,
+}
+
+impl Gate {
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per_ip) = &mut *held;
+        if self.caps.total > 0 && *total >= self.caps.total {
+            return None;
+        }
+        let mine = per_ip.entry(ip).or_insert(0);
+        if self.caps.per_ip > 0 && *mine >= self.caps.per_ip && !self.caps.exempt.contains(&ip) {
+            if *mine == 0 {
+                per_ip.remove(&ip);
+            }
+            return None;
+        }
+        *mine += 1;
+        *total += 1;
+        Some(Slot { gate: self.clone(), ip })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.gate.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per_ip) = &mut *held;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Accepts until `shutdown`; `on_conn` runs in a tracked task per
+/// connection, while the connection holds one of the slots `caps` allow.
 pub async fn accept_loop<F, Fut>(
     what: &'static str,
     listener: TcpListener,
+    caps: ConnCaps,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     on_conn: F,
@@ -39,6 +99,7 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let gate = Arc::new(Gate { caps, held: Mutex::new((0, HashMap::new())) });
     loop {
         let (tcp, addr) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -52,8 +113,17 @@ pub async fn accept_loop<F, Fut>(
                 }
             },
         };
+        let Some(slot) = gate.enter(addr.ip()) else {
+            tracing::debug!(listener = what, peer = %addr, "connection cap reached; closed");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        tracker.spawn(on_conn(tcp, addr));
+        let conn = on_conn(tcp, addr);
+        tracker.spawn(async move {
+            conn.await;
+            drop(slot);
+        });
     }
 }
 

@@ -242,6 +242,16 @@ impl Agent {
     }
 }
 
+/// An in-process edge with `cfg`, and agent `name` connected to it that
+/// delivers channel `crm` to a fresh [`Receiver`].
+pub async fn edge_with_agent(cfg: EdgeConfig, certs: &Certs, name: &str) -> (Edge, Agent, Receiver) {
+    let rx = Receiver::start().await;
+    let edge = Edge::start(cfg).await;
+    let agent = Agent::start(agent_config(&edge, certs, name, &[("crm", rx.url())]));
+    agent.wait_connected(Duration::from_secs(10)).await;
+    (edge, agent, rx)
+}
+
 /// Path of a workspace binary (built by `cargo test --workspace`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -53,6 +53,11 @@ impl RedisServer {
             .expect("connect to test redis")
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops the server (SIGKILL to our own child).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

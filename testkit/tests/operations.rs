@@ -235,10 +235,7 @@ async fn agents_command_lists_connected_agents() {
     init_tracing();
     let store = Backing::embedded();
     let certs = Certs::generate();
-    let rx = Receiver::start().await;
-    let edge = Edge::start(edge_config(&store, &certs)).await;
-    let agent = Agent::start(agent_config(&edge, &certs, "lan-2", &[("crm", rx.url())]));
-    agent.wait_connected(Duration::from_secs(10)).await;
+    let (edge, agent, _rx) = edge_with_agent(edge_config(&store, &certs), &certs, "lan-2").await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let (code, out, err) = edge_cli(&edge, &["agents", "--json"]).await;
     assert_eq!(code, 0, "{err}");

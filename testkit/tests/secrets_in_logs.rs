@@ -48,7 +48,10 @@ async fn keys_and_secrets_never_reach_logs_storage_or_the_receiver() {
     assert!(logs.contains("backend=\"embedded\""), "both backends ran");
     for line in logs.lines() {
         assert!(!line.contains("TOPSECRET"), "a secret reached the logs: {line}");
+        assert!(!line.starts_with("FORGED"), "a route name from the URL forged a log line: {line:?}");
+        assert!(!line.contains('\u{1b}'), "a route name from the URL wrote an escape sequence: {line:?}");
     }
+    assert!(logs.contains("FORGED"), "the refused route was logged");
 }
 
 /// Everything that may carry a secret, once: config, keys in header, path
@@ -94,6 +97,9 @@ async fn relay_once(store: &Backing) {
         .await
         .expect("get");
     assert_eq!(r.status(), 200);
+    // A route name from the URL with CR/LF and an ANSI escape, percent-encoded.
+    let evil = format!("http://{}/hooks/x%0D%0AFORGED%20log%20line%1B%5B31m", edge.ingest);
+    assert_eq!(client.post(evil).body("{}").send().await.expect("post").status(), 404);
 
     wait_until(Duration::from_secs(10), "three deliveries", || rx.accepted().len() == 3).await;
     for d in rx.accepted() {

@@ -1,14 +1,14 @@
 //! The ingest request path as one function of raw bytes, for the fuzz
 //! target `ingest_request` (`fuzz/`) and its bounded proptest twin: it runs
 //! every check a request goes through before storage — key matching
-//! (plain and hashed keys), signature, JSON check, path/query redaction,
+//! (plain and hashed keys), signature, JSON check, route-name escaping, query and header redaction,
 //! client-IP resolution — on attacker-controlled input. It must never panic.
 
 use std::net::SocketAddr;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{auth, check_body, client_ip, redact_path, redact_query};
+use super::{auth, check_body, client_ip, redact_query, stored_headers, unknown_route};
 use crate::config::{RouteConfig, Secret};
 
 /// Input layout: byte 0 = flags (bit 0 app_secret, bit 1 require_json);
@@ -44,9 +44,9 @@ pub fn ingest_input(data: &[u8]) {
     };
     let _ = auth::match_key(&key, &route.api_keys);
     let _ = check_body(&route, &headers, body);
-    let _ = redact_path(&path, &route.name);
+    let _ = unknown_route(&path);
     let _ = redact_query(&query);
     let peer = SocketAddr::from(([10, 0, 0, 1], 443));
-    let _ = client_ip(peer, &headers, &[peer.ip()]);
+    let _ = stored_headers(&headers, client_ip(peer, &headers, &[peer.ip()]));
     let _ = auth::signature_valid("fuzz-secret", headers.get("x-hub-signature-256").map(|v| v.as_bytes()), body);
 }

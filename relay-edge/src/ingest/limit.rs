@@ -15,7 +15,13 @@ use crate::error::IngestError;
 pub struct Limiter {
     per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
     per_key: Option<DefaultKeyedRateLimiter<(String, usize)>>,
+    /// Probes of the public `/health`, per client IP: [`HEALTH_RATE`].
+    health: DefaultKeyedRateLimiter<IpAddr>,
 }
+
+/// Public `/health` probes per second per client IP, and the burst above
+/// that: plenty for a load balancer, nothing for a flood.
+pub const HEALTH_RATE: (u32, u32) = (5, 10);
 
 fn quota(rate: u32, burst: u32) -> Option<Quota> {
     let rate = NonZeroU32::new(rate)?;
@@ -32,6 +38,9 @@ impl Limiter {
         Self {
             per_ip: quota(cfg.rate_per_ip, cfg.burst_per_ip).map(RateLimiter::keyed),
             per_key: quota(cfg.rate_per_key, cfg.burst_per_key).map(RateLimiter::keyed),
+            health: RateLimiter::keyed(
+                quota(HEALTH_RATE.0, HEALTH_RATE.1).unwrap_or_else(|| unreachable!("a non-zero constant")),
+            ),
         }
     }
 
@@ -40,6 +49,10 @@ impl Limiter {
             Some(l) => l.check_key(&ip).map_err(|n| IngestError::RateLimited { retry_after: retry_after(&n) }),
             None => Ok(()),
         }
+    }
+
+    pub fn check_health(&self, ip: IpAddr) -> Result<(), IngestError> {
+        self.health.check_key(&ip).map_err(|n| IngestError::RateLimited { retry_after: retry_after(&n) })
     }
 
     pub fn check_key(&self, route: &str, key_index: usize) -> Result<(), IngestError> {
@@ -59,5 +72,6 @@ impl Limiter {
         if let Some(l) = &self.per_key {
             l.retain_recent();
         }
+        self.health.retain_recent();
     }
 }

@@ -34,7 +34,7 @@ use crate::AppState;
 use crate::config::{IngestConfig, LEGACY_ROUTE, RouteConfig};
 use crate::error::{IngestError, StartError};
 use crate::metrics::IngestLabels;
-use crate::server::{ConnLimits, accept_loop, serve_http};
+use crate::server::{ConnCaps, ConnLimits, accept_loop, serve_http};
 use crate::store::Backend;
 use crate::store::{DEDUPE_PENDING, keys, now_ms};
 
@@ -53,15 +53,45 @@ const DROPPED_HEADERS: &[&str] = &[
     "content-length",
     "authorization",
     "x-api-key",
+    // What a sender (or a proxy in front of the edge) says about itself,
+    // and what is meant for the edge alone: never shown to the LAN as sent.
+    // The edge tells who it saw in `X-Relay-Client-IP`.
+    "x-forwarded-for",
+    "x-real-ip",
+    "forwarded",
+    "cookie",
+    "expect",
 ];
+
+/// The header the edge adds with the client address it saw.
+const CLIENT_IP_HEADER: &str = "x-relay-client-ip";
+
+/// Past the body limit, the rest of an upload is read and dropped (up to
+/// this much) while the `413` is sent; see [`discard`].
+const DRAIN_CAP: u64 = 64 * 1024 * 1024;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/webhook", post(legacy))
         .route("/hooks/{route}", post(hook).get(verify))
         .route("/hooks/{route}/{key}", post(hook_with_key).get(verify_with_key))
-        .route("/health", get(crate::admin::health))
+        .route("/health", get(liveness))
         .with_state(state)
+}
+
+/// Liveness on the public port: that the process answers, nothing else (no
+/// agents, addresses, channel names or store round trip), rate-limited per
+/// client IP. The full view is the admin listener's `/health`.
+async fn liveness(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let ip = client_ip(peer, &headers, &state.cfg.ingest.trusted_proxies);
+    match state.limiter.check_health(ip) {
+        Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({ "status": "ok" }))).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// HTTPS settings of the ingest listener, when `tls_cert`/`tls_key` are set.
@@ -99,7 +129,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
             }
         }
     });
-    accept_loop("ingest", listener, shutdown, tracker, move |tcp, addr| {
+    let caps = ConnCaps {
+        total: cfg.max_connections,
+        per_ip: cfg.max_connections_per_ip,
+        exempt: cfg.trusted_proxies.clone(),
+    };
+    accept_loop("ingest", listener, caps, shutdown, tracker, move |tcp, addr| {
         let app = app.clone();
         let shutdown = conn_shutdown.clone();
         let tls = state.ingest_tls.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -222,7 +257,8 @@ async fn store_webhook(
     body_read: &std::sync::atomic::AtomicBool,
 ) -> Result<serde_json::Value, IngestError> {
     let cfg = &state.cfg.ingest;
-    state.limiter.check_ip(client_ip(peer, req.headers(), &cfg.trusted_proxies))?;
+    let client = client_ip(peer, req.headers(), &cfg.trusted_proxies);
+    state.limiter.check_ip(client)?;
     let route = route.ok_or_else(|| unknown_route(route_name))?;
     let key_index =
         key.as_deref().and_then(|k| auth::match_key(k, &route.api_keys)).ok_or(IngestError::Unauthorized)?;
@@ -231,37 +267,72 @@ async fn store_webhook(
     let limit = cfg.max_body.as_u64();
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
+        // A client waiting for `100 Continue` has sent nothing: just answer.
+        // Any other is uploading: read on while answering, so it can finish
+        // sending and read the answer.
+        let waits =
+            parts.headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !waits {
+            discard(body, cfg.request_timeout);
+        }
         return Err(IngestError::TooLarge(limit));
     }
     let body = read_body(body, limit as usize, cfg.request_timeout).await?;
     body_read.store(true, std::sync::atomic::Ordering::Relaxed);
     check_body(route, &parts.headers, &body)?;
 
-    let dedupe = match route.dedupe_window {
+    let mut claim = match route.dedupe_window {
         Some(window) => {
             let key = keys::dedupe(&route.name, &hex::encode(sha2::Sha256::digest(&body)));
-            match claim_dedupe(state, &key, window).await? {
+            // The claim outlives this request by a margin only: the whole
+            // request runs within `request_timeout`, and a claim left by a
+            // request that died (edge crash) must not refuse the body's
+            // retries for the whole window.
+            let hold = cfg.request_timeout + CLAIM_MARGIN;
+            match claim_dedupe(state, &key, hold.min(window)).await? {
                 Some(first) => return Ok(first),
-                None => Some((key, window)),
+                None => Some(Claim { store: state.store.clone(), key: Some(key), window }),
             }
         }
         None => None,
     };
-    let stored = append(state, route, route_name, &parts, body).await;
-    match (&dedupe, &stored) {
-        (Some((key, window)), Ok(answer)) => {
-            let mut first = answer.clone();
-            first["duplicate"] = true.into();
-            if let Err(e) = state.store.dedupe_record(key, &first.to_string(), *window).await {
-                tracing::warn!(route = route_name, error = %e, "cannot record de-duplication answer");
-            }
+    let stored = append(state, route, route_name, &parts, body, client).await;
+    if let (Some(claim), Ok(answer)) = (&mut claim, &stored) {
+        let mut first = answer.clone();
+        first["duplicate"] = true.into();
+        if let Some(key) = claim.key.take()
+            && let Err(e) = state.store.dedupe_record(&key, &first.to_string(), claim.window).await
+        {
+            tracing::warn!(route = route_name, error = %e, "cannot record de-duplication answer");
         }
-        (Some((key, _)), Err(_)) => {
-            let _ = state.store.dedupe_release(key).await;
-        }
-        _ => {}
     }
+    // An error, or this future dropped at the deadline: `Claim` gives the key back.
     stored
+}
+
+/// How long a de-duplication claim outlives `ingest.request_timeout`.
+const CLAIM_MARGIN: Duration = Duration::from_secs(1);
+
+/// A de-duplication key this request claimed and has not yet recorded an
+/// answer under: released when dropped (the write failed, or the request
+/// was cut off at its deadline), so retries of the body are stored.
+struct Claim {
+    store: crate::store::Store,
+    key: Option<String>,
+    window: Duration,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.dedupe_release(&key).await {
+                    tracing::debug!(error = %e, "cannot release a de-duplication claim; it expires");
+                }
+            });
+        }
+    }
 }
 
 /// Checks of the raw body that need no I/O: signature and JSON.
@@ -320,6 +391,7 @@ async fn append(
     route_name: &str,
     parts: &axum::http::request::Parts,
     body: bytes::Bytes,
+    client: IpAddr,
 ) -> Result<serde_json::Value, IngestError> {
     if let Err(e) = state.backlog.check(&route.channels, state.cfg.store.max_backlog) {
         state.metrics.backlog_rejected.inc();
@@ -330,14 +402,9 @@ async fn append(
     let webhook = Webhook {
         id: uuid::Uuid::now_v7().to_string(),
         method: parts.method.as_str().to_string(),
-        path: redact_path(parts.uri.path(), route_name),
+        path: stored_path(&route.name),
         query: redact_query(parts.uri.query().unwrap_or("")),
-        headers: parts
-            .headers
-            .iter()
-            .filter(|(name, _)| !DROPPED_HEADERS.contains(&name.as_str()))
-            .map(|(name, value)| Header { name: name.as_str().to_string(), value: value.as_bytes().to_vec() })
-            .collect(),
+        headers: stored_headers(&parts.headers, client),
         body,
         route: route.name.clone(),
         received_at_ms,
@@ -369,41 +436,86 @@ fn find_route<'a>(state: &'a AppState, name: &str) -> Result<&'a RouteConfig, In
     state.cfg.routes.iter().find(|r| r.name == name).ok_or_else(|| unknown_route(name))
 }
 
-/// The error for a route name taken from the URL (cut to 64 characters).
-fn unknown_route(name: &str) -> IngestError {
-    IngestError::UnknownRoute(name.chars().take(64).collect())
+/// The error for a route name taken from the URL: cut to 64 characters and
+/// escaped (a percent-decoded name may hold CR, LF or terminal escapes,
+/// and the error reaches the logs).
+pub fn unknown_route(name: &str) -> IngestError {
+    IngestError::UnknownRoute(name.chars().take(64).flat_map(char::escape_default).collect())
 }
 
+/// Reads the body within `deadline`, up to `limit` bytes. Past the limit
+/// the answer is `413` at once, and the rest is read and dropped meanwhile.
 async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<bytes::Bytes, IngestError> {
-    match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
-        Err(_) => Err(IngestError::SlowBody),
-        Ok(Ok(b)) => Ok(b),
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
-            if too_large {
-                Err(IngestError::TooLarge(limit as u64))
-            } else {
-                Err(IngestError::BadRequest("could not read the request body".into()))
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let read = async {
+        let mut chunks: Vec<bytes::Bytes> = Vec::new();
+        let mut kept = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| IngestError::BadRequest("could not read the request body".into()))?;
+            let Ok(data) = frame.into_data() else { continue };
+            if kept + data.len() > limit {
+                return Err(IngestError::TooLarge(limit as u64));
             }
+            kept += data.len();
+            chunks.push(data);
         }
+        Ok(match chunks.len() {
+            1 => chunks.swap_remove(0),
+            _ => chunks.concat().into(),
+        })
+    };
+    match tokio::time::timeout(deadline, read).await {
+        Err(_) => Err(IngestError::SlowBody),
+        Ok(Err(IngestError::TooLarge(n))) => {
+            discard(body, deadline);
+            Err(IngestError::TooLarge(n))
+        }
+        Ok(r) => r,
     }
 }
 
-/// `/hooks/<route>/<key>` is stored as `/hooks/<route>`: the key never
-/// reaches the stream, the agent or the local endpoint.
-pub fn redact_path(path: &str, route: &str) -> String {
-    let prefix = format!("/hooks/{route}/");
-    if path.starts_with(&prefix) { format!("/hooks/{route}") } else { path.to_string() }
+/// Reads the rest of a refused upload and drops it — up to [`DRAIN_CAP`]
+/// within `deadline` — while the `413` is sent: a client that sends its
+/// whole body before reading (no `Expect: 100-continue`) then reads the
+/// answer, instead of a connection reset with unread data.
+fn discard(body: Body, deadline: Duration) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    tokio::spawn(tokio::time::timeout(deadline, async move {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > DRAIN_CAP {
+                break;
+            }
+        }
+    }));
 }
 
-/// Drops `api_key` from a raw query string, keeping everything else as sent.
+/// The stored path: the route's own, so a key in the path (however it was
+/// encoded) never reaches the stream, the agent or the local endpoint.
+pub fn stored_path(route: &str) -> String {
+    if route == LEGACY_ROUTE { "/webhook".into() } else { format!("/hooks/{route}") }
+}
+
+/// Drops `api_key` from a raw query string — matched on the decoded name,
+/// as the key lookup decodes it (`api%5Fkey`) — keeping the rest as sent.
 pub fn redact_query(query: &str) -> String {
-    query
-        .split('&')
-        .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some("api_key"))
-        .collect::<Vec<_>>()
-        .join("&")
+    let is_key = |kv: &str| form_urlencoded::parse(kv.as_bytes()).next().is_some_and(|(k, _)| k == "api_key");
+    query.split('&').filter(|kv| !kv.is_empty() && !is_key(kv)).collect::<Vec<_>>().join("&")
+}
+
+/// The headers stored with a webhook: as sent, less [`DROPPED_HEADERS`] and
+/// any `X-Relay-*` (the relay's own), plus `X-Relay-Client-IP`.
+pub fn stored_headers(headers: &HeaderMap, client: IpAddr) -> Vec<Header> {
+    let mut kept: Vec<Header> = headers
+        .iter()
+        .filter(|(name, _)| !DROPPED_HEADERS.contains(&name.as_str()) && !name.as_str().starts_with("x-relay-"))
+        .map(|(name, value)| Header { name: name.as_str().to_string(), value: value.as_bytes().to_vec() })
+        .collect();
+    kept.push(Header { name: CLIENT_IP_HEADER.into(), value: client.to_string().into_bytes() });
+    kept
 }
 
 #[derive(Deserialize)]
@@ -455,11 +567,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn key_is_redacted_from_path_and_query() {
-        assert_eq!(redact_path("/hooks/meta/secret-key", "meta"), "/hooks/meta");
-        assert_eq!(redact_path("/hooks/meta", "meta"), "/hooks/meta");
+    fn key_is_redacted_from_the_query_in_any_encoding() {
         assert_eq!(redact_query("a=1&api_key=s3cret&b=2"), "a=1&b=2");
         assert_eq!(redact_query("api_key=s3cret"), "");
+        assert_eq!(redact_query("api%5Fkey=s3cret&a=%20"), "a=%20");
+        assert_eq!(redact_query("%61pi_key=s3cret&api_keys=kept"), "api_keys=kept");
     }
 
     #[test]

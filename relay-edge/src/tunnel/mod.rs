@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::AppState;
-use crate::server::{ConnLimits, accept_loop, serve_http};
+use crate::server::{ConnCaps, ConnLimits, accept_loop, serve_http};
 
 /// Who is on the other end of a tunnel connection.
 #[derive(Debug, Clone)]
@@ -44,7 +44,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
     let limits =
         ConnLimits { header_timeout: state.cfg.tunnel.handshake_timeout, max_headers: 64, max_header_bytes: 16 * 1024 };
     let conn_shutdown = shutdown.clone();
-    accept_loop("tunnel", listener, shutdown, tracker, move |tcp, addr| {
+    // Counted until the connection becomes a session (sessions are bounded
+    // by one per configured agent identity).
+    let caps = ConnCaps {
+        total: state.cfg.tunnel.max_connections,
+        per_ip: state.cfg.tunnel.max_connections_per_ip,
+        exempt: Vec::new(),
+    };
+    accept_loop("tunnel", listener, caps, shutdown, tracker, move |tcp, addr| {
         let acceptor = TlsAcceptor::from(state.tunnel_tls.read().unwrap_or_else(|p| p.into_inner()).clone());
         let router = router.clone();
         let shutdown = conn_shutdown.clone();

@@ -1,0 +1,235 @@
+//! The public ingest port against what a careless client or an attacker
+//! sends: a whole oversize body, probes of `/health`, keys hidden by
+//! percent-encoding, forwarding headers and cookies meant for the LAN,
+//! a de-duplication claim orphaned by a request that timed out, and more
+//! connections than the edge will hold.
+
+use std::time::Duration;
+
+use relay_edge::config::{RouteConfig, Secret};
+use relay_edge::store::{Backend, Stored};
+use testkit::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Reads until the peer closes or `within` passes; what arrived.
+async fn read_answer(s: &mut tokio::net::TcpStream, within: Duration) -> String {
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Python's `http.client` sends the whole body without `Expect` and only
+/// then reads: the edge must let it finish and answer `413`, not reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_a_whole_oversize_body_reads_the_413() {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let edge = Edge::start(edge_config(&store, &certs)).await;
+    let body = vec![b'x'; 5 * 1024 * 1024];
+    let mut s = tokio::net::TcpStream::connect(edge.ingest).await.expect("connect");
+    let head = format!(
+        "POST /hooks/hooks HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("send head");
+    let sent = s.write_all(&body).await;
+    let answer = read_answer(&mut s, Duration::from_secs(10)).await;
+    assert!(sent.is_ok(), "the edge cut the upload short: {sent:?}; it read: {answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    assert!(answer.contains("body_too_large"), "{answer:?}");
+    assert_eq!(xlen(&store, "crm", "stream").await, 0);
+}
+
+/// The public port's `/health` says the process is up and nothing else:
+/// no agent names or addresses, no channel names, no store round trip;
+/// a flood of probes is rate-limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_health_tells_nothing_and_is_rate_limited() {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let (edge, agent, _rx) = edge_with_agent(edge_config(&store, &certs), &certs, "lan-1").await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/health", edge.ingest);
+    let first = client.get(&url).send().await.expect("health");
+    assert_eq!(first.status(), 200);
+    let text = first.text().await.expect("body");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(json["status"], "ok", "{text}");
+    for secret in ["lan-1", "127.0.0.1", "crm", "agents", "channels", "webhooks_received"] {
+        assert!(!text.contains(secret), "public /health tells `{secret}`: {text}");
+    }
+    let mut limited = 0;
+    for _ in 0..100 {
+        let r = client.get(&url).send().await.expect("health");
+        if r.status() == 429 {
+            limited += 1;
+            assert!(r.headers().contains_key("retry-after"), "429 says when to come back");
+        }
+    }
+    assert!(limited > 0, "100 probes in a burst were all answered: /health is not rate-limited");
+    // The admin listener keeps the full view.
+    let admin = client.get(format!("http://{}/health", edge.admin)).send().await.expect("admin");
+    let admin: serde_json::Value = serde_json::from_slice(&admin.bytes().await.expect("body")).expect("json");
+    assert!(admin["agents"].to_string().contains("lan-1"), "{admin}");
+    agent.stop().await;
+}
+
+async fn stored(store: &Backing, answer: &serde_json::Value) -> relay_protocol::Webhook {
+    let id = answer["message_id"].as_str().expect("message id");
+    let raw = store.store().raw_entry("crm", id).await.expect("raw").expect("stored");
+    Stored { bytes: raw, received_at_ms: 0 }.decode().expect("decode")
+}
+
+/// A key in the path or query is never stored, however it is encoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoded_keys_are_redacted_from_the_stored_path_and_query() {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let edge = Edge::start(edge_config(&store, &certs)).await;
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", edge.ingest);
+    for (url, path, query) in [
+        (format!("{base}/hooks/ho%6Fks/{KEY}"), "/hooks/hooks", ""),
+        (format!("{base}/hooks/hooks/{KEY}?a=1"), "/hooks/hooks", "a=1"),
+        (format!("{base}/hooks/hooks?api%5Fkey={KEY}&x=1"), "/hooks/hooks", "x=1"),
+        (format!("{base}/hooks/hooks?x=2&api_key={KEY}"), "/hooks/hooks", "x=2"),
+        (format!("{base}/hooks/hooks?%61pi_key={KEY}"), "/hooks/hooks", ""),
+    ] {
+        let resp = client.post(&url).body("{}").send().await.expect("post");
+        assert_eq!(resp.status(), 200, "{url}");
+        let answer: serde_json::Value = serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json");
+        let w = stored(&store, &answer).await;
+        assert_eq!((w.path.as_str(), w.query.as_str()), (path, query), "{url}");
+        assert!(!format!("{w:?}").contains(KEY), "the key was stored for {url}: {w:?}");
+    }
+}
+
+/// Headers a sender (or a proxy in front of the edge) sets about itself
+/// never reach the LAN endpoint as sent; the edge says who it saw in
+/// `X-Relay-Client-IP`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_and_cookies_never_reach_the_lan() {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let (edge, agent, rx) = edge_with_agent(edge_config(&store, &certs), &certs, "lan-1").await;
+    let mut s = tokio::net::TcpStream::connect(edge.ingest).await.expect("connect");
+    let body = r#"{"spoof":true}"#;
+    let request = format!(
+        "POST /hooks/hooks HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY}\r\ncontent-type: application/json\r\n\
+         x-forwarded-for: 10.9.9.9\r\nx-real-ip: 10.9.9.8\r\nforwarded: for=10.9.9.7\r\ncookie: session=stolen\r\n\
+         x-relay-client-ip: 10.9.9.6\r\nx-custom: kept\r\nexpect: 100-continue\r\nconnection: close\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("send");
+    let answer = read_answer(&mut s, Duration::from_secs(5)).await;
+    assert!(answer.contains("200 OK"), "{answer}");
+    wait_until(Duration::from_secs(10), "delivered", || rx.count() >= 1).await;
+    let d = &rx.deliveries()[0];
+    let header = |n: &str| d.headers.iter().filter(|(k, _)| k == n).map(|(_, v)| v.clone()).collect::<Vec<_>>();
+    for name in ["x-forwarded-for", "x-real-ip", "forwarded", "cookie", "expect"] {
+        assert!(header(name).is_empty(), "`{name}` reached the LAN endpoint: {:?}", d.headers);
+    }
+    assert_eq!(header("x-relay-client-ip"), vec![b"127.0.0.1".to_vec()], "{:?}", d.headers);
+    assert_eq!(header("x-custom"), vec![b"kept".to_vec()]);
+    agent.stop().await;
+}
+
+/// A request that timed out after claiming its body's de-duplication key
+/// (the store stalled) must not make every retry of that body answer
+/// `503` for the whole `dedupe_window`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_left_by_a_timed_out_request_does_not_block_retries() {
+    init_tracing();
+    let mut store = Backing::redis();
+    let certs = Certs::generate();
+    let mut cfg = edge_config(&store, &certs);
+    cfg.ingest.request_timeout = Duration::from_secs(1);
+    // The request's deadline passes while the claim is still on its way.
+    cfg.store.command_timeout = Duration::from_secs(5);
+    cfg.routes.push(RouteConfig {
+        name: "once".into(),
+        channels: vec!["crm".into()],
+        api_keys: vec![Secret::new(KEY)],
+        dedupe_window: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    });
+    let edge = Edge::start(cfg).await;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+    let url = edge.hook_url("once");
+    let pid = store.redis_server().pid().expect("redis pid");
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let (status, _) = post(&client, &url, KEY, br#"{"n":1}"#.to_vec()).await;
+    signal("-CONT");
+    assert_eq!(status, 503, "the store was stopped");
+    let started = std::time::Instant::now();
+    let mut last = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        let (s, j) = post(&client, &url, KEY, br#"{"n":1}"#.to_vec()).await;
+        last = s;
+        if s == 200 {
+            assert_eq!(j["duplicate"], serde_json::Value::Null, "the first one stored: {j}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last, 200, "retries of the body still refused {:?} after the store came back", started.elapsed());
+    let (s, j) = post(&client, &url, KEY, br#"{"n":1}"#.to_vec()).await;
+    assert_eq!((s, j["duplicate"].as_bool()), (200, Some(true)), "later copies are duplicates: {j}");
+    store.store().ensure_group("crm").await.expect("group");
+    assert_eq!(xlen(&store, "crm", "stream").await, 1, "stored once");
+}
+
+/// More connections than `max_connections_per_ip` from one address are
+/// closed at once, before any TLS handshake, on both public ports; the
+/// edge keeps serving the connections it holds, and takes new ones when
+/// some close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_caps_are_closed_before_tls() {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let mut cfg = edge_config(&store, &certs);
+    cfg.ingest.max_connections_per_ip = 4;
+    cfg.tunnel.max_connections_per_ip = 3;
+    let edge = Edge::start(cfg).await;
+    for (what, addr, cap) in [("ingest", edge.ingest, 4), ("tunnel", edge.tunnel, 3)] {
+        let mut held = Vec::new();
+        for _ in 0..cap {
+            held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        // Let the edge accept them all before the next one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "{what}: connection {} of one IP was kept open: {closed:?}",
+            cap + 1
+        );
+        for s in &mut held {
+            let open = tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await;
+            assert!(open.is_err(), "{what}: a held connection was closed: {open:?}");
+        }
+        held.pop();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if what == "ingest" {
+            let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+            let (s, _) = post(&client, &edge.hook_url("hooks"), KEY, b"{}".to_vec()).await;
+            assert_eq!(s, 200, "a slot freed: a webhook is taken again");
+        } else {
+            let mut again = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let open = tokio::time::timeout(Duration::from_millis(300), again.read(&mut buf)).await;
+            assert!(open.is_err(), "tunnel: a freed slot was not given to a new connection: {open:?}");
+        }
+    }
+}
