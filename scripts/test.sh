@@ -4,10 +4,12 @@
 # then one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v redis-server >/dev/null || {
-  echo "redis-server is required by the end-to-end tests: apt-get install -y redis-server" >&2
-  exit 1
-}
+for pair in redis-server:redis-server slowhttptest:slowhttptest testssl:testssl.sh openssl:openssl; do
+  command -v "${pair%%:*}" >/dev/null || {
+    echo "${pair%%:*} is required by the end-to-end and attack-tool tests: apt-get install -y ${pair#*:}" >&2
+    exit 1
+  }
+done
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all --check
 else
