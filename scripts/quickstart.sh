@@ -68,6 +68,7 @@ key = "$DIR/certs/edge-key.pem"
 client_ca = "$DIR/certs/ca.pem"
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"
+token_file = "$DIR/admin.token"
 [store]
 $STORE
 [[route]]
@@ -124,6 +125,7 @@ if [[ $ONCE -eq 1 ]]; then
 fi
 say "running. Try:  curl -X POST 'http://127.0.0.1:$INGEST_PORT/hooks/meta/k_live_quickstart' -d '{\"hello\":1}'"
 say "health:        curl http://127.0.0.1:$ADMIN_PORT/health ;  status: $BIN/relay-agent status --socket $DIR/agent.sock"
+say "dead letters:  $BIN/relay-edge --config $DIR/edge.toml dlq list --channel crm   (token: $DIR/admin.token)"
 say "Ctrl-C stops everything. Following the receiver log:"
 tail -n 0 -f "$DIR/receiver.log" &
 PIDS+=($!)

@@ -578,6 +578,7 @@ client_ca = "{dd}/ca.pem"
 max_window = 1000
 [admin]
 listen = "127.0.0.1:{admin}"
+token_file = ""
 [store]
 {store}
 max_backlog = 100000000

@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::ingest::auth::secret_eq;
 use crate::store::Backend;
-use crate::store::DeadEntry;
+use crate::store::{DeadEntry, ReplayFrom};
 
 pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
@@ -181,19 +181,46 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
+/// Most dead letters one list answer names.
+pub const LIST_MAX: usize = 1000;
+/// Dead letters read from the store at once (each may hold a body of up
+/// to `ingest.max_body`, so this bounds what one step holds).
+const STORE_PAGE: usize = 16;
+/// Stored bytes one list answer reads before it stops early (it says
+/// `next` so the caller pages on).
+const LIST_BYTES: usize = 32 * 1024 * 1024;
+
+/// Dead letters, oldest first, without headers or bodies (`show` has
+/// them): at most `limit` (≤ [`LIST_MAX`]); `next` is the `after` of the
+/// next page while more remain.
 async fn list(State(state): State<Arc<AppState>>, Path(channel): Path<String>, Query(q): Query<ListQuery>) -> Response {
     if let Some(r) = unknown_channel(&state, &channel) {
         return r;
     }
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    match state.store.dlq_list(&channel, q.after.as_deref(), limit).await {
-        Ok(entries) => {
-            let total = state.store.dlq_len(&channel).await.unwrap_or(entries.len() as u64);
-            let items: Vec<Value> = entries.iter().map(|e| entry_json(&channel, e, false)).collect();
-            Json(json!({ "channel": channel, "total": total, "entries": items })).into_response()
+    let limit = q.limit.unwrap_or(100).clamp(1, LIST_MAX);
+    let mut items = Vec::new();
+    let mut after = q.after.clone();
+    let mut bytes = 0;
+    let mut more = true;
+    while items.len() < limit && bytes < LIST_BYTES {
+        let want = STORE_PAGE.min(limit - items.len());
+        let page = match state.store.dlq_list(&channel, after.as_deref(), want).await {
+            Ok(p) => p,
+            Err(e) => return store_error(e),
+        };
+        more = page.len() == want;
+        for e in &page {
+            bytes += e.raw.as_ref().map_or(0, Vec::len);
+            items.push(entry_json(&channel, e, false));
         }
-        Err(e) => store_error(e),
+        after = page.last().map(|e| e.id.clone()).or(after);
+        if !more {
+            break;
+        }
     }
+    let total = state.store.dlq_len(&channel).await.unwrap_or(items.len() as u64);
+    let next = if more { after } else { None };
+    Json(json!({ "channel": channel, "total": total, "entries": items, "next": next })).into_response()
 }
 
 async fn show(State(state): State<Arc<AppState>>, Path((channel, id)): Path<(String, String)>) -> Response {
@@ -215,6 +242,10 @@ struct ReplayBody {
     all: bool,
 }
 
+/// Replays the named dead letters, or all of them in pages (never more in
+/// memory than one page), while the channel is under `store.max_backlog`.
+/// Each is moved back at most once, however many replays run at once.
+/// Answers what it did, also when it stopped early (`stopped`).
 async fn replay_dlq(
     State(state): State<Arc<AppState>>,
     Path(channel): Path<String>,
@@ -226,39 +257,72 @@ async fn replay_dlq(
     if body.ids.is_empty() && !body.all {
         return error(StatusCode::BAD_REQUEST, "bad_request", "name the ids to replay, or all".into());
     }
-    let mut entries = Vec::new();
-    let mut missing = Vec::new();
-    if body.all {
-        let mut after: Option<String> = None;
-        loop {
-            match state.store.dlq_list(&channel, after.as_deref(), 1000).await {
-                Ok(page) if page.is_empty() => break,
-                Ok(page) => {
-                    after = page.last().map(|e| e.id.clone());
-                    entries.extend(page);
-                }
-                Err(e) => return store_error(e),
-            }
-        }
-    } else {
-        for id in &body.ids {
-            match state.store.dlq_get(&channel, id).await {
-                Ok(Some(e)) => entries.push(e),
-                Ok(None) => missing.push(id.clone()),
-                Err(e) => return store_error(e),
-            }
-        }
+    if body.ids.len() > LIST_MAX {
+        return error(StatusCode::BAD_REQUEST, "bad_request", format!("at most {LIST_MAX} ids per call"));
     }
     let mut replayed = Vec::new();
-    for e in &entries {
-        match state.store.dlq_replay_one(&channel, e).await {
-            Ok(Some(new_id)) => replayed.push(json!({ "dlq_id": e.id, "stream_id": new_id })),
-            Ok(None) => missing.push(e.id.clone()),
-            Err(err) => return store_error(err),
+    let mut missing = Vec::new();
+    let mut named = body.ids.iter();
+    let mut after: Option<String> = None;
+    let stopped = loop {
+        let page = if body.all {
+            match state.store.dlq_list(&channel, after.as_deref(), STORE_PAGE).await {
+                Ok(page) if page.is_empty() => break None,
+                Ok(page) => page,
+                Err(e) => break Some(store_stop(e)),
+            }
+        } else {
+            let Some(id) = named.next() else { break None };
+            match state.store.dlq_get(&channel, id).await {
+                Ok(Some(e)) => vec![e],
+                Ok(None) => {
+                    missing.push(id.clone());
+                    continue;
+                }
+                Err(e) => break Some(store_stop(e)),
+            }
+        };
+        after = page.last().map(|e| e.id.clone());
+        let mut failed = None;
+        for e in &page {
+            if let Some(why) = backlog_full(&state, &channel) {
+                failed = Some(why);
+                break;
+            }
+            match state.store.dlq_replay_one(&channel, e).await {
+                Ok(Some(new_id)) => {
+                    state.backlog.appended(std::slice::from_ref(&channel), std::slice::from_ref(&new_id));
+                    replayed.push(json!({ "dlq_id": e.id, "stream_id": new_id }));
+                }
+                // Gone meanwhile (another replay or a purge took it).
+                Ok(None) => missing.push(e.id.clone()),
+                Err(err) => {
+                    failed = Some(store_stop(err));
+                    break;
+                }
+            }
         }
+        if failed.is_some() {
+            break failed;
+        }
+    };
+    tracing::info!(%channel, count = replayed.len(), stopped = stopped.as_deref(), "dead letters replayed");
+    let mut answer = json!({ "channel": channel, "replayed": replayed, "missing": missing });
+    if let Some(why) = stopped {
+        answer["stopped"] = why.into();
     }
-    tracing::info!(%channel, count = replayed.len(), "dead letters replayed");
-    Json(json!({ "channel": channel, "replayed": replayed, "missing": missing })).into_response()
+    Json(answer).into_response()
+}
+
+/// Why a replay stops early, when the channel's backlog is at the cap.
+fn backlog_full(state: &AppState, channel: &str) -> Option<String> {
+    let cap = state.cfg.store.max_backlog;
+    state.backlog.check(&[channel.to_string()], cap).err().map(|e| format!("backlog cap: {e}"))
+}
+
+fn store_stop(e: crate::error::StoreError) -> String {
+    tracing::warn!(error = %e, "admin request failed on the store");
+    "the store is unavailable; replay the rest later".into()
 }
 
 /// What to purge: `{"all": true}`, or `{"before_ms": N}`.
@@ -301,23 +365,56 @@ struct HistoryBody {
     until_ms: Option<u64>,
 }
 
+/// Re-appends history received in `[since, until]`, `until` clamped to
+/// now and its stop point captured before the first page, in pages of
+/// [`HISTORY_PAGE`] while the channel is under `store.max_backlog`.
+/// Answers how many it replayed, also when it stopped early (`stopped`).
 async fn replay_history(State(state): State<Arc<AppState>>, Json(body): Json<HistoryBody>) -> Response {
     if let Some(r) = unknown_channel(&state, &body.channel) {
         return r;
     }
-    let until = body.until_ms.unwrap_or_else(crate::store::now_ms);
+    let now = crate::store::now_ms();
+    let until = body.until_ms.unwrap_or(now).min(now);
     if until < body.since_ms {
-        return error(StatusCode::BAD_REQUEST, "bad_request", "until is before since".into());
+        return error(StatusCode::BAD_REQUEST, "bad_request", "until is before since (or in the future)".into());
     }
-    match state.store.replay_range(&body.channel, body.since_ms, until).await {
-        Ok(n) => {
-            tracing::info!(channel = %body.channel, replayed = n, "history replayed");
-            Json(json!({ "channel": body.channel, "replayed": n, "since": rfc3339(body.since_ms), "until": rfc3339(until) }))
-                .into_response()
-        }
-        Err(e) => store_error(e),
+    let channel = body.channel.clone();
+    let stop = match state.store.replay_stop(&channel, until).await {
+        Ok(stop) => stop,
+        Err(e) => return store_error(e),
+    };
+    let mut replayed = 0u64;
+    let mut from = ReplayFrom::Since(body.since_ms);
+    let stopped = match stop {
+        None => None,
+        Some(stop) => loop {
+            if let Some(why) = backlog_full(&state, &channel) {
+                break Some(why);
+            }
+            let page = match state.store.replay_page(&channel, &from, &stop, HISTORY_PAGE).await {
+                Ok(p) => p,
+                Err(e) => break Some(store_stop(e)),
+            };
+            replayed += page.appended.len() as u64;
+            let appended = vec![channel.clone(); page.appended.len()];
+            state.backlog.appended(&appended, &page.appended);
+            match page.last {
+                Some(last) if last != stop => from = ReplayFrom::After(last),
+                _ => break None,
+            }
+        },
+    };
+    tracing::info!(%channel, replayed, stopped = stopped.as_deref(), "history replayed");
+    let mut answer =
+        json!({ "channel": channel, "replayed": replayed, "since": rfc3339(body.since_ms), "until": rfc3339(until) });
+    if let Some(why) = stopped {
+        answer["stopped"] = why.into();
     }
+    Json(answer).into_response()
 }
+
+/// History entries replayed per step.
+const HISTORY_PAGE: usize = 500;
 
 async fn agents(State(state): State<Arc<AppState>>) -> Response {
     let list: Vec<Value> = state

@@ -122,7 +122,13 @@ pub async fn run(client: &AdminClient, cmd: Command, as_json: bool) -> Result<St
             },
         ),
     };
-    Ok(if as_json { format!("{v}\n") } else { human(&v) })
+    let out = if as_json { format!("{v}\n") } else { human(&v) };
+    // A replay that stopped early (backlog cap, store down) did part of
+    // the work: say what, and fail so scripts notice.
+    match v["stopped"].as_str() {
+        Some(why) => Err(format!("{out}stopped early: {why}")),
+        None => Ok(out),
+    }
 }
 
 fn s(v: &Value) -> String {

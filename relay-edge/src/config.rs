@@ -192,11 +192,63 @@ pub struct AdminConfig {
     pub listen: String,
     /// Bearer token for the admin API (not needed for /health, /ready).
     pub token: Option<Secret>,
+    /// Where the token lives when `token` is unset: read when it exists,
+    /// else generated at the edge's first start (32 random bytes, hex, in a
+    /// new `0600` file). The CLI reads it from here too. `""` = no file: the
+    /// API is then open to loopback clients (refused off loopback).
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9090".into(), token: None }
+        Self { listen: "127.0.0.1:9090".into(), token: None, token_file: Some("relay-edge.admin-token".into()) }
+    }
+}
+
+impl AdminConfig {
+    /// `token_file`, unless unset or `""`.
+    fn token_path(&self) -> Option<&Path> {
+        self.token_file.as_deref().filter(|p| !p.as_os_str().is_empty())
+    }
+
+    /// Fills `token` from `token_file` when that file exists.
+    pub fn read_token_file(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = self.token_path().filter(|p| self.token.is_none() && p.exists()) else { return Ok(()) };
+        let bad = |why: String| ConfigError::Key { key: "admin.token_file".into(), why };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        let token = text.trim();
+        if token.len() < 8 {
+            return Err(bad(format!("{} holds no token of 8 characters or more", path.display())));
+        }
+        self.token = Some(Secret::new(token));
+        Ok(())
+    }
+
+    /// With neither a token nor its file: generates one into `token_file`
+    /// (mode `0600`, never overwriting) and returns the file's path.
+    pub fn generate_token(&mut self) -> Result<Option<PathBuf>, ConfigError> {
+        self.read_token_file()?;
+        let Some(path) = self.token_path().filter(|_| self.token.is_none()).map(Path::to_path_buf) else {
+            return Ok(None);
+        };
+        let bad = |why: String| ConfigError::Key { key: "admin.token_file".into(), why };
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| bad(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| bad(format!("cannot create {}: {e}", path.display())))?;
+        file.write_all(format!("{token}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| bad(format!("cannot write {}: {e}", path.display())))?;
+        self.token = Some(Secret::new(token));
+        Ok(Some(path))
     }
 }
 
@@ -361,6 +413,7 @@ impl EdgeConfig {
         let mut cfg: EdgeConfig = fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         cfg.apply_reference_env(|k| std::env::var(k).ok())?;
         cfg.read_revoked_file()?;
+        cfg.admin.read_token_file()?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -457,10 +510,13 @@ impl EdgeConfig {
                 .map_err(|e| bad(key, format!("`{addr}` is not an address like 127.0.0.1:8080: {e}")))?;
         }
         let admin_loopback = self.admin.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
-        if !admin_loopback && self.admin.token.is_none() {
+        if !admin_loopback && self.admin.token.is_none() && self.admin.token_path().is_none() {
             return Err(bad(
                 "admin.token",
-                format!("must be set when admin.listen ({}) is not a loopback address", self.admin.listen),
+                format!(
+                    "must be set (or admin.token_file) when admin.listen ({}) is not a loopback address",
+                    self.admin.listen
+                ),
             ));
         }
         if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 8) {

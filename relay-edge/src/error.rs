@@ -51,6 +51,8 @@ pub enum StartError {
     Tls(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// An ingest request refused; rendered as

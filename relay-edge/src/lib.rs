@@ -118,11 +118,15 @@ impl Listeners {
 /// period. Each configuration received on `reload` is applied with
 /// [`AppState::reload`].
 pub async fn run(
-    cfg: EdgeConfig,
+    mut cfg: EdgeConfig,
     listeners: Listeners,
     shutdown: CancellationToken,
     mut reload: mpsc::Receiver<EdgeConfig>,
 ) -> Result<(), StartError> {
+    if let Some(path) = cfg.admin.generate_token()? {
+        // The path only: the token itself never reaches a log.
+        tracing::info!(file = %path.display(), "admin API token generated (mode 0600); the CLI reads it from there");
+    }
     let tls = tunnel::tls::server_config(&cfg.tunnel)?;
     let ingest_tls = ingest::tls_config(&cfg.ingest)?;
     let metrics = metrics::Metrics::new();

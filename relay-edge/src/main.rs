@@ -62,7 +62,7 @@ struct AdminArgs {
     /// Admin API address (default: admin.listen from the config).
     #[arg(long, env = "RELAY_ADMIN_URL", global = true)]
     admin: Option<String>,
-    /// Bearer token (default: admin.token from the config).
+    /// Bearer token (default: admin.token, or the file admin.token_file, from the config).
     #[arg(long, env = "RELAY_ADMIN_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
     /// Print the API's JSON answer.

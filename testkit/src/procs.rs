@@ -150,6 +150,7 @@ retry_delay = "100ms"
 reclaim_after = "{reclaim_after}"
 [admin]
 listen = "127.0.0.1:{admin}"
+token_file = ""
 [store]
 {store}
 block = "500ms"

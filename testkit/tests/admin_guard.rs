@@ -3,7 +3,9 @@
 //! `ssh -L`) or a DNS-rebound name must not read or delete them, and a
 //! destructive call needs an explicit JSON body.
 
-use relay_edge::store::{Backend, DeadLetter};
+use relay_edge::store::{Backend, BlockingRead, DeadLetter};
+use std::time::Duration;
+
 use relay_protocol::Webhook;
 use testkit::*;
 
@@ -98,4 +100,156 @@ async fn destructive_calls_need_an_explicit_json_body() {
     assert_eq!(resp.status(), 200);
     assert_eq!(xlen(&store, "crm", "dlq").await, 0);
     edge.stop().await;
+}
+
+/// The edge run with the default `admin.token_file` and no token: it
+/// generates one at first start, in a new `0600` file, logs where (never
+/// the token), requires it on `/admin`, keeps it across restarts, and the
+/// CLI reads it from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_generated_at_first_start_and_the_cli_reads_it() {
+    use std::os::unix::fs::PermissionsExt;
+    init_tracing();
+    let certs = Certs::generate();
+    let store = Backing::embedded();
+    let spec = testkit::procs::write_edge(&certs, "edge", &store.toml(), "5s");
+    let token_file = certs.path("state/admin.token");
+    let text = std::fs::read_to_string(&spec.config).expect("config");
+    let text = text.replace("token_file = \"\"", &format!("token_file = \"{}\"", token_file.display()));
+    std::fs::write(&spec.config, text).expect("config");
+    let log = certs.path("edge.log");
+    let start = || {
+        tokio::process::Command::new(bin("relay-edge"))
+            .arg("--config")
+            .arg(&spec.config)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log"))
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn edge")
+    };
+    let mut edge = start();
+    testkit::procs::wait_edge_up(spec.admin).await;
+    let token = std::fs::read_to_string(&token_file).expect("token file written").trim().to_string();
+    assert_eq!(token.len(), 64, "32 random bytes in hex: {token:?}");
+    let mode = std::fs::metadata(&token_file).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "token file mode {mode:o}");
+
+    let url = format!("http://127.0.0.1:{}/admin/dlq/crm", spec.admin);
+    let c = client();
+    assert_eq!(c.get(&url).send().await.expect("get").status(), 401, "no token");
+    assert_eq!(c.get(&url).bearer_auth("wrong-token-0").send().await.expect("get").status(), 401);
+    assert_eq!(c.get(&url).bearer_auth(&token).send().await.expect("get").status(), 200);
+    let config = spec.config.to_str().expect("utf-8");
+    let (code, out, err) = run_bin("relay-edge", &["--config", config, "dlq", "list", "--channel", "crm"]).await;
+    assert_eq!(code, 0, "the CLI reads the token file: {out}{err}");
+
+    // A restart keeps the token.
+    let _ = edge.kill().await;
+    let mut edge = start();
+    testkit::procs::wait_edge_up(spec.admin).await;
+    assert_eq!(std::fs::read_to_string(&token_file).expect("token").trim(), token, "same token after a restart");
+    assert_eq!(c.get(&url).bearer_auth(&token).send().await.expect("get").status(), 200);
+    let _ = edge.kill().await;
+
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert!(logged.contains("admin API token generated"), "{logged}");
+    assert!(logged.contains(&token_file.display().to_string()), "the log says where: {logged}");
+    assert!(!logged.contains(&token), "the token reached the log");
+}
+
+/// An edge whose `crm` holds `n` dead letters, with `store.max_backlog`
+/// set to `cap` (no agent: replayed entries stay in the backlog).
+async fn dead_letters_under_a_cap(n: usize, cap: u64) -> (Backing, Certs, Edge) {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let mut cfg = edge_config(&store, &certs);
+    cfg.store.max_backlog = cap;
+    let edge = Edge::start(cfg).await;
+    let handle = store.store();
+    let mut reader = handle.reader().await.expect("reader");
+    for i in 0..n {
+        let w =
+            Webhook { id: format!("w{i}"), method: "POST".into(), body: vec![b'x'; 100].into(), ..Default::default() };
+        let ids = handle.append(&["crm".to_string()], &w).await.expect("append");
+        // Delivered once (so no longer in the backlog), then failed.
+        reader.read("test", &[("crm".to_string(), ">".to_string())], 1).await.expect("read");
+        let raw = handle.raw_entry("crm", &ids[0]).await.expect("raw");
+        let letter = DeadLetter {
+            channel: "crm",
+            id: &ids[0],
+            reason: "404",
+            status: Some(404),
+            attempts: 1,
+            raw: raw.as_deref(),
+        };
+        handle.dead_letter(&letter).await.expect("dead-letter");
+    }
+    (store, certs, edge)
+}
+
+async fn admin_post(edge: &Edge, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = client()
+        .post(format!("http://{}{path}", edge.admin))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("post");
+    let status = resp.status().as_u16();
+    (status, serde_json::from_slice(&resp.bytes().await.expect("body")).expect("json"))
+}
+
+/// Replays (of dead letters, and of history) respect `store.max_backlog`
+/// like ingest does, and say what they did when they stop early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_stop_at_the_backlog_cap_and_report_what_they_did() {
+    let (store, _certs, edge) = dead_letters_under_a_cap(40, 20).await;
+    // The backlog count is refreshed every 500 ms; replays also count their own.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (s, j) = admin_post(&edge, "/admin/dlq/crm/replay", serde_json::json!({"all": true})).await;
+    assert_eq!(s, 200, "{j}");
+    let replayed = j["replayed"].as_array().expect("replayed").len();
+    assert!(j["stopped"].as_str().is_some_and(|w| w.contains("backlog")), "says why it stopped: {j}");
+    assert_eq!(replayed, 20, "stopped at the cap of 20");
+    assert_eq!(xlen(&store, "crm", "dlq").await, 40 - replayed as u64, "the rest stay dead letters");
+
+    let (s, j) = admin_post(&edge, "/admin/replay", serde_json::json!({"channel": "crm", "since_ms": 0})).await;
+    assert_eq!(s, 200, "{j}");
+    assert_eq!(j["replayed"], 0, "already at the cap: {j}");
+    assert!(j["stopped"].as_str().is_some_and(|w| w.contains("backlog")), "{j}");
+}
+
+/// A dead-letter list names at most `limit` entries, no bodies, and
+/// `next` to page on; paging visits each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_lists_are_bounded_pages_without_bodies() {
+    let (_store, _certs, edge) = dead_letters_under_a_cap(45, 1_000_000).await;
+    let c = client();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut url = format!("http://{}/admin/dlq/crm?limit=20", edge.admin);
+        if let Some(a) = &after {
+            url.push_str(&format!("&after={a}"));
+        }
+        let j: serde_json::Value =
+            serde_json::from_slice(&c.get(&url).send().await.expect("get").bytes().await.expect("body")).expect("json");
+        let page = j["entries"].as_array().expect("entries").clone();
+        assert!(page.len() <= 20, "{}", page.len());
+        assert!(page.iter().all(|e| e.get("body").is_none() && e.get("headers").is_none()), "no bodies in a list");
+        seen.extend(page.iter().map(|e| e["id"].as_str().expect("id").to_string()));
+        match j["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    let distinct: std::collections::HashSet<_> = seen.iter().collect();
+    assert_eq!((seen.len(), distinct.len()), (45, 45), "each dead letter once");
+    let url = format!("http://{}/admin/dlq/crm?limit=1000000", edge.admin);
+    let j: serde_json::Value =
+        serde_json::from_slice(&c.get(&url).send().await.expect("get").bytes().await.expect("body")).expect("json");
+    assert_eq!(j["entries"].as_array().expect("entries").len(), 45);
 }

@@ -42,8 +42,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    Backend, BlockingRead, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, RawEntry, Snapshot, format_id, now_ms,
-    parse_id,
+    Backend, BlockingRead, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, RawEntry, ReplayFrom, ReplayPage, Snapshot,
+    format_id, now_ms, parse_id,
 };
 use crate::config::StoreConfig;
 use crate::error::StoreError;
@@ -74,6 +74,8 @@ const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Entries one replay transaction copies.
 const REPLAY_PAGE: usize = 500;
+/// Dead letters one purge transaction removes.
+const PURGE_BATCH: usize = 1000;
 
 /// Per-channel bookkeeping, one row of `channels`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -902,80 +904,103 @@ impl Backend for EmbeddedStore {
         let Some(raw) = entry.raw.clone() else { return Ok(None) };
         let ch = channel.to_string();
         let dead = parse_id(&entry.id);
+        // Appended only if this call removed the dead letter: two replays
+        // of one id replay it once.
         self.write("dlq replay", true, true, move |w| {
-            let id = w.append(&ch, &raw)?;
-            if let Some(dead) = dead
-                && w.dlq.remove(key(&ch, dead))?.is_some()
-            {
-                let mut meta = w.meta(&ch)?;
-                meta.dlq_length = meta.dlq_length.saturating_sub(1);
-                w.put_meta(&ch, &meta)?;
-            }
-            Ok(Some(format_id(id)))
-        })
-        .await
-    }
-
-    async fn dlq_purge(&self, channel: &str, before_ms: Option<u64>) -> Result<u64, StoreError> {
-        let ch = channel.to_string();
-        self.write("dlq purge", true, false, move |w| {
-            let end = match before_ms {
-                Some(ms) => Bound::Excluded(key(&ch, (ms, 0))),
-                None => Bound::Included(key(&ch, (u64::MAX, u64::MAX))),
-            };
-            let mut ids = Vec::new();
-            for item in w.dlq.range((Bound::Included(key(&ch, (0, 0))), end))? {
-                let (k, _) = item?;
-                let (_, ms, seq) = k.value();
-                ids.push((ms, seq));
-            }
-            for id in &ids {
-                w.dlq.remove(key(&ch, *id))?;
+            let Some(dead) = dead else { return Ok(None) };
+            if w.dlq.remove(key(&ch, dead))?.is_none() {
+                return Ok(None);
             }
             let mut meta = w.meta(&ch)?;
-            meta.dlq_length = meta.dlq_length.saturating_sub(ids.len() as u64);
+            meta.dlq_length = meta.dlq_length.saturating_sub(1);
             w.put_meta(&ch, &meta)?;
-            Ok(ids.len() as u64)
+            Ok(Some(format_id(w.append(&ch, &raw)?)))
         })
         .await
     }
 
-    /// In pages of [`REPLAY_PAGE`] entries, one transaction each (ingest
-    /// goes on between them), up to the newest entry that existed when the
-    /// replay started: its own copies are never read again.
-    async fn replay_range(&self, channel: &str, since_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
-        let ch = channel.to_string();
-        let last =
-            self.read("replay stop point", move |txn| Ok(channel_meta(txn, &ch)?.unwrap_or_default().last)).await?;
-        let end = last.min((until_ms, u64::MAX));
-        let mut from = Bound::Included((since_ms, 0));
-        let mut replayed = 0;
+    /// In transactions of [`PURGE_BATCH`] dead letters (ingest goes on
+    /// between them).
+    async fn dlq_purge(&self, channel: &str, before_ms: Option<u64>) -> Result<u64, StoreError> {
+        let mut purged = 0;
         loop {
             let ch = channel.to_string();
-            let page = self
-                .write("replay", true, true, move |w| {
-                    let lower = match from {
-                        Bound::Included(id) => Bound::Included(key(&ch, id)),
-                        _ => from.map(|id| key(&ch, id)),
+            let n = self
+                .write("dlq purge", true, false, move |w| {
+                    let end = match before_ms {
+                        Some(ms) => Bound::Excluded(key(&ch, (ms, 0))),
+                        None => Bound::Included(key(&ch, (u64::MAX, u64::MAX))),
                     };
-                    let mut rows = Vec::new();
-                    for item in w.entries.range((lower, Bound::Included(key(&ch, end))))?.take(REPLAY_PAGE) {
-                        let (k, v) = item?;
+                    let mut ids = Vec::new();
+                    for item in w.dlq.range((Bound::Included(key(&ch, (0, 0))), end))?.take(PURGE_BATCH) {
+                        let (k, _) = item?;
                         let (_, ms, seq) = k.value();
-                        rows.push(((ms, seq), v.value().to_vec()));
+                        ids.push((ms, seq));
                     }
-                    for (_, b) in &rows {
-                        w.append(&ch, b)?;
+                    for id in &ids {
+                        w.dlq.remove(key(&ch, *id))?;
                     }
-                    Ok((rows.len(), rows.last().map(|(id, _)| *id)))
+                    let mut meta = w.meta(&ch)?;
+                    meta.dlq_length = meta.dlq_length.saturating_sub(ids.len() as u64);
+                    w.put_meta(&ch, &meta)?;
+                    Ok(ids.len())
                 })
                 .await?;
-            replayed += page.0 as u64;
-            match page {
-                (n, Some(id)) if n == REPLAY_PAGE => from = Bound::Excluded(id),
-                _ => return Ok(replayed),
+            purged += n as u64;
+            if n < PURGE_BATCH {
+                return Ok(purged);
             }
         }
+    }
+
+    /// The channel's last id, capped at `until_ms`.
+    async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<String>, StoreError> {
+        let ch = channel.to_string();
+        self.read("replay stop point", move |txn| {
+            let t = txn.open_table(ENTRIES)?;
+            let upper = Bound::Included(key(&ch, (until_ms, u64::MAX)));
+            let newest = t.range((Bound::Included(key(&ch, (0, 0))), upper))?.next_back().transpose()?;
+            Ok(newest.map(|(k, _)| {
+                let (_, ms, seq) = k.value();
+                format_id((ms, seq))
+            }))
+        })
+        .await
+    }
+
+    /// One write transaction of at most `count` entries (ingest goes on
+    /// between pages).
+    async fn replay_page(
+        &self,
+        channel: &str,
+        from: &ReplayFrom,
+        stop: &str,
+        count: usize,
+    ) -> Result<ReplayPage, StoreError> {
+        let Some(stop) = parse_id(stop) else { return Ok(ReplayPage::default()) };
+        let ch = channel.to_string();
+        let lower = match from {
+            ReplayFrom::Since(ms) => Bound::Included((*ms, 0)),
+            ReplayFrom::After(id) => match parse_id(id) {
+                Some(id) => Bound::Excluded(id),
+                None => return Ok(ReplayPage::default()),
+            },
+        };
+        self.write("replay", true, true, move |w| {
+            let mut rows = Vec::new();
+            let range = (lower.map(|id| key(&ch, id)), Bound::Included(key(&ch, stop)));
+            for item in w.entries.range(range)?.take(count.clamp(1, REPLAY_PAGE)) {
+                let (k, v) = item?;
+                let (_, ms, seq) = k.value();
+                rows.push(((ms, seq), v.value().to_vec()));
+            }
+            let mut appended = Vec::with_capacity(rows.len());
+            for (_, b) in &rows {
+                appended.push(format_id(w.append(&ch, b)?));
+            }
+            Ok(ReplayPage { appended, last: rows.last().map(|(id, _)| format_id(*id)) })
+        })
+        .await
     }
 
     async fn dedupe_claim(&self, key_: &str, window: Duration) -> Result<Option<String>, StoreError> {

@@ -148,6 +148,24 @@ impl DeadEntry {
     }
 }
 
+/// Where a page of a history replay starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplayFrom {
+    /// The first entry received at or after this time.
+    Since(u64),
+    /// The entry after this id.
+    After(String),
+}
+
+/// What one page of a history replay did.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayPage {
+    /// Ids of the new entries.
+    pub appended: Vec<String>,
+    /// The last history entry read, `None` when the range was exhausted.
+    pub last: Option<String>,
+}
+
 /// Value of a de-duplication key while its first request is being stored.
 pub const DEDUPE_PENDING: &str = "pending";
 
@@ -249,14 +267,27 @@ pub trait Backend: Send + Sync {
     /// Deletes dead letters older than `before_ms`, or all of them.
     fn dlq_purge(&self, channel: &str, before_ms: Option<u64>) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
-    /// Re-appends the webhooks received in `[since_ms, until_ms]` from the
-    /// retained history as new entries, in order. Returns how many.
-    fn replay_range(
+    /// Where a replay of history up to `until_ms` stops: the id of the
+    /// newest entry received by then that exists now (`None`: nothing to
+    /// replay). Captured before the first page, so a replay never reads
+    /// its own copies.
+    fn replay_stop(
         &self,
         channel: &str,
-        since_ms: u64,
         until_ms: u64,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Re-appends, as new entries in order, up to `count` webhooks of the
+    /// retained history from `from` up to `stop` (inclusive), in one
+    /// bounded step. Returns the new entries' ids and the last id read
+    /// (the next page starts after it; `None`: nothing was left).
+    fn replay_page(
+        &self,
+        channel: &str,
+        from: &ReplayFrom,
+        stop: &str,
+        count: usize,
+    ) -> impl Future<Output = Result<ReplayPage, StoreError>> + Send;
 
     /// Claims a de-duplication key for `window`: `None` when this request
     /// is the first (the key now holds [`DEDUPE_PENDING`]), else the value
@@ -419,8 +450,18 @@ impl Backend for Store {
         dispatch!(self, s => s.dlq_purge(channel, before_ms).await)
     }
 
-    async fn replay_range(&self, channel: &str, since_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.replay_range(channel, since_ms, until_ms).await)
+    async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<String>, StoreError> {
+        dispatch!(self, s => s.replay_stop(channel, until_ms).await)
+    }
+
+    async fn replay_page(
+        &self,
+        channel: &str,
+        from: &ReplayFrom,
+        stop: &str,
+        count: usize,
+    ) -> Result<ReplayPage, StoreError> {
+        dispatch!(self, s => s.replay_page(channel, from, stop, count).await)
     }
 
     async fn dedupe_claim(&self, key: &str, window: Duration) -> Result<Option<String>, StoreError> {

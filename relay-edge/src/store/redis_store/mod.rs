@@ -35,8 +35,8 @@ use redis::{AsyncConnectionConfig, Value};
 use relay_protocol::{ChannelStats, Webhook};
 
 use super::{
-    Backend, BlockingRead, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, RawEntry, Snapshot, id_ms, keys, now_ms,
-    parse_id,
+    Backend, BlockingRead, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, RawEntry, ReplayFrom, ReplayPage, Snapshot,
+    id_ms, keys, now_ms, parse_id,
 };
 use crate::config::StoreConfig;
 use crate::error::StoreError;
@@ -506,14 +506,16 @@ impl Backend for RedisStore {
 
     /// Moves one dead letter back into the channel stream as a new entry.
     /// Returns the new stream id, or `None` when it holds no webhook.
+    /// One script: the `XADD` happens only if this call's `XDEL` removed
+    /// the dead letter, so two replays of one id replay it once.
     async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<String>, StoreError> {
+        const SCRIPT: &str = "if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then \
+            return redis.call('XADD', KEYS[2], '*', ARGV[2], ARGV[3]) end return false";
         let Some(raw) = &entry.raw else { return Ok(None) };
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(raw.as_slice());
-        pipe.cmd("XDEL").arg(keys::dlq(channel)).arg(&entry.id).ignore();
-        let (id,): (String,) = self.run_pipe("dlq replay", &pipe).await?;
-        Ok(Some(id))
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SCRIPT).arg(2).arg(keys::dlq(channel)).arg(keys::stream(channel));
+        cmd.arg(&entry.id).arg(keys::FIELD_WEBHOOK).arg(raw.as_slice());
+        self.run("dlq replay", &cmd).await
     }
 
     /// Deletes dead letters older than `before_ms`, or all of them.
@@ -522,56 +524,59 @@ impl Backend for RedisStore {
             Some(ms) => self.run("XTRIM", redis::cmd("XTRIM").arg(keys::dlq(channel)).arg("MINID").arg(ms)).await,
             None => {
                 let n = self.dlq_len(channel).await?;
-                let _: Value = self.run("DEL", redis::cmd("DEL").arg(keys::dlq(channel))).await?;
+                // UNLINK: the memory is freed off Redis's main thread.
+                let _: Value = self.run("UNLINK", redis::cmd("UNLINK").arg(keys::dlq(channel))).await?;
                 Ok(n)
             }
         }
     }
 
-    /// Re-appends the webhooks received in `[since_ms, until_ms]` (from the
-    /// stream's retained history, acknowledged or not) as new entries, in
-    /// their original order. Returns how many were replayed.
-    /// Up to the newest entry that existed when the replay started (its
-    /// own copies get later ids and are never read again).
-    async fn replay_range(&self, channel: &str, since_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
-        const PAGE: usize = 500;
-        let mut start = since_ms.to_string();
-        let newest: Value = self
-            .run("XREVRANGE", redis::cmd("XREVRANGE").arg(keys::stream(channel)).arg("+").arg("-").arg("COUNT").arg(1))
+    /// The newest entry received by `until_ms` (`XREVRANGE`).
+    async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<String>, StoreError> {
+        let v: Value = self
+            .run(
+                "XREVRANGE",
+                redis::cmd("XREVRANGE")
+                    .arg(keys::stream(channel))
+                    .arg(crate::store::format_id((until_ms, u64::MAX)))
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
             .await?;
-        let Some(newest) = parse::entries(newest)?.first().and_then(|e| crate::store::parse_id(&e.id)) else {
-            return Ok(0);
+        Ok(parse::entries(v)?.into_iter().next().map(|e| e.id))
+    }
+
+    /// `XRANGE` of one page, then one pipeline of `XADD`s.
+    async fn replay_page(
+        &self,
+        channel: &str,
+        from: &ReplayFrom,
+        stop: &str,
+        count: usize,
+    ) -> Result<ReplayPage, StoreError> {
+        let start = match from {
+            ReplayFrom::Since(ms) => ms.to_string(),
+            ReplayFrom::After(id) => format!("({id}"),
         };
-        let end = crate::store::format_id(newest.min((until_ms, u64::MAX)));
-        let mut replayed = 0;
-        loop {
-            let v: Value = self
-                .run(
-                    "XRANGE",
-                    redis::cmd("XRANGE").arg(keys::stream(channel)).arg(&start).arg(&end).arg("COUNT").arg(PAGE),
-                )
-                .await?;
-            let page = parse::entries(v)?;
-            let Some(last) = page.last() else { break };
-            start = format!("({}", last.id);
-            let full = page.len() == PAGE;
-            let mut pipe = redis::pipe();
-            let mut n = 0;
-            for raw in &page {
-                if let Some(w) = raw.field(keys::FIELD_WEBHOOK) {
-                    pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(w).ignore();
-                    n += 1;
-                }
-            }
-            if n > 0 {
-                let _: Value = self.run_pipe("replay", &pipe).await?;
-                replayed += n;
-            }
-            if !full {
-                break;
+        let v: Value = self
+            .run(
+                "XRANGE",
+                redis::cmd("XRANGE").arg(keys::stream(channel)).arg(&start).arg(stop).arg("COUNT").arg(count.max(1)),
+            )
+            .await?;
+        let page = parse::entries(v)?;
+        let last = page.last().map(|e| e.id.clone());
+        let mut pipe = redis::pipe();
+        let mut n = 0;
+        for raw in &page {
+            if let Some(w) = raw.field(keys::FIELD_WEBHOOK) {
+                pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(w);
+                n += 1;
             }
         }
-        Ok(replayed)
+        let appended: Vec<String> = if n > 0 { self.run_pipe("replay", &pipe).await? } else { Vec::new() };
+        Ok(ReplayPage { appended, last })
     }
 }
 
