@@ -59,6 +59,8 @@ pub struct AppState {
     /// TLS of the tunnel listener, replaced on reload (new cert files);
     /// sessions already up keep theirs.
     pub tunnel_tls: RwLock<Arc<rustls::ServerConfig>>,
+    /// The tunnel's client-certificate check, replaced with `tunnel_tls`.
+    pub client_verifier: RwLock<tunnel::tls::Verifier>,
     /// HTTPS for the ingest listener, replaced on reload (new cert files).
     pub ingest_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     /// Per-IP and per-key rate limiters of the ingest listener.
@@ -70,17 +72,29 @@ impl AppState {
         self.revoked.read().unwrap_or_else(|p| p.into_inner()).iter().any(|r| ids.matches(r))
     }
 
+    /// Whether a session may exist now: its certificate is not revoked and
+    /// the current CA still accepts its chain (also not expired).
+    pub fn admits(&self, session: &tunnel::registry::SessionInfo) -> bool {
+        !self.is_revoked(&session.cert)
+            && self.client_verifier.read().unwrap_or_else(|p| p.into_inner()).admits(&session.chain)
+    }
+
     /// Applies the reloadable parts of a new configuration (SIGHUP): the
     /// revocation list — connected sessions it names are dropped — and the
     /// ingest TLS certificate, re-read from disk. Everything else needs a
     /// restart.
     pub fn reload(&self, new: &EdgeConfig) {
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = new.tunnel.revoked.clone();
-        let dropped = self.registry.revoke_matching(|ids| self.is_revoked(ids));
-        match tunnel::tls::server_config(&new.tunnel) {
-            Ok(tls) => *self.tunnel_tls.write().unwrap_or_else(|p| p.into_inner()) = tls,
+        match tunnel::tls::tls_and_verifier(&new.tunnel) {
+            Ok((tls, verifier)) => {
+                *self.tunnel_tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+                *self.client_verifier.write().unwrap_or_else(|p| p.into_inner()) = verifier;
+            }
             Err(e) => tracing::error!(error = %e, "tunnel TLS reload failed; keeping the previous certificates"),
         }
+        // After both changes: a session registering meanwhile is either
+        // refused by them or found here.
+        let dropped = self.registry.revoke_matching(|s| !self.admits(s));
         match ingest::tls_config(&new.ingest) {
             Ok(tls) => *self.ingest_tls.write().unwrap_or_else(|p| p.into_inner()) = tls,
             Err(e) => tracing::error!(error = %e, "ingest TLS reload failed; keeping the previous certificate"),
@@ -127,7 +141,7 @@ pub async fn run(
         // The path only: the token itself never reaches a log.
         tracing::info!(file = %path.display(), "admin API token generated (mode 0600); the CLI reads it from there");
     }
-    let tls = tunnel::tls::server_config(&cfg.tunnel)?;
+    let (tls, verifier) = tunnel::tls::tls_and_verifier(&cfg.tunnel)?;
     let ingest_tls = ingest::tls_config(&cfg.ingest)?;
     let metrics = metrics::Metrics::new();
     let store = Store::open(&cfg.store, metrics.redis_errors.clone())?;
@@ -143,6 +157,7 @@ pub async fn run(
         revoked: RwLock::new(cfg.tunnel.revoked.clone()),
         ingest_tls: RwLock::new(ingest_tls),
         tunnel_tls: RwLock::new(tls),
+        client_verifier: RwLock::new(verifier),
         limiter: ingest::limit::Limiter::new(&cfg.ingest),
         cfg,
     });

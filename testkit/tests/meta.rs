@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use relay_edge::config::{RouteConfig, Secret};
+use relay_protocol::Frame;
 use testkit::*;
 
 const APP_SECRET: &str = "meta-app-secret-1";
@@ -246,6 +247,76 @@ async fn revoked_certificates_are_refused_and_reload_drops_connected_ones() {
     other.wait_connected(Duration::from_secs(10)).await;
     other.stop().await;
     edge.stop().await;
+}
+
+/// A connection that finished TLS before a reload revoked its
+/// certificate, and says `Hello` only afterwards, gets no session (nor
+/// replaces the legitimate session of its identity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_parked_before_hello_is_checked_again_at_registration() {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let mut cfg = edge_config(&store, &certs);
+    let edge = Edge::start(cfg.clone()).await;
+    let mut parked = raw::connect(&edge, &certs, "lan-1").await.expect("TLS and upgrade done");
+    let lan1 = relay_edge::certs::fingerprint(&certs.path("lan-1.pem")).expect("fingerprint");
+    cfg.tunnel.revoked.push(lan1.fingerprint.clone());
+    edge.reload(cfg).await;
+    let answer = raw::hello_idle(&mut parked, None).await;
+    assert!(refused_as_revoked(&answer), "a certificate revoked meanwhile got a session: {answer:?}");
+    assert!(edge_agents(&edge).await.is_empty(), "no session registered");
+    edge.stop().await;
+}
+
+/// A reload that replaces `tunnel.client_ca` drops the sessions whose
+/// certificates the new CA did not sign, and refuses parked connections
+/// of the old CA at `Hello`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_of_a_ca_removed_by_a_reload_are_dropped() {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let rx = Receiver::start().await;
+    let mut cfg = edge_config(&store, &certs);
+    let edge = Edge::start(cfg.clone()).await;
+    let agent = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
+    agent.wait_connected(Duration::from_secs(10)).await;
+    let mut parked = raw::connect(&edge, &certs, "lan-2").await.expect("TLS and upgrade done");
+    // The operator moves to another CA (here: the rogue one's).
+    cfg.tunnel.client_ca = certs.path("rogue/ca.pem");
+    edge.reload(cfg).await;
+    wait_until(Duration::from_secs(10), "the old CA's session is dropped", || {
+        agent.status().is_ok_and(|s| !s.connected)
+    })
+    .await;
+    let answer = raw::hello_idle(&mut parked, None).await;
+    assert!(refused_as_revoked(&answer), "a parked connection of the old CA got a session: {answer:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!agent.status().expect("status").connected, "and cannot come back");
+    // The new CA's agents are let in.
+    let mut fresh = raw::connect(&edge, &certs, "rogue/lan-1").await.expect("the new CA's agent connects");
+    let welcome = raw::hello_idle(&mut fresh, None).await;
+    assert!(matches!(welcome, Ok(Frame::Welcome { .. })), "the new CA's agent gets a session: {welcome:?}");
+    agent.stop().await;
+    edge.stop().await;
+}
+
+/// `Hello` was answered with the `revoked` error (or the connection ended).
+fn refused_as_revoked(answer: &Result<Frame, String>) -> bool {
+    match answer {
+        Ok(Frame::Error { code, .. }) => code == "revoked",
+        Ok(_) => false,
+        Err(_) => true,
+    }
+}
+
+/// The agents the edge's admin API lists.
+async fn edge_agents(edge: &Edge) -> Vec<serde_json::Value> {
+    let url = format!("http://{}/admin/agents", edge.admin);
+    let body = reqwest::get(&url).await.expect("agents").bytes().await.expect("body");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    v["agents"].as_array().cloned().unwrap_or_default()
 }
 
 both_backends!(

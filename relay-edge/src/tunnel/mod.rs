@@ -35,6 +35,9 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// Certificate ids, matched against `tunnel.revoked` (also on reload).
     pub cert: tls::CertIds,
+    /// The certificate chain it presented (end-entity first), verified
+    /// again at registration and when a reload changes the CA.
+    pub chain: Arc<Vec<rustls_pki_types::CertificateDer<'static>>>,
 }
 
 /// Accepts tunnel connections until `shutdown`.
@@ -69,7 +72,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
                     return;
                 }
             };
-            let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()).cloned() else {
+            let chain: Vec<_> = tls.get_ref().1.peer_certificates().map(|c| c.to_vec()).unwrap_or_default();
+            let Some(cert) = chain.first().cloned() else {
                 return;
             };
             let Some(agent) = tls::identity_of(&cert) else {
@@ -81,7 +85,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
                 tracing::warn!(%agent, peer = %addr, fingerprint = %ids.fingerprint, "revoked client certificate refused");
                 return;
             }
-            let peer = Peer { agent, addr, cert: ids };
+            let peer = Peer { agent, addr, cert: ids, chain: Arc::new(chain) };
             serve_http(tls, addr, router, peer, limits, shutdown).await;
         }
     })

@@ -20,6 +20,8 @@ pub struct SessionInfo {
     pub channels: Vec<String>,
     pub connected_at_ms: u64,
     pub cert: CertIds,
+    /// The chain the agent presented, end-entity first.
+    pub chain: Arc<Vec<rustls_pki_types::CertificateDer<'static>>>,
     /// Figures the session keeps current.
     pub live: Arc<Live>,
 }
@@ -52,13 +54,23 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Registers a session, cancelling any older session of the same agent.
-    pub fn register(&self, info: SessionInfo, kick: Kick) {
-        let old = self.inner.lock().unwrap_or_else(|p| p.into_inner()).insert(info.agent.clone(), (info, kick));
+    /// Registers a session, cancelling any older session of the same
+    /// agent — if `admitted` (revocation, CA) still holds for it. The check
+    /// runs under the registry's lock, and a reload changes what it checks
+    /// before it sweeps the registry ([`Registry::revoke_matching`]), so a
+    /// session is either refused here or found by the sweep.
+    pub fn register(&self, info: SessionInfo, kick: Kick, admitted: impl Fn(&SessionInfo) -> bool) -> bool {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if !admitted(&info) {
+            return false;
+        }
+        let old = map.insert(info.agent.clone(), (info, kick));
+        drop(map);
         if let Some((old, kick)) = old {
             tracing::info!(agent = %old.agent, session = %old.session, "session replaced by a newer one");
             kick.token.cancel();
         }
+        true
     }
 
     /// Removes a session if it is still the registered one.
@@ -69,12 +81,12 @@ impl Registry {
         }
     }
 
-    /// Drops every session whose certificate `revoked` names; returns how many.
-    pub fn revoke_matching(&self, revoked: impl Fn(&CertIds) -> bool) -> usize {
+    /// Drops every session `refused` now refuses; returns how many.
+    pub fn revoke_matching(&self, refused: impl Fn(&SessionInfo) -> bool) -> usize {
         let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
         for (info, kick) in map.values() {
-            if revoked(&info.cert) {
+            if refused(info) {
                 tracing::warn!(agent = %info.agent, session = %info.session, "certificate revoked: dropping the session");
                 kick.revoked.store(true, Ordering::SeqCst);
                 kick.token.cancel();

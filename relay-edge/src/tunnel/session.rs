@@ -108,18 +108,27 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     let kick = Kick { token: state.shutdown.child_token(), ..Kick::default() };
     let live = Arc::new(Live::default());
     let cancel = kick.token.clone();
-    state.registry.register(
-        SessionInfo {
-            session: session_id.clone(),
-            agent: peer.agent.clone(),
-            addr: peer.addr,
-            channels: channels.clone(),
-            connected_at_ms: now_ms(),
-            cert: peer.cert.clone(),
-            live: live.clone(),
-        },
-        kick.clone(),
-    );
+    let info = SessionInfo {
+        session: session_id.clone(),
+        agent: peer.agent.clone(),
+        addr: peer.addr,
+        channels: channels.clone(),
+        connected_at_ms: now_ms(),
+        cert: peer.cert.clone(),
+        chain: peer.chain.clone(),
+        live: live.clone(),
+    };
+    // Checked again now: a reload may have revoked the certificate, or
+    // replaced the CA, since the TLS handshake.
+    if !state.registry.register(info, kick.clone(), |s| state.admits(s)) {
+        tracing::warn!(agent = %peer.agent, peer = %peer.addr, fingerprint = %peer.cert.fingerprint, "certificate revoked or no longer trusted; refused");
+        return close(
+            ws,
+            &peer,
+            Close::new("revoked", "this agent's certificate has been revoked or is no longer trusted"),
+        )
+        .await;
+    }
     tracing::info!(agent = %peer.agent, session = %session_id, ?channels, window, named_acks = named, "agent connected");
     state.metrics.sessions_opened.inc();
 
@@ -409,7 +418,7 @@ impl Session {
         if self.state.shutdown.is_cancelled() {
             Close::new("shutdown", "the edge is shutting down; reconnect shortly")
         } else if self.kick.was_revoked() {
-            Close::new("revoked", "this agent's certificate has been revoked")
+            Close::new("revoked", "this agent's certificate has been revoked or is no longer trusted")
         } else {
             Close::new("replaced", "a newer session of this agent took over")
         }

@@ -36,6 +36,12 @@ pub fn load_key(path: &Path, key: &str) -> Result<PrivateKeyDer<'static>, StartE
 
 /// Builds the tunnel's server config from `[tunnel]`.
 pub fn server_config(cfg: &TunnelConfig) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    Ok(tls_and_verifier(cfg)?.0)
+}
+
+/// The server config and the client-certificate verifier inside it (kept
+/// to check sessions again when a reload changes the CA).
+pub fn tls_and_verifier(cfg: &TunnelConfig) -> Result<(Arc<rustls::ServerConfig>, Verifier), StartError> {
     let provider = provider();
     let mut roots = RootCertStore::empty();
     for ca in load_certs(&cfg.client_ca, "tunnel.client_ca")? {
@@ -49,11 +55,29 @@ pub fn server_config(cfg: &TunnelConfig) -> Result<Arc<rustls::ServerConfig>, St
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| StartError::Tls(format!("TLS 1.3: {e}")))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
         .map_err(|e| StartError::Tls(format!("`tunnel.cert`/`tunnel.key` do not form a usable pair: {e}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), Verifier(verifier)))
+}
+
+/// Checks a client certificate chain as the TLS handshake did.
+#[derive(Clone)]
+pub struct Verifier(Arc<dyn rustls::server::danger::ClientCertVerifier>);
+
+impl Verifier {
+    /// Whether `chain` (end-entity first) is valid now under this CA.
+    pub fn admits(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let Some((end, intermediates)) = chain.split_first() else { return false };
+        self.0.verify_client_cert(end, intermediates, rustls_pki_types::UnixTime::now()).is_ok()
+    }
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifier")
+    }
 }
 
 /// The identity of a verified peer certificate: CN, else first DNS SAN.
