@@ -70,15 +70,23 @@ impl Default for AgentConfig {
     }
 }
 
-/// `$RUNTIME_DIRECTORY` (systemd) or `$XDG_RUNTIME_DIR`, else `/tmp`.
+/// `$RUNTIME_DIRECTORY/status.sock` (systemd), else
+/// `$XDG_RUNTIME_DIR/relay-agent.sock`, else `/tmp/relay-agent-<uid>/status.sock`
+/// (a directory of this user's, never a name in `/tmp` itself, which any
+/// user could take first).
 pub fn default_status_socket() -> PathBuf {
-    if let Ok(dir) = std::env::var("RUNTIME_DIRECTORY") {
-        return PathBuf::from(dir).join("status.sock");
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+    status_socket_from(std::env::var("RUNTIME_DIRECTORY").ok(), std::env::var("XDG_RUNTIME_DIR").ok(), uid)
+}
+
+/// [`default_status_socket`] from its inputs.
+pub fn status_socket_from(runtime_dir: Option<String>, xdg_runtime_dir: Option<String>, uid: u32) -> PathBuf {
+    match (runtime_dir.filter(|d| !d.is_empty()), xdg_runtime_dir.filter(|d| !d.is_empty())) {
+        (Some(dir), _) => PathBuf::from(dir).join("status.sock"),
+        (None, Some(dir)) => PathBuf::from(dir).join("relay-agent.sock"),
+        (None, None) => PathBuf::from(format!("/tmp/relay-agent-{uid}/status.sock")),
     }
-    if let Ok(dir) = std::env::var("XDG_RUNTIME_DIR") {
-        return PathBuf::from(dir).join("relay-agent.sock");
-    }
-    PathBuf::from("/tmp/relay-agent.sock")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -239,6 +247,17 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_status_socket_is_never_a_bare_name_in_tmp() {
+        assert_eq!(
+            status_socket_from(Some("/run/relay-agent".into()), None, 7),
+            Path::new("/run/relay-agent/status.sock")
+        );
+        assert_eq!(status_socket_from(None, Some("/run/user/7".into()), 7), Path::new("/run/user/7/relay-agent.sock"));
+        assert_eq!(status_socket_from(None, None, 7), Path::new("/tmp/relay-agent-7/status.sock"));
+        assert_eq!(status_socket_from(Some(String::new()), None, 7), Path::new("/tmp/relay-agent-7/status.sock"));
+    }
 
     #[test]
     fn reference_env_sets_default_target_and_retries() {

@@ -18,6 +18,11 @@ use crate::error::ConfigError;
 
 /// Name of the route behind `POST /webhook` (reference relay compatibility).
 pub const LEGACY_ROUTE: &str = "webhook";
+/// Shortest `store.retention`: webhooks not delivered within it are
+/// dead-lettered (`expired`), so `0s` (which some read as "forever")
+/// would dead-letter everything. Below `tunnel.reclaim_after` is warned of.
+pub const MIN_RETENTION: Duration = Duration::from_secs(1);
+
 /// Channel of the legacy route.
 pub const LEGACY_CHANNEL: &str = "default";
 
@@ -521,6 +526,16 @@ impl EdgeConfig {
         }
         if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 8) {
             return Err(bad("admin.token", "needs at least 8 characters".into()));
+        }
+        if self.store.retention < MIN_RETENTION {
+            return Err(bad(
+                "store.retention",
+                format!(
+                    "{:?} is below {MIN_RETENTION:?}: every webhook not delivered within it is dead-lettered \
+                     (0 does not mean forever; retention is by age, e.g. \"7d\")",
+                    self.store.retention
+                ),
+            ));
         }
         if self.ingest.max_body.as_u64() == 0 {
             return Err(bad("ingest.max_body", "must be above zero".into()));

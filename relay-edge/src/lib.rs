@@ -222,6 +222,13 @@ fn warn_about_config(cfg: &EdgeConfig) {
             }
         }
     }
+    if cfg.store.retention <= cfg.tunnel.reclaim_after {
+        tracing::warn!(
+            retention = ?cfg.store.retention,
+            reclaim_after = ?cfg.tunnel.reclaim_after,
+            "store.retention does not exceed tunnel.reclaim_after: a webhook whose delivery stalls expires into the DLQ before it is redelivered"
+        );
+    }
 }
 
 /// Most batches of one retention pass per channel (each backend batch is

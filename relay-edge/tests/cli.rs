@@ -83,6 +83,28 @@ fn a_missing_revocation_file_is_an_error() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// `retention = "0s"` would dead-letter every webhook not delivered at
+/// once: refused with the key named.
+#[test]
+fn a_retention_too_short_to_deliver_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    certs_in(dir.path());
+    let d = dir.path().display();
+    for (retention, ok) in [("0s", false), ("500ms", false), ("1m", true)] {
+        let text = format!(
+            "[tunnel]\ncert = \"{d}/edge.pem\"\nkey = \"{d}/edge-key.pem\"\nclient_ca = \"{d}/ca.pem\"\n[store]\nretention = \"{retention}\"\n"
+        );
+        let cfg = dir.path().join("edge.toml");
+        std::fs::write(&cfg, text).expect("write");
+        let out = bin().arg("--config").arg(&cfg).arg("check-config").output().expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), ok, "retention {retention}: {err}");
+        if !ok {
+            assert!(err.contains("store.retention"), "{err}");
+        }
+    }
+}
+
 #[test]
 fn shipped_example_configs_parse() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -233,3 +233,32 @@ async fn connections_past_the_caps_are_closed_before_tls() {
         }
     }
 }
+
+/// A client that never finishes its request head is cut off on the admin
+/// listener (after `ingest.header_timeout`) and on the agent's metrics
+/// listener (after 5 s), instead of holding a connection for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_agent_metrics_listeners_cut_off_a_stalled_request_head() {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let mut cfg = edge_config(&store, &certs);
+    cfg.ingest.header_timeout = Duration::from_secs(1);
+    let rx = Receiver::start().await;
+    let edge = Edge::start(cfg).await;
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
+    let mut acfg = agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]);
+    acfg.metrics_listen = Some(metrics);
+    let agent = Agent::start(acfg);
+    agent.wait_connected(Duration::from_secs(10)).await;
+    for (what, addr, within) in [("admin", edge.admin, 4), ("agent metrics", metrics, 8)] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n").await.expect("send part of a head");
+        let started = std::time::Instant::now();
+        let mut buf = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(within), s.read_to_end(&mut buf)).await;
+        assert!(ended.is_ok(), "{what}: a stalled request head still held its connection after {within} s");
+        eprintln!("{what}: cut off after {:?}", started.elapsed());
+    }
+    agent.stop().await;
+}

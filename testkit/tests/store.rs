@@ -321,6 +321,19 @@ async fn the_embedded_store_survives_a_reopen() {
     assert!(relay_edge::store::parse_id(&next[0]) > relay_edge::store::parse_id(&ids[2]), "ids keep growing");
 }
 
+/// The embedded file holds every webhook: it and the directory the store
+/// creates are the owner's only, whatever the process umask (022 here).
+#[tokio::test]
+async fn the_embedded_store_file_is_the_owners_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let backing = Backing::embedded();
+    let _store = open(&backing).await;
+    let Backing::Embedded { path, .. } = &backing else { unreachable!("embedded") };
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(path), 0o600, "{}", path.display());
+    assert_eq!(mode(path.parent().expect("dir")), 0o700, "the directory it created");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedded_store_in_use_or_unwritable_is_refused_with_a_clear_error() {
     let backing = Backing::embedded();

@@ -3,6 +3,7 @@
 //! by `prometheus-client` at each scrape.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -71,8 +72,42 @@ pub async fn serve(addr: SocketAddr, status: Status, shutdown: CancellationToken
     };
     let app = Router::new().route("/metrics", get(scrape)).with_state(status);
     tracing::info!(%addr, "agent metrics on /metrics");
-    let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    let held = std::sync::Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Past the cap, a new connection is closed at once.
+        let Ok(slot) = held.clone().try_acquire_owned() else { continue };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                async move { tower::ServiceExt::oneshot(app, req).await }
+            });
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()).http1_only();
+            builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            drop(slot);
+        });
+    }
 }
+
+/// Scrapers connected at once.
+const METRICS_CONNECTIONS: usize = 16;
+/// Time a scraper has to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a scrape connection is kept.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn scrape(State(status): State<Status>) -> impl IntoResponse {
     (

@@ -54,8 +54,7 @@ pub async fn run(
         None => return Err(SessionError::Closed),
     };
     tracing::info!(%addr, %session, %agent, ?channels, "tunnel up");
-    let heartbeat = cfg.heartbeat;
-    let deadline = heartbeat.max(Duration::from_millis(edge_heartbeat)) * 3;
+    let deadline = dead_link_after(cfg.heartbeat, edge_heartbeat);
     status.update(|s| {
         s.connected = true;
         s.edge_addr = Some(addr.to_string());
@@ -71,7 +70,7 @@ pub async fn run(
     }
     pipe.acks_sent();
 
-    let mut ticker = tokio::time::interval(heartbeat);
+    let mut ticker = tokio::time::interval(cfg.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rx = Instant::now();
     loop {
@@ -141,13 +140,23 @@ async fn on_frame(
     }
 }
 
+/// Longest edge heartbeat interval the agent takes (an edge's value is
+/// clamped to it): a link silent this long, three times, is dead.
+pub const MAX_EDGE_HEARTBEAT: Duration = Duration::from_secs(600);
+
+/// How long a silent link lives: three of the longer heartbeat interval,
+/// ours or the edge's (which comes off the wire, so it is clamped).
+pub fn dead_link_after(own: Duration, edge_ms: u64) -> Duration {
+    own.max(Duration::from_millis(edge_ms).min(MAX_EDGE_HEARTBEAT)).saturating_mul(3)
+}
+
 /// The edge redelivers entries pending longer than its visibility timeout
 /// to another agent; if a local request can take longer than that (plus
 /// the time to notice a dead link), slow local apps cause duplicates.
 fn warn_visibility(cfg: &AgentConfig, reclaim_after_ms: Option<u64>, edge_heartbeat_ms: u64, status: &Status) {
     let Some(reclaim) = reclaim_after_ms.map(Duration::from_millis) else { return };
-    let deadline = cfg.heartbeat.max(Duration::from_millis(edge_heartbeat_ms)) * 3;
-    let needed = cfg.request_timeout + deadline;
+    let deadline = dead_link_after(cfg.heartbeat, edge_heartbeat_ms);
+    let needed = cfg.request_timeout.saturating_add(deadline);
     let warning = (reclaim <= needed).then(|| {
         format!(
             "the edge's tunnel.reclaim_after ({reclaim:?}) does not exceed request_timeout ({:?}) + heartbeat deadline ({deadline:?}): \
@@ -236,5 +245,21 @@ async fn recv(ws: &mut Ws, limits: &Limits) -> Result<Option<Frame>, SessionErro
             }
             _ => continue,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An edge's `heartbeat_ms` comes off the wire: `u64::MAX` used to
+    /// panic the agent (`Duration * 3` overflowed).
+    #[test]
+    fn an_edge_heartbeat_from_the_wire_cannot_overflow_the_deadline() {
+        let own = Duration::from_secs(10);
+        assert_eq!(dead_link_after(own, u64::MAX), MAX_EDGE_HEARTBEAT * 3);
+        assert_eq!(dead_link_after(own, 0), own * 3);
+        assert_eq!(dead_link_after(own, 20_000), Duration::from_secs(60));
+        assert_eq!(dead_link_after(Duration::MAX, 5), Duration::MAX, "saturates");
     }
 }

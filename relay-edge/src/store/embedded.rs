@@ -364,7 +364,23 @@ impl EmbeddedStore {
         errors: prometheus_client::metrics::counter::Counter,
     ) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| open_err(path, format!("cannot create its directory: {e}")))?;
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| open_err(path, format!("cannot create its directory: {e}")))?;
+        }
+        // The file holds every webhook: owner only, whatever the umask.
+        // (An empty file is what redb then initialises.)
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let created = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+            match created {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(open_err(path, format!("cannot create it: {e}"))),
+            }
         }
         let abs = absolute(path).map_err(|e| open_err(path, e))?;
         let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
