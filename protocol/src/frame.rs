@@ -151,6 +151,12 @@ pub struct Webhook {
     pub route: String,
     /// Milliseconds since the Unix epoch when the edge received it.
     pub received_at_ms: u64,
+    /// The sender's address as the edge saw it (the peer, or the hop a
+    /// trusted proxy named); sent downstream as `X-Relay-Client-IP`. Empty
+    /// from edges before it existed. A field, not a stored header, so no
+    /// header a sender set can pass for it.
+    #[serde(default)]
+    pub client_ip: String,
 }
 
 /// A [`Webhook`] read in place from its encoded bytes, to check an entry
@@ -174,6 +180,8 @@ pub(crate) struct WebhookView<'a> {
     #[serde(borrow)]
     route: &'a str,
     pub received_at_ms: u64,
+    #[serde(default, borrow)]
+    client_ip: &'a str,
 }
 
 #[derive(Deserialize)]

@@ -16,7 +16,43 @@ fn webhook() -> Webhook {
         body: br#"{"entry":[{"id":"\u00e9"}]}"#.to_vec().into(),
         route: "meta".into(),
         received_at_ms: 1_700_000_000_123,
+        client_ip: "203.0.113.7".into(),
     }
+}
+
+/// Entries stored by edges from before `client_ip` decode with it empty,
+/// and agents from before it read new entries (unknown fields are skipped).
+#[test]
+fn webhooks_without_client_ip_still_decode_both_ways() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Old {
+        id: String,
+        method: String,
+        path: String,
+        query: String,
+        headers: Vec<Header>,
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+        route: String,
+        received_at_ms: u64,
+    }
+    let w = webhook();
+    let old = Old {
+        id: w.id.clone(),
+        method: w.method.clone(),
+        path: w.path.clone(),
+        query: w.query.clone(),
+        headers: w.headers.clone(),
+        body: w.body.to_vec(),
+        route: w.route.clone(),
+        received_at_ms: w.received_at_ms,
+    };
+    let bytes = rmp_serde::to_vec_named(&old).expect("encode");
+    assert_eq!(check_webhook(&bytes).expect("valid"), w.received_at_ms);
+    let new: Webhook = rmp_serde::from_slice(&bytes).expect("decode");
+    assert_eq!(new, Webhook { client_ip: String::new(), ..w.clone() });
+    let back: Old = rmp_serde::from_slice(&rmp_serde::to_vec_named(&w).expect("encode")).expect("old decode");
+    assert_eq!(back.id, w.id);
 }
 
 fn every_frame() -> Vec<Frame> {

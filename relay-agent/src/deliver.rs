@@ -32,11 +32,13 @@ const SKIP: &[&str] = &[
     "cookie",
     "forwarded",
     "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
     "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
 ];
-
-/// The one `X-Relay-*` header the edge stores: the client address it saw.
-const CLIENT_IP_HEADER: &str = "x-relay-client-ip";
 
 /// Most bytes of a local answer read: only its status and `Retry-After`
 /// count, the rest is read so the connection can be reused. A longer
@@ -144,7 +146,7 @@ fn request(uri: &Uri, channel: &str, attempt: u32, webhook: &Webhook) -> Request
     let headers = req.headers_mut();
     headers.reserve(webhook.headers.len() + 3);
     for h in &webhook.headers {
-        if SKIP.contains(&h.name.as_str()) || (h.name.starts_with("x-relay-") && h.name != CLIENT_IP_HEADER) {
+        if SKIP.contains(&h.name.as_str()) || h.name.starts_with("x-relay-") {
             continue;
         }
         // The edge stored what its HTTP parser accepted, so both are valid;
@@ -159,6 +161,12 @@ fn request(uri: &Uri, channel: &str, attempt: u32, webhook: &Webhook) -> Request
     headers.insert(HeaderName::from_static("x-relay-attempt"), HeaderValue::from(attempt));
     if let Ok(v) = HeaderValue::from_str(channel) {
         headers.insert(HeaderName::from_static("x-relay-channel"), v);
+    }
+    // From the edge's own field: never a header some sender set.
+    if let Ok(v) = HeaderValue::from_str(&webhook.client_ip)
+        && !webhook.client_ip.is_empty()
+    {
+        headers.insert(HeaderName::from_static("x-relay-client-ip"), v);
     }
     req
 }

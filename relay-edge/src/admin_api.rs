@@ -242,10 +242,11 @@ struct ReplayBody {
     all: bool,
 }
 
-/// Replays the named dead letters, or all of them in pages (never more in
-/// memory than one page), while the channel is under `store.max_backlog`.
-/// Each is moved back at most once, however many replays run at once.
-/// Answers what it did, also when it stopped early (`stopped`).
+/// Replays the named dead letters, or all of them up to the newest at the
+/// start, in pages (never more in memory than one page), while the channel
+/// is under `store.max_backlog`. Each is moved back at most once, however
+/// many replays run at once. Answers what it did (`count`, and the first
+/// [`LIST_MAX`] ids), also when it stopped early (`stopped`).
 async fn replay_dlq(
     State(state): State<Arc<AppState>>,
     Path(channel): Path<String>,
@@ -260,15 +261,30 @@ async fn replay_dlq(
     if body.ids.len() > LIST_MAX {
         return error(StatusCode::BAD_REQUEST, "bad_request", format!("at most {LIST_MAX} ids per call"));
     }
+    // All: up to the newest dead letter now. One that fails again while
+    // this runs comes back under a later id, and is not replayed again.
+    let last = match body.all {
+        true => match state.store.dlq_last(&channel).await {
+            Ok(last) => last.and_then(|l| crate::store::parse_id(&l)),
+            Err(e) => return store_error(e),
+        },
+        false => None,
+    };
     let mut replayed = Vec::new();
+    let mut count = 0u64;
     let mut missing = Vec::new();
     let mut named = body.ids.iter();
     let mut after: Option<String> = None;
     let stopped = loop {
         let page = if body.all {
             match state.store.dlq_list(&channel, after.as_deref(), STORE_PAGE).await {
-                Ok(page) if page.is_empty() => break None,
-                Ok(page) => page,
+                Ok(mut page) => {
+                    page.retain(|e| crate::store::parse_id(&e.id) <= last);
+                    if page.is_empty() {
+                        break None;
+                    }
+                    page
+                }
                 Err(e) => break Some(store_stop(e)),
             }
         } else {
@@ -292,10 +308,14 @@ async fn replay_dlq(
             match state.store.dlq_replay_one(&channel, e).await {
                 Ok(Some(new_id)) => {
                     state.backlog.appended(std::slice::from_ref(&channel), std::slice::from_ref(&new_id));
-                    replayed.push(json!({ "dlq_id": e.id, "stream_id": new_id }));
+                    count += 1;
+                    if replayed.len() < LIST_MAX {
+                        replayed.push(json!({ "dlq_id": e.id, "stream_id": new_id }));
+                    }
                 }
                 // Gone meanwhile (another replay or a purge took it).
-                Ok(None) => missing.push(e.id.clone()),
+                Ok(None) if missing.len() < LIST_MAX => missing.push(e.id.clone()),
+                Ok(None) => {}
                 Err(err) => {
                     failed = Some(store_stop(err));
                     break;
@@ -306,8 +326,9 @@ async fn replay_dlq(
             break failed;
         }
     };
-    tracing::info!(%channel, count = replayed.len(), stopped = stopped.as_deref(), "dead letters replayed");
-    let mut answer = json!({ "channel": channel, "replayed": replayed, "missing": missing });
+    tracing::info!(%channel, count, stopped = stopped.as_deref(), "dead letters replayed");
+    // The first LIST_MAX of each list; `count` is the whole number.
+    let mut answer = json!({ "channel": channel, "count": count, "replayed": replayed, "missing": missing });
     if let Some(why) = stopped {
         answer["stopped"] = why.into();
     }

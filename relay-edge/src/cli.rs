@@ -237,7 +237,11 @@ fn render_replayed(v: &Value) -> String {
     for r in &replayed {
         out.push_str(&format!("{} -> {}\n", s(&r["dlq_id"]), s(&r["stream_id"])));
     }
-    out.push_str(&format!("replayed {} dead letters into channel {}\n", replayed.len(), s(&v["channel"])));
+    let count = v["count"].as_u64().unwrap_or(replayed.len() as u64);
+    if count > replayed.len() as u64 {
+        out.push_str(&format!("(the first {} listed)\n", replayed.len()));
+    }
+    out.push_str(&format!("replayed {count} dead letters into channel {}\n", s(&v["channel"])));
     if let Some(m) = v["missing"].as_array().filter(|m| !m.is_empty()) {
         out.push_str(&format!("not found: {}\n", m.iter().map(s).collect::<Vec<_>>().join(", ")));
     }

@@ -199,61 +199,116 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
     /// Where the token lives when `token` is unset: read when it exists,
     /// else generated at the edge's first start (32 random bytes, hex, in a
-    /// new `0600` file). The CLI reads it from here too. `""` = no file: the
-    /// API is then open to loopback clients (refused off loopback).
+    /// new `0600` file). Unset: `$STATE_DIRECTORY/admin.token` under
+    /// systemd, else `relay-edge.admin-token` in the working directory.
+    /// `""` = no file: the API is then open to loopback clients (refused
+    /// off loopback). The CLI reads the same file.
     pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9090".into(), token: None, token_file: Some("relay-edge.admin-token".into()) }
+        Self { listen: "127.0.0.1:9090".into(), token: None, token_file: None }
     }
 }
 
+/// Why a token file cannot be used.
+fn token_error(why: String) -> ConfigError {
+    ConfigError::Key { key: "admin.token_file".into(), why }
+}
+
 impl AdminConfig {
-    /// `token_file`, unless unset or `""`.
-    fn token_path(&self) -> Option<&Path> {
-        self.token_file.as_deref().filter(|p| !p.as_os_str().is_empty())
+    /// The token file: `token_file`, its default when unset, none for `""`.
+    pub fn token_path(&self) -> Option<PathBuf> {
+        match &self.token_file {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None => Some(match std::env::var("STATE_DIRECTORY").ok().filter(|d| !d.is_empty()) {
+                // systemd may list several directories, `:`-separated.
+                Some(dirs) => PathBuf::from(dirs.split(':').next().unwrap_or_default()).join("admin.token"),
+                None => PathBuf::from("relay-edge.admin-token"),
+            }),
+        }
     }
 
-    /// Fills `token` from `token_file` when that file exists.
+    /// Fills `token` from the token file when that file exists and holds
+    /// one. The file must be a regular file of this user's that nobody
+    /// else can read or write (so nobody planted or read it).
     pub fn read_token_file(&mut self) -> Result<(), ConfigError> {
-        let Some(path) = self.token_path().filter(|p| self.token.is_none() && p.exists()) else { return Ok(()) };
-        let bad = |why: String| ConfigError::Key { key: "admin.token_file".into(), why };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
-        let token = text.trim();
-        if token.len() < 8 {
-            return Err(bad(format!("{} holds no token of 8 characters or more", path.display())));
+        let Some(path) = self.token_path().filter(|_| self.token.is_none()) else { return Ok(()) };
+        if let Some(token) = read_token(&path)? {
+            self.token = Some(Secret::new(token));
         }
-        self.token = Some(Secret::new(token));
         Ok(())
     }
 
-    /// With neither a token nor its file: generates one into `token_file`
-    /// (mode `0600`, never overwriting) and returns the file's path.
+    /// With neither a token nor its file: generates one into the token
+    /// file (`0600`, never overwriting another's) and returns the file's
+    /// path. An empty file (a first start cut short) is replaced.
     pub fn generate_token(&mut self) -> Result<Option<PathBuf>, ConfigError> {
         self.read_token_file()?;
-        let Some(path) = self.token_path().filter(|_| self.token.is_none()).map(Path::to_path_buf) else {
-            return Ok(None);
-        };
-        let bad = |why: String| ConfigError::Key { key: "admin.token_file".into(), why };
-        let token = hex::encode(rand::random::<[u8; 32]>());
+        let Some(path) = self.token_path().filter(|_| self.token.is_none()) else { return Ok(None) };
+        if path.exists() {
+            // Empty: read_token found no token in a file of ours.
+            std::fs::remove_file(&path).map_err(|e| token_error(format!("cannot replace {}: {e}", path.display())))?;
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| bad(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| token_error(format!("cannot create {}: {e}", dir.display())))?;
         }
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| bad(format!("cannot create {}: {e}", path.display())))?;
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        // `create_new` (O_EXCL) never follows a symlink planted at the path.
+        let created = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
+        let mut file = match created {
+            Ok(f) => f,
+            // Another edge started at the same moment: use its token.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                self.read_token_file()?;
+                return Ok(None);
+            }
+            Err(e) => return Err(token_error(format!("cannot create {}: {e}", path.display()))),
+        };
         file.write_all(format!("{token}\n").as_bytes())
             .and_then(|()| file.sync_all())
-            .map_err(|e| bad(format!("cannot write {}: {e}", path.display())))?;
+            .map_err(|e| token_error(format!("cannot write {}: {e}", path.display())))?;
         self.token = Some(Secret::new(token));
         Ok(Some(path))
+    }
+}
+
+/// The token in `path`: `None` when the file is missing or empty; an
+/// error when it is not a regular file owned by this user with no access
+/// for others, or holds fewer than 8 characters.
+fn read_token(path: &Path) -> Result<Option<String>, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(token_error(format!("cannot read {shown}: {e}"))),
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(token_error(format!("{shown} is not a regular file (a symlink?)")));
+        }
+        Ok(_) => {}
+    }
+    let file = std::fs::File::open(path).map_err(|e| token_error(format!("cannot read {shown}: {e}")))?;
+    let meta = file.metadata().map_err(|e| token_error(format!("cannot read {shown}: {e}")))?;
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
+    if meta.uid() != me || meta.mode() & 0o077 != 0 {
+        return Err(token_error(format!(
+            "{shown} must belong to this user and be readable by it alone (it is mode {:o}, uid {}): chmod 600 it, or delete it to have a new one generated",
+            meta.mode() & 0o7777,
+            meta.uid()
+        )));
+    }
+    let mut text = String::new();
+    file.take(4096).read_to_string(&mut text).map_err(|e| token_error(format!("cannot read {shown}: {e}")))?;
+    let token = text.trim();
+    match token.len() {
+        0 => Ok(None),
+        1..8 => Err(token_error(format!("{shown} holds no token of 8 characters or more"))),
+        _ => Ok(Some(token.to_string())),
     }
 }
 

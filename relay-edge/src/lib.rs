@@ -137,9 +137,18 @@ pub async fn run(
     shutdown: CancellationToken,
     mut reload: mpsc::Receiver<EdgeConfig>,
 ) -> Result<(), StartError> {
-    if let Some(path) = cfg.admin.generate_token()? {
+    match cfg.admin.generate_token() {
         // The path only: the token itself never reaches a log.
-        tracing::info!(file = %path.display(), "admin API token generated (mode 0600); the CLI reads it from there");
+        Ok(Some(path)) => {
+            tracing::info!(file = %path.display(), "admin API token generated (mode 0600); the CLI reads it from there")
+        }
+        Ok(None) => {}
+        // On loopback the API worked without a token before: an unwritable
+        // token file must not keep ingest down.
+        Err(e) if admin_on_loopback(&cfg) => {
+            tracing::error!(error = %e, "no admin API token: the API is open to loopback clients only");
+        }
+        Err(e) => return Err(e.into()),
     }
     let (tls, verifier) = tunnel::tls::tls_and_verifier(&cfg.tunnel)?;
     let ingest_tls = ingest::tls_config(&cfg.ingest)?;
@@ -211,6 +220,10 @@ pub async fn run(
         tracing::info!("drained");
     }
     Ok(())
+}
+
+fn admin_on_loopback(cfg: &EdgeConfig) -> bool {
+    cfg.admin.listen.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback())
 }
 
 fn warn_about_config(cfg: &EdgeConfig) {

@@ -74,7 +74,7 @@ pub fn edge_config(store: &Backing, certs: &Certs) -> EdgeConfig {
     cfg.admin.listen = "127.0.0.1:0".into();
     // No token: the admin API is open to loopback (tests of the generated
     // token run the binary).
-    cfg.admin.token_file = None;
+    cfg.admin.token_file = Some(PathBuf::new());
     cfg.tunnel.cert = certs.path("edge.pem");
     cfg.tunnel.key = certs.path("edge-key.pem");
     cfg.tunnel.client_ca = certs.path("ca.pem");

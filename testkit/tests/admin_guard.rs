@@ -153,6 +153,21 @@ async fn a_token_is_generated_at_first_start_and_the_cli_reads_it() {
     assert_eq!(c.get(&url).bearer_auth(&token).send().await.expect("get").status(), 200);
     let _ = edge.kill().await;
 
+    // A token file others can read is refused (it may have been read or planted).
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (code, _, err) = run_bin("relay-edge", &["--config", config, "check-config"]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("admin.token_file") && err.contains("mode 644"), "{err}");
+    // An empty one (a first start cut short) is replaced at the next start.
+    std::fs::write(&token_file, "").expect("truncate");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut edge = start();
+    testkit::procs::wait_edge_up(spec.admin).await;
+    let fresh = std::fs::read_to_string(&token_file).expect("token").trim().to_string();
+    assert_eq!(fresh.len(), 64, "a new token replaced the empty file: {fresh:?}");
+    assert_eq!(c.get(&url).bearer_auth(&fresh).send().await.expect("get").status(), 200);
+    let _ = edge.kill().await;
+
     let logged = std::fs::read_to_string(&log).expect("log");
     assert!(logged.contains("admin API token generated"), "{logged}");
     assert!(logged.contains(&token_file.display().to_string()), "the log says where: {logged}");
@@ -252,4 +267,44 @@ async fn dlq_lists_are_bounded_pages_without_bodies() {
     let j: serde_json::Value =
         serde_json::from_slice(&c.get(&url).send().await.expect("get").bytes().await.expect("body")).expect("json");
     assert_eq!(j["entries"].as_array().expect("entries").len(), 45);
+}
+
+/// `replay --all` while the local endpoint still refuses them: each dead
+/// letter comes back under a new, later id within milliseconds, and the
+/// replay must not reach those and replay them again (it used to page on
+/// until the DLQ stayed empty: an endless loop of duplicates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_all_while_they_fail_again_replays_each_once() {
+    let (_store, certs, edge) = dead_letters_under_a_cap(30, 1_000_000).await;
+    let rx = Receiver::start().await;
+    rx.answer(400);
+    let agent = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
+    agent.wait_connected(Duration::from_secs(10)).await;
+    let replay = admin_post(&edge, "/admin/dlq/crm/replay", serde_json::json!({"all": true}));
+    let (s, j) = tokio::time::timeout(Duration::from_secs(20), replay).await.expect("the replay ends");
+    assert_eq!(s, 200, "{j}");
+    assert_eq!(j["count"], 30, "each of the 30 once: {}", j["count"]);
+    wait_until(Duration::from_secs(10), "all 30 refused again", || rx.count() >= 30).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.count(), 30, "the endpoint got each once");
+    agent.stop().await;
+}
+
+/// Upgrading an edge whose token file cannot be written (a read-only
+/// working directory under `ProtectSystem=strict`) must not keep ingest
+/// down: on loopback the edge starts, with the API open to loopback only
+/// as before, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_token_file_does_not_keep_a_loopback_edge_down() {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let mut cfg = edge_config(&store, &certs);
+    cfg.admin.token_file = Some("/proc/relay-edge-test/admin.token".into());
+    let edge = Edge::start(cfg).await;
+    let (s, _) = post(&client(), &edge.hook_url("hooks"), KEY, b"{}".to_vec()).await;
+    assert_eq!(s, 200, "ingest runs");
+    let dlq = client().get(format!("http://{}/admin/dlq/crm", edge.admin)).send().await.expect("get");
+    assert_eq!(dlq.status(), 200, "the admin API is open to loopback, as without a token");
+    edge.stop().await;
 }

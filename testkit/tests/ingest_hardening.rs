@@ -121,7 +121,7 @@ async fn forwarding_headers_and_cookies_never_reach_the_lan() {
     let request = format!(
         "POST /hooks/hooks HTTP/1.1\r\nhost: x\r\nx-api-key: {KEY}\r\ncontent-type: application/json\r\n\
          x-forwarded-for: 10.9.9.9\r\nx-real-ip: 10.9.9.8\r\nforwarded: for=10.9.9.7\r\ncookie: session=stolen\r\n\
-         x-relay-client-ip: 10.9.9.6\r\nx-custom: kept\r\nexpect: 100-continue\r\nconnection: close\r\n\
+         x-relay-client-ip: 10.9.9.6\r\ntrue-client-ip: 10.9.9.5\r\ncf-connecting-ip: 10.9.9.4\r\nx-custom: kept\r\nexpect: 100-continue\r\nconnection: close\r\n\
          content-length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -131,7 +131,8 @@ async fn forwarding_headers_and_cookies_never_reach_the_lan() {
     wait_until(Duration::from_secs(10), "delivered", || rx.count() >= 1).await;
     let d = &rx.deliveries()[0];
     let header = |n: &str| d.headers.iter().filter(|(k, _)| k == n).map(|(_, v)| v.clone()).collect::<Vec<_>>();
-    for name in ["x-forwarded-for", "x-real-ip", "forwarded", "cookie", "expect"] {
+    for name in ["x-forwarded-for", "x-real-ip", "forwarded", "cookie", "expect", "true-client-ip", "cf-connecting-ip"]
+    {
         assert!(header(name).is_empty(), "`{name}` reached the LAN endpoint: {:?}", d.headers);
     }
     assert_eq!(header("x-relay-client-ip"), vec![b"127.0.0.1".to_vec()], "{:?}", d.headers);

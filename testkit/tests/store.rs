@@ -23,6 +23,7 @@ fn webhook(n: usize) -> Webhook {
         body: format!("{{\"n\":{n}}}").into_bytes().into(),
         route: "hooks".into(),
         received_at_ms: relay_edge::store::now_ms(),
+        client_ip: "127.0.0.1".into(),
     }
 }
 

@@ -55,16 +55,18 @@ const DROPPED_HEADERS: &[&str] = &[
     "x-api-key",
     // What a sender (or a proxy in front of the edge) says about itself,
     // and what is meant for the edge alone: never shown to the LAN as sent.
-    // The edge tells who it saw in `X-Relay-Client-IP`.
+    // The edge tells who it saw in `X-Relay-Client-IP` (`Webhook::client_ip`).
     "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
     "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
     "forwarded",
     "cookie",
     "expect",
 ];
-
-/// The header the edge adds with the client address it saw.
-const CLIENT_IP_HEADER: &str = "x-relay-client-ip";
 
 /// Past the body limit, the rest of an upload is read and dropped (up to
 /// this much) while the `413` is sent; see [`discard`].
@@ -404,10 +406,11 @@ async fn append(
         method: parts.method.as_str().to_string(),
         path: stored_path(&route.name),
         query: redact_query(parts.uri.query().unwrap_or("")),
-        headers: stored_headers(&parts.headers, client),
+        headers: stored_headers(&parts.headers),
         body,
         route: route.name.clone(),
         received_at_ms,
+        client_ip: client.to_string(),
     };
     let ids = state.store.append(&route.channels, &webhook).await.map_err(|e| {
         tracing::warn!(route = route_name, error = %e, "store write failed");
@@ -507,15 +510,13 @@ pub fn redact_query(query: &str) -> String {
 }
 
 /// The headers stored with a webhook: as sent, less [`DROPPED_HEADERS`] and
-/// any `X-Relay-*` (the relay's own), plus `X-Relay-Client-IP`.
-pub fn stored_headers(headers: &HeaderMap, client: IpAddr) -> Vec<Header> {
-    let mut kept: Vec<Header> = headers
+/// any `X-Relay-*` (the relay's own).
+pub fn stored_headers(headers: &HeaderMap) -> Vec<Header> {
+    headers
         .iter()
         .filter(|(name, _)| !DROPPED_HEADERS.contains(&name.as_str()) && !name.as_str().starts_with("x-relay-"))
         .map(|(name, value)| Header { name: name.as_str().to_string(), value: value.as_bytes().to_vec() })
-        .collect();
-    kept.push(Header { name: CLIENT_IP_HEADER.into(), value: client.to_string().into_bytes() });
-    kept
+        .collect()
 }
 
 #[derive(Deserialize)]

@@ -911,6 +911,20 @@ impl Backend for EmbeddedStore {
         .await
     }
 
+    async fn dlq_last(&self, channel: &str) -> Result<Option<String>, StoreError> {
+        let ch = channel.to_string();
+        self.read("dlq last", move |txn| {
+            let t = txn.open_table(DLQ)?;
+            let all = (Bound::Included(key(&ch, (0, 0))), Bound::Included(key(&ch, (u64::MAX, u64::MAX))));
+            let newest = t.range(all)?.next_back().transpose()?;
+            Ok(newest.map(|(k, _)| {
+                let (_, ms, seq) = k.value();
+                format_id((ms, seq))
+            }))
+        })
+        .await
+    }
+
     async fn dlq_len(&self, channel: &str) -> Result<u64, StoreError> {
         let ch = channel.to_string();
         self.read("dlq length", move |txn| Ok(channel_meta(txn, &ch)?.map(|m| m.dlq_length).unwrap_or(0))).await

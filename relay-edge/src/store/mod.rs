@@ -255,6 +255,10 @@ pub trait Backend: Send + Sync {
 
     fn dlq_len(&self, channel: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// Id of the newest dead letter of a channel (where a replay of all
+    /// stops: dead letters that fail again meanwhile get later ids).
+    fn dlq_last(&self, channel: &str) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
     /// Moves one dead letter back into the channel stream as a new entry
     /// (same webhook bytes, so the same webhook id). Returns the new id, or
     /// `None` when it holds no webhook.
@@ -440,6 +444,10 @@ impl Backend for Store {
 
     async fn dlq_len(&self, channel: &str) -> Result<u64, StoreError> {
         dispatch!(self, s => s.dlq_len(channel).await)
+    }
+
+    async fn dlq_last(&self, channel: &str) -> Result<Option<String>, StoreError> {
+        dispatch!(self, s => s.dlq_last(channel).await)
     }
 
     async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<String>, StoreError> {

@@ -504,6 +504,13 @@ impl Backend for RedisStore {
         self.run("XLEN", redis::cmd("XLEN").arg(keys::dlq(channel))).await
     }
 
+    async fn dlq_last(&self, channel: &str) -> Result<Option<String>, StoreError> {
+        let v: Value = self
+            .run("XREVRANGE", redis::cmd("XREVRANGE").arg(keys::dlq(channel)).arg("+").arg("-").arg("COUNT").arg(1))
+            .await?;
+        Ok(parse::entries(v)?.into_iter().next().map(|e| e.id))
+    }
+
     /// Moves one dead letter back into the channel stream as a new entry.
     /// Returns the new stream id, or `None` when it holds no webhook.
     /// One script: the `XADD` happens only if this call's `XDEL` removed
