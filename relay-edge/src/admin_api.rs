@@ -412,7 +412,10 @@ async fn replay_history(State(state): State<Arc<AppState>>, Json(body): Json<His
             if let Some(why) = backlog_full(&state, &channel) {
                 break Some(why);
             }
-            let page = match state.store.replay_page(&channel, &from, &stop, HISTORY_PAGE).await {
+            // No more than the cap still takes.
+            let room = state.backlog.headroom(&channel, state.cfg.store.max_backlog);
+            let count = HISTORY_PAGE.min(usize::try_from(room).unwrap_or(HISTORY_PAGE));
+            let page = match state.store.replay_page(&channel, &from, &stop, count).await {
                 Ok(p) => p,
                 Err(e) => break Some(store_stop(e)),
             };

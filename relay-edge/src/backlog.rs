@@ -45,6 +45,12 @@ impl Backlog {
         Ok(())
     }
 
+    /// How many more entries `channel` takes before it reaches `cap`.
+    pub fn headroom(&self, channel: &str, cap: u64) -> u64 {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        cap.saturating_sub(counts.get(channel).map(|c| c.base + c.recent.len() as u64).unwrap_or(0))
+    }
+
     /// Records appended entries (`ids` in channel order).
     pub fn appended(&self, channels: &[String], ids: &[String]) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());

@@ -96,6 +96,10 @@ pub struct IngestConfig {
     /// either, a new connection is closed at once, before TLS (0 = no cap).
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Longest one connection is kept (an idle keep-alive too); then it is
+    /// closed once its request in flight is answered.
+    #[serde(with = "humantime_serde")]
+    pub connection_lifetime: Duration,
 }
 
 impl Default for IngestConfig {
@@ -116,6 +120,7 @@ impl Default for IngestConfig {
             trusted_proxies: Vec::new(),
             max_connections: 2048,
             max_connections_per_ip: 128,
+            connection_lifetime: Duration::from_secs(120),
         }
     }
 }

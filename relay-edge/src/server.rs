@@ -29,6 +29,10 @@ pub struct ConnLimits {
     pub header_timeout: Duration,
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// Longest a connection is kept (then closed once its request in
+    /// flight is answered), so an idle keep-alive cannot hold a slot of
+    /// the caps for ever. `None`: no limit (tunnel: upgraded to sessions).
+    pub lifetime: Option<Duration>,
 }
 
 /// How many connections a listener holds at once (0 = no cap).
@@ -52,15 +56,29 @@ struct Slot {
     ip: IpAddr,
 }
 
+/// The address the per-IP cap counts: IPv6 by its /64 (one host usually
+/// holds a whole /64), IPv4 (also IPv4-mapped IPv6) as it is.
+pub fn cap_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
 impl Gate {
-    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+    fn enter(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
+        let exempt = self.caps.exempt.contains(&peer);
+        let ip = cap_key(peer);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let (total, per_ip) = &mut *held;
         if self.caps.total > 0 && *total >= self.caps.total {
             return None;
         }
         let mine = per_ip.entry(ip).or_insert(0);
-        if self.caps.per_ip > 0 && *mine >= self.caps.per_ip && !self.caps.exempt.contains(&ip) {
+        if self.caps.per_ip > 0 && *mine >= self.caps.per_ip && !exempt {
             if *mine == 0 {
                 per_ip.remove(&ip);
             }
@@ -156,6 +174,12 @@ pub async fn serve_http<IO, X>(
         .keep_alive(true);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    let expired = async {
+        match limits.lifetime {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r {
             tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
@@ -164,5 +188,33 @@ pub async fn serve_http<IO, X>(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
         }
+        _ = expired => {
+            // The request in flight (if any) is answered, then it closes.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_ip_cap_counts_ipv6_by_its_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().expect("ip");
+        let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(cap_key(a), cap_key(b), "one /64");
+        assert_ne!(cap_key(a), cap_key(other));
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().expect("ip");
+        assert_eq!(cap_key(mapped), "203.0.113.7".parse::<IpAddr>().expect("ip"));
+        let gate = Arc::new(Gate { caps: ConnCaps { total: 0, per_ip: 2, exempt: vec![] }, held: Mutex::default() });
+        let held = [gate.enter(a), gate.enter(b)];
+        assert!(held.iter().all(Option::is_some));
+        assert!(gate.enter(other).is_some(), "another /64");
+        assert!(gate.enter("2001:db8:1:2::9".parse().expect("ip")).is_none(), "a third address of the same /64");
+        drop(held);
+        assert!(gate.enter(a).is_some(), "slots come back");
     }
 }

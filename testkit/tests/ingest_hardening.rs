@@ -263,3 +263,31 @@ async fn admin_and_agent_metrics_listeners_cut_off_a_stalled_request_head() {
     }
     agent.stop().await;
 }
+
+/// An idle keep-alive connection is closed after
+/// `ingest.connection_lifetime`, so cheap requests now and then cannot
+/// hold the connection caps' slots for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_end_after_their_lifetime() {
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let mut cfg = edge_config(&store, &certs);
+    cfg.ingest.connection_lifetime = Duration::from_secs(1);
+    let edge = Edge::start(cfg).await;
+    let mut s = tokio::net::TcpStream::connect(edge.ingest).await.expect("connect");
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("send");
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.expect("answer").expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "answered, kept alive");
+    let ended = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the idle connection outlived its 1 s lifetime by 4 s");
+}

@@ -21,8 +21,15 @@ pub const SOCKET_MODE: u32 = 0o660;
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    let meta = std::fs::metadata(dir)?;
+    // Not followed: a symlink another user planted could be re-pointed.
+    let meta = std::fs::symlink_metadata(dir)?;
     let me = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(meta.uid());
+    if meta.file_type().is_symlink() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("its directory {} is a symlink: name the directory itself", dir.display()),
+        ));
+    }
     if meta.uid() != me || meta.mode() & 0o022 != 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
@@ -86,5 +93,10 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
         let err = bind(&open.join("status.sock")).expect_err("a world-writable directory");
         assert!(err.to_string().contains("writable by others"), "{err}");
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(path.parent().expect("dir"), &link).expect("symlink");
+        let err = bind(&link.join("status.sock")).expect_err("a symlinked directory");
+        assert!(err.to_string().contains("symlink"), "{err}");
     }
 }

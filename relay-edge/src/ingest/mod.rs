@@ -118,6 +118,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
         header_timeout: cfg.header_timeout,
         max_headers: cfg.max_headers,
         max_header_bytes: cfg.max_header_bytes.as_u64() as usize,
+        lifetime: Some(cfg.connection_lifetime),
     };
     let conn_shutdown = shutdown.clone();
     let limiter_state = state.clone();

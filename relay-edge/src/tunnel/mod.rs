@@ -44,8 +44,12 @@ pub struct Peer {
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken, tracker: TaskTracker) {
     let router: Router =
         Router::new().route("/", get(upgrade)).route("/tunnel", get(upgrade)).with_state(state.clone());
-    let limits =
-        ConnLimits { header_timeout: state.cfg.tunnel.handshake_timeout, max_headers: 64, max_header_bytes: 16 * 1024 };
+    let limits = ConnLimits {
+        header_timeout: state.cfg.tunnel.handshake_timeout,
+        max_headers: 64,
+        max_header_bytes: 16 * 1024,
+        lifetime: None,
+    };
     let conn_shutdown = shutdown.clone();
     // Counted until the connection becomes a session (sessions are bounded
     // by one per configured agent identity).
