@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test: formatting check, then the whole workspace's tests
-# (unit, property and end-to-end against a real redis-server they start),
-# then one summary line.
+# Runs every check CI runs: formatting, clippy (warnings are errors), the
+# docs (broken intra-doc links are errors), the fuzz targets built (not
+# run), then the whole workspace's tests (unit, property, end-to-end
+# against a real redis-server they start, attack tools), then one
+# summary line. Arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for pair in redis-server:redis-server slowhttptest:slowhttptest testssl:testssl.sh openssl:openssl; do
@@ -10,11 +12,21 @@ for pair in redis-server:redis-server slowhttptest:slowhttptest testssl:testssl.
     exit 1
   }
 done
-if cargo fmt --version >/dev/null 2>&1; then
-  cargo fmt --all --check
-else
-  echo "rustfmt not installed: format check skipped" >&2
-fi
+cargo fmt --version >/dev/null 2>&1 || {
+  echo "rustfmt is required (the format check is part of the tests): rustup component add rustfmt" >&2
+  exit 1
+}
+step() { echo "== $*" >&2; }
+step "cargo fmt --check"
+cargo fmt --all --check
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+step "fuzz targets build (cargo check; same dependency versions as the workspace)"
+cp Cargo.lock fuzz/Cargo.lock
+CARGO_TARGET_DIR=target cargo check --manifest-path fuzz/Cargo.toml --bins --quiet
+step "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked "$@" 2>&1 | tee "$log"

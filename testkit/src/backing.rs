@@ -1,6 +1,6 @@
 //! The store behind a test's edge: a real `redis-server`, or an embedded
 //! store file in a temp dir. Tests that must hold for both backends take a
-//! [`Backing`] and are instantiated twice with [`both_backends!`].
+//! [`Backing`] and are instantiated twice with [`both_backends!`](crate::both_backends).
 
 use std::path::PathBuf;
 

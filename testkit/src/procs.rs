@@ -426,7 +426,7 @@ impl ChannelReport {
 
 /// How long a channel must show nothing left to deliver (nothing pending,
 /// no backlog) while webhooks are missing before [`settle`] calls them lost.
-const LOST_AFTER: Duration = Duration::from_secs(3);
+pub const LOST_AFTER: Duration = Duration::from_secs(3);
 
 /// The invariant per channel, without panicking: waits up to `within`
 /// until every webhook of `accepted` reached each channel's receiver with a

@@ -39,7 +39,7 @@ use crate::store::Backend;
 use crate::store::{DEDUPE_PENDING, keys, now_ms};
 
 /// Headers never stored: hop-by-hop ones and credentials.
-const DROPPED_HEADERS: &[&str] = &[
+pub const DROPPED_HEADERS: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",

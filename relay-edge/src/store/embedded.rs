@@ -949,7 +949,7 @@ impl Backend for EmbeddedStore {
         .await
     }
 
-    /// In transactions of [`PURGE_BATCH`] dead letters (ingest goes on
+    /// In transactions of `PURGE_BATCH` dead letters (ingest goes on
     /// between them).
     async fn dlq_purge(&self, channel: &str, before_ms: Option<u64>) -> Result<u64, StoreError> {
         let mut purged = 0;
