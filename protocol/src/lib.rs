@@ -22,6 +22,30 @@ pub const VERSION: u32 = 1;
 /// WebSocket subprotocol the agent asks for; the edge refuses any other.
 pub const SUBPROTOCOL: &str = "relay.v1";
 
+/// Headers in which a sender (or a proxy in front of the edge) says
+/// something about itself, or that are meant for the hop they came over:
+/// the edge does not store them and the agent does not forward them (an
+/// entry stored by an older edge may still hold them). The edge tells who
+/// it saw in `Webhook::client_ip` (`X-Relay-Client-IP`).
+pub const SENDER_HEADERS: &[&str] = &[
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "forwarded",
+    "cookie",
+    "expect",
+];
+
+/// Milliseconds since the Unix epoch: the clock of `received_at_ms` and of
+/// both binaries' status times.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// Microseconds since the Unix epoch, the clock of `Ping { t }`.
 pub fn now_micros() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)

@@ -17,28 +17,9 @@ use relay_protocol::Webhook;
 
 use crate::config::AgentConfig;
 
-/// Headers not forwarded: hop-by-hop, ones the HTTP client sets itself,
-/// and what a sender says about itself (the edge drops these too; entries
-/// stored by older edges may hold them). `X-Relay-*` is the relay's own.
-const SKIP: &[&str] = &[
-    "host",
-    "content-length",
-    "connection",
-    "transfer-encoding",
-    "keep-alive",
-    "te",
-    "upgrade",
-    "expect",
-    "cookie",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-    "x-client-ip",
-    "true-client-ip",
-    "cf-connecting-ip",
-];
+/// Headers not forwarded: hop-by-hop and ones the HTTP client sets itself;
+/// also [`relay_protocol::SENDER_HEADERS`], and `X-Relay-*` (the relay's own).
+const SKIP: &[&str] = &["host", "content-length", "connection", "transfer-encoding", "keep-alive", "te", "upgrade"];
 
 /// Most bytes of a local answer read: only its status and `Retry-After`
 /// count, the rest is read so the connection can be reused. A longer
@@ -146,7 +127,8 @@ fn request(uri: &Uri, channel: &str, attempt: u32, webhook: &Webhook) -> Request
     let headers = req.headers_mut();
     headers.reserve(webhook.headers.len() + 3);
     for h in &webhook.headers {
-        if SKIP.contains(&h.name.as_str()) || h.name.starts_with("x-relay-") {
+        let name = h.name.as_str();
+        if SKIP.contains(&name) || relay_protocol::SENDER_HEADERS.contains(&name) || name.starts_with("x-relay-") {
             continue;
         }
         // The edge stored what its HTTP parser accepted, so both are valid;

@@ -58,11 +58,9 @@ fn read(path: &Path) -> Result<String, CertError> {
     fs::read_to_string(path).map_err(|source| CertError::Read { path: path.to_path_buf(), source })
 }
 
+/// The same rule as route, channel and agent names in the config.
 fn check_name(name: &str) -> Result<(), CertError> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(CertError::BadName(name.into()));
-    }
-    Ok(())
+    crate::config::check_name(name).map_err(|_| CertError::BadName(name.into()))
 }
 
 /// Creates (or reuses) the CA in `dir`, then the edge certificate for `sans`.

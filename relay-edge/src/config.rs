@@ -752,8 +752,9 @@ impl EdgeConfig {
     }
 }
 
-/// Route and channel names go into URLs and Redis keys: keep them plain.
-fn check_name(name: &str) -> Result<(), String> {
+/// Route, channel and agent names go into URLs, store keys and
+/// certificate names: keep them plain.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
         return Err(format!("`{name}` must be 1–64 characters"));
     }

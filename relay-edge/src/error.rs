@@ -27,7 +27,7 @@ pub enum StoreError {
         #[source]
         source: redis::RedisError,
     },
-    #[error("redis {op} timed out after {ms} ms")]
+    #[error("store operation {op} timed out after {ms} ms")]
     Timeout { op: &'static str, ms: u128 },
     #[error("embedded store {op} failed: {why}")]
     Embedded { op: &'static str, why: String },

@@ -2,26 +2,39 @@
 //!
 //! Component map:
 //! - [`ingest`]: public HTTP listener; authenticates a webhook, appends it to
-//!   each of its route's channel streams, and only then answers `200`.
-//! - [`store`]: Redis Streams: append, consumer groups, pending lists,
-//!   reclaim, dead letters, age-based retention.
+//!   each of its route's channel streams, and only then answers `200`
+//!   (rate limits in [`ingest::limit`], key and signature checks in
+//!   [`ingest::auth`]).
+//! - [`store`]: the durable store behind one trait, two backends: Redis
+//!   Streams ([`store::redis_store`]) or an embedded redb file
+//!   ([`store::embedded`]): append, consumer groups, pending lists,
+//!   reclaim, dead letters, replay, de-duplication keys.
 //! - [`tunnel`]: the mutual-TLS WebSocket listener agents dial; one
-//!   [`tunnel::session`] per agent pushes entries and turns acks into `XACK`.
-//! - [`admin`]: `/health`, `/ready`, `/metrics` on a loopback listener.
+//!   [`tunnel::session`] per agent pushes entries and settles acks, with its
+//!   in-flight table ([`tunnel::inflight`]) and store reads
+//!   ([`tunnel::fetcher`]); [`tunnel::registry`] holds one session per agent.
+//! - [`admin`]: `/health`, `/ready`, `/metrics` and the admin API
+//!   ([`admin::api`]: dead letters, replay, agents) on a loopback listener,
+//!   and the CLI's client of it ([`admin::cli`]).
+//! - [`server`]: accept loop (connection caps before TLS) and HTTP/1.1
+//!   serving with head limits, shared by every listener; [`tls`]: PEM
+//!   loading and the one crypto provider.
+//! - [`backlog`]: the per-channel backlog cap; [`retention`]: expiry into the
+//!   DLQ and trimming by age; [`metrics`]; [`config`]; [`error`].
 //! - [`certs`]: `relay-edge certs …`, dev CA and certificates.
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod admin_api;
 pub mod backlog;
 pub mod certs;
-pub mod cli;
 pub mod config;
 pub mod error;
 pub mod ingest;
 pub mod metrics;
+pub mod retention;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod tunnel;
 
 use std::collections::HashMap;
@@ -153,7 +166,7 @@ pub async fn run(
     let (tls, verifier) = tunnel::tls::tls_and_verifier(&cfg.tunnel)?;
     let ingest_tls = ingest::tls_config(&cfg.ingest)?;
     let metrics = metrics::Metrics::new();
-    let store = Store::open(&cfg.store, metrics.redis_errors.clone())?;
+    let store = Store::open(&cfg.store, metrics.store_errors.clone())?;
     let grants = cfg.agents.iter().map(|a| (a.name.clone(), a.channels.clone())).collect();
     let (ingest_addr, tunnel_addr, admin_addr) = listeners.addrs();
     let state = Arc::new(AppState {
@@ -190,7 +203,7 @@ pub async fn run(
     tracker.spawn(ingest::serve(listeners.ingest, state.clone(), shutdown.clone(), tracker.clone()));
     tracker.spawn(admin::serve(listeners.admin, state.clone(), shutdown.clone(), tracker.clone()));
     tracker.spawn(tunnel::serve(listeners.tunnel, state.clone(), shutdown.clone(), tracker.clone()));
-    tracker.spawn(retention_loop(state.clone(), shutdown.clone()));
+    tracker.spawn(retention::run(state.clone(), shutdown.clone()));
     tracker.spawn(backlog::refresh_loop(state.clone(), shutdown.clone()));
     tracker.close();
 
@@ -241,55 +254,5 @@ fn warn_about_config(cfg: &EdgeConfig) {
             reclaim_after = ?cfg.tunnel.reclaim_after,
             "store.retention does not exceed tunnel.reclaim_after: a webhook whose delivery stalls expires into the DLQ before it is redelivered"
         );
-    }
-}
-
-/// Most batches of one retention pass per channel (each backend batch is
-/// 500–5,000 entries).
-const RETENTION_ROUNDS: usize = 1000;
-
-/// Repeats one bounded retention step until it finds nothing left (or
-/// fails, or [`RETENTION_ROUNDS`] passed); returns the entries it handled.
-async fn until_done<F, Fut>(what: &str, channel: &str, mut step: F) -> u64
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<u64, error::StoreError>>,
-{
-    let mut total = 0;
-    for _ in 0..RETENTION_ROUNDS {
-        match step().await {
-            Ok(0) => break,
-            Ok(n) => total += n,
-            Err(e) => {
-                tracing::debug!(channel, error = %e, "{what} failed");
-                break;
-            }
-        }
-    }
-    total
-}
-
-/// Trims every channel by age, never cutting unacknowledged entries.
-async fn retention_loop(state: Arc<AppState>, shutdown: CancellationToken) {
-    let retention = state.cfg.store.retention;
-    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        for ch in state.cfg.all_channels() {
-            // Backends work in bounded batches (each its own transaction or
-            // command): repeat until a round finds nothing left.
-            let expired = until_done("expiry", &ch, || state.store.expire(&ch, retention)).await;
-            if expired > 0 {
-                state.metrics.expired.inc_by(expired);
-                tracing::warn!(channel = %ch, count = expired, "unacknowledged webhooks reached the retention age; moved to the DLQ with reason `expired`");
-            }
-            let removed = until_done("retention trim", &ch, || state.store.trim(&ch, retention)).await;
-            if removed > 0 {
-                tracing::info!(channel = %ch, removed, "retention trimmed acknowledged entries");
-            }
-        }
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use relay_edge::cli;
+use relay_edge::admin::cli;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

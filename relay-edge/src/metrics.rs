@@ -69,7 +69,8 @@ pub struct Metrics {
     pub agents_connected: Gauge,
     pub sessions_opened: Counter,
     pub sessions_closed: Family<ReasonLabels, Counter>,
-    pub redis_errors: Counter,
+    /// Failed or timed-out store operations, either backend.
+    pub store_errors: Counter,
     /// Sum and count of received → acked latencies, for `/health`.
     latency_sum_ms: Counter,
     /// RFC 3339 time of the last accepted webhook.
@@ -104,7 +105,7 @@ impl Metrics {
             agents_connected: Gauge::default(),
             sessions_opened: Counter::default(),
             sessions_closed: Family::default(),
-            redis_errors: Counter::default(),
+            store_errors: Counter::default(),
             latency_sum_ms: Counter::default(),
             last_webhook: Mutex::new(None),
             registry: Registry::default(),
@@ -132,7 +133,9 @@ impl Metrics {
         r.register("agents_connected", "Agents with a live session", m.agents_connected.clone());
         r.register("sessions_opened", "Tunnel sessions accepted", m.sessions_opened.clone());
         r.register("sessions_closed", "Tunnel sessions closed, by reason", m.sessions_closed.clone());
-        r.register("redis_errors", "Failed or timed-out Redis commands", m.redis_errors.clone());
+        r.register("store_errors", "Failed or timed-out store operations (Redis or embedded)", m.store_errors.clone());
+        // The name before the embedded store existed; same counter, kept one release.
+        r.register("redis_errors", "Deprecated alias of relay_store_errors_total", m.store_errors.clone());
         Self { registry, ..m }
     }
 

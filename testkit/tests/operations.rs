@@ -225,7 +225,9 @@ async fn metrics_move_with_traffic_and_health_reports_redis_down() {
     assert_eq!(ready.status(), 503);
     let (s, _) = post(&client, &edge.hook_url("hooks"), KEY, b"{}".to_vec()).await;
     assert_eq!(s, 503);
-    assert!(sample(&scrape().await, "relay_redis_errors_total") >= 1.0);
+    let text = scrape().await;
+    assert!(sample(&text, "relay_store_errors_total") >= 1.0);
+    assert_eq!(sample(&text, "relay_redis_errors_total"), sample(&text, "relay_store_errors_total"), "the alias");
     agent.stop().await;
     edge.stop().await;
 }

@@ -38,7 +38,8 @@ use crate::server::{ConnCaps, ConnLimits, accept_loop, serve_http};
 use crate::store::Backend;
 use crate::store::{DEDUPE_PENDING, keys, now_ms};
 
-/// Headers never stored: hop-by-hop ones and credentials.
+/// Headers never stored: hop-by-hop ones and credentials (and, besides
+/// these, [`relay_protocol::SENDER_HEADERS`] and any `X-Relay-*`).
 pub const DROPPED_HEADERS: &[&str] = &[
     "connection",
     "keep-alive",
@@ -53,19 +54,6 @@ pub const DROPPED_HEADERS: &[&str] = &[
     "content-length",
     "authorization",
     "x-api-key",
-    // What a sender (or a proxy in front of the edge) says about itself,
-    // and what is meant for the edge alone: never shown to the LAN as sent.
-    // The edge tells who it saw in `X-Relay-Client-IP` (`Webhook::client_ip`).
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-    "x-client-ip",
-    "true-client-ip",
-    "cf-connecting-ip",
-    "forwarded",
-    "cookie",
-    "expect",
 ];
 
 /// Past the body limit, the rest of an upload is read and dropped (up to
@@ -99,9 +87,9 @@ async fn liveness(
 /// HTTPS settings of the ingest listener, when `tls_cert`/`tls_key` are set.
 pub fn tls_config(cfg: &IngestConfig) -> Result<Option<Arc<rustls::ServerConfig>>, StartError> {
     let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else { return Ok(None) };
-    let chain = crate::tunnel::tls::load_certs(cert, "ingest.tls_cert")?;
-    let key = crate::tunnel::tls::load_key(key, "ingest.tls_key")?;
-    let mut config = rustls::ServerConfig::builder_with_provider(crate::tunnel::tls::provider())
+    let chain = crate::tls::load_certs(cert, "ingest.tls_cert")?;
+    let key = crate::tls::load_key(key, "ingest.tls_key")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| StartError::Tls(e.to_string()))?
         .with_no_client_auth()
@@ -418,9 +406,7 @@ async fn append(
         IngestError::StoreUnavailable
     })?;
     state.backlog.appended(&route.channels, &ids);
-    let timestamp = chrono::DateTime::from_timestamp_millis(received_at_ms as i64)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let timestamp = crate::store::rfc3339(received_at_ms);
     if let Ok(mut last) = state.metrics.last_webhook.lock() {
         *last = Some(timestamp.clone());
     }
@@ -510,12 +496,17 @@ pub fn redact_query(query: &str) -> String {
     query.split('&').filter(|kv| !kv.is_empty() && !is_key(kv)).collect::<Vec<_>>().join("&")
 }
 
-/// The headers stored with a webhook: as sent, less [`DROPPED_HEADERS`] and
-/// any `X-Relay-*` (the relay's own).
+/// The headers stored with a webhook: as sent, less [`DROPPED_HEADERS`],
+/// [`relay_protocol::SENDER_HEADERS`] and any `X-Relay-*` (the relay's own).
 pub fn stored_headers(headers: &HeaderMap) -> Vec<Header> {
+    let dropped = |name: &str| {
+        DROPPED_HEADERS.contains(&name)
+            || relay_protocol::SENDER_HEADERS.contains(&name)
+            || name.starts_with("x-relay-")
+    };
     headers
         .iter()
-        .filter(|(name, _)| !DROPPED_HEADERS.contains(&name.as_str()) && !name.as_str().starts_with("x-relay-"))
+        .filter(|(name, _)| !dropped(name.as_str()))
         .map(|(name, value)| Header { name: name.as_str().to_string(), value: value.as_bytes().to_vec() })
         .collect()
 }

@@ -508,8 +508,14 @@ pub fn encode(webhook: &Webhook) -> Result<Vec<u8>, StoreError> {
     rmp_serde::to_vec_named(webhook).map_err(|e| StoreError::Corrupt { id: webhook.id.clone(), why: e.to_string() })
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+pub use relay_protocol::now_ms;
+
+/// `ms` since the epoch as RFC 3339 with milliseconds, UTC
+/// (`2026-12-01T10:00:00.000Z`): how answers and the CLI show times.
+pub fn rfc3339(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// A stream id as `(milliseconds, sequence)`, ordered like Redis orders them.

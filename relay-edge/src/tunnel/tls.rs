@@ -1,38 +1,18 @@
 //! TLS for the tunnel: TLS 1.3 only, client certificates required and
-//! verified against the configured CA, ring as the one crypto provider.
+//! verified against the configured CA (PEM loading and the provider are
+//! [`crate::tls`]'s).
 //! The agent's identity is its certificate's CN, else its first DNS SAN.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::config::TunnelConfig;
 use crate::error::StartError;
-
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-pub fn load_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, StartError> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| StartError::Tls(format!("`{key}`: cannot read certificates from {}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(StartError::Tls(format!("`{key}`: {} holds no PEM certificate", path.display())));
-    }
-    Ok(certs)
-}
-
-pub fn load_key(path: &Path, key: &str) -> Result<PrivateKeyDer<'static>, StartError> {
-    // The error names the file, never its content.
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| StartError::Tls(format!("`{key}`: cannot read a private key from {}: {e}", path.display())))
-}
+use crate::tls::{load_certs, load_key, provider};
 
 /// Builds the tunnel's server config from `[tunnel]`.
 pub fn server_config(cfg: &TunnelConfig) -> Result<Arc<rustls::ServerConfig>, StartError> {

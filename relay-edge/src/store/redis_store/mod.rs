@@ -52,7 +52,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
     /// Per-command deadline, on top of the connection's response timeout.
     timeout: Duration,
-    /// Counts failed and timed-out commands (`relay_redis_errors_total`).
+    /// Counts failed and timed-out commands (`relay_store_errors_total`).
     errors: prometheus_client::metrics::counter::Counter,
     /// `BLOCK` of one `XREADGROUP`.
     block: Duration,

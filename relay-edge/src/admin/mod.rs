@@ -1,5 +1,10 @@
 //! Admin listener (loopback by default): `/health` (liveness, Redis, queue
-//! depth, agents and the reference relay's counters), `/ready`, `/metrics`.
+//! depth, agents and the reference relay's counters), `/ready`, `/metrics`,
+//! and the admin API under `/admin` ([`api`]); [`cli`] is the client side
+//! of `relay-edge dlq …`, `replay …` and `agents`.
+
+pub mod api;
+pub mod cli;
 
 use std::sync::Arc;
 
@@ -21,8 +26,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .merge(crate::admin_api::router(state.clone()))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::admin_api::same_origin_only))
+        .merge(api::router(state.clone()))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), api::same_origin_only))
         .with_state(state)
 }
 

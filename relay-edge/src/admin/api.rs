@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::ingest::auth::secret_eq;
 use crate::store::Backend;
-use crate::store::{DeadEntry, ReplayFrom};
+use crate::store::{DeadEntry, ReplayFrom, rfc3339};
 
 pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
@@ -138,12 +138,6 @@ fn store_error(e: crate::error::StoreError) -> Response {
 fn unknown_channel(state: &AppState, channel: &str) -> Option<Response> {
     (!state.cfg.all_channels().contains(channel))
         .then(|| error(StatusCode::NOT_FOUND, "unknown_channel", format!("no route or agent uses channel `{channel}`")))
-}
-
-fn rfc3339(ms: u64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms as i64)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// JSON of a dead letter; `full` adds headers and body.
