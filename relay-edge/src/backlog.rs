@@ -32,34 +32,56 @@ struct Count {
     recent: Vec<(u64, u64)>,
 }
 
+impl Count {
+    /// Unacknowledged entries now.
+    fn now(&self) -> u64 {
+        self.base + self.recent.len() as u64
+    }
+
+    fn record(&mut self, id: &str) {
+        if let Some(id) = crate::store::parse_id(id).filter(|id| *id > self.last) {
+            self.recent.push(id);
+        }
+    }
+}
+
 impl Backlog {
+    fn count(counts: &HashMap<String, Count>, channel: &str) -> u64 {
+        counts.get(channel).map(Count::now).unwrap_or(0)
+    }
+
     /// Refuses when any of `channels` is at `cap`.
     pub fn check(&self, channels: &[String], cap: u64) -> Result<(), IngestError> {
-        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        for ch in channels {
-            let n = counts.get(ch).map(|c| c.base + c.recent.len() as u64).unwrap_or(0);
-            if n >= cap {
-                return Err(IngestError::BacklogFull { channel: ch.clone(), backlog: n, cap });
-            }
+        channels.iter().try_for_each(|ch| self.check_one(ch, cap))
+    }
+
+    /// Refuses when `channel` is at `cap`.
+    pub fn check_one(&self, channel: &str, cap: u64) -> Result<(), IngestError> {
+        let n = Self::count(&self.counts.lock().unwrap_or_else(|p| p.into_inner()), channel);
+        if n >= cap {
+            return Err(IngestError::BacklogFull { channel: channel.to_string(), backlog: n, cap });
         }
         Ok(())
     }
 
     /// How many more entries `channel` takes before it reaches `cap`.
     pub fn headroom(&self, channel: &str, cap: u64) -> u64 {
-        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        cap.saturating_sub(counts.get(channel).map(|c| c.base + c.recent.len() as u64).unwrap_or(0))
+        cap.saturating_sub(Self::count(&self.counts.lock().unwrap_or_else(|p| p.into_inner()), channel))
     }
 
     /// Records appended entries (`ids` in channel order).
     pub fn appended(&self, channels: &[String], ids: &[String]) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         for (ch, id) in channels.iter().zip(ids) {
-            let c = counts.entry(ch.clone()).or_default();
-            if let Some(id) = crate::store::parse_id(id).filter(|id| *id > c.last) {
-                c.recent.push(id);
-            }
+            counts.entry(ch.clone()).or_default().record(id);
         }
+    }
+
+    /// Records entries appended to one channel (a replay).
+    pub fn appended_to(&self, channel: &str, ids: &[String]) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let c = counts.entry(channel.to_string()).or_default();
+        ids.iter().for_each(|id| c.record(id));
     }
 
     fn refreshed(&self, channel: &str, base: u64, last: (u64, u64)) {

@@ -41,6 +41,23 @@ const SLOW_CONNECTIONS: u32 = 120;
 /// timing assertions measure the edge, not the other test's tool.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Takes this file's one-at-a-time turn, then starts the edge binary on an
+/// embedded store, its config text rewritten by `tune` first.
+async fn edge_binary(
+    tune: impl FnOnce(&Certs, String) -> String,
+) -> (tokio::sync::MutexGuard<'static, ()>, Backing, Certs, EdgeSpec, Proc) {
+    let one = ONE_AT_A_TIME.lock().await;
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let spec = write_edge(&certs, "edge", &store.toml(), "5s");
+    let text = std::fs::read_to_string(&spec.config).expect("edge config");
+    std::fs::write(&spec.config, tune(&certs, text)).expect("edge config");
+    let edge = Proc::start("relay-edge", &spec.config);
+    wait_edge_up(spec.admin).await;
+    (one, store, certs, spec, edge)
+}
+
 /// Where the legitimate sender posts from: not the attacker's address.
 const SENDER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
@@ -220,13 +237,7 @@ async fn slow_attack(name: &str, url: &str, mode_args: &[&str]) {
 /// the per-IP connection cap, and slowhttptest's probe with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_and_slow_bodies_do_not_starve_real_webhooks() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    init_tracing();
-    let store = Backing::embedded();
-    let certs = Certs::generate();
-    let spec = write_edge(&certs, "edge", &store.toml(), "5s");
-    let mut edge = Proc::start("relay-edge", &spec.config);
-    wait_edge_up(spec.admin).await;
+    let (_one, _store, _certs, spec, mut edge) = edge_binary(|_, text| text).await;
     let url = spec.hook_url();
 
     // Slow headers: a header line every 2 s; the edge cuts each connection
@@ -338,13 +349,7 @@ async fn s_client(port: u16, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn testssl_finds_the_tunnel_tls13_only_with_client_certificates() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    init_tracing();
-    let store = Backing::embedded();
-    let certs = Certs::generate();
-    let spec = write_edge(&certs, "edge", &store.toml(), "5s");
-    let mut edge = Proc::start("relay-edge", &spec.config);
-    wait_edge_up(spec.admin).await;
+    let (_one, _store, certs, spec, mut edge) = edge_binary(|_, text| text).await;
     let port = format!("tunnel {}", spec.tunnel);
 
     let f = testssl(spec.tunnel).await;
@@ -388,21 +393,16 @@ async fn testssl_finds_the_tunnel_tls13_only_with_client_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn testssl_finds_https_ingest_tls12_and_up_with_strong_ciphers() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    init_tracing();
-    let store = Backing::embedded();
-    let certs = Certs::generate();
-    let spec = write_edge(&certs, "edge", &store.toml(), "5s");
     // HTTPS ingest: the edge's own certificate (SANs localhost, 127.0.0.1).
-    let text = std::fs::read_to_string(&spec.config).expect("edge config");
-    let tls = format!(
-        "[ingest]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-        certs.path("edge.pem").display(),
-        certs.path("edge-key.pem").display()
-    );
-    std::fs::write(&spec.config, text.replacen("[ingest]\n", &tls, 1)).expect("edge config");
-    let mut edge = Proc::start("relay-edge", &spec.config);
-    wait_edge_up(spec.admin).await;
+    let (_one, _store, _certs, spec, mut edge) = edge_binary(|certs, text| {
+        let tls = format!(
+            "[ingest]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            certs.path("edge.pem").display(),
+            certs.path("edge-key.pem").display()
+        );
+        text.replacen("[ingest]\n", &tls, 1)
+    })
+    .await;
     let port = format!("ingest {}", spec.ingest);
 
     let f = testssl(spec.ingest).await;

@@ -130,8 +130,12 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
 }
 
 fn store_error(e: crate::error::StoreError) -> Response {
-    tracing::warn!(error = %e, "admin request failed on the store");
+    log_store_error(&e);
     error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the store is unavailable; retry later".into())
+}
+
+fn log_store_error(e: &crate::error::StoreError) {
+    tracing::warn!(error = %e, "admin request failed on the store");
 }
 
 /// The error answer for a channel no route or agent uses, if it is one.
@@ -301,7 +305,7 @@ async fn replay_dlq(
             }
             match state.store.dlq_replay_one(&channel, e).await {
                 Ok(Some(new_id)) => {
-                    state.backlog.appended(std::slice::from_ref(&channel), std::slice::from_ref(&new_id));
+                    state.backlog.appended_to(&channel, std::slice::from_ref(&new_id));
                     count += 1;
                     if replayed.len() < LIST_MAX {
                         replayed.push(json!({ "dlq_id": e.id, "stream_id": new_id }));
@@ -331,12 +335,12 @@ async fn replay_dlq(
 
 /// Why a replay stops early, when the channel's backlog is at the cap.
 fn backlog_full(state: &AppState, channel: &str) -> Option<String> {
-    let cap = state.cfg.store.max_backlog;
-    state.backlog.check(&[channel.to_string()], cap).err().map(|e| format!("backlog cap: {e}"))
+    state.backlog.check_one(channel, state.cfg.store.max_backlog).err().map(|e| format!("backlog cap: {e}"))
 }
 
+/// Why a replay stops early on a store error (logged, never answered).
 fn store_stop(e: crate::error::StoreError) -> String {
-    tracing::warn!(error = %e, "admin request failed on the store");
+    log_store_error(&e);
     "the store is unavailable; replay the rest later".into()
 }
 
@@ -414,8 +418,7 @@ async fn replay_history(State(state): State<Arc<AppState>>, Json(body): Json<His
                 Err(e) => break Some(store_stop(e)),
             };
             replayed += page.appended.len() as u64;
-            let appended = vec![channel.clone(); page.appended.len()];
-            state.backlog.appended(&appended, &page.appended);
+            state.backlog.appended_to(&channel, &page.appended);
             match page.last {
                 Some(last) if last != stop => from = ReplayFrom::After(last),
                 _ => break None,

@@ -437,6 +437,26 @@ impl EmbeddedStore {
     }
 
     /// Runs `f` on a read transaction (a consistent snapshot) off the runtime.
+    /// Id of the newest row of `channel` in `table` at or below `upper`.
+    async fn newest(
+        &self,
+        op: &'static str,
+        table: TableDefinition<'static, Id, &'static [u8]>,
+        channel: &str,
+        upper: (u64, u64),
+    ) -> Result<Option<String>, StoreError> {
+        let ch = channel.to_string();
+        self.read(op, move |txn| {
+            let t = txn.open_table(table)?;
+            let newest = t.range((Bound::Included(key(&ch, (0, 0))), Bound::Included(key(&ch, upper))))?.next_back();
+            Ok(newest.transpose()?.map(|(k, _)| {
+                let (_, ms, seq) = k.value();
+                format_id((ms, seq))
+            }))
+        })
+        .await
+    }
+
     async fn read<R: Send + 'static>(
         &self,
         op: &'static str,
@@ -912,17 +932,7 @@ impl Backend for EmbeddedStore {
     }
 
     async fn dlq_last(&self, channel: &str) -> Result<Option<String>, StoreError> {
-        let ch = channel.to_string();
-        self.read("dlq last", move |txn| {
-            let t = txn.open_table(DLQ)?;
-            let all = (Bound::Included(key(&ch, (0, 0))), Bound::Included(key(&ch, (u64::MAX, u64::MAX))));
-            let newest = t.range(all)?.next_back().transpose()?;
-            Ok(newest.map(|(k, _)| {
-                let (_, ms, seq) = k.value();
-                format_id((ms, seq))
-            }))
-        })
-        .await
+        self.newest("dlq last", DLQ, channel, (u64::MAX, u64::MAX)).await
     }
 
     async fn dlq_len(&self, channel: &str) -> Result<u64, StoreError> {
@@ -985,17 +995,7 @@ impl Backend for EmbeddedStore {
 
     /// The channel's last id, capped at `until_ms`.
     async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<String>, StoreError> {
-        let ch = channel.to_string();
-        self.read("replay stop point", move |txn| {
-            let t = txn.open_table(ENTRIES)?;
-            let upper = Bound::Included(key(&ch, (until_ms, u64::MAX)));
-            let newest = t.range((Bound::Included(key(&ch, (0, 0))), upper))?.next_back().transpose()?;
-            Ok(newest.map(|(k, _)| {
-                let (_, ms, seq) = k.value();
-                format_id((ms, seq))
-            }))
-        })
-        .await
+        self.newest("replay stop point", ENTRIES, channel, (until_ms, u64::MAX)).await
     }
 
     /// One write transaction of at most `count` entries (ingest goes on

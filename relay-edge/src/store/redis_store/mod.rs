@@ -86,6 +86,13 @@ impl RedisStore {
         Ok(Self { client, conn, errors, timeout: cfg.command_timeout, block: cfg.block })
     }
 
+    /// Id of the newest entry of stream `key` at or below `upper` (`+`: any).
+    async fn newest(&self, key: &str, upper: &str) -> Result<Option<String>, StoreError> {
+        let v: Value =
+            self.run("XREVRANGE", redis::cmd("XREVRANGE").arg(key).arg(upper).arg("-").arg("COUNT").arg(1)).await?;
+        Ok(parse::entries(v)?.into_iter().next().map(|e| e.id))
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, op: &'static str, cmd: &redis::Cmd) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         let r = match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
@@ -505,10 +512,7 @@ impl Backend for RedisStore {
     }
 
     async fn dlq_last(&self, channel: &str) -> Result<Option<String>, StoreError> {
-        let v: Value = self
-            .run("XREVRANGE", redis::cmd("XREVRANGE").arg(keys::dlq(channel)).arg("+").arg("-").arg("COUNT").arg(1))
-            .await?;
-        Ok(parse::entries(v)?.into_iter().next().map(|e| e.id))
+        self.newest(&keys::dlq(channel), "+").await
     }
 
     /// Moves one dead letter back into the channel stream as a new entry.
@@ -540,18 +544,7 @@ impl Backend for RedisStore {
 
     /// The newest entry received by `until_ms` (`XREVRANGE`).
     async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<String>, StoreError> {
-        let v: Value = self
-            .run(
-                "XREVRANGE",
-                redis::cmd("XREVRANGE")
-                    .arg(keys::stream(channel))
-                    .arg(crate::store::format_id((until_ms, u64::MAX)))
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1),
-            )
-            .await?;
-        Ok(parse::entries(v)?.into_iter().next().map(|e| e.id))
+        self.newest(&keys::stream(channel), &crate::store::format_id((until_ms, u64::MAX))).await
     }
 
     /// `XRANGE` of one page, then one pipeline of `XADD`s.
