@@ -97,7 +97,7 @@ pub struct IngestConfig {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     /// Longest one connection is kept (an idle keep-alive too); then it is
-    /// closed once its request in flight is answered.
+    /// closed once its request in flight is answered (0 = no limit).
     #[serde(with = "humantime_serde")]
     pub connection_lifetime: Duration,
 }
@@ -223,6 +223,11 @@ fn token_error(why: String) -> ConfigError {
 }
 
 impl AdminConfig {
+    /// Whether `listen` is a loopback address.
+    pub fn on_loopback(&self) -> bool {
+        self.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback())
+    }
+
     /// The token file: `token_file`, its default when unset, none for `""`.
     pub fn token_path(&self) -> Option<PathBuf> {
         match &self.token_file {
@@ -267,9 +272,19 @@ impl AdminConfig {
         let created = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
         let mut file = match created {
             Ok(f) => f,
-            // Another edge started at the same moment: use its token.
+            // Another edge started at the same moment: use its token, once
+            // it is written (never run without one because of the race).
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                self.read_token_file()?;
+                for _ in 0..20 {
+                    self.read_token_file()?;
+                    if self.token.is_some() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                if self.token.is_none() {
+                    return Err(token_error(format!("{} is being written by another process", path.display())));
+                }
                 return Ok(None);
             }
             Err(e) => return Err(token_error(format!("cannot create {}: {e}", path.display()))),
@@ -574,8 +589,7 @@ impl EdgeConfig {
             addr.parse::<std::net::SocketAddr>()
                 .map_err(|e| bad(key, format!("`{addr}` is not an address like 127.0.0.1:8080: {e}")))?;
         }
-        let admin_loopback = self.admin.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
-        if !admin_loopback && self.admin.token.is_none() && self.admin.token_path().is_none() {
+        if !self.admin.on_loopback() && self.admin.token.is_none() && self.admin.token_path().is_none() {
             return Err(bad(
                 "admin.token",
                 format!(

@@ -158,7 +158,7 @@ pub async fn run(
         Ok(None) => {}
         // On loopback the API worked without a token before: an unwritable
         // token file must not keep ingest down.
-        Err(e) if admin_on_loopback(&cfg) => {
+        Err(e) if cfg.admin.on_loopback() => {
             tracing::error!(error = %e, "no admin API token: the API is open to loopback clients only");
         }
         Err(e) => return Err(e.into()),
@@ -233,10 +233,6 @@ pub async fn run(
         tracing::info!("drained");
     }
     Ok(())
-}
-
-fn admin_on_loopback(cfg: &EdgeConfig) -> bool {
-    cfg.admin.listen.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback())
 }
 
 fn warn_about_config(cfg: &EdgeConfig) {

@@ -35,6 +35,13 @@ pub struct ConnLimits {
     pub lifetime: Option<Duration>,
 }
 
+impl ConnLimits {
+    /// `lifetime` from a config value: zero means no limit.
+    pub fn lifetime_of(d: Duration) -> Option<Duration> {
+        (!d.is_zero()).then_some(d)
+    }
+}
+
 /// How many connections a listener holds at once (0 = no cap).
 #[derive(Debug, Clone, Default)]
 pub struct ConnCaps {
@@ -53,7 +60,9 @@ struct Gate {
 /// One held connection; gives its slot back when dropped.
 struct Slot {
     gate: Arc<Gate>,
-    ip: IpAddr,
+    /// The per-IP count it holds ([`cap_key`]); `None` for an exempt peer,
+    /// which counts in the total only.
+    ip: Option<IpAddr>,
 }
 
 /// The address the per-IP cap counts: IPv6 by its /64 (one host usually
@@ -70,21 +79,20 @@ pub fn cap_key(ip: IpAddr) -> IpAddr {
 
 impl Gate {
     fn enter(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
-        let exempt = self.caps.exempt.contains(&peer);
-        let ip = cap_key(peer);
+        let exempt = self.caps.exempt.contains(&peer.to_canonical());
+        let ip = (!exempt).then(|| cap_key(peer));
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let (total, per_ip) = &mut *held;
         if self.caps.total > 0 && *total >= self.caps.total {
             return None;
         }
-        let mine = per_ip.entry(ip).or_insert(0);
-        if self.caps.per_ip > 0 && *mine >= self.caps.per_ip && !exempt {
-            if *mine == 0 {
-                per_ip.remove(&ip);
+        if let Some(ip) = ip {
+            let mine = per_ip.entry(ip).or_insert(0);
+            if self.caps.per_ip > 0 && *mine >= self.caps.per_ip {
+                return None;
             }
-            return None;
+            *mine += 1;
         }
-        *mine += 1;
         *total += 1;
         Some(Slot { gate: self.clone(), ip })
     }
@@ -95,10 +103,12 @@ impl Drop for Slot {
         let mut held = self.gate.held.lock().unwrap_or_else(|p| p.into_inner());
         let (total, per_ip) = &mut *held;
         *total = total.saturating_sub(1);
-        if let Some(n) = per_ip.get_mut(&self.ip) {
+        if let Some(ip) = &self.ip
+            && let Some(n) = per_ip.get_mut(ip)
+        {
             *n -= 1;
             if *n == 0 {
-                per_ip.remove(&self.ip);
+                per_ip.remove(ip);
             }
         }
     }
@@ -216,5 +226,12 @@ mod tests {
         assert!(gate.enter("2001:db8:1:2::9".parse().expect("ip")).is_none(), "a third address of the same /64");
         drop(held);
         assert!(gate.enter(a).is_some(), "slots come back");
+        // An exempt proxy in the same /64 neither is capped nor fills its neighbours' count.
+        let proxy: IpAddr = "2001:db8:1:2::53".parse().expect("ip");
+        let gate =
+            Arc::new(Gate { caps: ConnCaps { total: 0, per_ip: 1, exempt: vec![proxy] }, held: Mutex::default() });
+        let proxied: Vec<_> = (0..3).map(|_| gate.enter(proxy)).collect();
+        assert!(proxied.iter().all(Option::is_some), "exempt");
+        assert!(gate.enter(a).is_some(), "its neighbour still gets its one slot");
     }
 }

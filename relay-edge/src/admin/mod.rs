@@ -42,7 +42,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
         header_timeout: state.cfg.ingest.header_timeout,
         max_headers: state.cfg.ingest.max_headers,
         max_header_bytes: state.cfg.ingest.max_header_bytes.as_u64() as usize,
-        lifetime: Some(state.cfg.ingest.connection_lifetime),
+        // None: a replay or purge of many dead letters may take minutes.
+        lifetime: None,
     };
     let caps = ConnCaps { total: ADMIN_CONNECTIONS, per_ip: 0, exempt: Vec::new() };
     let conn_shutdown = shutdown.clone();

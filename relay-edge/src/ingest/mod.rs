@@ -78,7 +78,7 @@ async fn liveness(
     headers: HeaderMap,
 ) -> Response {
     let ip = client_ip(peer, &headers, &state.cfg.ingest.trusted_proxies);
-    match state.limiter.check_health(ip) {
+    match state.limiter.check_health(crate::server::cap_key(ip)) {
         Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({ "status": "ok" }))).into_response(),
         Err(e) => e.into_response(),
     }
@@ -106,7 +106,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
         header_timeout: cfg.header_timeout,
         max_headers: cfg.max_headers,
         max_header_bytes: cfg.max_header_bytes.as_u64() as usize,
-        lifetime: Some(cfg.connection_lifetime),
+        lifetime: ConnLimits::lifetime_of(cfg.connection_lifetime),
     };
     let conn_shutdown = shutdown.clone();
     let limiter_state = state.clone();
@@ -249,7 +249,8 @@ async fn store_webhook(
 ) -> Result<serde_json::Value, IngestError> {
     let cfg = &state.cfg.ingest;
     let client = client_ip(peer, req.headers(), &cfg.trusted_proxies);
-    state.limiter.check_ip(client)?;
+    // Per IPv6 /64 (one host usually holds a whole /64), as the connection caps count.
+    state.limiter.check_ip(crate::server::cap_key(client))?;
     let route = route.ok_or_else(|| unknown_route(route_name))?;
     let key_index =
         key.as_deref().and_then(|k| auth::match_key(k, &route.api_keys)).ok_or(IngestError::Unauthorized)?;
