@@ -162,6 +162,17 @@ async fn a_claim_left_by_a_timed_out_request_does_not_block_retries() {
     let edge = Edge::start(cfg).await;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
     let url = edge.hook_url("once");
+    // The edge serves once its start-up store calls are done: stop Redis only after that.
+    let ready = format!("http://{}/ready", edge.admin);
+    let mut up = false;
+    for _ in 0..100 {
+        if client.get(&ready).send().await.is_ok_and(|r| r.status() == 200) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "the edge did not get ready");
     let pid = store.redis_server().pid().expect("redis pid");
     let signal = |sig: &str| {
         let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
