@@ -2,7 +2,7 @@
 //! frame's own counts (window, ack batch) are checked against [`Limits`].
 
 use crate::frame::WebhookView;
-use crate::{DecodeError, EncodeError, Frame, Limits};
+use crate::{DecodeError, EncodeError, Frame, Limits, Webhook};
 
 /// Encodes a frame with named fields (`rmp_serde::to_vec_named`).
 pub fn encode(frame: &Frame, limits: &Limits) -> Result<Vec<u8>, EncodeError> {
@@ -33,6 +33,18 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Frame, DecodeError> {
         }
         _ => Ok(frame),
     }
+}
+
+/// The stored form of a webhook: MessagePack with named fields, the bytes
+/// the edge keeps in its store and splices into `Deliver` frames
+/// ([`encode_deliver`]) after [`check_webhook`].
+pub fn encode_webhook(webhook: &Webhook) -> Result<Vec<u8>, EncodeError> {
+    Ok(rmp_serde::to_vec_named(webhook)?)
+}
+
+/// Decodes a stored webhook ([`encode_webhook`]'s bytes).
+pub fn decode_webhook(bytes: &[u8]) -> Result<Webhook, DecodeError> {
+    Ok(rmp_serde::from_slice(bytes)?)
 }
 
 /// Checks that `bytes` is an encoded [`crate::Webhook`] (named fields, as

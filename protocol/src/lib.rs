@@ -11,7 +11,7 @@ mod error;
 mod frame;
 mod limits;
 
-pub use codec::{check_webhook, decode, encode, encode_deliver};
+pub use codec::{check_webhook, decode, decode_webhook, encode, encode_deliver, encode_webhook};
 pub use error::{DecodeError, EncodeError};
 pub use frame::{ChannelStats, Frame, Header, MAX_ACK_BATCH, MAX_HELLO_CHANNELS, Webhook};
 pub use limits::Limits;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AppState;
 use crate::error::IngestError;
 use crate::metrics::ChannelLabels;
-use crate::store::Backend;
+use crate::store::{Backend, StreamId};
 
 #[derive(Default)]
 pub struct Backlog {
@@ -27,9 +27,9 @@ struct Count {
     /// Unacknowledged entries at the last refresh.
     base: u64,
     /// The stream's last id at that refresh.
-    last: (u64, u64),
+    last: StreamId,
     /// Ids this edge appended that may be newer than `last`.
-    recent: Vec<(u64, u64)>,
+    recent: Vec<StreamId>,
 }
 
 impl Count {
@@ -38,8 +38,8 @@ impl Count {
         self.base + self.recent.len() as u64
     }
 
-    fn record(&mut self, id: &str) {
-        if let Some(id) = crate::store::parse_id(id).filter(|id| *id > self.last) {
+    fn record(&mut self, id: StreamId) {
+        if id > self.last {
             self.recent.push(id);
         }
     }
@@ -70,21 +70,21 @@ impl Backlog {
     }
 
     /// Records appended entries (`ids` in channel order).
-    pub fn appended(&self, channels: &[String], ids: &[String]) {
+    pub fn appended(&self, channels: &[String], ids: &[StreamId]) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         for (ch, id) in channels.iter().zip(ids) {
-            counts.entry(ch.clone()).or_default().record(id);
+            counts.entry(ch.clone()).or_default().record(*id);
         }
     }
 
     /// Records entries appended to one channel (a replay).
-    pub fn appended_to(&self, channel: &str, ids: &[String]) {
+    pub fn appended_to(&self, channel: &str, ids: &[StreamId]) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let c = counts.entry(channel.to_string()).or_default();
-        ids.iter().for_each(|id| c.record(id));
+        ids.iter().for_each(|id| c.record(*id));
     }
 
-    fn refreshed(&self, channel: &str, base: u64, last: (u64, u64)) {
+    fn refreshed(&self, channel: &str, base: u64, last: StreamId) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let c = counts.entry(channel.to_string()).or_default();
         c.base = base;

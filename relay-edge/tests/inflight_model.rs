@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
+use relay_edge::store::StreamId;
 use relay_edge::tunnel::fetcher::{Cursor, Planner, Step};
 use relay_edge::tunnel::inflight::{Acked, Arrival, Claimed, EntryKey, Nacked, Table};
 
@@ -41,11 +42,11 @@ struct StoredEntry {
 }
 
 /// An entry as a read returns it: id (`N-0`), delivery count, size.
-type Read = (String, u32, usize);
+type Read = (StreamId, u32, usize);
 
-/// The number of a model id (`N-0` → N; a bare `0` → 0).
-fn num(id: &str) -> u64 {
-    id.split('-').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+/// The id of model entry `n`.
+fn sid(n: u64) -> StreamId {
+    StreamId::new(n, 0)
 }
 
 /// Redis Streams, as the relay uses them.
@@ -72,7 +73,7 @@ impl ModelStore {
     }
 
     fn entry(&mut self, key: &EntryKey) -> Option<&mut StoredEntry> {
-        self.streams.get_mut(&key.channel)?.get_mut(&num(&key.id))
+        self.streams.get_mut(&key.channel)?.get_mut(&key.id.ms)
     }
 
     fn pending(e: &StoredEntry) -> bool {
@@ -87,7 +88,7 @@ impl ModelStore {
             e.delivered = true;
             e.owner = Some(consumer);
             e.count += 1;
-            out.push((format!("{id}-0"), e.count, e.bytes));
+            out.push((sid(*id), e.count, e.bytes));
         }
         out
     }
@@ -100,7 +101,7 @@ impl ModelStore {
             s.range_mut(after + 1..).filter(|(_, e)| Self::pending(e) && e.owner == Some(consumer)).take(count)
         {
             e.count += 1;
-            out.push((format!("{id}-0"), e.count, e.bytes));
+            out.push((sid(*id), e.count, e.bytes));
         }
         out
     }
@@ -113,7 +114,7 @@ impl ModelStore {
         for (id, e) in s.iter_mut().filter(|(_, e)| Self::pending(e)).take(count) {
             e.owner = Some(consumer);
             e.count += 1;
-            out.push((format!("{id}-0"), e.count, e.bytes));
+            out.push((sid(*id), e.count, e.bytes));
         }
         out
     }
@@ -291,26 +292,22 @@ impl World {
                         let per_channel: Vec<(String, Vec<Read>)> = cursors
                             .iter()
                             .map(|(ch, c)| {
-                                let read = if c == ">" {
-                                    self.store.read_new(a, ch, count)
-                                } else {
-                                    self.store.read_pending(a, ch, num(c), count)
+                                let read = match c {
+                                    Cursor::New => self.store.read_new(a, ch, count),
+                                    Cursor::Pending(after) => self.store.read_pending(a, ch, after.ms, count),
                                 };
                                 (ch.clone(), read)
                             })
                             .collect();
-                        got.extend(s.planner.read_done(&rest, per_channel, |e| e.0.as_str(), |e| e.2));
+                        got.extend(s.planner.read_done(&rest, per_channel, |e| e.0, |e| e.2));
                     }
                 }
             }
         }
         assert!(got.len() <= grant.slots, "the fetcher handed over past its grant");
         // A reclaim and a pending read in one fetch may return one entry twice.
-        let fresh: BTreeSet<EntryKey> = got
-            .iter()
-            .map(|(ch, e)| EntryKey::new(ch.as_str(), e.0.as_str()))
-            .filter(|k| s.table.flight(k).is_none())
-            .collect();
+        let fresh: BTreeSet<EntryKey> =
+            got.iter().map(|(ch, e)| EntryKey::new(ch.as_str(), e.0)).filter(|k| s.table.flight(k).is_none()).collect();
         let arrivals = got
             .into_iter()
             .map(|(ch, (id, attempt, bytes))| Arrival {
@@ -338,9 +335,9 @@ impl World {
             for ch in &s.channels {
                 let Some(stream) = self.store.streams.get(ch) else { continue };
                 for (id, _) in stream.iter().filter(|(_, e)| ModelStore::pending(e) && e.owner == Some(a)) {
-                    let key = EntryKey::new(ch.as_str(), format!("{id}-0"));
+                    let key = EntryKey::new(ch.as_str(), sid(*id));
                     let held = s.table.flight(&key).is_some() || s.planner.is_waiting(ch, |w| w.0 == key.id);
-                    let ahead = matches!(s.planner.cursor(ch), Some(Cursor::Pending(after)) if *id > num(after));
+                    let ahead = matches!(s.planner.cursor(ch), Some(Cursor::Pending(after)) if *id > after.ms);
                     assert!(held || ahead, "{key} is pending for agent {a} but its session will never deliver it");
                 }
             }
@@ -364,7 +361,7 @@ impl World {
             self.agents[a].unsent.push(key);
             return;
         };
-        let target = if named { Some(key) } else { s.table.resolve(&key.id) };
+        let target = if named { Some(key) } else { s.table.resolve(key.id) };
         let Some(target) = target else { return };
         match s.table.ack(&target) {
             Acked::Settled(_) | Acked::NotHere => self.store.ack(&target),
@@ -378,7 +375,7 @@ impl World {
             return;
         }
         let key = agent.holding.remove(pick % agent.holding.len());
-        self.store.succeeded.insert((key.channel.clone(), num(&key.id)));
+        self.store.succeeded.insert((key.channel.clone(), key.id.ms));
         agent.recent.insert(key.clone());
         if repeat {
             agent.repeat.push(key.clone());
@@ -395,7 +392,7 @@ impl World {
         let named = agent.named;
         // A nack is not kept across sessions: the entry comes back.
         let Some(s) = agent.session.as_mut() else { return };
-        let target = if named { Some(key) } else { s.table.resolve(&key.id) };
+        let target = if named { Some(key) } else { s.table.resolve(key.id) };
         let Some(target) = target else { return };
         match s.table.nack(&target, permanent) {
             Nacked::Ignore => {}

@@ -78,7 +78,7 @@ async fn ingest_health_tells_nothing_and_is_rate_limited() {
 
 async fn stored(store: &Backing, answer: &serde_json::Value) -> relay_protocol::Webhook {
     let id = answer["message_id"].as_str().expect("message id");
-    let raw = store.store().raw_entry("crm", id).await.expect("raw").expect("stored");
+    let raw = store.store().raw_entry("crm", id.parse().expect("stream id")).await.expect("raw").expect("stored");
     Stored { bytes: raw, received_at_ms: 0 }.decode().expect("decode")
 }
 

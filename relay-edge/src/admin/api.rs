@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::ingest::auth::secret_eq;
 use crate::store::Backend;
-use crate::store::{DeadEntry, ReplayFrom, rfc3339};
+use crate::store::{DeadEntry, ReplayFrom, StreamId, rfc3339};
 
 pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
@@ -125,6 +125,15 @@ fn strip_port(host_port: &str) -> &str {
     }
 }
 
+/// An id from a URL or body; a `400` naming it when it is not a stream id.
+fn stream_id(id: &str) -> Result<StreamId, Box<Response>> {
+    id.parse().map_err(|_| {
+        let shown: String = id.chars().take(64).collect();
+        let why = format!("`{}` is not a stream id (`<ms>-<seq>`)", shown.escape_debug());
+        Box::new(error(StatusCode::BAD_REQUEST, "bad_request", why))
+    })
+}
+
 fn error(status: StatusCode, code: &str, message: String) -> Response {
     (status, Json(json!({ "success": false, "error": code, "message": message }))).into_response()
 }
@@ -197,12 +206,15 @@ async fn list(State(state): State<Arc<AppState>>, Path(channel): Path<String>, Q
     }
     let limit = q.limit.unwrap_or(100).clamp(1, LIST_MAX);
     let mut items = Vec::new();
-    let mut after = q.after.clone();
+    let mut after = match q.after.as_deref().map(stream_id).transpose() {
+        Ok(after) => after,
+        Err(r) => return *r,
+    };
     let mut bytes = 0;
     let mut more = true;
     while items.len() < limit && bytes < LIST_BYTES {
         let want = STORE_PAGE.min(limit - items.len());
-        let page = match state.store.dlq_list(&channel, after.as_deref(), want).await {
+        let page = match state.store.dlq_list(&channel, after, want).await {
             Ok(p) => p,
             Err(e) => return store_error(e),
         };
@@ -211,7 +223,7 @@ async fn list(State(state): State<Arc<AppState>>, Path(channel): Path<String>, Q
             bytes += e.raw.as_ref().map_or(0, Vec::len);
             items.push(entry_json(&channel, e, false));
         }
-        after = page.last().map(|e| e.id.clone()).or(after);
+        after = page.last().map(|e| e.id).or(after);
         if !more {
             break;
         }
@@ -225,7 +237,11 @@ async fn show(State(state): State<Arc<AppState>>, Path((channel, id)): Path<(Str
     if let Some(r) = unknown_channel(&state, &channel) {
         return r;
     }
-    match state.store.dlq_get(&channel, &id).await {
+    let dlq_id = match stream_id(&id) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
+    match state.store.dlq_get(&channel, dlq_id).await {
         Ok(Some(e)) => Json(entry_json(&channel, &e, true)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found", format!("no dead letter `{id}` in channel `{channel}`")),
         Err(e) => store_error(e),
@@ -259,11 +275,15 @@ async fn replay_dlq(
     if body.ids.len() > LIST_MAX {
         return error(StatusCode::BAD_REQUEST, "bad_request", format!("at most {LIST_MAX} ids per call"));
     }
+    let ids = match body.ids.iter().map(|id| stream_id(id)).collect::<Result<Vec<_>, _>>() {
+        Ok(ids) => ids,
+        Err(r) => return *r,
+    };
     // All: up to the newest dead letter now. One that fails again while
     // this runs comes back under a later id, and is not replayed again.
     let last = match body.all {
         true => match state.store.dlq_last(&channel).await {
-            Ok(last) => last.and_then(|l| crate::store::parse_id(&l)),
+            Ok(last) => last,
             Err(e) => return store_error(e),
         },
         false => None,
@@ -271,13 +291,13 @@ async fn replay_dlq(
     let mut replayed = Vec::new();
     let mut count = 0u64;
     let mut missing = Vec::new();
-    let mut named = body.ids.iter();
-    let mut after: Option<String> = None;
+    let mut named = ids.into_iter();
+    let mut after: Option<StreamId> = None;
     let stopped = loop {
         let page = if body.all {
-            match state.store.dlq_list(&channel, after.as_deref(), STORE_PAGE).await {
+            match state.store.dlq_list(&channel, after, STORE_PAGE).await {
                 Ok(mut page) => {
-                    page.retain(|e| crate::store::parse_id(&e.id) <= last);
+                    page.retain(|e| Some(e.id) <= last);
                     if page.is_empty() {
                         break None;
                     }
@@ -290,13 +310,13 @@ async fn replay_dlq(
             match state.store.dlq_get(&channel, id).await {
                 Ok(Some(e)) => vec![e],
                 Ok(None) => {
-                    missing.push(id.clone());
+                    missing.push(id);
                     continue;
                 }
                 Err(e) => break Some(store_stop(e)),
             }
         };
-        after = page.last().map(|e| e.id.clone());
+        after = page.last().map(|e| e.id);
         let mut failed = None;
         for e in &page {
             if let Some(why) = backlog_full(&state, &channel) {
@@ -312,7 +332,7 @@ async fn replay_dlq(
                     }
                 }
                 // Gone meanwhile (another replay or a purge took it).
-                Ok(None) if missing.len() < LIST_MAX => missing.push(e.id.clone()),
+                Ok(None) if missing.len() < LIST_MAX => missing.push(e.id),
                 Ok(None) => {}
                 Err(err) => {
                     failed = Some(store_stop(err));
@@ -413,7 +433,7 @@ async fn replay_history(State(state): State<Arc<AppState>>, Json(body): Json<His
             // No more than the cap still takes.
             let room = state.backlog.headroom(&channel, state.cfg.store.max_backlog);
             let count = HISTORY_PAGE.min(usize::try_from(room).unwrap_or(HISTORY_PAGE));
-            let page = match state.store.replay_page(&channel, &from, &stop, count).await {
+            let page = match state.store.replay_page(&channel, from, stop, count).await {
                 Ok(p) => p,
                 Err(e) => break Some(store_stop(e)),
             };

@@ -29,7 +29,6 @@
 //! returns the same handle, so an in-process restart (tests) works; a
 //! second process gets a clear "in use" error.
 
-use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -42,8 +41,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    Backend, BlockingRead, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, RawEntry, ReplayFrom, ReplayPage, Snapshot,
-    format_id, now_ms, parse_id,
+    Backend, BlockingRead, Cursor, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, ReplayFrom, ReplayPage, Snapshot,
+    StreamId, Unreadable, now_ms,
 };
 use crate::config::StoreConfig;
 use crate::error::StoreError;
@@ -161,11 +160,6 @@ fn after(channel: &str, id: (u64, u64)) -> (Bound<Key<'_>>, Bound<Key<'_>>) {
     (Bound::Excluded(key(channel, id)), Bound::Included(key(channel, (u64::MAX, u64::MAX))))
 }
 
-/// A cursor or id as `(ms, seq)`; `0` and `0-0` are the beginning.
-fn cursor_id(s: &str) -> Option<(u64, u64)> {
-    parse_id(s).or_else(|| s.parse().ok().map(|ms| (ms, 0)))
-}
-
 /// A channel's row, as a read transaction sees it.
 fn channel_meta(txn: &ReadTransaction, channel: &str) -> DbResult<Option<Meta>> {
     Ok(txn.open_table(CHANNELS)?.get(channel)?.map(|g| Meta::from_row(g.value())))
@@ -230,14 +224,14 @@ impl W<'_> {
         meta.dlq_last = id;
         meta.dlq_length += 1;
         self.put_meta(channel, &meta)?;
-        if let Some(sid) = parse_id(&record.stream_id) {
-            self.pending.remove(key(channel, sid))?;
+        if let Ok(sid) = record.stream_id.parse::<StreamId>() {
+            self.pending.remove(key(channel, sid.into()))?;
         }
         Ok(())
     }
 
     /// Moves up to `count` undelivered entries to `consumer`'s pending list.
-    fn read_new(&mut self, channel: &str, consumer: &str, count: usize) -> DbResult<Vec<RawEntry>> {
+    fn read_new(&mut self, channel: &str, consumer: &str, count: usize) -> DbResult<Vec<Entry>> {
         let mut meta = self.meta(channel)?;
         if meta.undelivered == 0 {
             return Ok(Vec::new());
@@ -252,7 +246,7 @@ impl W<'_> {
         for (id, bytes) in read {
             self.pending.insert(key(channel, id), (consumer, 1, self.now))?;
             meta.delivered = id;
-            out.push(RawEntry::webhook(channel, format_id(id), Some(bytes)));
+            out.push(Entry::read(channel, id.into(), 1, Some(bytes)));
         }
         meta.undelivered = meta.undelivered.saturating_sub(out.len() as u64);
         self.put_meta(channel, &meta)?;
@@ -267,38 +261,48 @@ impl W<'_> {
         consumer: &str,
         cursor: (u64, u64),
         count: usize,
-    ) -> DbResult<Vec<RawEntry>> {
+    ) -> DbResult<Vec<Entry>> {
         let mine = scan_pending(&self.pending, after(channel, cursor), count, |who, _, _| who == consumer)?;
         let mut out = Vec::with_capacity(mine.len());
         for (id, n) in mine {
-            self.pending.insert(key(channel, id), (consumer, n.saturating_add(1), self.now))?;
-            out.push(RawEntry::webhook(channel, format_id(id), self.entry(channel, id)?));
+            let n = n.saturating_add(1);
+            self.pending.insert(key(channel, id), (consumer, n, self.now))?;
+            out.push(Entry::read(channel, id.into(), n, self.entry(channel, id)?));
         }
         Ok(out)
     }
 
-    /// The dead letter of an entry that outlived the retention.
-    fn expired(&self, channel: &str, id: (u64, u64), attempts: u32) -> DbResult<DeadRecord> {
+    /// The dead letter of entry `id`, with its bytes if the stream still
+    /// holds it.
+    fn letter(
+        &self,
+        channel: &str,
+        id: (u64, u64),
+        reason: &str,
+        status: Option<u16>,
+        attempts: u32,
+    ) -> DbResult<DeadRecord> {
         Ok(DeadRecord {
-            stream_id: format_id(id),
-            reason: "expired".into(),
+            stream_id: StreamId::from(id).to_string(),
+            reason: reason.to_string(),
             attempts,
-            status: None,
+            status,
             failed_at_ms: self.now,
             raw: self.entry(channel, id)?,
         })
     }
 
-    /// Gives a pending entry to `consumer`, counting a delivery; `None` (and
-    /// out of the pending list) when its entry is gone.
-    fn take_over(&mut self, channel: &str, consumer: &str, id: (u64, u64), n: u32) -> DbResult<Option<Vec<u8>>> {
+    /// Gives a pending entry to `consumer`, counting a delivery (its bytes
+    /// are `None`, and it leaves the pending list, when the entry is gone).
+    fn take_over(&mut self, channel: &str, consumer: &str, id: (u64, u64), n: u32) -> DbResult<Entry> {
         let bytes = self.entry(channel, id)?;
+        let n = n.saturating_add(1);
         if bytes.is_some() {
-            self.pending.insert(key(channel, id), (consumer, n.saturating_add(1), self.now))?;
+            self.pending.insert(key(channel, id), (consumer, n, self.now))?;
         } else {
             self.pending.remove(key(channel, id))?;
         }
-        Ok(bytes)
+        Ok(Entry::read(channel, id.into(), n, bytes))
     }
 }
 
@@ -444,14 +448,14 @@ impl EmbeddedStore {
         table: TableDefinition<'static, Id, &'static [u8]>,
         channel: &str,
         upper: (u64, u64),
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<StreamId>, StoreError> {
         let ch = channel.to_string();
         self.read(op, move |txn| {
             let t = txn.open_table(table)?;
             let newest = t.range((Bound::Included(key(&ch, (0, 0))), Bound::Included(key(&ch, upper))))?.next_back();
             Ok(newest.transpose()?.map(|(k, _)| {
                 let (_, ms, seq) = k.value();
-                format_id((ms, seq))
+                StreamId::new(ms, seq)
             }))
         })
         .await
@@ -475,7 +479,7 @@ impl EmbeddedStore {
 
     /// Whether any of `channels` has undelivered entries (a cheap check
     /// before a read that would otherwise be an empty write).
-    fn has_new(&self, cursors: &[(String, String)]) -> Result<bool, StoreError> {
+    fn has_new(&self, cursors: &[(String, Cursor)]) -> Result<bool, StoreError> {
         let check = || -> DbResult<bool> {
             let txn = self.inner.db.begin_read()?;
             for (ch, _) in cursors {
@@ -491,19 +495,17 @@ impl EmbeddedStore {
     async fn read_group(
         &self,
         consumer: &str,
-        cursors: &[(String, String)],
+        cursors: &[(String, Cursor)],
         count: usize,
-    ) -> Result<Vec<RawEntry>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         let consumer = consumer.to_string();
         let cursors = cursors.to_vec();
         self.write("read", false, false, move |w| {
             let mut out = Vec::new();
             for (ch, cursor) in &cursors {
-                if cursor == ">" {
-                    out.extend(w.read_new(ch, &consumer, count)?);
-                } else {
-                    let from = cursor_id(cursor).unwrap_or((0, 0));
-                    out.extend(w.read_pending(ch, &consumer, from, count)?);
+                match cursor {
+                    Cursor::New => out.extend(w.read_new(ch, &consumer, count)?),
+                    Cursor::Pending(after) => out.extend(w.read_pending(ch, &consumer, (*after).into(), count)?),
                 }
             }
             Ok(out)
@@ -668,11 +670,11 @@ impl Backend for EmbeddedStore {
         self.read("ping", |txn| txn.open_table(CHANNELS).map(|_| ()).map_err(Into::into)).await
     }
 
-    async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<String>, StoreError> {
+    async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<StreamId>, StoreError> {
         let bytes = super::encode(webhook)?;
         let channels = channels.to_vec();
         self.write("append", true, true, move |w| {
-            channels.iter().map(|ch| w.append(ch, &bytes).map(format_id)).collect()
+            channels.iter().map(|ch| w.append(ch, &bytes).map(StreamId::from)).collect()
         })
         .await
     }
@@ -686,12 +688,12 @@ impl Backend for EmbeddedStore {
         Ok(Reader { store: self.clone(), wake: self.inner.wake.clone() })
     }
 
-    async fn ack(&self, channel: &str, ids: &[String]) -> Result<usize, StoreError> {
+    async fn ack(&self, channel: &str, ids: &[StreamId]) -> Result<usize, StoreError> {
         if ids.is_empty() {
             return Ok(0);
         }
         let channel = channel.to_string();
-        let ids: Vec<(u64, u64)> = ids.iter().filter_map(|id| parse_id(id)).collect();
+        let ids: Vec<(u64, u64)> = ids.iter().map(|id| (*id).into()).collect();
         self.write("ack", false, false, move |w| {
             let mut n = 0;
             for id in ids {
@@ -704,19 +706,18 @@ impl Backend for EmbeddedStore {
         .await
     }
 
-    async fn claim(&self, channel: &str, consumer: &str, id: &str) -> Result<Option<Entry>, StoreError> {
-        let Some(pid) = parse_id(id) else { return Ok(None) };
+    async fn claim(&self, channel: &str, consumer: &str, id: StreamId) -> Result<Option<Entry>, StoreError> {
         let (ch, consumer) = (channel.to_string(), consumer.to_string());
-        let raw = self
-            .write("claim", false, false, move |w| {
-                let n = match w.pending.get(key(&ch, pid))? {
-                    Some(g) => g.value().1,
-                    None => return Ok(None),
-                };
-                Ok(w.take_over(&ch, &consumer, pid, n)?.map(|b| RawEntry::webhook(&ch, format_id(pid), Some(b))))
-            })
-            .await?;
-        Ok(raw.map(|r| r.into_entry(channel)))
+        self.write("claim", false, false, move |w| {
+            let n = match w.pending.get(key(&ch, id.into()))? {
+                Some(g) => g.value().1,
+                None => return Ok(None),
+            };
+            // Like XCLAIM: an entry gone from the stream is not claimed.
+            let entry = w.take_over(&ch, &consumer, id.into(), n)?;
+            Ok((!matches!(entry.webhook, Err(Unreadable::DeletedWhilePending))).then_some(entry))
+        })
+        .await
     }
 
     async fn autoclaim(
@@ -728,58 +729,32 @@ impl Backend for EmbeddedStore {
     ) -> Result<Vec<Entry>, StoreError> {
         let (ch, consumer) = (channel.to_string(), consumer.to_string());
         let idle = min_idle.as_millis() as u64;
-        let raws = self
-            .write("autoclaim", false, false, move |w| {
-                let now = w.now;
-                let stale =
-                    scan_pending(&w.pending, after(&ch, (0, 0)), count, |_, _, at| now.saturating_sub(at) >= idle)?;
-                let mut out = Vec::with_capacity(stale.len());
-                for (id, n) in stale {
-                    let bytes = w.take_over(&ch, &consumer, id, n)?;
-                    out.push(RawEntry::webhook(&ch, format_id(id), bytes));
-                }
-                Ok(out)
-            })
-            .await?;
-        Ok(raws.into_iter().map(|r| r.into_entry(channel)).collect())
-    }
-
-    async fn delivery_counts(
-        &self,
-        channel: &str,
-        consumer: &str,
-        first: &str,
-        last: &str,
-        count: usize,
-    ) -> Result<HashMap<String, u32>, StoreError> {
-        let (Some(first), Some(last)) = (parse_id(first), parse_id(last)) else { return Ok(HashMap::new()) };
-        let (ch, consumer) = (channel.to_string(), consumer.to_string());
-        self.read("delivery counts", move |txn| {
-            let range = (Bound::Included(key(&ch, first)), Bound::Included(key(&ch, last)));
-            let mine = scan_pending(&txn.open_table(PENDING)?, range, count, |who, _, _| who == consumer)?;
-            Ok(mine.into_iter().map(|(id, n)| (format_id(id), n)).collect())
+        self.write("autoclaim", false, false, move |w| {
+            let now = w.now;
+            let stale = scan_pending(&w.pending, after(&ch, (0, 0)), count, |_, _, at| now.saturating_sub(at) >= idle)?;
+            stale.into_iter().map(|(id, n)| w.take_over(&ch, &consumer, id, n)).collect()
         })
         .await
     }
 
-    async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some(id) = parse_id(id) else { return Ok(None) };
+    async fn raw_entry(&self, channel: &str, id: StreamId) -> Result<Option<Vec<u8>>, StoreError> {
         let ch = channel.to_string();
-        self.read("read entry", move |txn| Ok(txn.open_table(ENTRIES)?.get(key(&ch, id))?.map(|g| g.value().to_vec())))
-            .await
+        self.read("read entry", move |txn| {
+            Ok(txn.open_table(ENTRIES)?.get(key(&ch, id.into()))?.map(|g| g.value().to_vec()))
+        })
+        .await
     }
 
+    /// The entry's bytes are read in the same transaction that records the
+    /// dead letter.
     async fn dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
-        let ch = letter.channel.to_string();
-        let record = DeadRecord {
-            stream_id: letter.id.to_string(),
-            reason: letter.reason.to_string(),
-            attempts: letter.attempts,
-            status: letter.status,
-            failed_at_ms: now_ms(),
-            raw: letter.raw.map(<[u8]>::to_vec),
-        };
-        self.write("dead-letter", true, false, move |w| w.dead_letter(&ch, &record)).await
+        let (ch, reason) = (letter.channel.to_string(), letter.reason.to_string());
+        let (id, status, attempts) = (letter.id, letter.status, letter.attempts);
+        self.write("dead-letter", true, false, move |w| {
+            let record = w.letter(&ch, id.into(), &reason, status, attempts)?;
+            w.dead_letter(&ch, &record)
+        })
+        .await
     }
 
     async fn expire(&self, channel: &str, retention: Duration) -> Result<u64, StoreError> {
@@ -795,7 +770,7 @@ impl Backend for EmbeddedStore {
             let old = scan_pending(&w.pending, range, RETENTION_BATCH, |_, _, _| true)?;
             let mut expired = 0;
             for (id, attempts) in old {
-                let record = w.expired(&ch, id, attempts)?;
+                let record = w.letter(&ch, id, "expired", None, attempts)?;
                 w.dead_letter(&ch, &record)?;
                 expired += 1;
             }
@@ -817,7 +792,7 @@ impl Backend for EmbeddedStore {
                     w.put_meta(&ch, &meta)?;
                 }
                 for id in undelivered {
-                    let record = w.expired(&ch, id, 0)?;
+                    let record = w.letter(&ch, id, "expired", None, 0)?;
                     w.dead_letter(&ch, &record)?;
                     expired += 1;
                 }
@@ -840,7 +815,8 @@ impl Backend for EmbeddedStore {
                 }
                 None => None,
             };
-            let bound = super::trim_bound(cutoff, oldest, (meta.undelivered > 0).then_some(meta.delivered));
+            let delivered = (meta.undelivered > 0).then_some(StreamId::from(meta.delivered));
+            let bound: (u64, u64) = super::trim_bound(cutoff, oldest.map(StreamId::from), delivered).into();
             let mut old = Vec::new();
             for item in w.entries.range(key(&ch, (0, 0))..key(&ch, bound))?.take(RETENTION_BATCH) {
                 let (k, _) = item?;
@@ -890,7 +866,7 @@ impl Backend for EmbeddedStore {
                     pending: count,
                     oldest_ms: oldest.map(|t| now.saturating_sub(t)),
                 },
-                last_id: meta.last,
+                last_id: meta.last.into(),
                 length: meta.length,
                 dlq_length: meta.dlq_length,
             })
@@ -901,11 +877,11 @@ impl Backend for EmbeddedStore {
     async fn dlq_list(
         &self,
         channel: &str,
-        after_id: Option<&str>,
+        after_id: Option<StreamId>,
         count: usize,
     ) -> Result<Vec<DeadEntry>, StoreError> {
         let ch = channel.to_string();
-        let from = after_id.and_then(cursor_id).unwrap_or((0, 0));
+        let from: (u64, u64) = after_id.unwrap_or(StreamId::ZERO).into();
         let inclusive = after_id.is_none();
         self.read("dlq list", move |txn| {
             let t = txn.open_table(DLQ)?;
@@ -921,8 +897,8 @@ impl Backend for EmbeddedStore {
         .await
     }
 
-    async fn dlq_get(&self, channel: &str, id: &str) -> Result<Option<DeadEntry>, StoreError> {
-        let Some(id) = parse_id(id) else { return Ok(None) };
+    async fn dlq_get(&self, channel: &str, id: StreamId) -> Result<Option<DeadEntry>, StoreError> {
+        let id: (u64, u64) = id.into();
         let ch = channel.to_string();
         self.read("dlq show", move |txn| match txn.open_table(DLQ)?.get(key(&ch, id))? {
             Some(g) => Ok(Some(dead_entry(id, g.value())?)),
@@ -931,7 +907,7 @@ impl Backend for EmbeddedStore {
         .await
     }
 
-    async fn dlq_last(&self, channel: &str) -> Result<Option<String>, StoreError> {
+    async fn dlq_last(&self, channel: &str) -> Result<Option<StreamId>, StoreError> {
         self.newest("dlq last", DLQ, channel, (u64::MAX, u64::MAX)).await
     }
 
@@ -940,21 +916,20 @@ impl Backend for EmbeddedStore {
         self.read("dlq length", move |txn| Ok(channel_meta(txn, &ch)?.map(|m| m.dlq_length).unwrap_or(0))).await
     }
 
-    async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<String>, StoreError> {
+    async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<StreamId>, StoreError> {
         let Some(raw) = entry.raw.clone() else { return Ok(None) };
         let ch = channel.to_string();
-        let dead = parse_id(&entry.id);
+        let dead: (u64, u64) = entry.id.into();
         // Appended only if this call removed the dead letter: two replays
         // of one id replay it once.
         self.write("dlq replay", true, true, move |w| {
-            let Some(dead) = dead else { return Ok(None) };
             if w.dlq.remove(key(&ch, dead))?.is_none() {
                 return Ok(None);
             }
             let mut meta = w.meta(&ch)?;
             meta.dlq_length = meta.dlq_length.saturating_sub(1);
             w.put_meta(&ch, &meta)?;
-            Ok(Some(format_id(w.append(&ch, &raw)?)))
+            Ok(Some(w.append(&ch, &raw)?.into()))
         })
         .await
     }
@@ -994,7 +969,7 @@ impl Backend for EmbeddedStore {
     }
 
     /// The channel's last id, capped at `until_ms`.
-    async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<String>, StoreError> {
+    async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<StreamId>, StoreError> {
         self.newest("replay stop point", ENTRIES, channel, (until_ms, u64::MAX)).await
     }
 
@@ -1003,18 +978,15 @@ impl Backend for EmbeddedStore {
     async fn replay_page(
         &self,
         channel: &str,
-        from: &ReplayFrom,
-        stop: &str,
+        from: ReplayFrom,
+        stop: StreamId,
         count: usize,
     ) -> Result<ReplayPage, StoreError> {
-        let Some(stop) = parse_id(stop) else { return Ok(ReplayPage::default()) };
+        let stop: (u64, u64) = stop.into();
         let ch = channel.to_string();
         let lower = match from {
-            ReplayFrom::Since(ms) => Bound::Included((*ms, 0)),
-            ReplayFrom::After(id) => match parse_id(id) {
-                Some(id) => Bound::Excluded(id),
-                None => return Ok(ReplayPage::default()),
-            },
+            ReplayFrom::Since(ms) => Bound::Included((ms, 0)),
+            ReplayFrom::After(id) => Bound::Excluded(id.into()),
         };
         self.write("replay", true, true, move |w| {
             let mut rows = Vec::new();
@@ -1026,9 +998,9 @@ impl Backend for EmbeddedStore {
             }
             let mut appended = Vec::with_capacity(rows.len());
             for (_, b) in &rows {
-                appended.push(format_id(w.append(&ch, b)?));
+                appended.push(w.append(&ch, b)?.into());
             }
-            Ok(ReplayPage { appended, last: rows.last().map(|(id, _)| format_id(*id)) })
+            Ok(ReplayPage { appended, last: rows.last().map(|(id, _)| StreamId::from(*id)) })
         })
         .await
     }
@@ -1086,8 +1058,8 @@ impl Backend for EmbeddedStore {
 fn dead_entry(id: (u64, u64), bytes: &[u8]) -> DbResult<DeadEntry> {
     let r: DeadRecord = rmp_serde::from_slice(bytes).map_err(corrupt)?;
     Ok(DeadEntry {
-        id: format_id(id),
-        stream_id: r.stream_id,
+        id: id.into(),
+        stream_id: r.stream_id.parse().unwrap_or_default(),
         reason: r.reason,
         attempts: r.attempts,
         status: r.status,
@@ -1100,10 +1072,10 @@ impl BlockingRead for Reader {
     async fn read(
         &mut self,
         consumer: &str,
-        cursors: &[(String, String)],
+        cursors: &[(String, Cursor)],
         count: usize,
-    ) -> Result<Vec<RawEntry>, StoreError> {
-        let only_new = cursors.iter().all(|(_, c)| c == ">");
+    ) -> Result<Vec<Entry>, StoreError> {
+        let only_new = cursors.iter().all(|(_, c)| *c == Cursor::New);
         if !only_new {
             return self.store.read_group(consumer, cursors, count).await;
         }

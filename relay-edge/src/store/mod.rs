@@ -15,10 +15,10 @@
 //! unset → embedded at `store.path`.
 
 pub mod embedded;
+mod id;
 pub mod keys;
 pub mod redis_store;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -28,16 +28,42 @@ use crate::config::StoreConfig;
 use crate::error::StoreError;
 
 pub use embedded::EmbeddedStore;
+pub use id::{BadStreamId, StreamId};
 pub use redis_store::RedisStore;
 
 /// One stream entry handed to a session.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub channel: String,
-    /// Stream entry id, e.g. `1700000000000-0`.
-    pub id: String,
-    /// The webhook, or why it could not be read (trimmed, corrupt).
-    pub webhook: Result<Stored, String>,
+    pub id: StreamId,
+    /// Its delivery count after this read: the attempt number the agent
+    /// sees (1 for an entry read for the first time).
+    pub attempt: u32,
+    /// The webhook, or why it could not be read.
+    pub webhook: Result<Stored, Unreadable>,
+}
+
+impl Entry {
+    /// An entry as a backend read it: `None` when it was deleted while
+    /// pending, else its bytes, checked here to decode.
+    pub fn read(channel: &str, id: StreamId, attempt: u32, bytes: Option<Vec<u8>>) -> Self {
+        let webhook = match bytes {
+            None => Err(Unreadable::DeletedWhilePending),
+            Some(bytes) => Stored::check(bytes),
+        };
+        Self { channel: channel.to_string(), id, attempt, webhook }
+    }
+}
+
+/// Why an entry has no webhook to deliver.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreadable {
+    /// Trimmed (or deleted) from the stream while it was pending.
+    #[error("entry was deleted from the stream while pending")]
+    DeletedWhilePending,
+    /// Its bytes are not a stored webhook.
+    #[error("undecodable webhook: {0}")]
+    Corrupt(String),
 }
 
 /// A stored webhook as its encoded bytes, checked to decode: sessions
@@ -50,56 +76,37 @@ pub struct Stored {
 }
 
 impl Stored {
+    /// Checks `bytes` ([`relay_protocol::check_webhook`]).
+    pub fn check(bytes: Vec<u8>) -> Result<Self, Unreadable> {
+        match relay_protocol::check_webhook(&bytes) {
+            Ok(received_at_ms) => Ok(Self { bytes, received_at_ms }),
+            Err(e) => Err(Unreadable::Corrupt(e.to_string())),
+        }
+    }
+
     /// The webhook itself (for tests and tools; sessions forward the bytes).
-    pub fn decode(&self) -> Result<Webhook, String> {
-        rmp_serde::from_slice(&self.bytes).map_err(|e| format!("undecodable webhook: {e}"))
+    pub fn decode(&self) -> Result<Webhook, Unreadable> {
+        relay_protocol::decode_webhook(&self.bytes).map_err(|e| Unreadable::Corrupt(e.to_string()))
     }
 }
 
-/// One entry as a backend read it, before decoding.
-#[derive(Debug, Clone)]
-pub struct RawEntry {
-    /// Channel the entry was read from.
-    pub channel: String,
-    pub id: String,
-    /// `None` when the entry was deleted while pending.
-    pub fields: Option<Vec<(String, Vec<u8>)>>,
+/// Where a session's read of one channel starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// The consumer's own pending entries after this id
+    /// ([`StreamId::ZERO`]: from the start).
+    Pending(StreamId),
+    /// Entries never delivered to anyone (they join the consumer's
+    /// pending list).
+    New,
 }
-
-impl RawEntry {
-    /// An entry holding one encoded webhook.
-    pub fn webhook(channel: &str, id: String, bytes: Option<Vec<u8>>) -> Self {
-        Self { channel: channel.to_string(), id, fields: bytes.map(|b| vec![(keys::FIELD_WEBHOOK.to_string(), b)]) }
-    }
-
-    pub fn field(&self, name: &str) -> Option<&[u8]> {
-        self.fields.as_ref()?.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
-    }
-
-    pub fn into_entry(self, channel: &str) -> Entry {
-        let webhook = match self.fields {
-            None => Err(DELETED_WHILE_PENDING.into()),
-            Some(fields) => match fields.into_iter().find(|(k, _)| k == keys::FIELD_WEBHOOK) {
-                None => Err(format!("entry has no `{}` field", keys::FIELD_WEBHOOK)),
-                Some((_, bytes)) => match relay_protocol::check_webhook(&bytes) {
-                    Ok(received_at_ms) => Ok(Stored { bytes, received_at_ms }),
-                    Err(e) => Err(format!("undecodable webhook: {e}")),
-                },
-            },
-        };
-        Entry { channel: channel.to_string(), id: self.id, webhook }
-    }
-}
-
-/// Why an entry read from a pending list has no webhook.
-pub const DELETED_WHILE_PENDING: &str = "entry was deleted from the stream while pending";
 
 /// What [`Backend::snapshot`] reports about a channel.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub stats: ChannelStats,
-    /// The stream's last generated id, `(ms, seq)`.
-    pub last_id: (u64, u64),
+    /// The stream's last generated id.
+    pub last_id: StreamId,
     /// Entries retained in the stream (acknowledged ones included).
     pub length: u64,
     pub dlq_length: u64,
@@ -108,7 +115,7 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn empty(channel: &str) -> Self {
         let stats = ChannelStats { channel: channel.into(), backlog: 0, pending: 0, oldest_ms: None };
-        Self { stats, last_id: (0, 0), length: 0, dlq_length: 0 }
+        Self { stats, last_id: StreamId::ZERO, length: 0, dlq_length: 0 }
     }
 
     /// Unacknowledged entries: undelivered + pending.
@@ -117,53 +124,53 @@ impl Snapshot {
     }
 }
 
-/// What [`Backend::dead_letter`] records.
+/// What [`Backend::dead_letter`] records. The backend copies the entry's
+/// webhook bytes itself, in the same atomic step.
 pub struct DeadLetter<'a> {
     pub channel: &'a str,
-    pub id: &'a str,
+    pub id: StreamId,
     pub reason: &'a str,
     pub status: Option<u16>,
     pub attempts: u32,
-    /// The stored webhook bytes, copied verbatim.
-    pub raw: Option<&'a [u8]>,
 }
 
 /// One dead letter.
 #[derive(Debug, Clone)]
 pub struct DeadEntry {
     /// Id in the DLQ.
-    pub id: String,
+    pub id: StreamId,
     /// Id the webhook had in the channel stream.
-    pub stream_id: String,
+    pub stream_id: StreamId,
     pub reason: String,
     pub attempts: u32,
     pub status: Option<u16>,
     pub failed_at_ms: u64,
+    /// The stored webhook bytes, verbatim (`None`: the entry was gone).
     pub raw: Option<Vec<u8>>,
 }
 
 impl DeadEntry {
     pub fn webhook(&self) -> Option<Webhook> {
-        rmp_serde::from_slice(self.raw.as_deref()?).ok()
+        relay_protocol::decode_webhook(self.raw.as_deref()?).ok()
     }
 }
 
 /// Where a page of a history replay starts.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ReplayFrom {
     /// The first entry received at or after this time.
     Since(u64),
     /// The entry after this id.
-    After(String),
+    After(StreamId),
 }
 
 /// What one page of a history replay did.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayPage {
     /// Ids of the new entries.
-    pub appended: Vec<String>,
+    pub appended: Vec<StreamId>,
     /// The last history entry read, `None` when the range was exhausted.
-    pub last: Option<String>,
+    pub last: Option<StreamId>,
 }
 
 /// Value of a de-duplication key while its first request is being stored.
@@ -185,7 +192,7 @@ pub trait Backend: Send + Sync {
         &self,
         channels: &[String],
         webhook: &Webhook,
-    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<StreamId>, StoreError>> + Send;
 
     /// Creates a channel's stream and consumer group (from the beginning,
     /// so entries stored before any agent connected are delivered).
@@ -194,7 +201,7 @@ pub trait Backend: Send + Sync {
     fn reader(&self) -> impl Future<Output = Result<Self::Reader, StoreError>> + Send;
 
     /// Acknowledges delivered entries; returns how many were pending.
-    fn ack(&self, channel: &str, ids: &[String]) -> impl Future<Output = Result<usize, StoreError>> + Send;
+    fn ack(&self, channel: &str, ids: &[StreamId]) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
     /// Claims one pending entry for `consumer` (its delivery count goes up);
     /// `None` when it is no longer pending.
@@ -202,12 +209,12 @@ pub trait Backend: Send + Sync {
         &self,
         channel: &str,
         consumer: &str,
-        id: &str,
+        id: StreamId,
     ) -> impl Future<Output = Result<Option<Entry>, StoreError>> + Send;
 
     /// Takes over entries idle longer than `min_idle` in any consumer's
-    /// pending list. Entries deleted while pending come back unreadable
-    /// (and leave the pending list).
+    /// pending list, with their delivery counts. Entries deleted while
+    /// pending come back unreadable (and leave the pending list).
     fn autoclaim(
         &self,
         channel: &str,
@@ -216,20 +223,15 @@ pub trait Backend: Send + Sync {
         count: usize,
     ) -> impl Future<Output = Result<Vec<Entry>, StoreError>> + Send;
 
-    /// Delivery counts of a consumer's pending entries with ids in `first..=last`.
-    fn delivery_counts(
+    /// The stored webhook bytes of one entry (for tools and tests).
+    fn raw_entry(
         &self,
         channel: &str,
-        consumer: &str,
-        first: &str,
-        last: &str,
-        count: usize,
-    ) -> impl Future<Output = Result<HashMap<String, u32>, StoreError>> + Send;
+        id: StreamId,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
 
-    /// The stored webhook bytes of one entry.
-    fn raw_entry(&self, channel: &str, id: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send;
-
-    /// Moves an entry to the channel's DLQ and acknowledges it, atomically.
+    /// Moves an entry (its bytes, if the stream still holds it) to the
+    /// channel's DLQ and acknowledges it, atomically.
     fn dead_letter(&self, letter: &DeadLetter<'_>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Moves entries older than `retention` that were never acknowledged to
@@ -247,17 +249,21 @@ pub trait Backend: Send + Sync {
     fn dlq_list(
         &self,
         channel: &str,
-        after: Option<&str>,
+        after: Option<StreamId>,
         count: usize,
     ) -> impl Future<Output = Result<Vec<DeadEntry>, StoreError>> + Send;
 
-    fn dlq_get(&self, channel: &str, id: &str) -> impl Future<Output = Result<Option<DeadEntry>, StoreError>> + Send;
+    fn dlq_get(
+        &self,
+        channel: &str,
+        id: StreamId,
+    ) -> impl Future<Output = Result<Option<DeadEntry>, StoreError>> + Send;
 
     fn dlq_len(&self, channel: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Id of the newest dead letter of a channel (where a replay of all
     /// stops: dead letters that fail again meanwhile get later ids).
-    fn dlq_last(&self, channel: &str) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    fn dlq_last(&self, channel: &str) -> impl Future<Output = Result<Option<StreamId>, StoreError>> + Send;
 
     /// Moves one dead letter back into the channel stream as a new entry
     /// (same webhook bytes, so the same webhook id). Returns the new id, or
@@ -266,7 +272,7 @@ pub trait Backend: Send + Sync {
         &self,
         channel: &str,
         entry: &DeadEntry,
-    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<StreamId>, StoreError>> + Send;
 
     /// Deletes dead letters older than `before_ms`, or all of them.
     fn dlq_purge(&self, channel: &str, before_ms: Option<u64>) -> impl Future<Output = Result<u64, StoreError>> + Send;
@@ -279,7 +285,7 @@ pub trait Backend: Send + Sync {
         &self,
         channel: &str,
         until_ms: u64,
-    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<StreamId>, StoreError>> + Send;
 
     /// Re-appends, as new entries in order, up to `count` webhooks of the
     /// retained history from `from` up to `stop` (inclusive), in one
@@ -288,8 +294,8 @@ pub trait Backend: Send + Sync {
     fn replay_page(
         &self,
         channel: &str,
-        from: &ReplayFrom,
-        stop: &str,
+        from: ReplayFrom,
+        stop: StreamId,
         count: usize,
     ) -> impl Future<Output = Result<ReplayPage, StoreError>> + Send;
 
@@ -316,17 +322,16 @@ pub trait Backend: Send + Sync {
     fn dedupe_release(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-/// A session's reads: per channel a cursor, `0`-style ids re-read the
-/// consumer's own pending list (after that id), `>` reads new entries and
-/// moves them to the consumer's pending list. Blocks (up to the configured
-/// `store.block`) only when every cursor is `>` and nothing is there.
+/// A session's reads: per channel a [`Cursor`]. Each entry comes with its
+/// delivery count. Blocks (up to the configured `store.block`) only when
+/// every cursor is [`Cursor::New`] and nothing is there.
 pub trait BlockingRead: Send {
     fn read(
         &mut self,
         consumer: &str,
-        cursors: &[(String, String)],
+        cursors: &[(String, Cursor)],
         count: usize,
-    ) -> impl Future<Output = Result<Vec<RawEntry>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Entry>, StoreError>> + Send;
 }
 
 /// The configured backend; cheap to clone.
@@ -370,7 +375,7 @@ impl Backend for Store {
         dispatch!(self, s => s.ping().await)
     }
 
-    async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<String>, StoreError> {
+    async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<StreamId>, StoreError> {
         dispatch!(self, s => s.append(channels, webhook).await)
     }
 
@@ -385,11 +390,11 @@ impl Backend for Store {
         }
     }
 
-    async fn ack(&self, channel: &str, ids: &[String]) -> Result<usize, StoreError> {
+    async fn ack(&self, channel: &str, ids: &[StreamId]) -> Result<usize, StoreError> {
         dispatch!(self, s => s.ack(channel, ids).await)
     }
 
-    async fn claim(&self, channel: &str, consumer: &str, id: &str) -> Result<Option<Entry>, StoreError> {
+    async fn claim(&self, channel: &str, consumer: &str, id: StreamId) -> Result<Option<Entry>, StoreError> {
         dispatch!(self, s => s.claim(channel, consumer, id).await)
     }
 
@@ -403,18 +408,7 @@ impl Backend for Store {
         dispatch!(self, s => s.autoclaim(channel, consumer, min_idle, count).await)
     }
 
-    async fn delivery_counts(
-        &self,
-        channel: &str,
-        consumer: &str,
-        first: &str,
-        last: &str,
-        count: usize,
-    ) -> Result<HashMap<String, u32>, StoreError> {
-        dispatch!(self, s => s.delivery_counts(channel, consumer, first, last, count).await)
-    }
-
-    async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn raw_entry(&self, channel: &str, id: StreamId) -> Result<Option<Vec<u8>>, StoreError> {
         dispatch!(self, s => s.raw_entry(channel, id).await)
     }
 
@@ -434,11 +428,16 @@ impl Backend for Store {
         dispatch!(self, s => s.snapshot(channel).await)
     }
 
-    async fn dlq_list(&self, channel: &str, after: Option<&str>, count: usize) -> Result<Vec<DeadEntry>, StoreError> {
+    async fn dlq_list(
+        &self,
+        channel: &str,
+        after: Option<StreamId>,
+        count: usize,
+    ) -> Result<Vec<DeadEntry>, StoreError> {
         dispatch!(self, s => s.dlq_list(channel, after, count).await)
     }
 
-    async fn dlq_get(&self, channel: &str, id: &str) -> Result<Option<DeadEntry>, StoreError> {
+    async fn dlq_get(&self, channel: &str, id: StreamId) -> Result<Option<DeadEntry>, StoreError> {
         dispatch!(self, s => s.dlq_get(channel, id).await)
     }
 
@@ -446,11 +445,11 @@ impl Backend for Store {
         dispatch!(self, s => s.dlq_len(channel).await)
     }
 
-    async fn dlq_last(&self, channel: &str) -> Result<Option<String>, StoreError> {
+    async fn dlq_last(&self, channel: &str) -> Result<Option<StreamId>, StoreError> {
         dispatch!(self, s => s.dlq_last(channel).await)
     }
 
-    async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<String>, StoreError> {
+    async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<StreamId>, StoreError> {
         dispatch!(self, s => s.dlq_replay_one(channel, entry).await)
     }
 
@@ -458,15 +457,15 @@ impl Backend for Store {
         dispatch!(self, s => s.dlq_purge(channel, before_ms).await)
     }
 
-    async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<String>, StoreError> {
+    async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<StreamId>, StoreError> {
         dispatch!(self, s => s.replay_stop(channel, until_ms).await)
     }
 
     async fn replay_page(
         &self,
         channel: &str,
-        from: &ReplayFrom,
-        stop: &str,
+        from: ReplayFrom,
+        stop: StreamId,
         count: usize,
     ) -> Result<ReplayPage, StoreError> {
         dispatch!(self, s => s.replay_page(channel, from, stop, count).await)
@@ -493,9 +492,9 @@ impl BlockingRead for Reader {
     async fn read(
         &mut self,
         consumer: &str,
-        cursors: &[(String, String)],
+        cursors: &[(String, Cursor)],
         count: usize,
-    ) -> Result<Vec<RawEntry>, StoreError> {
+    ) -> Result<Vec<Entry>, StoreError> {
         match self {
             Self::Redis(r) => r.read(consumer, cursors, count).await,
             Self::Embedded(r) => r.read(consumer, cursors, count).await,
@@ -503,9 +502,10 @@ impl BlockingRead for Reader {
     }
 }
 
-/// The stored form of a webhook: named MessagePack.
+/// The stored form of a webhook ([`relay_protocol::encode_webhook`]).
 pub fn encode(webhook: &Webhook) -> Result<Vec<u8>, StoreError> {
-    rmp_serde::to_vec_named(webhook).map_err(|e| StoreError::Corrupt { id: webhook.id.clone(), why: e.to_string() })
+    relay_protocol::encode_webhook(webhook)
+        .map_err(|e| StoreError::Corrupt { id: webhook.id.clone(), why: e.to_string() })
 }
 
 pub use relay_protocol::now_ms;
@@ -518,48 +518,34 @@ pub fn rfc3339(ms: u64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// A stream id as `(milliseconds, sequence)`, ordered like Redis orders them.
-pub fn parse_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
-}
-
-/// Milliseconds part of a stream id (`1700000000000-3` → 1700000000000).
-pub fn id_ms(id: &str) -> Option<u64> {
-    id.split('-').next()?.parse().ok()
-}
-
 /// The lowest id retention keeps (everything below it may be trimmed):
 /// entries older than `cutoff_ms`, but never the oldest pending entry nor
 /// anything after `delivered` — the group's last delivered id, given when
-/// entries wait undelivered (`(0, 0)` when nothing was ever delivered).
-pub fn trim_bound(cutoff_ms: u64, oldest_pending: Option<(u64, u64)>, delivered: Option<(u64, u64)>) -> (u64, u64) {
-    let mut bound = (cutoff_ms, 0);
+/// entries wait undelivered ([`StreamId::ZERO`] when nothing was ever
+/// delivered).
+pub fn trim_bound(cutoff_ms: u64, oldest_pending: Option<StreamId>, delivered: Option<StreamId>) -> StreamId {
+    let mut bound = StreamId::new(cutoff_ms, 0);
     if let Some(p) = oldest_pending {
         bound = bound.min(p);
     }
-    if let Some((ms, seq)) = delivered {
-        bound = bound.min((ms, seq.saturating_add(1)));
+    if let Some(d) = delivered {
+        bound = bound.min(StreamId::new(d.ms, d.seq.saturating_add(1)));
     }
     bound
 }
 
-/// Formats `(ms, seq)` as a stream id.
-pub fn format_id((ms, seq): (u64, u64)) -> String {
-    format!("{ms}-{seq}")
-}
-
 #[cfg(test)]
 mod tests {
-    use super::trim_bound;
+    use super::{StreamId, trim_bound};
 
     #[test]
     fn the_trim_bound_keeps_pending_and_undelivered_entries() {
-        assert_eq!(trim_bound(1000, None, None), (1000, 0), "only age");
-        assert_eq!(trim_bound(1000, Some((500, 3)), None), (500, 3), "the oldest pending entry stays");
-        assert_eq!(trim_bound(1000, None, Some((700, 2))), (700, 3), "delivered up to 700-2, the rest stays");
-        assert_eq!(trim_bound(1000, Some((600, 0)), Some((700, 2))), (600, 0));
-        assert_eq!(trim_bound(100, Some((600, 0)), Some((700, 2))), (100, 0), "young entries stay");
-        assert_eq!(trim_bound(1000, None, Some((0, 0))), (0, 1), "nothing delivered yet");
+        let id = StreamId::new;
+        assert_eq!(trim_bound(1000, None, None), id(1000, 0), "only age");
+        assert_eq!(trim_bound(1000, Some(id(500, 3)), None), id(500, 3), "the oldest pending entry stays");
+        assert_eq!(trim_bound(1000, None, Some(id(700, 2))), id(700, 3), "delivered up to 700-2, the rest stays");
+        assert_eq!(trim_bound(1000, Some(id(600, 0)), Some(id(700, 2))), id(600, 0));
+        assert_eq!(trim_bound(100, Some(id(600, 0)), Some(id(700, 2))), id(100, 0), "young entries stay");
+        assert_eq!(trim_bound(1000, None, Some(StreamId::ZERO)), id(0, 1), "nothing delivered yet");
     }
 }

@@ -20,25 +20,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::inflight::Grant;
-use crate::store::{Backend, BlockingRead, Entry, Reader, Store};
-
-/// Where a channel's reads stand.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Cursor {
-    /// Re-reading this consumer's pending list after this id (`0` first).
-    Pending(String),
-    /// Reading entries never delivered to anyone.
-    New,
-}
-
-impl Cursor {
-    fn as_arg(&self) -> &str {
-        match self {
-            Cursor::Pending(after) => after,
-            Cursor::New => ">",
-        }
-    }
-}
+pub use crate::store::Cursor;
+use crate::store::{Backend, BlockingRead, Entry, Reader, Store, StreamId};
 
 /// Pause after a failed read before the next one.
 const BACKOFF: Duration = Duration::from_millis(500);
@@ -50,7 +33,7 @@ pub enum Step {
     Serve,
     /// Read these `(channel, cursor)`s, at most `count` entries each, then
     /// [`Planner::read_done`].
-    Read { cursors: Vec<(String, String)>, count: usize },
+    Read { cursors: Vec<(String, Cursor)>, count: usize },
 }
 
 /// The fetcher's decisions, pure: each channel's cursor, the entries read
@@ -69,7 +52,7 @@ pub struct Planner<E> {
 impl<E> Planner<E> {
     pub fn new(channels: &[String], max_entry: usize) -> Self {
         Self {
-            cursors: channels.iter().map(|c| (c.clone(), Cursor::Pending("0".into()))).collect(),
+            cursors: channels.iter().map(|c| (c.clone(), Cursor::Pending(StreamId::ZERO))).collect(),
             waiting: HashMap::new(),
             turn: 0,
             max_entry: max_entry.max(1),
@@ -98,11 +81,8 @@ impl<E> Planner<E> {
         }
         let allowed = grant.slots.min((grant.bytes / self.max_entry).max(1));
         let count = allowed.div_ceil(grant.channels.len().max(1));
-        let cursors = grant
-            .channels
-            .iter()
-            .map(|c| (c.clone(), self.cursors.get(c).unwrap_or(&Cursor::New).as_arg().to_string()))
-            .collect();
+        let cursors =
+            grant.channels.iter().map(|c| (c.clone(), self.cursors.get(c).copied().unwrap_or(Cursor::New))).collect();
         Step::Read { cursors, count }
     }
 
@@ -113,7 +93,7 @@ impl<E> Planner<E> {
         &mut self,
         grant: &Grant,
         per_channel: Vec<(String, Vec<E>)>,
-        id: impl Fn(&E) -> &str,
+        id: impl Fn(&E) -> StreamId,
         cost: impl Fn(&E) -> usize,
     ) -> Vec<(String, E)> {
         for (ch, read) in per_channel {
@@ -121,7 +101,7 @@ impl<E> Planner<E> {
                 && let Cursor::Pending(_) = cursor
             {
                 *cursor = match read.last() {
-                    Some(last) => Cursor::Pending(id(last).to_string()),
+                    Some(last) => Cursor::Pending(id(last)),
                     None => Cursor::New,
                 };
             }
@@ -171,18 +151,12 @@ impl<E> Planner<E> {
     }
 }
 
-/// An entry read for delivery, with its attempt number.
-pub struct Fetched {
-    pub entry: Entry,
-    pub attempt: u32,
-}
-
 pub struct Fetcher {
     store: Store,
     reader: Reader,
     /// Consumer name: the agent's identity.
     consumer: String,
-    planner: Planner<Fetched>,
+    planner: Planner<Entry>,
     reclaim_after: Duration,
     next_reclaim: Instant,
     /// The largest entry a session delivers (`tunnel.max_frame`).
@@ -208,7 +182,7 @@ impl Fetcher {
     pub async fn run(
         mut self,
         mut grants: mpsc::Receiver<Grant>,
-        batches: mpsc::Sender<Vec<Fetched>>,
+        batches: mpsc::Sender<Vec<Entry>>,
         cancel: CancellationToken,
     ) {
         loop {
@@ -228,9 +202,9 @@ impl Fetcher {
 
     /// One batch within the grant: at most `grant.slots` entries weighing
     /// at most `grant.bytes`.
-    async fn fetch(&mut self, mut grant: Grant) -> Vec<Fetched> {
+    async fn fetch(&mut self, mut grant: Grant) -> Vec<Entry> {
         let max = self.max_entry;
-        let cost = move |f: &Fetched| cost(&f.entry, max);
+        let cost = move |e: &Entry| cost(e, max);
         let Step::Read { cursors, count } = self.planner.step(&grant) else {
             return self.planner.serve(&grant, cost).into_iter().map(|(_, f)| f).collect();
         };
@@ -242,24 +216,18 @@ impl Fetcher {
         }
         if !failed && grant.slots > 0 {
             match self.reader.read(&self.consumer, &cursors, count).await {
-                Ok(raws) => {
+                Ok(entries) => {
                     let mut by_channel: HashMap<String, Vec<Entry>> = HashMap::new();
-                    for raw in raws {
-                        let ch = raw.channel.clone();
-                        by_channel.entry(ch.clone()).or_default().push(raw.into_entry(&ch));
+                    for entry in entries {
+                        by_channel.entry(entry.channel.clone()).or_default().push(entry);
                     }
                     let mut per_channel = Vec::with_capacity(cursors.len());
-                    for (ch, cursor) in &cursors {
+                    for (ch, _) in &cursors {
                         let mut entries = by_channel.remove(ch).unwrap_or_default();
                         entries.truncate(count);
-                        let fetched = if cursor == ">" {
-                            entries.into_iter().map(|entry| Fetched { entry, attempt: 1 }).collect()
-                        } else {
-                            self.with_counts(ch, entries).await
-                        };
-                        per_channel.push((ch.clone(), fetched));
+                        per_channel.push((ch.clone(), entries));
                     }
-                    let taken = self.planner.read_done(&grant, per_channel, |f| f.entry.id.as_str(), cost);
+                    let taken = self.planner.read_done(&grant, per_channel, |e| e.id, cost);
                     batch.extend(taken.into_iter().map(|(_, f)| f));
                 }
                 Err(e) => {
@@ -280,7 +248,7 @@ impl Fetcher {
     /// Takes over entries of vanished consumers, as many as the grant takes
     /// even if each is of the largest size, and shrinks the grant by them.
     /// `true` when the store failed.
-    async fn reclaim(&mut self, grant: &mut Grant, batch: &mut Vec<Fetched>) -> bool {
+    async fn reclaim(&mut self, grant: &mut Grant, batch: &mut Vec<Entry>) -> bool {
         for ch in grant.channels.clone() {
             let room = grant.slots.min(grant.bytes / self.max_entry);
             if room == 0 {
@@ -292,7 +260,7 @@ impl Fetcher {
                     let entries: Vec<Entry> = entries.into_iter().take(room).collect();
                     grant.slots -= entries.len();
                     grant.bytes -= entries.iter().map(|e| cost(e, self.max_entry)).sum::<usize>().min(grant.bytes);
-                    batch.extend(self.with_counts(&ch, entries).await);
+                    batch.extend(entries);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -302,26 +270,6 @@ impl Fetcher {
             }
         }
         false
-    }
-
-    /// Entries that came from a pending list, with their delivery counts as
-    /// attempt numbers.
-    async fn with_counts(&self, channel: &str, entries: Vec<Entry>) -> Vec<Fetched> {
-        let counts = match (entries.first(), entries.last()) {
-            (Some(first), Some(last)) => self
-                .store
-                .delivery_counts(channel, &self.consumer, &first.id, &last.id, entries.len())
-                .await
-                .unwrap_or_default(),
-            _ => HashMap::new(),
-        };
-        entries
-            .into_iter()
-            .map(|entry| {
-                let attempt = counts.get(&entry.id).copied().unwrap_or(1);
-                Fetched { entry, attempt }
-            })
-            .collect()
     }
 }
 
@@ -353,14 +301,18 @@ mod tests {
         Grant { slots, bytes, channels: channels.iter().map(|c| c.to_string()).collect() }
     }
 
-    /// Entries as `(id, cost)`.
+    /// Entries as `(id, cost)`, ids as `N-0`.
     fn read(
         p: &mut Planner<(&'static str, usize)>,
         g: &Grant,
         per: Vec<(&str, Vec<(&'static str, usize)>)>,
     ) -> Vec<&'static str> {
         let per = per.into_iter().map(|(c, e)| (c.to_string(), e)).collect();
-        p.read_done(g, per, |e| e.0, |e| e.1).into_iter().map(|(_, e)| e.0).collect()
+        p.read_done(g, per, |e| id(e.0), |e| e.1).into_iter().map(|(_, e)| e.0).collect()
+    }
+
+    fn id(s: &str) -> StreamId {
+        s.parse().expect("test id")
     }
 
     #[test]
@@ -369,11 +321,17 @@ mod tests {
         let g = grant(1, 1_000, &["a", "b"]);
         assert_eq!(
             p.step(&g),
-            Step::Read { cursors: vec![("a".into(), "0".into()), ("b".into(), "0".into())], count: 1 }
+            Step::Read {
+                cursors: vec![
+                    ("a".into(), Cursor::Pending(StreamId::ZERO)),
+                    ("b".into(), Cursor::Pending(StreamId::ZERO))
+                ],
+                count: 1
+            }
         );
         assert_eq!(read(&mut p, &g, vec![("a", vec![("1-0", 10)]), ("b", vec![])]), ["1-0"]);
         assert_eq!(p.cursor("b"), Some(&Cursor::New), "b's pending list is done");
-        assert_eq!(p.cursor("a"), Some(&Cursor::Pending("1-0".into())));
+        assert_eq!(p.cursor("a"), Some(&Cursor::Pending(id("1-0"))));
         let g = grant(1, 1_000, &["a", "b"]);
         let taken = read(&mut p, &g, vec![("a", vec![("2-0", 10)]), ("b", vec![("5-0", 10)])]);
         assert_eq!(taken.len(), 1);

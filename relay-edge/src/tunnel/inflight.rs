@@ -41,16 +41,18 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::store::StreamId;
+
 /// A delivery's identity: its channel and its stream id there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EntryKey {
     pub channel: String,
-    pub id: String,
+    pub id: StreamId,
 }
 
 impl EntryKey {
-    pub fn new(channel: impl Into<String>, id: impl Into<String>) -> Self {
-        Self { channel: channel.into(), id: id.into() }
+    pub fn new(channel: impl Into<String>, id: StreamId) -> Self {
+        Self { channel: channel.into(), id }
     }
 }
 
@@ -261,7 +263,7 @@ impl<P> Table<P> {
 
     /// Which entry an ack or nack naming only `id` settles: in a session
     /// of one channel, that channel's; otherwise none (see the module doc).
-    pub fn resolve(&self, id: &str) -> Option<EntryKey> {
+    pub fn resolve(&self, id: StreamId) -> Option<EntryKey> {
         match self.channels.as_slice() {
             [only] => Some(EntryKey::new(only.clone(), id)),
             _ => None,
@@ -352,6 +354,7 @@ mod tests {
     use super::*;
 
     fn arrival(channel: &str, id: &str) -> Arrival<()> {
+        let id = id.parse().expect("test id");
         Arrival { key: EntryKey::new(channel, id), attempt: 1, bytes: 10, received_at_ms: 0, payload: () }
     }
 
@@ -365,9 +368,9 @@ mod tests {
         assert!(t.grant().is_some());
         let sent = t.arrived(vec![arrival("a", "1-0"), arrival("b", "1-0")]);
         assert_eq!(sent.len(), 2);
-        assert!(matches!(t.ack(&EntryKey::new("a", "1-0")), Acked::Settled(_)));
-        assert!(t.flight(&EntryKey::new("b", "1-0")).is_some(), "b's copy is still owed");
-        assert!(matches!(t.ack(&EntryKey::new("c", "1-0")), Acked::Foreign));
+        assert!(matches!(t.ack(&EntryKey::new("a", StreamId::new(1, 0))), Acked::Settled(_)));
+        assert!(t.flight(&EntryKey::new("b", StreamId::new(1, 0))).is_some(), "b's copy is still owed");
+        assert!(matches!(t.ack(&EntryKey::new("c", StreamId::new(1, 0))), Acked::Foreign));
     }
 
     #[test]
@@ -394,7 +397,7 @@ mod tests {
         let mut t = table(4);
         t.grant();
         t.arrived(vec![arrival("a", "1-0")]);
-        let k = EntryKey::new("a", "1-0");
+        let k = EntryKey::new("a", StreamId::new(1, 0));
         assert_eq!(t.nack(&k, false), Nacked::Schedule);
         assert_eq!(t.nack(&k, false), Nacked::Ignore, "a second nack while waiting schedules nothing");
         assert_eq!(t.due(&k), Some(2));
@@ -405,7 +408,7 @@ mod tests {
     #[test]
     fn an_id_alone_settles_only_in_a_single_channel_session() {
         let t = Table::<()>::new(vec!["a".into()], 4, 1_000, 100);
-        assert_eq!(t.resolve("1-0"), Some(EntryKey::new("a", "1-0")));
-        assert_eq!(table(4).resolve("1-0"), None);
+        assert_eq!(t.resolve(StreamId::new(1, 0)), Some(EntryKey::new("a", StreamId::new(1, 0))));
+        assert_eq!(table(4).resolve(StreamId::new(1, 0)), None);
     }
 }

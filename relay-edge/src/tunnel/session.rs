@@ -20,11 +20,11 @@ use tokio::sync::mpsc;
 use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::Peer;
-use super::fetcher::{Fetched, Fetcher, deliverable};
+use super::fetcher::{Fetcher, deliverable};
 use super::inflight::{Acked, Arrival, Claimed, EntryKey, Grant, Nacked, Send, Table};
 use super::registry::{Kick, Live, SessionInfo};
 use crate::AppState;
-use crate::store::{Backend, DELETED_WHILE_PENDING, DeadLetter, Stored, now_ms};
+use crate::store::{Backend, DeadLetter, Entry, Stored, StreamId, Unreadable, now_ms};
 
 /// Why a session ended; sent to the agent as `Error { code, message }`.
 struct Close {
@@ -283,7 +283,7 @@ impl Session {
     async fn run(
         &mut self,
         ws: &mut WebSocket,
-        mut batches: mpsc::Receiver<Vec<Fetched>>,
+        mut batches: mpsc::Receiver<Vec<Entry>>,
         mut stats_rx: mpsc::Receiver<StatsEvent>,
     ) -> Result<(), Close> {
         let heartbeat = self.state.cfg.tunnel.heartbeat;
@@ -367,7 +367,7 @@ impl Session {
     async fn queue_deliver(&self, ws: &mut WebSocket, d: &Send<Stored>) -> Result<(), Close> {
         let (key, webhook) = (&d.key, &d.payload);
         let bytes = relay_protocol::encode_deliver(
-            &key.id,
+            &key.id.to_string(),
             &key.channel,
             d.attempt,
             webhook.received_at_ms,
@@ -441,9 +441,10 @@ impl Session {
                     }
                     reason.truncate(end);
                 }
-                let key = match channel {
-                    Some(channel) => Some(EntryKey::new(channel, id.as_str())),
-                    None => self.table.resolve(&id),
+                let key = match (channel, self.stream_id(&id)) {
+                    (_, None) => None,
+                    (Some(channel), Some(id)) => Some(EntryKey::new(channel, id)),
+                    (None, Some(id)) => self.table.resolve(id),
                 };
                 match key {
                     Some(key) => self.on_nack(key, permanent, reason, retry_after_ms, status).await,
@@ -478,14 +479,15 @@ impl Session {
     /// Settles what an `Ack` names (see `inflight.rs` for entries not in
     /// flight here and for agents that name ids only).
     async fn on_ack(&mut self, acked: Vec<(Option<String>, String)>) {
-        let mut by_channel: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        for (channel, id) in acked {
+        let mut by_channel: std::collections::BTreeMap<String, Vec<StreamId>> = Default::default();
+        for (channel, id_text) in acked {
+            let Some(id) = self.stream_id(&id_text) else { continue };
             let key = match channel {
                 Some(channel) => EntryKey::new(channel, id),
-                None => match self.table.resolve(&id) {
+                None => match self.table.resolve(id) {
                     Some(key) => key,
                     None => {
-                        tracing::debug!(agent = %self.peer.agent, id, "ack naming an ambiguous id; left pending");
+                        tracing::debug!(agent = %self.peer.agent, id = id_text, "ack naming an ambiguous id; left pending");
                         continue;
                     }
                 },
@@ -553,22 +555,24 @@ impl Session {
         }
     }
 
-    /// Records a dead letter with the entry's stored bytes; `false` when
-    /// the store failed (the entry stays pending).
+    /// An id an agent sent, parsed; `None` (logged) when it is not a
+    /// stream id: it names nothing the edge delivered.
+    fn stream_id(&self, id: &str) -> Option<StreamId> {
+        let parsed = id.parse().ok();
+        if parsed.is_none() {
+            tracing::debug!(agent = %self.peer.agent, id = %id.escape_debug(), "verdict naming no stream id; ignored");
+        }
+        parsed
+    }
+
+    /// Records a dead letter (the store copies the entry's bytes); `false`
+    /// when the store failed (the entry stays pending).
     async fn dead_letter(&self, key: &EntryKey, reason: &str, status: Option<u16>, attempts: u32) -> bool {
-        let (channel, id) = (key.channel.as_str(), key.id.as_str());
-        let raw = match self.state.store.raw_entry(channel, id).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "cannot read entry to dead-letter; left pending");
-                return false;
-            }
-        };
-        let letter = DeadLetter { channel, id, reason, status, attempts, raw: raw.as_deref() };
-        match self.state.store.dead_letter(&letter).await {
+        let (channel, id) = (key.channel.as_str(), key.id);
+        match self.state.store.dead_letter(&DeadLetter { channel, id, reason, status, attempts }).await {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(agent = %self.peer.agent, channel, id, error = %e, "dead-letter failed; left pending");
+                tracing::warn!(agent = %self.peer.agent, channel, %id, error = %e, "dead-letter failed; left pending");
                 false
             }
         }
@@ -579,7 +583,7 @@ impl Session {
         let Some(attempt) = self.table.due(&key) else { return Ok(()) };
         self.state.metrics.retried.inc();
         self.state.metrics.outcome(&key.channel, "redelivered");
-        match self.state.store.claim(&key.channel, &self.peer.agent, &key.id).await {
+        match self.state.store.claim(&key.channel, &self.peer.agent, key.id).await {
             Ok(Some(entry)) => match entry.webhook {
                 Ok(webhook) => {
                     let send = Send { key: key.clone(), attempt, payload: webhook };
@@ -609,17 +613,17 @@ impl Session {
 
     /// A batch from the fetcher: unreadable entries are settled here, the
     /// rest go through the table, and what it says to send is sent.
-    async fn on_batch(&mut self, ws: &mut WebSocket, batch: Vec<Fetched>) -> Result<(), Close> {
+    async fn on_batch(&mut self, ws: &mut WebSocket, batch: Vec<Entry>) -> Result<(), Close> {
         let max = self.limits.max_frame;
         let mut arrivals = Vec::with_capacity(batch.len());
-        for Fetched { entry, attempt } in batch {
-            let key = EntryKey::new(entry.channel, entry.id);
-            match entry.webhook {
+        for Entry { channel, id, attempt, webhook } in batch {
+            let key = EntryKey::new(channel, id);
+            match webhook {
                 Ok(w) if !deliverable(w.bytes.len(), max) => {
-                    let why = format!(
+                    let why = Unreadable::Corrupt(format!(
                         "stored webhook of {} bytes does not fit a Deliver frame (tunnel.max_frame = {max} bytes)",
                         w.bytes.len()
-                    );
+                    ));
                     self.discard_unreadable(&key, &why).await;
                 }
                 Ok(w) => arrivals.push(Arrival {
@@ -638,18 +642,19 @@ impl Session {
 
     /// An entry that cannot be delivered: trimmed while pending (nothing left
     /// to deliver, acknowledge it) or corrupt or too large (keep it, in the DLQ).
-    async fn discard_unreadable(&self, key: &EntryKey, why: &str) {
-        let (channel, id) = (key.channel.as_str(), key.id.as_str());
-        tracing::warn!(agent = %self.peer.agent, channel, id, why, "undeliverable stream entry");
-        let result = if why == DELETED_WHILE_PENDING {
-            self.state.store.ack(channel, &[id.to_string()]).await.map(|_| ())
-        } else {
-            let raw = self.state.store.raw_entry(channel, id).await.ok().flatten();
-            let letter = DeadLetter { channel, id, reason: why, status: None, attempts: 0, raw: raw.as_deref() };
-            self.state.store.dead_letter(&letter).await
+    async fn discard_unreadable(&self, key: &EntryKey, why: &Unreadable) {
+        let (channel, id) = (key.channel.as_str(), key.id);
+        tracing::warn!(agent = %self.peer.agent, channel, %id, %why, "undeliverable stream entry");
+        let result = match why {
+            Unreadable::DeletedWhilePending => self.state.store.ack(channel, &[id]).await.map(|_| ()),
+            Unreadable::Corrupt(_) => {
+                let reason = why.to_string();
+                let letter = DeadLetter { channel, id, reason: &reason, status: None, attempts: 0 };
+                self.state.store.dead_letter(&letter).await
+            }
         };
         if let Err(e) = result {
-            tracing::warn!(channel, id, error = %e, "cannot settle undeliverable entry; left pending");
+            tracing::warn!(channel, %id, error = %e, "cannot settle undeliverable entry; left pending");
         }
     }
 

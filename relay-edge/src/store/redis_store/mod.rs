@@ -27,7 +27,6 @@
 mod dlq;
 mod parse;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -35,14 +34,44 @@ use redis::{AsyncConnectionConfig, Value};
 use relay_protocol::{ChannelStats, Webhook};
 
 use super::{
-    Backend, BlockingRead, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, RawEntry, ReplayFrom, ReplayPage, Snapshot,
-    id_ms, keys, now_ms, parse_id,
+    Backend, BlockingRead, Cursor, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, ReplayFrom, ReplayPage, Snapshot,
+    StreamId, Unreadable, keys, now_ms,
 };
 use crate::config::StoreConfig;
 use crate::error::StoreError;
 
 /// Consumer name under which retention reads never-delivered entries.
 const EXPIRY_CONSUMER: &str = "__expiry";
+
+/// Dead-letters one entry: copies its webhook bytes (if the stream still
+/// holds it) into the DLQ and acknowledges it, atomically, so the bytes
+/// never leave Redis and cannot be trimmed in between.
+/// KEYS: stream, dlq. ARGV: id, reason, attempts, failed_at_ms, status
+/// (`""`: none), group, webhook field.
+const DEAD_LETTER: &str = "\
+local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) \
+local f = {'stream_id', ARGV[1], 'reason', ARGV[2], 'attempts', ARGV[3], 'failed_at_ms', ARGV[4]} \
+if ARGV[5] ~= '' then f[#f + 1] = 'status'; f[#f + 1] = ARGV[5] end \
+if e[1] then \
+  local fields = e[1][2] \
+  for i = 1, #fields, 2 do \
+    if fields[i] == ARGV[7] then f[#f + 1] = ARGV[7]; f[#f + 1] = fields[i + 1] end \
+  end \
+end \
+redis.call('XADD', KEYS[2], '*', unpack(f)) \
+return redis.call('XACK', KEYS[1], ARGV[6], ARGV[1])";
+
+/// `XAUTOCLAIM` with each claimed entry's delivery count, in one step.
+/// KEYS: stream. ARGV: group, consumer, min-idle ms, count.
+/// Reply: `[entries, deleted ids, counts]`.
+const AUTOCLAIM: &str = "\
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4]) \
+local counts = {} \
+for i, e in ipairs(r[2]) do \
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1) \
+  if p[1] then counts[i] = p[1][4] else counts[i] = 1 end \
+end \
+return {r[2], r[3] or {}, counts}";
 
 /// Handle on the Redis store; cheap to clone.
 #[derive(Clone)]
@@ -87,7 +116,7 @@ impl RedisStore {
     }
 
     /// Id of the newest entry of stream `key` at or below `upper` (`+`: any).
-    async fn newest(&self, key: &str, upper: &str) -> Result<Option<String>, StoreError> {
+    async fn newest(&self, key: &str, upper: &str) -> Result<Option<StreamId>, StoreError> {
         let v: Value =
             self.run("XREVRANGE", redis::cmd("XREVRANGE").arg(key).arg(upper).arg("-").arg("COUNT").arg(1)).await?;
         Ok(parse::entries(v)?.into_iter().next().map(|e| e.id))
@@ -141,22 +170,24 @@ impl Backend for RedisStore {
 
     /// Appends one webhook to each channel's stream and returns the entry
     /// ids in channel order. Returns only after Redis answered.
-    async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<String>, StoreError> {
+    async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<StreamId>, StoreError> {
         let bytes = super::encode(webhook)?;
-        if let [channel] = channels {
+        let ids: Vec<String> = if let [channel] = channels {
             let id: String = self
                 .run(
                     "XADD",
                     redis::cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes),
                 )
                 .await?;
-            return Ok(vec![id]);
-        }
-        let mut pipe = redis::pipe();
-        for channel in channels {
-            pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
-        }
-        self.run_pipe("XADD", &pipe).await
+            vec![id]
+        } else {
+            let mut pipe = redis::pipe();
+            for channel in channels {
+                pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
+            }
+            self.run_pipe("XADD", &pipe).await?
+        };
+        ids.iter().map(|id| stream_id(id)).collect()
     }
 
     /// Creates the channel's stream and group at id 0; an existing group is fine.
@@ -176,35 +207,30 @@ impl Backend for RedisStore {
     }
 
     /// `XACK`s delivered entries; returns how many were pending.
-    async fn ack(&self, channel: &str, ids: &[String]) -> Result<usize, StoreError> {
+    async fn ack(&self, channel: &str, ids: &[StreamId]) -> Result<usize, StoreError> {
         if ids.is_empty() {
             return Ok(0);
         }
         self.run("XACK", redis::cmd("XACK").arg(keys::stream(channel)).arg(keys::GROUP).arg(ids)).await
     }
 
-    /// Moves an entry to the channel's DLQ and acknowledges it, atomically.
+    /// Moves an entry to the channel's DLQ and acknowledges it, atomically
+    /// (one script: the bytes are copied inside Redis).
     async fn dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let xadd = pipe.cmd("XADD").arg(keys::dlq(letter.channel)).arg("*");
-        xadd.arg("stream_id").arg(letter.id);
-        xadd.arg("reason").arg(letter.reason);
-        xadd.arg("attempts").arg(letter.attempts);
-        xadd.arg("failed_at_ms").arg(now_ms());
-        if let Some(status) = letter.status {
-            xadd.arg("status").arg(status);
-        }
-        if let Some(raw) = letter.raw {
-            xadd.arg(keys::FIELD_WEBHOOK).arg(raw);
-        }
-        pipe.cmd("XACK").arg(keys::stream(letter.channel)).arg(keys::GROUP).arg(letter.id).ignore();
-        let _: Value = self.run_pipe("dead-letter", &pipe).await?;
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(DEAD_LETTER).arg(2).arg(keys::stream(letter.channel)).arg(keys::dlq(letter.channel));
+        cmd.arg(letter.id).arg(letter.reason).arg(letter.attempts).arg(now_ms());
+        match letter.status {
+            Some(status) => cmd.arg(status),
+            None => cmd.arg(""),
+        };
+        cmd.arg(keys::GROUP).arg(keys::FIELD_WEBHOOK);
+        let _: Value = self.run("dead-letter", &cmd).await?;
         Ok(())
     }
 
-    /// Reads raw fields of entries by id (for dead-lettering).
-    async fn raw_entry(&self, channel: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    /// The webhook bytes of one entry.
+    async fn raw_entry(&self, channel: &str, id: StreamId) -> Result<Option<Vec<u8>>, StoreError> {
         let v: Value = self.run("XRANGE", redis::cmd("XRANGE").arg(keys::stream(channel)).arg(id).arg(id)).await?;
         Ok(parse::entries(v)?.into_iter().next().and_then(|e| e.field(keys::FIELD_WEBHOOK).map(<[u8]>::to_vec)))
     }
@@ -222,7 +248,8 @@ impl Backend for RedisStore {
         Ok(Reader { conn, block: self.block })
     }
 
-    /// Takes over entries idle longer than `min_idle` in any consumer's PEL.
+    /// Takes over entries idle longer than `min_idle` in any consumer's PEL,
+    /// with their delivery counts (one script).
     async fn autoclaim(
         &self,
         channel: &str,
@@ -230,60 +257,36 @@ impl Backend for RedisStore {
         min_idle: Duration,
         count: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let v: Value = self
-            .run(
-                "XAUTOCLAIM",
-                redis::cmd("XAUTOCLAIM")
-                    .arg(keys::stream(channel))
-                    .arg(keys::GROUP)
-                    .arg(consumer)
-                    .arg(min_idle.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(count),
-            )
-            .await?;
-        // Reply: [next-cursor, [entries…], [deleted ids…]]
-        let Value::Array(mut parts) = v else {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(AUTOCLAIM).arg(1).arg(keys::stream(channel));
+        cmd.arg(keys::GROUP).arg(consumer).arg(min_idle.as_millis() as u64).arg(count);
+        let v: Value = self.run("XAUTOCLAIM", &cmd).await?;
+        let Value::Array(parts) = v else {
             return Ok(Vec::new());
         };
-        if parts.len() < 2 {
+        let mut parts = parts.into_iter();
+        let (Some(claimed), Some(deleted), Some(counts)) = (parts.next(), parts.next(), parts.next()) else {
             return Ok(Vec::new());
-        }
-        let deleted = if parts.len() > 2 { parse::ids(parts.remove(2)) } else { Vec::new() };
-        let mut out: Vec<Entry> =
-            parse::entries(parts.remove(1))?.into_iter().map(|raw| raw.into_entry(channel)).collect();
+        };
+        let counts = parse::counts(counts);
+        let mut out: Vec<Entry> = parse::entries(claimed)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| Entry {
+                channel: channel.to_string(),
+                id: item.id,
+                attempt: counts.get(i).copied().unwrap_or(1),
+                webhook: item.webhook(),
+            })
+            .collect();
         // Entries trimmed while pending: report them so the session can XACK them.
-        out.extend(deleted.into_iter().map(|id| Entry {
+        out.extend(parse::ids(deleted).into_iter().map(|id| Entry {
             channel: channel.to_string(),
             id,
-            webhook: Err("entry was deleted from the stream while pending".into()),
+            attempt: 1,
+            webhook: Err(Unreadable::DeletedWhilePending),
         }));
         Ok(out)
-    }
-
-    /// Delivery counts (attempts so far) of a consumer's pending entries.
-    async fn delivery_counts(
-        &self,
-        channel: &str,
-        consumer: &str,
-        first: &str,
-        last: &str,
-        count: usize,
-    ) -> Result<HashMap<String, u32>, StoreError> {
-        let v: Value = self
-            .run(
-                "XPENDING",
-                redis::cmd("XPENDING")
-                    .arg(keys::stream(channel))
-                    .arg(keys::GROUP)
-                    .arg(first)
-                    .arg(last)
-                    .arg(count)
-                    .arg(consumer),
-            )
-            .await?;
-        Ok(parse::pending_counts(v))
     }
 
     /// Moves entries older than `retention` that were never acknowledged —
@@ -295,13 +298,13 @@ impl Backend for RedisStore {
         if cutoff == 0 {
             return Ok(0);
         }
-        let last_old = format!("{}-18446744073709551615", cutoff - 1);
+        let last_old = StreamId::last_of(cutoff - 1);
         let stream = keys::stream(channel);
         let mut expired = 0;
 
         // 1. Pending (delivered, unacknowledged) and too old.
         let v: Value = match self
-            .run("XPENDING", redis::cmd("XPENDING").arg(&stream).arg(keys::GROUP).arg("-").arg(&last_old).arg(BATCH))
+            .run("XPENDING", redis::cmd("XPENDING").arg(&stream).arg(keys::GROUP).arg("-").arg(last_old).arg(BATCH))
             .await
         {
             Ok(v) => v,
@@ -309,10 +312,7 @@ impl Backend for RedisStore {
             Err(e) => return Err(e),
         };
         for (id, attempts) in parse::pending_counts(v) {
-            let raw = self.raw_entry(channel, &id).await?;
-            let letter =
-                DeadLetter { channel, id: &id, reason: "expired", status: None, attempts, raw: raw.as_deref() };
-            self.dead_letter(&letter).await?;
+            self.dead_letter(&DeadLetter { channel, id, reason: "expired", status: None, attempts }).await?;
             expired += 1;
         }
 
@@ -322,11 +322,11 @@ impl Backend for RedisStore {
             let v: Value = self.run("XINFO GROUPS", redis::cmd("XINFO").arg("GROUPS").arg(&stream)).await?;
             parse::group_info(v, keys::GROUP)
         };
-        let after = group.last_delivered.unwrap_or_else(|| "0-0".into());
+        let after = group.last_delivered.unwrap_or(StreamId::ZERO);
         let v: Value = self
             .run(
                 "XRANGE",
-                redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg(&last_old).arg("COUNT").arg(BATCH),
+                redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg(last_old).arg("COUNT").arg(BATCH),
             )
             .await?;
         let old = parse::entries(v)?.len();
@@ -345,19 +345,12 @@ impl Backend for RedisStore {
                         .arg(">"),
                 )
                 .await?;
-            for raw in parse::read_reply(v)? {
+            for (_, item) in parse::read_reply(v)? {
                 // A session may have read some meanwhile, so newer entries can
                 // come back here: they stay pending on the pseudo-consumer and
                 // are reclaimed by a session after the visibility timeout.
-                if id_ms(&raw.id).is_some_and(|t| t < cutoff) {
-                    let letter = DeadLetter {
-                        channel,
-                        id: &raw.id,
-                        reason: "expired",
-                        status: None,
-                        attempts: 0,
-                        raw: raw.field(keys::FIELD_WEBHOOK),
-                    };
+                if item.id.ms < cutoff {
+                    let letter = DeadLetter { channel, id: item.id, reason: "expired", status: None, attempts: 0 };
                     self.dead_letter(&letter).await?;
                     expired += 1;
                 }
@@ -391,19 +384,19 @@ impl Backend for RedisStore {
         let group = parse::group_info(groups, keys::GROUP);
         let (pending_count, oldest_pending) = parse::pending_summary(pending);
         let now = now_ms();
-        let age = |id: &str| id_ms(id).map(|t| now.saturating_sub(t));
+        let age = |id: StreamId| now.saturating_sub(id.ms);
         // Oldest waiting entry: the oldest pending one, else the first undelivered.
-        let oldest_ms = match oldest_pending.as_deref().and_then(age) {
+        let oldest_ms = match oldest_pending.map(age) {
             Some(a) => Some(a),
             None if group.lag.unwrap_or(0) > 0 => {
-                let after = group.last_delivered.clone().unwrap_or_else(|| "0-0".into());
+                let after = group.last_delivered.unwrap_or(StreamId::ZERO);
                 let v: Value = self
                     .run(
                         "XRANGE",
                         redis::cmd("XRANGE").arg(&stream).arg(format!("({after}")).arg("+").arg("COUNT").arg(1),
                     )
                     .await?;
-                parse::entries(v)?.first().and_then(|e| age(&e.id))
+                parse::entries(v)?.first().map(|e| age(e.id))
             }
             None => None,
         };
@@ -414,7 +407,7 @@ impl Backend for RedisStore {
                 pending: pending_count,
                 oldest_ms,
             },
-            last_id: last_id.as_deref().and_then(parse_id).unwrap_or((0, 0)),
+            last_id: last_id.unwrap_or(StreamId::ZERO),
             length,
             dlq_length,
         })
@@ -438,25 +431,31 @@ impl Backend for RedisStore {
         };
         let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
         let group = parse::group_info(groups, keys::GROUP);
-        let oldest = parse::pending_summary(pending).1.as_deref().and_then(parse_id);
+        let oldest = parse::pending_summary(pending).1;
         // Entries after last-delivered-id have not been read: keep them (a
         // lag Redis cannot tell counts as some).
-        let delivered =
-            (group.lag != Some(0)).then(|| group.last_delivered.as_deref().and_then(parse_id).unwrap_or((0, 0)));
+        let delivered = (group.lag != Some(0)).then(|| group.last_delivered.unwrap_or(StreamId::ZERO));
         let bound = super::trim_bound(cutoff, oldest, delivered);
-        self.run("XTRIM", redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(super::format_id(bound))).await
+        self.run("XTRIM", redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(bound)).await
     }
 
     /// Claims one pending entry for `consumer` (increments its delivery
-    /// count); `None` when it is no longer pending.
-    async fn claim(&self, channel: &str, consumer: &str, id: &str) -> Result<Option<Entry>, StoreError> {
-        let v: Value = self
-            .run(
-                "XCLAIM",
-                redis::cmd("XCLAIM").arg(keys::stream(channel)).arg(keys::GROUP).arg(consumer).arg(0).arg(id),
-            )
-            .await?;
-        Ok(parse::entries(v)?.into_iter().next().map(|raw| raw.into_entry(channel)))
+    /// count, read back in the same `MULTI`); `None` when it is no longer
+    /// pending.
+    async fn claim(&self, channel: &str, consumer: &str, id: StreamId) -> Result<Option<Entry>, StoreError> {
+        let stream = keys::stream(channel);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("XCLAIM").arg(&stream).arg(keys::GROUP).arg(consumer).arg(0).arg(id);
+        pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP).arg(id).arg(id).arg(1);
+        let (claimed, pending): (Value, Value) = self.run_pipe("XCLAIM", &pipe).await?;
+        let attempt = parse::pending_counts(pending).get(&id).copied().unwrap_or(1);
+        Ok(parse::entries(claimed)?.into_iter().next().map(|item| Entry {
+            channel: channel.to_string(),
+            id: item.id,
+            attempt,
+            webhook: item.webhook(),
+        }))
     }
 
     /// Claims a de-duplication key for `window`: `None` when this request
@@ -494,7 +493,12 @@ impl Backend for RedisStore {
     }
 
     /// Dead letters of a channel, oldest first, starting after `after`.
-    async fn dlq_list(&self, channel: &str, after: Option<&str>, count: usize) -> Result<Vec<DeadEntry>, StoreError> {
+    async fn dlq_list(
+        &self,
+        channel: &str,
+        after: Option<StreamId>,
+        count: usize,
+    ) -> Result<Vec<DeadEntry>, StoreError> {
         let start = after.map(|a| format!("({a}")).unwrap_or_else(|| "-".into());
         let v: Value = self
             .run("XRANGE", redis::cmd("XRANGE").arg(keys::dlq(channel)).arg(start).arg("+").arg("COUNT").arg(count))
@@ -502,7 +506,7 @@ impl Backend for RedisStore {
         Ok(parse::entries(v)?.into_iter().map(dlq::dead_entry).collect())
     }
 
-    async fn dlq_get(&self, channel: &str, id: &str) -> Result<Option<DeadEntry>, StoreError> {
+    async fn dlq_get(&self, channel: &str, id: StreamId) -> Result<Option<DeadEntry>, StoreError> {
         let v: Value = self.run("XRANGE", redis::cmd("XRANGE").arg(keys::dlq(channel)).arg(id).arg(id)).await?;
         Ok(parse::entries(v)?.into_iter().next().map(dlq::dead_entry))
     }
@@ -511,7 +515,7 @@ impl Backend for RedisStore {
         self.run("XLEN", redis::cmd("XLEN").arg(keys::dlq(channel))).await
     }
 
-    async fn dlq_last(&self, channel: &str) -> Result<Option<String>, StoreError> {
+    async fn dlq_last(&self, channel: &str) -> Result<Option<StreamId>, StoreError> {
         self.newest(&keys::dlq(channel), "+").await
     }
 
@@ -519,14 +523,15 @@ impl Backend for RedisStore {
     /// Returns the new stream id, or `None` when it holds no webhook.
     /// One script: the `XADD` happens only if this call's `XDEL` removed
     /// the dead letter, so two replays of one id replay it once.
-    async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<String>, StoreError> {
+    async fn dlq_replay_one(&self, channel: &str, entry: &DeadEntry) -> Result<Option<StreamId>, StoreError> {
         const SCRIPT: &str = "if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then \
             return redis.call('XADD', KEYS[2], '*', ARGV[2], ARGV[3]) end return false";
         let Some(raw) = &entry.raw else { return Ok(None) };
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(SCRIPT).arg(2).arg(keys::dlq(channel)).arg(keys::stream(channel));
-        cmd.arg(&entry.id).arg(keys::FIELD_WEBHOOK).arg(raw.as_slice());
-        self.run("dlq replay", &cmd).await
+        cmd.arg(entry.id).arg(keys::FIELD_WEBHOOK).arg(raw.as_slice());
+        let id: Option<String> = self.run("dlq replay", &cmd).await?;
+        id.as_deref().map(stream_id).transpose()
     }
 
     /// Deletes dead letters older than `before_ms`, or all of them.
@@ -543,16 +548,16 @@ impl Backend for RedisStore {
     }
 
     /// The newest entry received by `until_ms` (`XREVRANGE`).
-    async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<String>, StoreError> {
-        self.newest(&keys::stream(channel), &crate::store::format_id((until_ms, u64::MAX))).await
+    async fn replay_stop(&self, channel: &str, until_ms: u64) -> Result<Option<StreamId>, StoreError> {
+        self.newest(&keys::stream(channel), &StreamId::last_of(until_ms).to_string()).await
     }
 
     /// `XRANGE` of one page, then one pipeline of `XADD`s.
     async fn replay_page(
         &self,
         channel: &str,
-        from: &ReplayFrom,
-        stop: &str,
+        from: ReplayFrom,
+        stop: StreamId,
         count: usize,
     ) -> Result<ReplayPage, StoreError> {
         let start = match from {
@@ -566,7 +571,7 @@ impl Backend for RedisStore {
             )
             .await?;
         let page = parse::entries(v)?;
-        let last = page.last().map(|e| e.id.clone());
+        let last = page.last().map(|e| e.id);
         let mut pipe = redis::pipe();
         let mut n = 0;
         for raw in &page {
@@ -576,33 +581,88 @@ impl Backend for RedisStore {
             }
         }
         let appended: Vec<String> = if n > 0 { self.run_pipe("replay", &pipe).await? } else { Vec::new() };
-        Ok(ReplayPage { appended, last })
+        Ok(ReplayPage { appended: appended.iter().map(|id| stream_id(id)).collect::<Result<_, _>>()?, last })
     }
 }
 
 impl BlockingRead for Reader {
-    /// `XREADGROUP` over several streams, each from its own cursor (`0`-style
-    /// ids re-read the consumer's PEL, `>` reads new entries). Blocks up to
-    /// the configured `BLOCK` only when every cursor is `>`.
+    /// `XREADGROUP` over several streams, each from its own cursor. Blocks
+    /// up to the configured `BLOCK` only when every cursor is
+    /// [`Cursor::New`]; entries read that way are on their first delivery.
+    /// A read of pending lists runs in one `MULTI` with one `XPENDING` per
+    /// pending cursor, which gives the same entries' delivery counts.
     async fn read(
         &mut self,
         consumer: &str,
-        cursors: &[(String, String)],
+        cursors: &[(String, Cursor)],
         count: usize,
-    ) -> Result<Vec<RawEntry>, StoreError> {
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count.max(1));
-        if cursors.iter().all(|(_, c)| c == ">") {
-            cmd.arg("BLOCK").arg(self.block.as_millis() as u64);
+    ) -> Result<Vec<Entry>, StoreError> {
+        let count = count.max(1);
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count);
+        let pending: Vec<(&str, StreamId)> = cursors
+            .iter()
+            .filter_map(|(ch, c)| match c {
+                Cursor::Pending(after) => Some((ch.as_str(), *after)),
+                Cursor::New => None,
+            })
+            .collect();
+        if pending.is_empty() {
+            read.arg("BLOCK").arg(self.block.as_millis() as u64);
         }
-        cmd.arg("STREAMS");
+        read.arg("STREAMS");
         for (channel, _) in cursors {
-            cmd.arg(keys::stream(channel));
+            read.arg(keys::stream(channel));
         }
         for (_, cursor) in cursors {
-            cmd.arg(cursor);
+            match cursor {
+                Cursor::Pending(after) => read.arg(after),
+                Cursor::New => read.arg(">"),
+            };
         }
-        let v: Value = cmd.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
-        parse::read_reply(v)
+        let entry = |(channel, item): (String, parse::Item), attempt: u32| Entry {
+            id: item.id,
+            attempt,
+            webhook: item.webhook(),
+            channel,
+        };
+        if pending.is_empty() {
+            let v: Value = read.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
+            return Ok(parse::read_reply(v)?.into_iter().map(|e| entry(e, 1)).collect());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.add_command(read);
+        for (channel, after) in &pending {
+            let stream = keys::stream(channel);
+            pipe.cmd("XPENDING")
+                .arg(stream)
+                .arg(keys::GROUP)
+                .arg(format!("({after}"))
+                .arg("+")
+                .arg(count)
+                .arg(consumer);
+        }
+        let mut replies: Vec<Value> = pipe.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
+        if replies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let read = replies.remove(0);
+        let mut counts = std::collections::HashMap::new();
+        for (reply, (channel, _)) in replies.into_iter().zip(&pending) {
+            counts.insert(*channel, parse::pending_counts(reply));
+        }
+        Ok(parse::read_reply(read)?
+            .into_iter()
+            .map(|(channel, item)| {
+                let attempt = counts.get(channel.as_str()).and_then(|c| c.get(&item.id)).copied().unwrap_or(1);
+                entry((channel, item), attempt)
+            })
+            .collect())
     }
+}
+
+/// An id Redis generated.
+fn stream_id(id: &str) -> Result<StreamId, StoreError> {
+    id.parse().map_err(|_| StoreError::Corrupt { id: id.to_string(), why: "Redis answered with no stream id".into() })
 }

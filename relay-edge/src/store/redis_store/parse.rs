@@ -7,8 +7,34 @@ use std::collections::HashMap;
 use redis::Value;
 
 use crate::error::StoreError;
-use crate::store::RawEntry;
-use crate::store::keys;
+use crate::store::{Stored, StreamId, Unreadable, keys};
+
+/// One entry of a reply: its id and fields (`None`: the entry was deleted
+/// while pending).
+#[derive(Debug)]
+pub struct Item {
+    pub id: StreamId,
+    pub fields: Option<Vec<(String, Vec<u8>)>>,
+}
+
+impl Item {
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields.as_ref()?.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+    }
+
+    /// The stored webhook, checked.
+    pub fn webhook(self) -> Result<Stored, Unreadable> {
+        let fields = self.fields.ok_or(Unreadable::DeletedWhilePending)?;
+        match fields.into_iter().find(|(k, _)| k == keys::FIELD_WEBHOOK) {
+            Some((_, bytes)) => Stored::check(bytes),
+            None => Err(Unreadable::Corrupt(format!("entry has no `{}` field", keys::FIELD_WEBHOOK))),
+        }
+    }
+}
+
+fn id(v: &Value) -> Option<StreamId> {
+    text(v)?.parse().ok()
+}
 
 fn text(v: &Value) -> Option<String> {
     match v {
@@ -44,8 +70,8 @@ fn pairs(v: Value) -> Vec<(Value, Value)> {
     }
 }
 
-/// `XREADGROUP`/`XREAD` reply: streams → entries.
-pub fn read_reply(v: Value) -> Result<Vec<RawEntry>, StoreError> {
+/// `XREADGROUP`/`XREAD` reply: streams → `(channel, entry)`s.
+pub fn read_reply(v: Value) -> Result<Vec<(String, Item)>, StoreError> {
     let streams: Vec<(Value, Value)> = match v {
         Value::Nil => return Ok(Vec::new()),
         Value::Map(m) => m,
@@ -68,16 +94,15 @@ pub fn read_reply(v: Value) -> Result<Vec<RawEntry>, StoreError> {
     for (key, entries) in streams {
         let key = text(&key).unwrap_or_default();
         let channel = keys::channel_of(&key).unwrap_or_default().to_string();
-        for mut e in self::entries(entries)? {
-            e.channel = channel.clone();
-            out.push(e);
+        for e in self::entries(entries)? {
+            out.push((channel.clone(), e));
         }
     }
     Ok(out)
 }
 
 /// A list of `[id, fields|nil]` entries.
-pub fn entries(v: Value) -> Result<Vec<RawEntry>, StoreError> {
+pub fn entries(v: Value) -> Result<Vec<Item>, StoreError> {
     let Value::Array(items) = v else {
         return Ok(Vec::new());
     };
@@ -90,26 +115,42 @@ pub fn entries(v: Value) -> Result<Vec<RawEntry>, StoreError> {
             continue;
         }
         let fields_v = if parts.len() > 1 { parts.remove(1) } else { Value::Nil };
-        let Some(id) = text(&parts[0]) else { continue };
+        let Some(id) = id(&parts[0]) else {
+            return Err(StoreError::Corrupt { id: format!("{:?}", parts[0]), why: "not a stream id".into() });
+        };
         let fields = match fields_v {
             Value::Nil => None,
             other => Some(pairs(other).into_iter().filter_map(|(k, v)| Some((text(&k)?, bytes(v)))).collect()),
         };
-        out.push(RawEntry { channel: String::new(), id, fields });
+        out.push(Item { id, fields });
     }
     Ok(out)
 }
 
 /// A flat list of ids.
-pub fn ids(v: Value) -> Vec<String> {
+pub fn ids(v: Value) -> Vec<StreamId> {
     match v {
-        Value::Array(items) => items.iter().filter_map(text).collect(),
+        Value::Array(items) => items.iter().filter_map(id).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A flat list of delivery counts (the autoclaim script's).
+pub fn counts(v: Value) -> Vec<u32> {
+    match v {
+        Value::Array(items) => items
+            .iter()
+            .map(|c| match c {
+                Value::Int(n) => u32::try_from(*n).unwrap_or(1),
+                other => text(other).and_then(|t| t.parse().ok()).unwrap_or(1),
+            })
+            .collect(),
         _ => Vec::new(),
     }
 }
 
 /// Extended `XPENDING` reply: `[[id, consumer, idle, count], …]`.
-pub fn pending_counts(v: Value) -> HashMap<String, u32> {
+pub fn pending_counts(v: Value) -> HashMap<StreamId, u32> {
     let Value::Array(items) = v else {
         return HashMap::new();
     };
@@ -117,7 +158,7 @@ pub fn pending_counts(v: Value) -> HashMap<String, u32> {
         .into_iter()
         .filter_map(|item| match item {
             Value::Array(p) if p.len() >= 4 => {
-                let id = text(&p[0])?;
+                let id = id(&p[0])?;
                 let count = match &p[3] {
                     Value::Int(n) => u32::try_from(*n).ok()?,
                     other => text(other)?.parse().ok()?,
@@ -130,19 +171,19 @@ pub fn pending_counts(v: Value) -> HashMap<String, u32> {
 }
 
 /// Summary `XPENDING` reply: `[count, smallest id, greatest id, consumers]`.
-pub fn pending_summary(v: Value) -> (u64, Option<String>) {
+pub fn pending_summary(v: Value) -> (u64, Option<StreamId>) {
     let Value::Array(p) = v else { return (0, None) };
     let count = match p.first() {
         Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
         _ => 0,
     };
-    (count, p.get(1).and_then(text))
+    (count, p.get(1).and_then(id))
 }
 
 /// The fields of one group from `XINFO GROUPS`.
 #[derive(Debug, Default)]
 pub struct GroupInfo {
-    pub last_delivered: Option<String>,
+    pub last_delivered: Option<StreamId>,
     /// Entries not yet delivered to the group; `None` when Redis cannot tell.
     pub lag: Option<u64>,
 }
@@ -157,7 +198,7 @@ pub fn group_info(v: Value, group: &str) -> GroupInfo {
             continue;
         }
         return GroupInfo {
-            last_delivered: fields.get("last-delivered-id").and_then(text),
+            last_delivered: fields.get("last-delivered-id").and_then(id),
             lag: match fields.get("lag") {
                 Some(Value::Int(n)) => u64::try_from(*n).ok(),
                 _ => None,
@@ -168,13 +209,13 @@ pub fn group_info(v: Value, group: &str) -> GroupInfo {
 }
 
 /// `length` and `last-generated-id` of an `XINFO STREAM` reply.
-pub fn stream_info(v: Value) -> (u64, Option<String>) {
+pub fn stream_info(v: Value) -> (u64, Option<StreamId>) {
     let mut length = 0;
     let mut last = None;
     for (k, v) in pairs(v) {
         match text(&k).as_deref() {
             Some("length") => length = text(&v).and_then(|l| l.parse().ok()).unwrap_or(0),
-            Some("last-generated-id") => last = text(&v),
+            Some("last-generated-id") => last = id(&v),
             _ => {}
         }
     }
