@@ -157,10 +157,18 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// Applies a new configuration like SIGHUP does.
+    /// Applies a new configuration like SIGHUP does, and returns once it is
+    /// in force. The edge takes one configuration at a time (a channel of
+    /// one) and applies it before it takes the next: so once it took a copy
+    /// sent after `cfg`, `cfg` is applied. (The copy is applied too, which
+    /// changes nothing: it is the same configuration.)
     pub async fn reload(&self, cfg: EdgeConfig) {
-        self.reload.send(cfg).await.expect("edge running");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.reload.send(cfg.clone()).await.expect("edge running");
+        // A slot is free once the edge took `cfg`: it is applying it now.
+        let fence = self.reload.reserve().await.expect("edge running");
+        fence.send(cfg);
+        // Free again once it took the copy: it had finished with `cfg`.
+        drop(self.reload.reserve().await.expect("edge running"));
     }
 
     pub async fn start(cfg: EdgeConfig) -> Self {
@@ -289,8 +297,19 @@ pub async fn run_bin(name: &str, args: &[&str]) -> (i32, String, String) {
 
 /// Polls `cond` every 20 ms until it holds, or panics after `within`.
 pub async fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    wait_for(within, what, || std::future::ready(cond())).await
+}
+
+/// Like [`wait_until`], for a condition that must await (the store, an
+/// HTTP endpoint): polls `cond` every 20 ms until it holds, or panics
+/// after `within`. The condition is what a test waits for, never a clock.
+pub async fn wait_for<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let deadline = tokio::time::Instant::now() + within;
-    while !cond() {
+    while !cond().await {
         if tokio::time::Instant::now() > deadline {
             panic!("timed out after {within:?} waiting for: {what}");
         }

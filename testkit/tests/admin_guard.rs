@@ -196,6 +196,12 @@ async fn dead_letters_under_a_cap(n: usize, cap: u64) -> (Backing, Certs, Edge) 
     (store, certs, edge)
 }
 
+/// Whether the edge's `/metrics` has the line `line`.
+async fn metrics_show(edge: &Edge, line: &str) -> bool {
+    let Ok(resp) = client().get(format!("http://{}/metrics", edge.admin)).send().await else { return false };
+    resp.text().await.is_ok_and(|text| text.lines().any(|l| l == line))
+}
+
 async fn admin_post(edge: &Edge, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
     let resp = client()
         .post(format!("http://{}{path}", edge.admin))
@@ -213,8 +219,14 @@ async fn admin_post(edge: &Edge, path: &str, body: serde_json::Value) -> (u16, s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_stop_at_the_backlog_cap_and_report_what_they_did() {
     let (store, _certs, edge) = dead_letters_under_a_cap(40, 20).await;
-    // The backlog count is refreshed every 500 ms; replays also count their own.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The backlog count is refreshed every 500 ms (replays also count their
+    // own): wait for a refresh that saw all 40 dead letters, so the count
+    // is the one after the set-up. (One read of the embedded store gives
+    // both figures, and the gauges are set after the count.)
+    wait_for(Duration::from_secs(10), "a backlog refresh after the set-up", || {
+        metrics_show(&edge, "relay_dlq_length{channel=\"crm\"} 40")
+    })
+    .await;
     let (s, j) = admin_post(&edge, "/admin/dlq/crm/replay", serde_json::json!({"all": true})).await;
     assert_eq!(s, 200, "{j}");
     let replayed = j["replayed"].as_array().expect("replayed").len();
@@ -266,7 +278,7 @@ async fn dlq_lists_are_bounded_pages_without_bodies() {
 /// until the DLQ stayed empty: an endless loop of duplicates).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_all_while_they_fail_again_replays_each_once() {
-    let (_store, certs, edge) = dead_letters_under_a_cap(30, 1_000_000).await;
+    let (store, certs, edge) = dead_letters_under_a_cap(30, 1_000_000).await;
     let rx = Receiver::start().await;
     rx.answer(400);
     let agent = Agent::start(agent_config(&edge, &certs, "lan-1", &[("crm", rx.url())]));
@@ -276,7 +288,13 @@ async fn replaying_all_while_they_fail_again_replays_each_once() {
     assert_eq!(s, 200, "{j}");
     assert_eq!(j["count"], 30, "each of the 30 once: {}", j["count"]);
     wait_until(Duration::from_secs(10), "all 30 refused again", || rx.count() >= 30).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Settled: all 30 dead letters again and nothing left in the stream to
+    // deliver, so no further request can come.
+    wait_for(Duration::from_secs(10), "all 30 back in the DLQ, nothing left to deliver", || async {
+        let snap = store.snapshot("crm").await;
+        snap.dlq_length == 30 && snap.unacked() == 0
+    })
+    .await;
     assert_eq!(rx.count(), 30, "the endpoint got each once");
     agent.stop().await;
 }

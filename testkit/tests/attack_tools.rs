@@ -324,9 +324,11 @@ fn assert_nothing_severe(f: &Findings, port: &str) {
     assert!(severe.is_empty(), "{port}: severe findings: {severe:?}");
 }
 
-/// `openssl s_client` on the tunnel, stdin held open 1.5 s so the edge's
-/// answer to the client's certificate (or its absence) is read.
-async fn s_client(port: u16, args: &[&str]) -> String {
+/// `openssl s_client` on the tunnel: writes `input` to it, keeps its stdin
+/// open until its output (stdout and stderr) shows `until` or it ends by
+/// itself, then closes stdin; returns all it printed.
+async fn s_client(port: u16, args: &[&str], input: &str, until: &str) -> String {
+    use tokio::io::AsyncWriteExt;
     let target = format!("127.0.0.1:{port}");
     let mut child = Command::new(tool(OPENSSL, "openssl"))
         .args(["s_client", "-connect", &target, "-servername", "localhost", "-msg"])
@@ -337,14 +339,48 @@ async fn s_client(port: u16, args: &[&str]) -> String {
         .kill_on_drop(true)
         .spawn()
         .expect("spawn openssl");
-    let stdin = child.stdin.take();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut stdin = child.stdin.take().expect("openssl stdin");
+    // (s_client reads its stdin only once the handshake is done.)
+    if !input.is_empty() {
+        stdin.write_all(input.as_bytes()).await.expect("write to openssl s_client");
+    }
+    let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let readers = [
+        collect(child.stdout.take().expect("openssl stdout"), output.clone()),
+        collect(child.stderr.take().expect("openssl stderr"), output.clone()),
+    ];
+    wait_until(Duration::from_secs(10), &format!("openssl s_client to print `{until}` or end"), || {
+        output.lock().is_ok_and(|o| o.contains(until)) || readers.iter().all(|r| r.is_finished())
+    })
+    .await;
     drop(stdin);
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+    let _exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .expect("openssl s_client ends")
         .expect("openssl s_client");
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    for r in readers {
+        let _ = r.await;
+    }
+    output.lock().map(|o| o.clone()).unwrap_or_default()
+}
+
+/// Appends all `from` yields to `into`, until it ends.
+fn collect<R>(mut from: R, into: std::sync::Arc<std::sync::Mutex<String>>) -> tokio::task::JoinHandle<()>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 8192];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut o) = into.lock() {
+                o.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,7 +406,8 @@ async fn testssl_finds_the_tunnel_tls13_only_with_client_certificates() {
     // The certificate is required, not just asked for.
     let ca = certs.path("ca.pem");
     let ca = ca.to_str().expect("utf-8 path");
-    let without = s_client(spec.tunnel, &["-CAfile", ca]).await;
+    // Refused: s_client prints the edge's alert and ends by itself.
+    let without = s_client(spec.tunnel, &["-CAfile", ca], "", "alert certificate required").await;
     assert!(without.contains("CertificateRequest"), "{port}: no CertificateRequest:\n{without}");
     // "<<< TLS 1.3, Alert [length 0002], fatal certificate_required", then
     // "...:error:0A00045C:SSL routines:ssl3_read_bytes:tlsv13 alert certificate required:...".
@@ -379,9 +416,14 @@ async fn testssl_finds_the_tunnel_tls13_only_with_client_certificates() {
         "{port}: a client without certificate was not refused:\n{without}"
     );
     let (cert, key) = (certs.path("lan-1.pem"), certs.path("lan-1-key.pem"));
+    // Taken: the edge answers an HTTP request on the session (whatever the
+    // status), which it does only once it accepted the certificate; a refusal
+    // would have come before, as an alert.
     let with = s_client(
         spec.tunnel,
         &["-CAfile", ca, "-cert", cert.to_str().expect("utf-8"), "-key", key.to_str().expect("utf-8")],
+        "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        "HTTP/1.1 ",
     )
     .await;
     assert!(with.contains("Verify return code: 0 (ok)"), "{port}: handshake with lan-1:\n{with}");

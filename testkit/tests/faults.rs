@@ -82,6 +82,23 @@ fn load(urls: &[String]) -> Workload {
     Workload::start(urls, 2, Duration::from_millis(25), 512)
 }
 
+/// Waits until `rx` got `n` more requests than it had when called: webhooks
+/// flow end to end (through whatever was just started, or is left).
+async fn flowing(rx: &Receiver, n: usize) {
+    let from = rx.count();
+    wait_until(Duration::from_secs(20), &format!("{n} more deliveries"), || rx.count() >= from + n).await;
+}
+
+/// Webhooks the workload has had answered 200 so far.
+fn taken(w: &Workload) -> usize {
+    w.accepted.lock().map(|a| a.len()).unwrap_or(0)
+}
+
+/// Webhooks the agent answering on `socket` has delivered and acked.
+fn delivered(socket: &std::path::Path) -> u64 {
+    relay_agent::status::client::query(socket).map(|s| s.delivered).unwrap_or(0)
+}
+
 /// One round normally; with `SOAK_SECS=N`, rounds until N seconds have
 /// passed (the soak mode: `SOAK_SECS=3600 cargo test -p testkit --test
 /// faults -- --nocapture --test-threads 1`). Not a `RELAY_` variable: the
@@ -98,15 +115,19 @@ scenario!(agent_killed_repeatedly_under_load, agent_killed_repeatedly_under_load
 async fn agent_killed_repeatedly_under_load_once(store: Backing) {
     let r = rig(store, "3s").await;
     let _edge = Proc::start("relay-edge", &r.edge.config);
-    let (mut agent, _) = r.agent("lan-1", r.edge.tunnel, "window = 16").await;
+    let (mut agent, socket) = r.agent("lan-1", r.edge.tunnel, "window = 16").await;
     let w = load(&[r.edge.hook_url()]);
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Deliveries run through this agent process when it dies.
+        flowing(&r.rx, 40).await;
         agent.kill9().await;
+        // Down for a while by design, under load.
         tokio::time::sleep(Duration::from_millis(200)).await;
         agent.restart();
+        wait_connected(&socket).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    flowing(&r.rx, 20).await;
+    wait_until(Duration::from_secs(20), "over 100 webhooks taken", || taken(&w) > 100).await;
     let report = r.finish("agent kill -9 x3", w).await;
     assert!(report.accepted > 100);
 }
@@ -118,11 +139,14 @@ async fn edge_killed_under_load_once(store: Backing) {
     let mut edge = Proc::start("relay-edge", &r.edge.config);
     let (_agent, _) = r.agent("lan-1", r.edge.tunnel, "").await;
     let w = load(&[r.edge.hook_url()]);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    flowing(&r.rx, 40).await;
     edge.kill9().await;
+    // Down for a while by design: the load meets a dead edge (`refused`).
     tokio::time::sleep(Duration::from_millis(300)).await;
     edge.restart();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_edge_up(r.edge.admin).await;
+    // The agent is back: webhooks flow through the restarted edge.
+    flowing(&r.rx, 20).await;
     let report = r.finish("edge kill -9", w).await;
     assert!(report.refused > 0, "ingest was really down for a while");
 }
@@ -138,11 +162,13 @@ async fn redis_killed_and_restarted_from_its_aof_once(store: Backing) {
     let _edge = Proc::start("relay-edge", &r.edge.config);
     let (_agent, _) = r.agent("lan-1", r.edge.tunnel, "").await;
     let w = load(&[r.edge.hook_url()]);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    flowing(&r.rx, 40).await;
     r.store.redis_server().kill();
+    // Down for a while by design: ingest answers 503 meanwhile (`refused`).
     tokio::time::sleep(Duration::from_millis(800)).await;
     r.store.redis_server().restart();
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // The edge is back on Redis: webhooks flow again.
+    flowing(&r.rx, 20).await;
     let report = r.finish("redis kill -9 (appendfsync always)", w).await;
     assert!(report.refused > 0, "ingest answered 503 while Redis was down");
 }
@@ -155,8 +181,9 @@ async fn black_holed_tunnel_is_noticed_and_recovered_once(store: Backing) {
     let proxy = FaultProxy::start(format!("127.0.0.1:{}", r.edge.tunnel).parse().expect("addr")).await;
     let (_agent, socket) = r.agent("lan-1", proxy.addr.port(), "").await;
     let w = load(&[r.edge.hook_url()]);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    flowing(&r.rx, 40).await;
     proxy.set(Mode::BlackHole);
+    // The black hole lasts 2 s by design; the status is sampled meanwhile.
     let started = std::time::Instant::now();
     let mut saw_unhealthy = false;
     while started.elapsed() < Duration::from_secs(2) {
@@ -169,7 +196,7 @@ async fn black_holed_tunnel_is_noticed_and_recovered_once(store: Backing) {
     proxy.set(Mode::Pass);
     proxy.cut();
     wait_connected(&socket).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    flowing(&r.rx, 20).await;
     r.finish("black hole 2 s", w).await;
 }
 
@@ -183,7 +210,8 @@ async fn connections_cut_mid_frame_lose_and_corrupt_nothing_once(store: Backing)
     // 96 KiB bodies: frames span many TCP reads, so cuts land mid-frame.
     let w = Workload::start(&[r.edge.hook_url()], 2, Duration::from_millis(25), 96 * 1024);
     for _ in 0..8 {
-        tokio::time::sleep(Duration::from_millis(350)).await;
+        // A live session carrying big frames (reconnected after the last cut).
+        flowing(&r.rx, 10).await;
         proxy.cut();
     }
     r.finish("cut mid-frame x8", w).await;
@@ -198,12 +226,15 @@ async fn a_killed_agent_s_pending_webhooks_are_reclaimed_by_the_other_once(store
     let r = rig(store, "2s").await;
     r.rx.delay(Duration::from_millis(30));
     let _edge = Proc::start("relay-edge", &r.edge.config);
-    let (mut a1, _) = r.agent("lan-1", r.edge.tunnel, "window = 16").await;
-    let (_a2, _) = r.agent("lan-2", r.edge.tunnel, "window = 16").await;
+    let (mut a1, s1) = r.agent("lan-1", r.edge.tunnel, "window = 16").await;
+    let (_a2, s2) = r.agent("lan-2", r.edge.tunnel, "window = 16").await;
     let w = load(&[r.edge.hook_url()]);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Both take part, so lan-1 holds deliveries of its own when it dies.
+    wait_until(Duration::from_secs(20), "both agents delivering", || delivered(&s1) >= 10 && delivered(&s2) >= 10)
+        .await;
     a1.kill9().await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // lan-2 carries the load on (and gets lan-1's pending ones after reclaim_after).
+    flowing(&r.rx, 40).await;
     r.finish("two agents, one killed", w).await;
 }
 
@@ -214,12 +245,15 @@ async fn two_edges_on_one_redis_survive_losing_one_once(store: Backing) {
     let edge_b = write_edge(&r.certs, "edge-b", &r.store.toml(), "2s");
     let mut ea = Proc::start("relay-edge", &r.edge.config);
     let _eb = Proc::start("relay-edge", &edge_b.config);
-    let (_a1, _) = r.agent("lan-1", r.edge.tunnel, "").await;
-    let (_a2, _) = r.agent("lan-2", edge_b.tunnel, "").await;
+    let (_a1, s1) = r.agent("lan-1", r.edge.tunnel, "").await;
+    let (_a2, s2) = r.agent("lan-2", edge_b.tunnel, "").await;
     let w = load(&[r.edge.hook_url(), edge_b.hook_url()]);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Both edges deliver, each through its own agent.
+    wait_until(Duration::from_secs(20), "both agents delivering", || delivered(&s1) >= 10 && delivered(&s2) >= 10)
+        .await;
     ea.kill9().await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Edge B carries the load on (and reclaims A's pending ones after reclaim_after).
+    flowing(&r.rx, 40).await;
     r.finish_via("two edges, one killed", w, edge_b.admin).await;
 }
 
@@ -245,6 +279,8 @@ async fn slow_receiver_visibility_warning_and_no_duplicates_when_configured_well
     let (_a2, _) = r.agent("lan-2", r.edge.tunnel, "window = 4").await;
     assert!(relay_agent::status::client::query(&s1).expect("status").warnings.is_empty());
     let w = Workload::start(&[r.edge.hook_url()], 1, Duration::from_millis(150), 256);
+    // The load lasts 3 s by design: about 20 webhooks, each taking the
+    // receiver 1.2 s, so deliveries overlap the visibility timeout's checks.
     tokio::time::sleep(Duration::from_millis(3000)).await;
     let report = r.finish("slow receiver, recommended settings", w).await;
     assert_eq!(report.duplicates, 0, "no duplicates with a visibility timeout above the request timeout");

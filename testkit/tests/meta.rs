@@ -127,7 +127,13 @@ async fn identical_deliveries_within_the_window_are_stored_once(store: Backing) 
     assert_eq!(j2["duplicate"], true);
     assert_eq!(xlen(&store, "crm", "stream").await, 1, "stored once");
     wait_until(Duration::from_secs(10), "delivered", || rx.accepted().len() == 1).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Settled: the one entry acked on the edge and nothing running on the
+    // agent, so no second request can come.
+    assert_drained(&store, "crm").await;
+    wait_until(Duration::from_secs(10), "the agent acked it and holds nothing", || {
+        agent.status().is_ok_and(|s| s.delivered == 1 && s.in_flight == 0)
+    })
+    .await;
     assert_eq!(rx.count(), 1, "delivered once");
     agent.stop().await;
     edge.stop().await;
@@ -233,14 +239,15 @@ async fn revoked_certificates_are_refused_and_reload_drops_connected_ones() {
         agent.status().is_ok_and(|s| !s.connected)
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    retried_and_refused(&agent).await;
     let st = agent.status().expect("status");
     assert!(!st.connected, "and cannot come back: {st:?}");
-    // Webhooks wait for an agent that is still allowed.
+    // Webhooks wait for an agent that is still allowed: lan-1 tries again
+    // meanwhile, and gets nothing.
     let client = reqwest::Client::new();
     let (s, _) = post(&client, &edge.hook_url("hooks"), KEY, b"{}".to_vec()).await;
     assert_eq!(s, 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    retried_and_refused(&agent).await;
     assert_eq!(rx.count(), 0);
     agent.stop().await;
     let other = Agent::start(agent_config(&edge, &certs, "lan-3", &[("other", rx.url())]));
@@ -292,7 +299,7 @@ async fn sessions_of_a_ca_removed_by_a_reload_are_dropped() {
     .await;
     let answer = raw::hello_idle(&mut parked, None).await;
     assert!(refused_as_revoked(&answer), "a parked connection of the old CA got a session: {answer:?}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    retried_and_refused(&agent).await;
     assert!(!agent.status().expect("status").connected, "and cannot come back");
     // The new CA's agents are let in.
     let mut fresh = raw::connect(&edge, &certs, "rogue/lan-1").await.expect("the new CA's agent connects");
@@ -300,6 +307,17 @@ async fn sessions_of_a_ca_removed_by_a_reload_are_dropped() {
     assert!(matches!(welcome, Ok(Frame::Welcome { .. })), "the new CA's agent gets a session: {welcome:?}");
     agent.stop().await;
     edge.stop().await;
+}
+
+/// Waits until `agent` started three more connection attempts than it had
+/// (its `reconnects` counts every attempt after the first): so at least two
+/// made after this call were answered. Callers then check it is still out.
+async fn retried_and_refused(agent: &Agent) {
+    let before = agent.status().expect("status").reconnects;
+    wait_until(Duration::from_secs(15), "the agent tried to connect again, twice", || {
+        agent.status().is_ok_and(|s| s.reconnects >= before + 3)
+    })
+    .await;
 }
 
 /// `Hello` was answered with the `revoked` error (or the connection ended).

@@ -166,10 +166,17 @@ async fn fan_out_edge_crash_once(store: Backing) {
         round_of.extend(batch.keys().map(|id| (id.clone(), round)));
         accepted.extend(batch);
         // A answers after 2 s: its POSTs are still running when the edge dies.
-        wait_until(Duration::from_secs(5), "the agent posting to receiver A", || rx_a.in_flight() > 0).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Every webhook taken so far has reached A (answered, or being
+        // answered: this round's batch too), and some POSTs still run.
+        let taken = accepted.len();
+        wait_until(Duration::from_secs(5), "the round's batch being posted to receiver A", || {
+            let running = rx_a.in_flight();
+            running > 0 && rx_a.count() + running >= taken
+        })
+        .await;
         let before = status(&socket).map(|s| s.reconnects).unwrap_or_default();
         edge.kill9().await;
+        // Down for a moment by design; nothing to wait for.
         tokio::time::sleep(Duration::from_millis(200)).await;
         edge.restart();
         wait_until(Duration::from_secs(15), "the agent reconnected to the restarted edge", || {

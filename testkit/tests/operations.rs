@@ -36,7 +36,16 @@ async fn status_reports_each_state_with_its_exit_code(store: Backing) {
     let (s, _) = post(&client, &edge.hook_url("hooks"), KEY, b"{}".to_vec()).await;
     assert_eq!(s, 200);
     wait_until(Duration::from_secs(10), "delivered", || rx.accepted().len() == 1).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await; // a heartbeat round trip and a Stats frame
+    wait_until(Duration::from_secs(10), "the ack counted, a heartbeat round trip and a Stats frame", || {
+        agent.status().is_ok_and(|s| {
+            s.healthy(now())
+                && s.delivered == 1
+                && s.last_rtt_ms.is_some()
+                && s.channels.first().is_some_and(|c| c.channel == "crm")
+                && s.targets.first().is_some_and(|t| t.last_status == Some(200))
+        })
+    })
+    .await;
     let (code, v) = status_cmd(&socket).await;
     assert_eq!(code, 0, "{v}");
     for field in [
@@ -193,7 +202,15 @@ async fn metrics_move_with_traffic_and_health_reports_redis_down() {
     let (s, _) = post(&client, &edge.hook_url("hooks"), "wrong-key-0", b"{}".to_vec()).await;
     assert_eq!(s, 401);
     wait_until(Duration::from_secs(10), "delivered", || rx.accepted().len() == 5).await;
-    tokio::time::sleep(Duration::from_millis(700)).await; // acks processed, gauges refreshed
+    // The acks processed and the gauges refreshed (every 500 ms) after them.
+    wait_for(Duration::from_secs(10), "acks counted and gauges refreshed", || async {
+        let s = scrape().await;
+        sample(&s, "relay_deliveries_total{channel=\"crm\",outcome=\"acked\"}") == 5.0
+            && sample(&s, "relay_delivery_latency_seconds_count") == 5.0
+            && sample(&s, "relay_stream_length{channel=\"crm\"}") == 5.0
+            && sample(&s, "relay_backlog{channel=\"crm\"}") == 0.0
+    })
+    .await;
     let after = scrape().await;
     assert_eq!(sample(&after, "relay_webhooks_received_total"), 5.0);
     assert_eq!(sample(&after, "relay_ingest_requests_total{route=\"hooks\",status=\"200\"}"), 5.0);
@@ -238,7 +255,13 @@ async fn agents_command_lists_connected_agents() {
     let store = Backing::embedded();
     let certs = Certs::generate();
     let (edge, agent, _rx) = edge_with_agent(edge_config(&store, &certs), &certs, "lan-2").await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let url = format!("http://{}/admin/agents", edge.admin);
+    wait_for(Duration::from_secs(10), "the edge measured a heartbeat round trip", || async {
+        let Ok(resp) = reqwest::get(&url).await else { return false };
+        let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap_or_default()).unwrap_or_default();
+        v["agents"][0]["last_rtt_ms"].is_f64()
+    })
+    .await;
     let (code, out, err) = edge_cli(&edge, &["agents", "--json"]).await;
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");

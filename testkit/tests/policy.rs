@@ -44,6 +44,13 @@ impl Setup {
     }
 }
 
+/// Whether the edge's backlog refresh (every 500 ms) has run: it sets the
+/// `relay_backlog` gauge of `crm`, absent from `/metrics` until then.
+async fn backlog_refreshed(edge: &Edge) -> bool {
+    let Ok(resp) = reqwest::get(format!("http://{}/metrics", edge.admin)).await else { return false };
+    resp.text().await.is_ok_and(|text| text.lines().any(|l| l.starts_with("relay_backlog{channel=\"crm\"} ")))
+}
+
 async fn server_errors_are_retried_until_success(store: Backing) {
     let s = setup(store, |_| {}).await;
     s.rx.script(&[500, 500, 500]);
@@ -137,6 +144,9 @@ async fn a_down_endpoint_pauses_the_channel_instead_of_burning_attempts(store: B
     .await;
     // Longer than the whole retry budget of this config (8 attempts capped
     // at 500 ms ≈ 2.5 s): without the pause everything would be dead letters.
+    // negative check: nothing to wait for — a paused agent posts nothing and
+    // reports no probe count, so only the budget's time passing shows that
+    // it holds the deliveries instead of spending attempts.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(xlen(&s.store, "crm", "dlq").await, 0, "nothing dead-lettered while the endpoint is down");
     let st = agent.status().expect("status");
@@ -204,7 +214,7 @@ async fn expired_entries_go_to_the_dlq_instead_of_vanishing(store: Backing) {
 
 async fn the_backlog_cap_answers_503_until_the_agent_drains(store: Backing) {
     let s = setup(store, |c| c.store.max_backlog = 100).await;
-    tokio::time::sleep(Duration::from_millis(600)).await; // first refresh
+    wait_for(Duration::from_secs(10), "the first backlog refresh", || backlog_refreshed(&s.edge)).await;
     s.post_seq(100).await;
     let client = reqwest::Client::new();
     let resp = client

@@ -150,7 +150,9 @@ async fn webhooks_stored_while_no_agent_is_connected_are_delivered_on_connect(st
     // The reference relay's route: POST /webhook with X-API-Key → channel `default`.
     let sent = post_many(&edge.webhook_url(), 200, 16).await;
     assert_eq!(sent.len(), 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nothing to wait for: no agent runs yet, so nothing can reach the
+    // receiver; the edge holds every webhook for the first one that comes.
+    assert_eq!(xlen(&store, "default", "stream").await, 200, "all 200 stored, waiting for an agent");
     assert_eq!(rx.count(), 0);
     let agent = Agent::start(agent_config(&edge, &certs, "lan-2", &[("default", rx.url())]));
     wait_until(Duration::from_secs(20), "backlog delivered", || rx.accepted().len() >= 200).await;

@@ -7,6 +7,12 @@ use std::time::Duration;
 use testkit::procs::*;
 use testkit::*;
 
+/// Waits until `rx` got `n` more requests than it had when called.
+async fn flowing(rx: &Receiver, n: usize) {
+    let from = rx.count();
+    wait_until(Duration::from_secs(20), "deliveries flowing", || rx.count() >= from + n).await;
+}
+
 async fn sigterm_on_edge_and_agent_under_load_loses_nothing(store: Backing) {
     init_tracing();
     let certs = Certs::generate();
@@ -26,18 +32,23 @@ async fn sigterm_on_edge_and_agent_under_load_loses_nothing(store: Backing) {
 
     // Steady load: ~160 webhooks/s from 4 senders.
     let load = Workload::start(&[edge_spec.hook_url()], 4, Duration::from_millis(20), 256);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let taken = || load.accepted.lock().map(|a| a.len()).unwrap_or(0);
+    // Each SIGTERM lands while webhooks flow through the edge and the agent.
+    flowing(&rx, 50).await;
     edge.sigterm().await;
+    // Down for a while by design: the load meets a stopped edge.
     tokio::time::sleep(Duration::from_millis(300)).await;
     edge.restart();
     wait_until(Duration::from_secs(15), "agent reconnected to the new edge", || {
         relay_agent::status::client::query(&socket).is_ok_and(|s| s.connected && s.reconnects >= 1)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    flowing(&rx, 50).await;
     agent.sigterm().await;
     agent.restart();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_connected(&socket).await;
+    flowing(&rx, 50).await;
+    wait_until(Duration::from_secs(20), "over 200 webhooks taken", || taken() > 200).await;
     let (accepted, refused) = load.stop().await;
     assert!(accepted.len() > 200, "the load ran ({} accepted)", accepted.len());
     let report = check_invariant(edge_spec.admin, &rx, &accepted, refused, Duration::from_secs(30)).await;

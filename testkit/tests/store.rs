@@ -113,6 +113,8 @@ async fn stale_entries_are_reclaimed_and_claims_count_deliveries(backing: Backin
     assert_eq!(reader.read("a", &new(), 10).await.expect("read").len(), 2);
     let idle = Duration::from_millis(300);
     assert!(store.autoclaim(CH, "b", idle, 10).await.expect("autoclaim").is_empty(), "not stale yet");
+    // Time must pass by design: idleness is measured by the store's own clock
+    // (Redis, or the embedded file's), which a paused test clock cannot move.
     tokio::time::sleep(idle + Duration::from_millis(100)).await;
     let taken = store.autoclaim(CH, "b", idle, 10).await.expect("autoclaim");
     assert_eq!(ids_of(&taken), ids);
@@ -187,6 +189,8 @@ async fn retention_dead_letters_unacked_entries_and_trims_only_acked_ones(backin
     reader.read("a", &new(), 2).await.expect("read");
     store.ack(CH, &old[..1]).await.expect("ack");
     // old[0] acked, old[1] pending, old[2..] never delivered.
+    // Time must pass by design: entry ages come from their ids' wall-clock
+    // milliseconds, so `old` must be older than `retention` when `young` is new.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let young = append(&store, 1).await;
     let retention = Duration::from_millis(800);
@@ -281,6 +285,8 @@ async fn dedupe_keys_claim_record_and_release(backing: Backing) {
     let short = Duration::from_millis(200);
     let other = relay_edge::store::keys::dedupe("hooks", "def");
     assert_eq!(store.dedupe_claim(&other, short).await.expect("claim"), None);
+    // Time must pass by design: the key expires on the store's clock after
+    // its window (polling a claim would take the key).
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(store.dedupe_claim(&other, short).await.expect("claim"), None, "expired after its window");
 }
@@ -289,6 +295,8 @@ async fn a_blocking_read_returns_as_soon_as_an_entry_arrives(backing: Backing) {
     let store = open(&backing).await;
     let mut reader = store.reader().await.expect("reader");
     let waiting = tokio::spawn(async move { reader.read("a", &new(), 10).await });
+    // negative check: nothing to wait for — a read that waits shows nothing;
+    // give it a moment in which a read that did not wait would have returned.
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(!waiting.is_finished(), "nothing to read: the read waits");
     append(&store, 1).await;
