@@ -1,15 +1,24 @@
 //! Agent configuration: defaults < TOML file < `RELAY_*` environment <
 //! the reference relay's `LOCAL_WEBHOOK_URL`, `MAX_RETRIES`, `RETRY_DELAY`,
 //! `RETRY_MULTIPLIER`. Checked at start; errors name the key.
+//!
+//! The defaults are written once, with a comment per key, in
+//! `relay-agent/config.default.toml` ([`DEFAULT_CONFIG`], the lowest
+//! layer; `relay-agent print-default-config` prints it); the `Default`
+//! impls below are the same values for in-process use, and a test keeps
+//! the two equal. Only `status_socket` is computed at start
+//! ([`default_status_socket`]), so the file shows it commented out.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+
+/// Every key with its default and a comment: `config.default.toml`, the
+/// lowest configuration layer.
+pub const DEFAULT_CONFIG: &str = include_str!("../config.default.toml");
 
 /// Channel of the reference relay's single target.
 pub const LEGACY_CHANNEL: &str = "default";
@@ -143,21 +152,10 @@ pub struct Target {
 }
 
 impl AgentConfig {
+    /// Loads the layers and validates the result.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut fig = Figment::from(Serialized::defaults(AgentConfig::default()));
-        if let Some(path) = path {
-            if !path.is_file() {
-                return Err(ConfigError::Missing(path.to_path_buf()));
-            }
-            fig = fig.merge(Toml::file_exact(path));
-        }
-        fig = fig.merge(Env::prefixed("RELAY_").split("__").ignore(&[
-            "config",
-            "log_format",
-            "admin_url",
-            "admin_token",
-        ]));
-        let mut cfg: AgentConfig = fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        let mut cfg: AgentConfig =
+            relay_runtime::config::load(DEFAULT_CONFIG, path, relay_runtime::config::ENV_PREFIX)?;
         cfg.apply_reference_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;
         Ok(cfg)
@@ -247,6 +245,18 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `config.default.toml` and the `Default` impls cannot drift apart:
+    /// parsed, the file is exactly `AgentConfig::default()`, and it writes
+    /// out every key that has a default (but the `[[target]]` list, empty
+    /// by default, and `status_socket`, computed at start).
+    #[test]
+    fn the_default_config_file_is_the_default_impl() {
+        let unwritten = ["target", "status_socket"];
+        if let Err(why) = relay_runtime::config::check_defaults::<AgentConfig>(DEFAULT_CONFIG, &unwritten) {
+            panic!("relay-agent/config.default.toml: {why}");
+        }
+    }
 
     #[test]
     fn the_default_status_socket_is_never_a_bare_name_in_tmp() {

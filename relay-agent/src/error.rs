@@ -1,18 +1,10 @@
 //! Error types of the agent.
 
-use std::path::PathBuf;
-
 use thiserror::Error;
 
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("config file {} does not exist", .0.display())]
-    Missing(PathBuf),
-    #[error("invalid configuration: {0}")]
-    Invalid(Box<figment::Error>),
-    #[error("invalid configuration: `{key}` {why}")]
-    Key { key: String, why: String },
-}
+/// Configuration that cannot work; the message names the key. Shared with
+/// the edge (it comes with the loader).
+pub use relay_runtime::ConfigError;
 
 /// Why a tunnel session could not start or ended.
 #[derive(Debug, Error)]

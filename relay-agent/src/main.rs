@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use relay_runtime::{LogFormat, Signals};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -26,6 +27,9 @@ enum Command {
     Run,
     /// Load and validate the configuration, then exit.
     CheckConfig,
+    /// Print every configuration key with its default and meaning (the
+    /// built-in config.default.toml), then exit.
+    PrintDefaultConfig,
     /// Show the running agent's tunnel health. Exit 0 connected, 1
     /// disconnected or stale, 2 not running.
     Status {
@@ -55,6 +59,10 @@ fn main() -> ExitCode {
             }
             ExitCode::from(relay_agent::status::client::run(&socket, json))
         }
+        Command::PrintDefaultConfig => {
+            print!("{}", relay_agent::config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig => match relay_agent::AgentConfig::load(cli.config.as_deref()) {
             Ok(_) => {
                 println!("configuration is valid");
@@ -66,7 +74,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run => {
-            init_tracing(cli.log_format);
+            relay_runtime::init_logging(cli.log_format);
             let cfg = match relay_agent::AgentConfig::load(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
@@ -84,48 +92,20 @@ fn main() -> ExitCode {
                 }
             };
             let shutdown = CancellationToken::new();
-            match rt.block_on(async {
-                tokio::spawn(signals(shutdown.clone()));
-                relay_agent::run(cfg, shutdown).await
-            }) {
+            let ran = rt.block_on(async {
+                // Handlers before the tunnel starts: from then on SIGTERM
+                // and SIGINT are a clean shutdown, never an abrupt exit.
+                tokio::spawn(Signals::shutdown()?.cancel_on_shutdown(shutdown.clone()));
+                relay_agent::run(cfg, shutdown).await?;
+                Ok::<(), anyhow::Error>(())
+            });
+            match ran {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("relay-agent: {e}");
+                    eprintln!("relay-agent: {e:#}");
                     ExitCode::FAILURE
                 }
             }
         }
     }
-}
-
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
-}
-
-/// Human lines by default; `--log-format json` for journald/Loki. Level
-/// from `RUST_LOG` (default `info`: one line per state change; `debug`
-/// adds one line per webhook).
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-    }
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }

@@ -57,3 +57,14 @@ fn shipped_example_config_parses() {
         assert!(out.status.success(), "{example}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// `print-default-config` prints the built-in defaults, which are the
+/// file in the repository (`config.default.toml`), and needs no config.
+#[test]
+fn print_default_config_prints_the_built_in_defaults() {
+    let out = bin().arg("print-default-config").output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.default.toml");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), std::fs::read_to_string(file).expect("config.default.toml"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), relay_agent::config::DEFAULT_CONFIG);
+}

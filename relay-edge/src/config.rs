@@ -1,6 +1,10 @@
 //! Edge configuration: defaults < TOML file < `RELAY_*` environment <
 //! the reference Go relay's flat variables (`API_KEY`, `REDIS_URL`, …).
 //!
+//! The defaults are written once, with a comment per key, in
+//! `relay-edge/config.default.toml` ([`DEFAULT_CONFIG`], the lowest layer;
+//! `relay-edge print-default-config` prints it); the `Default` impls below
+//! are the same values for in-process use, and a test keeps the two equal.
 //! Every key has a default that works for a local trial; [`EdgeConfig::validate`]
 //! names the key and the reason for anything that cannot work.
 
@@ -10,11 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+
+/// Every key with its default and a comment: `config.default.toml`, the
+/// lowest configuration layer.
+pub const DEFAULT_CONFIG: &str = include_str!("../config.default.toml");
 
 /// Name of the route behind `POST /webhook` (reference relay compatibility).
 pub const LEGACY_ROUTE: &str = "webhook";
@@ -477,20 +483,7 @@ impl<'de> Deserialize<'de> for Secret {
 impl EdgeConfig {
     /// Loads the layers and validates the result.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut fig = Figment::from(Serialized::defaults(EdgeConfig::default()));
-        if let Some(path) = path {
-            if !path.is_file() {
-                return Err(ConfigError::Missing(path.to_path_buf()));
-            }
-            fig = fig.merge(Toml::file_exact(path));
-        }
-        fig = fig.merge(Env::prefixed("RELAY_").split("__").ignore(&[
-            "config",
-            "log_format",
-            "admin_url",
-            "admin_token",
-        ]));
-        let mut cfg: EdgeConfig = fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        let mut cfg: EdgeConfig = relay_runtime::config::load(DEFAULT_CONFIG, path, relay_runtime::config::ENV_PREFIX)?;
         cfg.apply_reference_env(|k| std::env::var(k).ok())?;
         cfg.read_revoked_file()?;
         cfg.admin.read_token_file()?;
@@ -788,7 +781,21 @@ pub(crate) fn parse_reference_duration(s: &str) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    use figment::Figment;
+    use figment::providers::{Format, Toml};
+
     use super::*;
+
+    /// `config.default.toml` and the `Default` impls cannot drift apart:
+    /// parsed, the file is exactly `EdgeConfig::default()`, and it writes
+    /// out every key that has a default (the `[[route]]` and `[[agent]]`
+    /// lists are empty by default; the file shows them commented out).
+    #[test]
+    fn the_default_config_file_is_the_default_impl() {
+        if let Err(why) = relay_runtime::config::check_defaults::<EdgeConfig>(DEFAULT_CONFIG, &["route", "agent"]) {
+            panic!("relay-edge/config.default.toml: {why}");
+        }
+    }
 
     #[test]
     fn revoked_serials_may_have_an_odd_number_of_hex_digits() {
@@ -845,10 +852,8 @@ mod tests {
             channels = ["default"]
             api_keys = ["legacy-key-123"]
         "#;
-        let from_toml: EdgeConfig = Figment::from(Serialized::defaults(EdgeConfig::default()))
-            .merge(Toml::string(toml))
-            .extract()
-            .expect("toml");
+        let from_toml: EdgeConfig =
+            Figment::from(Toml::string(DEFAULT_CONFIG)).merge(Toml::string(toml)).extract().expect("toml");
         let mut from_env = EdgeConfig::default();
         from_env
             .apply_reference_env(|k| {

@@ -7,16 +7,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use thiserror::Error;
 
-/// Configuration that cannot work; the message names the key.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("config file {} does not exist", .0.display())]
-    Missing(PathBuf),
-    #[error("invalid configuration: {0}")]
-    Invalid(Box<figment::Error>),
-    #[error("invalid configuration: `{key}` {why}")]
-    Key { key: String, why: String },
-}
+/// Configuration that cannot work; the message names the key. Shared with
+/// the agent (it comes with the loader).
+pub use relay_runtime::ConfigError;
 
 /// Failures of the store (either backend).
 #[derive(Debug, Error)]

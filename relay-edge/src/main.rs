@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use relay_edge::admin::cli;
+use relay_runtime::{LogFormat, Request, Signals};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -27,6 +28,9 @@ enum Command {
     Run,
     /// Load and validate the configuration, then exit.
     CheckConfig,
+    /// Print every configuration key with its default and meaning (the
+    /// built-in config.default.toml), then exit.
+    PrintDefaultConfig,
     /// Make development certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -139,9 +143,13 @@ enum CertsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    relay_runtime::init_logging(cli.log_format);
     match cli.command.unwrap_or(Command::Run) {
         Command::Certs(cmd) => certs(cmd),
+        Command::PrintDefaultConfig => {
+            print!("{}", relay_edge::config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
         Command::Dlq { command, admin } => admin_command(cli.config.as_deref(), admin, |now, channels| {
             Ok(match command {
                 DlqCommand::List { channel, limit } => cli::Command::List { channel, limit },
@@ -210,50 +218,30 @@ fn main() -> ExitCode {
 async fn serve(cfg: relay_edge::EdgeConfig, path: Option<PathBuf>) -> anyhow::Result<()> {
     // Handlers first: once a port answers, SIGTERM means a clean shutdown
     // and SIGHUP a reload, never the signals' default action (exit).
-    use tokio::signal::unix::{SignalKind, signal};
-    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()));
-    let (Ok(term), Ok(int), Ok(hup)) = handlers else {
-        anyhow::bail!("cannot install the SIGTERM/SIGINT/SIGHUP handlers");
-    };
+    let signals = Signals::shutdown_and_reload()?;
     let listeners = relay_edge::Listeners::bind(&cfg).await?;
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(signals(Signals { term, int, hup }, shutdown.clone(), reload_tx, path));
+    tokio::spawn(on_signals(signals, shutdown.clone(), reload_tx, path));
     relay_edge::run(cfg, listeners, shutdown, reload_rx).await?;
     Ok(())
 }
 
-/// The installed handlers of the signals the edge acts on.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
 /// SIGINT or SIGTERM cancel the one shutdown token; SIGHUP reloads the
 /// configuration (a bad one is logged and the running one kept).
-async fn signals(
-    s: Signals,
+async fn on_signals(
+    mut signals: Signals,
     shutdown: CancellationToken,
     reload: tokio::sync::mpsc::Sender<relay_edge::EdgeConfig>,
     path: Option<PathBuf>,
 ) {
-    let Signals { mut term, mut int, mut hup } = s;
-    loop {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-            _ = hup.recv() => {
-                match relay_edge::EdgeConfig::load(path.as_deref()) {
-                    Ok(cfg) => {
-                        let _ = reload.send(cfg).await;
-                    }
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),
-                }
-                continue;
+    while signals.recv().await == Request::Reload {
+        match relay_edge::EdgeConfig::load(path.as_deref()) {
+            Ok(cfg) => {
+                let _ = reload.send(cfg).await;
             }
+            Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),
         }
-        break;
     }
     shutdown.cancel();
 }
@@ -351,23 +339,4 @@ fn certs(cmd: CertsCommand) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Human lines by default; `--log-format json` for journald/Loki. Level
-/// from `RUST_LOG` (default `info`: one line per state change; `debug`
-/// adds one line per webhook).
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(false).init(),
-    }
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }

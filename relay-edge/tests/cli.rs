@@ -122,6 +122,17 @@ fn shipped_example_configs_parse() {
     }
 }
 
+/// `print-default-config` prints the built-in defaults, which are the
+/// file in the repository (`config.default.toml`), and needs no config.
+#[test]
+fn print_default_config_prints_the_built_in_defaults() {
+    let out = bin().arg("print-default-config").output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.default.toml");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), std::fs::read_to_string(file).expect("config.default.toml"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), relay_edge::config::DEFAULT_CONFIG);
+}
+
 /// `systemd-analyze verify` on both shipped units (pointing ExecStart at the
 /// built binaries). CI installs systemd when it is missing.
 #[test]

@@ -1,0 +1,25 @@
+//! The one `tracing` subscriber of both binaries: to stderr, human lines
+//! by default or JSON objects for journald/Loki (`--log-format json`).
+//! Level from `RUST_LOG`; default `info`: one line per state change
+//! (`debug` adds one line per webhook).
+
+use tracing_subscriber::EnvFilter;
+
+/// Log output: `--log-format` (env `RELAY_LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    // No doc comments on the variants: clap would print them in `--help`.
+    Human,
+    Json,
+}
+
+/// Installs the global subscriber. Only one installed before (by a test)
+/// can make this fail, and that one is then kept.
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().with_current_span(false).try_init(),
+    };
+}
