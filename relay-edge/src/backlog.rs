@@ -6,16 +6,15 @@
 //! Over the cap, ingest answers `503` + `Retry-After` (Meta retries) and
 //! stores nothing: nothing unacknowledged is ever dropped to make room.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::AppState;
 use crate::error::IngestError;
-use crate::metrics::ChannelLabels;
-use crate::store::{Backend, StreamId};
+use crate::metrics::{ChannelLabels, Metrics};
+use crate::store::{Backend, Store, StreamId};
 
 #[derive(Default)]
 pub struct Backlog {
@@ -93,14 +92,22 @@ impl Backlog {
     }
 }
 
-pub async fn refresh_loop(state: std::sync::Arc<AppState>, shutdown: CancellationToken) {
+/// Refreshes `backlog` (and the channel gauges of `metrics`) from the
+/// store every 500 ms, for each of `channels`, until `shutdown`.
+pub async fn refresh_loop(
+    backlog: Arc<Backlog>,
+    store: Store,
+    channels: BTreeSet<String>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     loop {
-        for ch in state.cfg.all_channels() {
-            match state.store.snapshot(&ch).await {
+        for ch in &channels {
+            match store.snapshot(ch).await {
                 Ok(snap) => {
-                    state.backlog.refreshed(&ch, snap.unacked(), snap.last_id);
+                    backlog.refreshed(ch, snap.unacked(), snap.last_id);
                     let labels = ChannelLabels { channel: ch.clone() };
-                    let m = &state.metrics;
+                    let m = &metrics;
                     m.backlog.get_or_create(&labels).set(snap.unacked() as i64);
                     m.oldest_pending_seconds
                         .get_or_create(&labels)

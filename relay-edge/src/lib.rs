@@ -22,6 +22,12 @@
 //! - [`backlog`]: the per-channel backlog cap; [`retention`]: expiry into the
 //!   DLQ and trimming by age; [`metrics`]; [`config`]; [`error`].
 //! - [`certs`]: `relay-edge certs …`, dev CA and certificates.
+//!
+//! Each listener's router has its own state, holding only what it uses:
+//! [`ingest::IngestState`], [`tunnel::TunnelState`], [`admin::AdminState`].
+//! They share the store, the metrics, the backlog counts and (tunnel and
+//! admin) the session registry; [`run`] builds them and the loops of
+//! [`backlog`] and [`retention`], which take their parts one by one.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -37,12 +43,9 @@ pub mod store;
 pub mod tls;
 pub mod tunnel;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::sync::RwLock;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -54,67 +57,6 @@ pub use error::{ConfigError, StartError};
 
 use crate::store::Backend;
 use crate::store::Store;
-
-/// State shared by every listener and session.
-pub struct AppState {
-    pub cfg: EdgeConfig,
-    pub store: Store,
-    /// Agent identity → channels granted to it.
-    pub grants: HashMap<String, Vec<String>>,
-    pub registry: tunnel::registry::Registry,
-    pub metrics: metrics::Metrics,
-    /// Unacknowledged entries per channel, for the ingest cap.
-    pub backlog: backlog::Backlog,
-    /// Cancelled once, on SIGINT/SIGTERM (or by a test).
-    pub shutdown: CancellationToken,
-    /// `tunnel.revoked`, replaced on reload.
-    pub revoked: RwLock<Vec<String>>,
-    /// TLS of the tunnel listener, replaced on reload (new cert files);
-    /// sessions already up keep theirs.
-    pub tunnel_tls: RwLock<Arc<rustls::ServerConfig>>,
-    /// The tunnel's client-certificate check, replaced with `tunnel_tls`.
-    pub client_verifier: RwLock<tunnel::tls::Verifier>,
-    /// HTTPS for the ingest listener, replaced on reload (new cert files).
-    pub ingest_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
-    /// Per-IP and per-key rate limiters of the ingest listener.
-    pub limiter: ingest::limit::Limiter,
-}
-
-impl AppState {
-    pub fn is_revoked(&self, ids: &tunnel::tls::CertIds) -> bool {
-        self.revoked.read().unwrap_or_else(|p| p.into_inner()).iter().any(|r| ids.matches(r))
-    }
-
-    /// Whether a session may exist now: its certificate is not revoked and
-    /// the current CA still accepts its chain (also not expired).
-    pub fn admits(&self, session: &tunnel::registry::SessionInfo) -> bool {
-        !self.is_revoked(&session.cert)
-            && self.client_verifier.read().unwrap_or_else(|p| p.into_inner()).admits(&session.chain)
-    }
-
-    /// Applies the reloadable parts of a new configuration (SIGHUP): the
-    /// revocation list — connected sessions it names are dropped — and the
-    /// ingest TLS certificate, re-read from disk. Everything else needs a
-    /// restart.
-    pub fn reload(&self, new: &EdgeConfig) {
-        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = new.tunnel.revoked.clone();
-        match tunnel::tls::tls_and_verifier(&new.tunnel) {
-            Ok((tls, verifier)) => {
-                *self.tunnel_tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
-                *self.client_verifier.write().unwrap_or_else(|p| p.into_inner()) = verifier;
-            }
-            Err(e) => tracing::error!(error = %e, "tunnel TLS reload failed; keeping the previous certificates"),
-        }
-        // After both changes: a session registering meanwhile is either
-        // refused by them or found here.
-        let dropped = self.registry.revoke_matching(|s| !self.admits(s));
-        match ingest::tls_config(&new.ingest) {
-            Ok(tls) => *self.ingest_tls.write().unwrap_or_else(|p| p.into_inner()) = tls,
-            Err(e) => tracing::error!(error = %e, "ingest TLS reload failed; keeping the previous certificate"),
-        }
-        tracing::info!(revoked = new.tunnel.revoked.len(), sessions_dropped = dropped, "configuration reloaded");
-    }
-}
 
 /// The three listeners, bound by the caller so tests can use port 0.
 pub struct Listeners {
@@ -142,8 +84,9 @@ impl Listeners {
 }
 
 /// Runs the edge until `shutdown` is cancelled, then drains for a grace
-/// period. Each configuration received on `reload` is applied with
-/// [`AppState::reload`].
+/// period. Each configuration received on `reload` is applied as
+/// [`tunnel::TunnelState::reload`] and [`ingest::IngestState::reload_tls`]
+/// say; everything else needs a restart.
 pub async fn run(
     mut cfg: EdgeConfig,
     listeners: Listeners,
@@ -163,32 +106,31 @@ pub async fn run(
         }
         Err(e) => return Err(e.into()),
     }
-    let (tls, verifier) = tunnel::tls::tls_and_verifier(&cfg.tunnel)?;
+    let tunnel_tls = tunnel::tls::tls_and_verifier(&cfg.tunnel)?;
     let ingest_tls = ingest::tls_config(&cfg.ingest)?;
-    let metrics = metrics::Metrics::new();
+    // Shared by the subsystems, each a cheap handle; every other part of
+    // their state is one subsystem's own.
+    let metrics = Arc::new(metrics::Metrics::new());
     let store = Store::open(&cfg.store, metrics.store_errors.clone())?;
-    let grants = cfg.agents.iter().map(|a| (a.name.clone(), a.channels.clone())).collect();
+    let backlog = Arc::new(backlog::Backlog::default());
+    let registry = tunnel::registry::Registry::default();
     let (ingest_addr, tunnel_addr, admin_addr) = listeners.addrs();
-    let state = Arc::new(AppState {
-        store,
-        grants,
-        registry: Default::default(),
-        metrics,
-        backlog: Default::default(),
-        shutdown: shutdown.clone(),
-        revoked: RwLock::new(cfg.tunnel.revoked.clone()),
-        ingest_tls: RwLock::new(ingest_tls),
-        tunnel_tls: RwLock::new(tls),
-        client_verifier: RwLock::new(verifier),
-        limiter: ingest::limit::Limiter::new(&cfg.ingest),
-        cfg,
-    });
-    warn_about_config(&state.cfg);
-    tracing::info!(backend = state.cfg.store.backend(), location = %state.cfg.store.location(), "store");
-    match state.store.ping().await {
+    let ingest = Arc::new(ingest::IngestState::new(&cfg, ingest_tls, store.clone(), metrics.clone(), backlog.clone()));
+    let tunnel = Arc::new(tunnel::TunnelState::new(
+        &cfg,
+        tunnel_tls,
+        store.clone(),
+        metrics.clone(),
+        registry.clone(),
+        shutdown.clone(),
+    ));
+    let admin = Arc::new(admin::AdminState::new(&cfg, store.clone(), metrics.clone(), backlog.clone(), registry));
+    warn_about_config(&cfg);
+    tracing::info!(backend = cfg.store.backend(), location = %cfg.store.location(), "store");
+    match store.ping().await {
         Ok(()) => {
-            for ch in state.cfg.all_channels() {
-                if let Err(e) = state.store.ensure_group(&ch).await {
+            for ch in cfg.all_channels() {
+                if let Err(e) = store.ensure_group(&ch).await {
                     tracing::warn!(channel = %ch, error = %e, "cannot create consumer group yet");
                 }
             }
@@ -200,11 +142,13 @@ pub async fn run(
     tracing::info!(%ingest_addr, %tunnel_addr, %admin_addr, "relay-edge listening");
 
     let tracker = TaskTracker::new();
-    tracker.spawn(ingest::serve(listeners.ingest, state.clone(), shutdown.clone(), tracker.clone()));
-    tracker.spawn(admin::serve(listeners.admin, state.clone(), shutdown.clone(), tracker.clone()));
-    tracker.spawn(tunnel::serve(listeners.tunnel, state.clone(), shutdown.clone(), tracker.clone()));
-    tracker.spawn(retention::run(state.clone(), shutdown.clone()));
-    tracker.spawn(backlog::refresh_loop(state.clone(), shutdown.clone()));
+    let admin_limits = admin::limits(&cfg.ingest);
+    tracker.spawn(ingest::serve(listeners.ingest, ingest.clone(), shutdown.clone(), tracker.clone()));
+    tracker.spawn(admin::serve(listeners.admin, admin, admin_limits, shutdown.clone(), tracker.clone()));
+    tracker.spawn(tunnel::serve(listeners.tunnel, tunnel.clone(), shutdown.clone(), tracker.clone()));
+    let max_age = cfg.store.retention;
+    tracker.spawn(retention::run(store.clone(), cfg.all_channels(), max_age, metrics.clone(), shutdown.clone()));
+    tracker.spawn(backlog::refresh_loop(backlog, store, cfg.all_channels(), metrics, shutdown.clone()));
     tracker.close();
 
     // systemd (Type=notify): ready once the listeners run; watchdog pings
@@ -220,7 +164,7 @@ pub async fn run(
             }
             Some(new) = reload.recv() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-                state.reload(&new);
+                apply_reload(&ingest, &tunnel, &new);
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
         }
@@ -233,6 +177,16 @@ pub async fn run(
         tracing::info!("drained");
     }
     Ok(())
+}
+
+/// Applies the reloadable parts of a new configuration (SIGHUP): the
+/// tunnel's revocation list and certificates — connected sessions they no
+/// longer admit are dropped — and the ingest TLS certificate, re-read from
+/// disk. Everything else needs a restart.
+fn apply_reload(ingest: &ingest::IngestState, tunnel: &tunnel::TunnelState, new: &EdgeConfig) {
+    let dropped = tunnel.reload(&new.tunnel);
+    ingest.reload_tls(&new.ingest);
+    tracing::info!(revoked = new.tunnel.revoked.len(), sessions_dropped = dropped, "configuration reloaded");
 }
 
 fn warn_about_config(cfg: &EdgeConfig) {

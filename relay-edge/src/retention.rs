@@ -2,13 +2,14 @@
 //! batches. Entries never acknowledged within `store.retention` move to the
 //! DLQ (reason `expired`) first, so trimming never makes one vanish.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::AppState;
-use crate::store::Backend;
+use crate::metrics::Metrics;
+use crate::store::{Backend, Store};
 
 /// Most batches of one retention pass per channel (each backend batch is
 /// 500–5,000 entries).
@@ -35,24 +36,30 @@ where
     total
 }
 
-/// Trims every channel by age, never cutting unacknowledged entries.
-pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
-    let retention = state.cfg.store.retention;
+/// Trims each of `channels` by age (`retention`, from `store.retention`),
+/// never cutting unacknowledged entries, until `shutdown`.
+pub async fn run(
+    store: Store,
+    channels: BTreeSet<String>,
+    retention: Duration,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        for ch in state.cfg.all_channels() {
+        for ch in &channels {
             // Backends work in bounded batches (each its own transaction or
             // command): repeat until a round finds nothing left.
-            let expired = until_done("expiry", &ch, || state.store.expire(&ch, retention)).await;
+            let expired = until_done("expiry", ch, || store.expire(ch, retention)).await;
             if expired > 0 {
-                state.metrics.expired.inc_by(expired);
+                metrics.expired.inc_by(expired);
                 tracing::warn!(channel = %ch, count = expired, "unacknowledged webhooks reached the retention age; moved to the DLQ with reason `expired`");
             }
-            let removed = until_done("retention trim", &ch, || state.store.trim(&ch, retention)).await;
+            let removed = until_done("retention trim", ch, || store.trim(ch, retention)).await;
             if removed > 0 {
                 tracing::info!(channel = %ch, removed, "retention trimmed acknowledged entries");
             }

@@ -28,12 +28,12 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::AppState;
+use super::AdminState;
 use crate::ingest::auth::secret_eq;
 use crate::store::Backend;
 use crate::store::{DeadEntry, ReplayFrom, StreamId, rfc3339};
 
-pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
+pub fn router(state: Arc<AdminState>) -> Router<Arc<AdminState>> {
     Router::new()
         .route("/admin/dlq/{channel}", get(list))
         .route("/admin/dlq/{channel}/replay", post(replay_dlq))
@@ -44,8 +44,8 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .layer(axum::middleware::from_fn_with_state(state, authorize))
 }
 
-async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(token) = &state.cfg.admin.token {
+async fn authorize(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.cfg.token {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -60,9 +60,9 @@ async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next)
 }
 
 /// Refuses cross-site and DNS-rebound requests (see the module doc).
-pub async fn same_origin_only(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let check_host = state.cfg.admin.token.is_none();
-    if let Err(why) = browser_guard(req.headers(), &state.cfg.admin.listen, check_host) {
+pub async fn same_origin_only(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    let check_host = state.cfg.token.is_none();
+    if let Err(why) = browser_guard(req.headers(), &state.cfg.listen, check_host) {
         tracing::warn!(path = %req.uri().path(), why, "admin request refused");
         return error(StatusCode::FORBIDDEN, "forbidden", format!("{why}; use the relay-edge CLI or curl"));
     }
@@ -148,8 +148,8 @@ fn log_store_error(e: &crate::error::StoreError) {
 }
 
 /// The error answer for a channel no route or agent uses, if it is one.
-fn unknown_channel(state: &AppState, channel: &str) -> Option<Response> {
-    (!state.cfg.all_channels().contains(channel))
+fn unknown_channel(state: &AdminState, channel: &str) -> Option<Response> {
+    (!state.channels.contains(channel))
         .then(|| error(StatusCode::NOT_FOUND, "unknown_channel", format!("no route or agent uses channel `{channel}`")))
 }
 
@@ -200,7 +200,11 @@ const LIST_BYTES: usize = 32 * 1024 * 1024;
 /// Dead letters, oldest first, without headers or bodies (`show` has
 /// them): at most `limit` (≤ [`LIST_MAX`]); `next` is the `after` of the
 /// next page while more remain.
-async fn list(State(state): State<Arc<AppState>>, Path(channel): Path<String>, Query(q): Query<ListQuery>) -> Response {
+async fn list(
+    State(state): State<Arc<AdminState>>,
+    Path(channel): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Response {
     if let Some(r) = unknown_channel(&state, &channel) {
         return r;
     }
@@ -233,7 +237,7 @@ async fn list(State(state): State<Arc<AppState>>, Path(channel): Path<String>, Q
     Json(json!({ "channel": channel, "total": total, "entries": items, "next": next })).into_response()
 }
 
-async fn show(State(state): State<Arc<AppState>>, Path((channel, id)): Path<(String, String)>) -> Response {
+async fn show(State(state): State<Arc<AdminState>>, Path((channel, id)): Path<(String, String)>) -> Response {
     if let Some(r) = unknown_channel(&state, &channel) {
         return r;
     }
@@ -262,7 +266,7 @@ struct ReplayBody {
 /// many replays run at once. Answers what it did (`count`, and the first
 /// [`LIST_MAX`] ids), also when it stopped early (`stopped`).
 async fn replay_dlq(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<AdminState>>,
     Path(channel): Path<String>,
     Json(body): Json<ReplayBody>,
 ) -> Response {
@@ -354,8 +358,8 @@ async fn replay_dlq(
 }
 
 /// Why a replay stops early, when the channel's backlog is at the cap.
-fn backlog_full(state: &AppState, channel: &str) -> Option<String> {
-    state.backlog.check_one(channel, state.cfg.store.max_backlog).err().map(|e| format!("backlog cap: {e}"))
+fn backlog_full(state: &AdminState, channel: &str) -> Option<String> {
+    state.backlog.check_one(channel, state.max_backlog).err().map(|e| format!("backlog cap: {e}"))
 }
 
 /// Why a replay stops early on a store error (logged, never answered).
@@ -373,7 +377,7 @@ struct PurgeBody {
 }
 
 async fn purge(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<AdminState>>,
     Path(channel): Path<String>,
     Json(body): Json<PurgeBody>,
 ) -> Response {
@@ -408,7 +412,7 @@ struct HistoryBody {
 /// now and its stop point captured before the first page, in pages of
 /// [`HISTORY_PAGE`] while the channel is under `store.max_backlog`.
 /// Answers how many it replayed, also when it stopped early (`stopped`).
-async fn replay_history(State(state): State<Arc<AppState>>, Json(body): Json<HistoryBody>) -> Response {
+async fn replay_history(State(state): State<Arc<AdminState>>, Json(body): Json<HistoryBody>) -> Response {
     if let Some(r) = unknown_channel(&state, &body.channel) {
         return r;
     }
@@ -431,7 +435,7 @@ async fn replay_history(State(state): State<Arc<AppState>>, Json(body): Json<His
                 break Some(why);
             }
             // No more than the cap still takes.
-            let room = state.backlog.headroom(&channel, state.cfg.store.max_backlog);
+            let room = state.backlog.headroom(&channel, state.max_backlog);
             let count = HISTORY_PAGE.min(usize::try_from(room).unwrap_or(HISTORY_PAGE));
             let page = match state.store.replay_page(&channel, from, stop, count).await {
                 Ok(p) => p,
@@ -457,7 +461,7 @@ async fn replay_history(State(state): State<Arc<AppState>>, Json(body): Json<His
 /// History entries replayed per step.
 const HISTORY_PAGE: usize = 500;
 
-async fn agents(State(state): State<Arc<AppState>>) -> Response {
+async fn agents(State(state): State<Arc<AdminState>>) -> Response {
     let list: Vec<Value> = state
         .registry
         .list()

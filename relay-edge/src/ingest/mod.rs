@@ -13,7 +13,7 @@ pub mod fuzz;
 pub mod limit;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -30,12 +30,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::AppState;
-use crate::config::{IngestConfig, LEGACY_ROUTE, RouteConfig};
+use crate::backlog::Backlog;
+use crate::config::{EdgeConfig, IngestConfig, LEGACY_ROUTE, RouteConfig};
 use crate::error::{IngestError, StartError};
-use crate::metrics::IngestLabels;
+use crate::metrics::{IngestLabels, Metrics};
 use crate::server::{ConnCaps, ConnLimits, accept_loop, serve_http};
-use crate::store::Backend;
+use crate::store::{Backend, Store};
 use crate::store::{DEDUPE_PENDING, keys, now_ms};
 
 /// Headers never stored: hop-by-hop ones and credentials (and, besides
@@ -60,7 +60,61 @@ pub const DROPPED_HEADERS: &[&str] = &[
 /// this much) while the `413` is sent; see [`discard`].
 const DRAIN_CAP: u64 = 64 * 1024 * 1024;
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// What the ingest listener works with, and nothing else.
+pub struct IngestState {
+    /// `[ingest]`: deadlines, size limits, trusted proxies, connection caps.
+    cfg: IngestConfig,
+    /// The `[[route]]`s, found by name per request.
+    routes: Vec<RouteConfig>,
+    /// `store.max_backlog`: no channel of a route takes more unacknowledged entries.
+    max_backlog: u64,
+    /// Where webhooks are appended and de-duplication keys kept.
+    store: Store,
+    /// Unacknowledged entries per channel, for the cap (shared with the
+    /// refresh loop and the admin API's replays).
+    backlog: Arc<Backlog>,
+    /// The edge's metrics (shared with every subsystem).
+    metrics: Arc<Metrics>,
+    /// Per-IP and per-key rate limiters.
+    limiter: limit::Limiter,
+    /// HTTPS, when `tls_cert`/`tls_key` are set; replaced on reload (new
+    /// cert files).
+    tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
+}
+
+impl IngestState {
+    /// `tls` is [`tls_config`]'s answer for `cfg.ingest`.
+    pub fn new(
+        cfg: &EdgeConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        backlog: Arc<Backlog>,
+    ) -> Self {
+        Self {
+            cfg: cfg.ingest.clone(),
+            routes: cfg.routes.clone(),
+            max_backlog: cfg.store.max_backlog,
+            store,
+            backlog,
+            metrics,
+            limiter: limit::Limiter::new(&cfg.ingest),
+            tls: RwLock::new(tls),
+        }
+    }
+
+    /// Re-reads the HTTPS certificate named by a reloaded `[ingest]`; on
+    /// an error the previous one stays. Nothing else of `[ingest]` is
+    /// reloaded.
+    pub fn reload_tls(&self, new: &IngestConfig) {
+        match tls_config(new) {
+            Ok(tls) => *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls,
+            Err(e) => tracing::error!(error = %e, "ingest TLS reload failed; keeping the previous certificate"),
+        }
+    }
+}
+
+pub fn router(state: Arc<IngestState>) -> Router {
     Router::new()
         .route("/webhook", post(legacy))
         .route("/hooks/{route}", post(hook).get(verify))
@@ -73,11 +127,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// agents, addresses, channel names or store round trip), rate-limited per
 /// client IP. The full view is the admin listener's `/health`.
 async fn liveness(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<IngestState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let ip = client_ip(peer, &headers, &state.cfg.ingest.trusted_proxies);
+    let ip = client_ip(peer, &headers, &state.cfg.trusted_proxies);
     match state.limiter.check_health(crate::server::cap_key(ip)) {
         Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({ "status": "ok" }))).into_response(),
         Err(e) => e.into_response(),
@@ -99,9 +153,9 @@ pub fn tls_config(cfg: &IngestConfig) -> Result<Option<Arc<rustls::ServerConfig>
     Ok(Some(Arc::new(config)))
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(listener: TcpListener, state: Arc<IngestState>, shutdown: CancellationToken, tracker: TaskTracker) {
     let app = router(state.clone());
-    let cfg = &state.cfg.ingest;
+    let cfg = &state.cfg;
     let limits = ConnLimits {
         header_timeout: cfg.header_timeout,
         max_headers: cfg.max_headers,
@@ -128,7 +182,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
     accept_loop("ingest", listener, caps, shutdown, tracker, move |tcp, addr| {
         let app = app.clone();
         let shutdown = conn_shutdown.clone();
-        let tls = state.ingest_tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let tls = state.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
         async move {
             match tls {
                 None => serve_http(tcp, addr, app, (), limits, shutdown).await,
@@ -151,7 +205,7 @@ struct KeyQuery {
 }
 
 async fn legacy(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<IngestState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(q): Query<KeyQuery>,
     req: Request,
@@ -161,7 +215,7 @@ async fn legacy(
 }
 
 async fn hook(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<IngestState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(route): Path<String>,
     Query(q): Query<KeyQuery>,
@@ -172,7 +226,7 @@ async fn hook(
 }
 
 async fn hook_with_key(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<IngestState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((route, key)): Path<(String, String)>,
     req: Request,
@@ -200,14 +254,20 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> I
     hops.into_iter().rev().find(|ip| !trusted.contains(ip)).unwrap_or(peer.ip())
 }
 
-async fn accept(state: &AppState, peer: SocketAddr, route_name: &str, key: Option<String>, req: Request) -> Response {
+async fn accept(
+    state: &IngestState,
+    peer: SocketAddr,
+    route_name: &str,
+    key: Option<String>,
+    req: Request,
+) -> Response {
     let started = std::time::Instant::now();
-    let route = state.cfg.routes.iter().find(|r| r.name == route_name);
+    let route = state.routes.iter().find(|r| r.name == route_name);
     // One deadline for the whole request: past it, a body still being read
     // is the client's fault (408), a write still running is the store's (503).
     let body_read = std::sync::atomic::AtomicBool::new(false);
     let result = match tokio::time::timeout(
-        state.cfg.ingest.request_timeout,
+        state.cfg.request_timeout,
         store_webhook(state, peer, route, route_name, key, req, &body_read),
     )
     .await
@@ -239,7 +299,7 @@ async fn accept(state: &AppState, peer: SocketAddr, route_name: &str, key: Optio
 }
 
 async fn store_webhook(
-    state: &AppState,
+    state: &IngestState,
     peer: SocketAddr,
     route: Option<&RouteConfig>,
     route_name: &str,
@@ -247,7 +307,7 @@ async fn store_webhook(
     req: Request,
     body_read: &std::sync::atomic::AtomicBool,
 ) -> Result<serde_json::Value, IngestError> {
-    let cfg = &state.cfg.ingest;
+    let cfg = &state.cfg;
     let client = client_ip(peer, req.headers(), &cfg.trusted_proxies);
     // Per IPv6 /64 (one host usually holds a whole /64), as the connection caps count.
     state.limiter.check_ip(crate::server::cap_key(client))?;
@@ -350,7 +410,11 @@ pub fn check_body(route: &RouteConfig, headers: &HeaderMap, body: &[u8]) -> Resu
 
 /// `None`: this request is the first of its body within the window.
 /// `Some(answer)`: a duplicate; the first request's answer.
-async fn claim_dedupe(state: &AppState, key: &str, window: Duration) -> Result<Option<serde_json::Value>, IngestError> {
+async fn claim_dedupe(
+    state: &IngestState,
+    key: &str,
+    window: Duration,
+) -> Result<Option<serde_json::Value>, IngestError> {
     let unavailable = |e: crate::error::StoreError| {
         tracing::warn!(error = %e, "de-duplication lookup failed");
         IngestError::StoreUnavailable
@@ -378,14 +442,14 @@ async fn claim_dedupe(state: &AppState, key: &str, window: Duration) -> Result<O
 }
 
 async fn append(
-    state: &AppState,
+    state: &IngestState,
     route: &RouteConfig,
     route_name: &str,
     parts: &axum::http::request::Parts,
     body: bytes::Bytes,
     client: IpAddr,
 ) -> Result<serde_json::Value, IngestError> {
-    if let Err(e) = state.backlog.check(&route.channels, state.cfg.store.max_backlog) {
+    if let Err(e) = state.backlog.check(&route.channels, state.max_backlog) {
         state.metrics.backlog_rejected.inc();
         tracing::warn!(route = route_name, error = %e, "ingest refused: backlog cap reached");
         return Err(e);
@@ -423,8 +487,8 @@ async fn append(
     Ok(answer)
 }
 
-fn find_route<'a>(state: &'a AppState, name: &str) -> Result<&'a RouteConfig, IngestError> {
-    state.cfg.routes.iter().find(|r| r.name == name).ok_or_else(|| unknown_route(name))
+fn find_route<'a>(state: &'a IngestState, name: &str) -> Result<&'a RouteConfig, IngestError> {
+    state.routes.iter().find(|r| r.name == name).ok_or_else(|| unknown_route(name))
 }
 
 /// The error for a route name taken from the URL: cut to 64 characters and
@@ -523,7 +587,7 @@ struct VerifyQuery {
 }
 
 async fn verify(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<IngestState>>,
     Path(route): Path<String>,
     Query(q): Query<VerifyQuery>,
 ) -> Response {
@@ -531,7 +595,7 @@ async fn verify(
 }
 
 async fn verify_with_key(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<IngestState>>,
     Path((route, _key)): Path<(String, String)>,
     Query(q): Query<VerifyQuery>,
 ) -> Response {
@@ -540,7 +604,7 @@ async fn verify_with_key(
 
 /// Meta's subscription handshake: echo `hub.challenge` when the token
 /// matches the route's `verify_token`. No signature is demanded here.
-fn meta_verify(state: &AppState, route: &str, q: VerifyQuery) -> Response {
+fn meta_verify(state: &IngestState, route: &str, q: VerifyQuery) -> Response {
     let route = match find_route(state, route) {
         Ok(r) => r,
         Err(e) => return e.into_response(),

@@ -10,8 +10,9 @@ pub mod registry;
 pub mod session;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use axum::extract::{State, WebSocketUpgrade};
@@ -24,8 +25,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::AppState;
+use crate::config::{EdgeConfig, TunnelConfig};
+use crate::metrics::Metrics;
 use crate::server::{ConnCaps, ConnLimits, accept_loop, serve_http};
+use crate::store::Store;
+use registry::{Registry, SessionInfo};
 
 /// Who is on the other end of a tunnel connection.
 #[derive(Debug, Clone)]
@@ -40,12 +44,90 @@ pub struct Peer {
     pub chain: Arc<Vec<rustls_pki_types::CertificateDer<'static>>>,
 }
 
+/// What the tunnel listener and its sessions work with, and nothing else.
+pub struct TunnelState {
+    /// `[tunnel]` as at start: timeouts, frame and window limits, caps. Its
+    /// `revoked` is only the first value of the `revoked` field below.
+    cfg: TunnelConfig,
+    /// Agent identity → channels granted to it.
+    grants: HashMap<String, Vec<String>>,
+    /// Where sessions read entries and settle verdicts.
+    store: Store,
+    /// The edge's metrics (shared with every subsystem).
+    metrics: Arc<Metrics>,
+    /// One live session per agent (shared with the admin listener, which lists them).
+    registry: Registry,
+    /// Cancelled once, on SIGINT/SIGTERM (or by a test); every session's
+    /// kick token is a child of it.
+    shutdown: CancellationToken,
+    /// `tunnel.revoked`, replaced on reload.
+    revoked: RwLock<Vec<String>>,
+    /// TLS of the tunnel listener, replaced on reload (new cert files);
+    /// sessions already up keep theirs.
+    server_tls: RwLock<Arc<rustls::ServerConfig>>,
+    /// The client-certificate check, replaced with `server_tls`.
+    client_verifier: RwLock<tls::Verifier>,
+}
+
+impl TunnelState {
+    /// The TLS pair is [`tls::tls_and_verifier`]'s answer for `cfg.tunnel`.
+    pub fn new(
+        cfg: &EdgeConfig,
+        (server_tls, verifier): (Arc<rustls::ServerConfig>, tls::Verifier),
+        store: Store,
+        metrics: Arc<Metrics>,
+        registry: Registry,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            cfg: cfg.tunnel.clone(),
+            grants: cfg.agents.iter().map(|a| (a.name.clone(), a.channels.clone())).collect(),
+            store,
+            metrics,
+            registry,
+            shutdown,
+            revoked: RwLock::new(cfg.tunnel.revoked.clone()),
+            server_tls: RwLock::new(server_tls),
+            client_verifier: RwLock::new(verifier),
+        }
+    }
+
+    fn is_revoked(&self, ids: &tls::CertIds) -> bool {
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).iter().any(|r| ids.matches(r))
+    }
+
+    /// Whether a session may exist now: its certificate is not revoked and
+    /// the current CA still accepts its chain (also not expired).
+    fn admits(&self, session: &SessionInfo) -> bool {
+        !self.is_revoked(&session.cert)
+            && self.client_verifier.read().unwrap_or_else(|p| p.into_inner()).admits(&session.chain)
+    }
+
+    /// Applies the reloadable parts of a new `[tunnel]`: the revocation
+    /// list and the certificates (on an error the previous ones stay), then
+    /// drops every connected session they no longer admit; returns how
+    /// many. Nothing else of `[tunnel]` is reloaded.
+    pub fn reload(&self, new: &TunnelConfig) -> usize {
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = new.revoked.clone();
+        match tls::tls_and_verifier(new) {
+            Ok((server_tls, verifier)) => {
+                *self.server_tls.write().unwrap_or_else(|p| p.into_inner()) = server_tls;
+                *self.client_verifier.write().unwrap_or_else(|p| p.into_inner()) = verifier;
+            }
+            Err(e) => tracing::error!(error = %e, "tunnel TLS reload failed; keeping the previous certificates"),
+        }
+        // After both changes: a session registering meanwhile is either
+        // refused by them or found here.
+        self.registry.revoke_matching(|s| !self.admits(s))
+    }
+}
+
 /// Accepts tunnel connections until `shutdown`.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(listener: TcpListener, state: Arc<TunnelState>, shutdown: CancellationToken, tracker: TaskTracker) {
     let router: Router =
         Router::new().route("/", get(upgrade)).route("/tunnel", get(upgrade)).with_state(state.clone());
     let limits = ConnLimits {
-        header_timeout: state.cfg.tunnel.handshake_timeout,
+        header_timeout: state.cfg.handshake_timeout,
         max_headers: 64,
         max_header_bytes: 16 * 1024,
         lifetime: None,
@@ -54,17 +136,17 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
     // Counted until the connection becomes a session (sessions are bounded
     // by one per configured agent identity).
     let caps = ConnCaps {
-        total: state.cfg.tunnel.max_connections,
-        per_ip: state.cfg.tunnel.max_connections_per_ip,
+        total: state.cfg.max_connections,
+        per_ip: state.cfg.max_connections_per_ip,
         exempt: Vec::new(),
     };
     accept_loop("tunnel", listener, caps, shutdown, tracker, move |tcp, addr| {
-        let acceptor = TlsAcceptor::from(state.tunnel_tls.read().unwrap_or_else(|p| p.into_inner()).clone());
+        let acceptor = TlsAcceptor::from(state.server_tls.read().unwrap_or_else(|p| p.into_inner()).clone());
         let router = router.clone();
         let shutdown = conn_shutdown.clone();
         let state = state.clone();
         async move {
-            let handshake_timeout = state.cfg.tunnel.handshake_timeout;
+            let handshake_timeout = state.cfg.handshake_timeout;
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -97,7 +179,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
 }
 
 async fn upgrade(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<TunnelState>>,
     axum::Extension(peer): axum::Extension<Peer>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
@@ -118,7 +200,7 @@ async fn upgrade(
     }
     // Agents send only small frames (verdicts, flow, heartbeats): reading
     // is capped at the agent-frame limit, not the delivery limit.
-    let max = relay_protocol::Limits::MAX_AGENT_FRAME.min(state.cfg.tunnel.max_frame.as_u64() as usize);
+    let max = relay_protocol::Limits::MAX_AGENT_FRAME.min(state.cfg.max_frame.as_u64() as usize);
     ws.protocols([SUBPROTOCOL])
         // 16 KiB instead of tungstenite's 128 KiB each way: idle sessions are
         // the edge's main memory cost, and deliveries are flushed per batch.

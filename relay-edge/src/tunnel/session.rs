@@ -20,10 +20,10 @@ use tokio::sync::mpsc;
 use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::Peer;
+use super::TunnelState;
 use super::fetcher::{Fetcher, deliverable};
 use super::inflight::{Acked, Arrival, Claimed, EntryKey, Grant, Nacked, Send, Table};
 use super::registry::{Kick, Live, SessionInfo};
-use crate::AppState;
 use crate::store::{Backend, DeadLetter, Entry, Stored, StreamId, Unreadable, now_ms};
 
 /// Why a session ended; sent to the agent as `Error { code, message }`.
@@ -44,8 +44,8 @@ const MAX_REASON: usize = 1024;
 /// Fresh backlog figures for the agent, from a helper task.
 type StatsEvent = Vec<relay_protocol::ChannelStats>;
 
-pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
-    let tunnel = &state.cfg.tunnel;
+pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
+    let tunnel = &state.cfg;
     let limits =
         Limits { max_frame: tunnel.max_frame.as_u64() as usize, max_window: tunnel.max_window, ..Limits::default() };
     let session_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
@@ -182,7 +182,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<AppState>) {
     }
 }
 
-fn resolve_channels(state: &AppState, agent: &str, asked: Option<Vec<String>>) -> Result<Vec<String>, Close> {
+fn resolve_channels(state: &TunnelState, agent: &str, asked: Option<Vec<String>>) -> Result<Vec<String>, Close> {
     let Some(granted) = state.grants.get(agent) else {
         return Err(Close::new(
             "unknown_agent",
@@ -258,7 +258,7 @@ async fn recv_frame(ws: &mut WebSocket, limits: &Limits) -> Result<Option<Frame>
 }
 
 struct Session {
-    state: Arc<AppState>,
+    state: Arc<TunnelState>,
     peer: Peer,
     limits: Limits,
     /// Every delivery the agent holds, and the flow control.
@@ -286,7 +286,7 @@ impl Session {
         mut batches: mpsc::Receiver<Vec<Entry>>,
         mut stats_rx: mpsc::Receiver<StatsEvent>,
     ) -> Result<(), Close> {
-        let heartbeat = self.state.cfg.tunnel.heartbeat;
+        let heartbeat = self.state.cfg.heartbeat;
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
@@ -405,7 +405,7 @@ impl Session {
     async fn in_time(&self, write: impl std::future::Future<Output = Result<(), axum::Error>>) -> Result<(), Close> {
         tokio::select! {
             _ = self.kick.token.cancelled() => Err(self.kicked()),
-            r = tokio::time::timeout(self.state.cfg.tunnel.heartbeat * 3, write) => match r {
+            r = tokio::time::timeout(self.state.cfg.heartbeat * 3, write) => match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(Close::new("transport_error", format!("send failed: {e}"))),
                 Err(_) => Err(Close::new("send_timeout", "the agent stopped reading")),
@@ -526,7 +526,7 @@ impl Session {
         retry_after_ms: Option<u64>,
         status: Option<u16>,
     ) {
-        let tunnel = &self.state.cfg.tunnel;
+        let tunnel = &self.state.cfg;
         match self.table.nack(&key, permanent) {
             Nacked::Ignore => {
                 tracing::debug!(agent = %self.peer.agent, entry = %key, "nack for an entry not awaiting a verdict; ignored");
@@ -605,7 +605,7 @@ impl Session {
             Err(e) => {
                 tracing::warn!(agent = %self.peer.agent, entry = %key, error = %e, "redelivery read failed; retrying later");
                 self.table.redelivered(&key, Claimed::Failed);
-                self.schedule(key, self.state.cfg.tunnel.retry_delay);
+                self.schedule(key, self.state.cfg.retry_delay);
                 Ok(())
             }
         }
