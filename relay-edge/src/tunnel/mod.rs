@@ -135,11 +135,8 @@ pub async fn serve(listener: TcpListener, state: Arc<TunnelState>, shutdown: Can
     let conn_shutdown = shutdown.clone();
     // Counted until the connection becomes a session (sessions are bounded
     // by one per configured agent identity).
-    let caps = ConnCaps {
-        total: state.cfg.max_connections,
-        per_ip: state.cfg.max_connections_per_ip,
-        exempt: Vec::new(),
-    };
+    let caps =
+        ConnCaps { total: state.cfg.max_connections, per_ip: state.cfg.max_connections_per_ip, exempt: Vec::new() };
     accept_loop("tunnel", listener, caps, shutdown, tracker, move |tcp, addr| {
         let acceptor = TlsAcceptor::from(state.server_tls.read().unwrap_or_else(|p| p.into_inner()).clone());
         let router = router.clone();
