@@ -7,7 +7,6 @@
 //! Run it with `./scripts/bench.sh` (builds the release binaries first).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -18,8 +17,12 @@ use relay_bench::load::{self, Receiver};
 use relay_bench::proc::{Usage, usage};
 use relay_bench::stats::Latency;
 use serde_json::{Value, json};
+use testkit::RedisServer;
+use testkit::procs::{AgentOpts, EdgeOpts, Proc, routing_for, write_agent_in, write_edge_in};
 
 const KEY: &str = "bench-key-000001";
+/// `RUST_LOG` of the edge and agent processes.
+const LOG: &str = "warn";
 
 #[derive(Parser)]
 #[command(name = "relay-bench", about = "Benchmark of the whole relay path on loopback")]
@@ -47,58 +50,29 @@ struct Args {
     bin_dir: Option<PathBuf>,
 }
 
+/// The processes measured; dropped, each is killed by its own PID.
 struct Procs {
-    redis: Child,
-    edge: Option<Child>,
-    agent: Option<Child>,
+    redis: RedisServer,
+    edge: Option<Proc>,
+    agent: Option<Proc>,
 }
 
 impl Procs {
     /// Which of the edge and agent has exited, if one has.
     fn exited(&mut self) -> Option<String> {
-        for (name, child) in [("relay-edge", &mut self.edge), ("relay-agent", &mut self.agent)] {
-            if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
+        for (name, p) in [("relay-edge", &mut self.edge), ("relay-agent", &mut self.agent)] {
+            if let Some(status) = p.as_mut().and_then(Proc::exited) {
                 return Some(format!("{name} exited ({status})"));
             }
         }
         None
     }
 
-    fn stop_relay(&mut self) {
-        for c in [self.agent.take(), self.edge.take()].into_iter().flatten() {
-            let mut c = c;
-            sigterm(&mut c);
+    async fn stop_relay(&mut self) {
+        for mut p in [self.agent.take(), self.edge.take()].into_iter().flatten() {
+            let _ = p.terminate().await;
         }
     }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in [Some(&mut self.redis), self.edge.as_mut(), self.agent.as_mut()].into_iter().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn spawn(bin: &Path, config: &Path) -> anyhow::Result<Child> {
-    Command::new(bin)
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))
-}
-
-fn sigterm(child: &mut Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
 }
 
 async fn wait_for(what: &str, within: Duration, ok: impl FnMut() -> bool) -> anyhow::Result<()> {
@@ -138,12 +112,16 @@ struct Sample {
     at: Instant,
 }
 
+/// What a process has used so far; nothing once it stopped.
+fn usage_of(p: Option<&Proc>) -> Usage {
+    p.and_then(Proc::pid).map(usage).unwrap_or_default()
+}
+
 fn sample(p: &Procs) -> Sample {
-    let of = |c: &Option<Child>| c.as_ref().map(|c| usage(c.id())).unwrap_or_default();
     Sample {
-        edge: of(&p.edge),
-        agent: of(&p.agent),
-        redis: usage(p.redis.id()),
+        edge: usage_of(p.edge.as_ref()),
+        agent: usage_of(p.agent.as_ref()),
+        redis: p.redis.pid().map(usage).unwrap_or_default(),
         bench: relay_bench::proc::me(),
         at: Instant::now(),
     }
@@ -235,19 +213,10 @@ async fn main() -> anyhow::Result<()> {
     relay_edge::certs::init(d, &["127.0.0.1".into()], false)?;
     relay_edge::certs::agent(d, "lan-1")?;
 
-    let redis_port = free_port()?;
-    let redis = Command::new("redis-server")
-        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-        .args(["--appendfsync", "everysec", "--loglevel", "warning", "--dir"])
-        .arg(d)
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting redis-server (apt-get install -y redis-server)")?;
-    let mut procs = Procs { redis, edge: None, agent: None };
-    let redis_url = format!("redis://127.0.0.1:{redis_port}/0");
+    // AOF with fsync every second, in a temp dir; answering once started.
+    let mut procs = Procs { redis: RedisServer::start(), edge: None, agent: None };
+    let redis_url = procs.redis.url();
     let (rx, rx_addr) = Receiver::start().await;
-    wait_for("redis", Duration::from_secs(5), || std::net::TcpStream::connect(("127.0.0.1", redis_port)).is_ok())
-        .await?;
     let client = load::client();
     let direct = format!("http://{rx_addr}/webhook");
     let secs = args.secs;
@@ -298,7 +267,7 @@ async fn main() -> anyhow::Result<()> {
     for store in [StoreKind::Redis(redis_url.clone()), StoreKind::Embedded(d.join("store").join("relay.redb"))] {
         let v = relay_pass(&ctx, &mut procs, &store).await?;
         stores.insert(store.label().into(), v);
-        procs.stop_relay();
+        procs.stop_relay().await;
     }
     report.insert("stores".into(), Value::Object(stores));
 
@@ -325,16 +294,15 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     // yardstick measured just before the scenario it judges.
     let payload = load::body_1k();
     let redis_cycle = || relay_bench::yardstick::redis_cycle(&ctx.redis_url, &payload, 100, secs);
-    let (ingest, tunnel, admin) = (free_port()?, free_port()?, free_port()?);
     let sub = ctx.dir.join(store.label());
     std::fs::create_dir_all(&sub)?;
     for f in ["ca.pem", "edge.pem", "edge-key.pem", "lan-1.pem", "lan-1-key.pem"] {
         std::fs::copy(ctx.dir.join(f), sub.join(f))?;
     }
-    let edge_cfg =
-        write_edge(&sub, ingest, tunnel, admin, &store.toml(), &["lan-1".to_string()], ctx.args.edge_threads)?;
-    let agent_cfg = write_agent(&sub, "lan-1", tunnel, &ctx.target, ctx.args.window)?;
-    procs.edge = Some(spawn(ctx.edge_bin, &edge_cfg)?);
+    let edge = write_edge_in(&sub, "edge", &edge_opts(&store.toml(), &["lan-1"], ctx.args.edge_threads));
+    let (agent_cfg, _) = write_agent_in(&sub, "lan-1", edge.tunnel, &agent_opts(&ctx.target, ctx.args.window));
+    let ingest = edge.ingest;
+    procs.edge = Some(Proc::start_bin("relay-edge", ctx.edge_bin, &edge.config, LOG));
     wait_relay(procs, "edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok())
         .await?;
     let hook = format!("http://127.0.0.1:{ingest}/hooks/bench");
@@ -379,7 +347,7 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     let mut retained = stored;
     // The ingest runs left a backlog: let the agent drain it before timing.
     let base = rx.count.load(Ordering::Relaxed);
-    procs.agent = Some(spawn(ctx.agent_bin, &agent_cfg)?);
+    procs.agent = Some(Proc::start_bin("relay-agent", ctx.agent_bin, &agent_cfg, LOG));
     wait_relay(procs, "first drain", Duration::from_secs(600), || rx.count.load(Ordering::Relaxed) >= base + stored)
         .await?;
 
@@ -473,7 +441,7 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
 
     // 3. Backlog drain.
     if let Some(mut agent) = procs.agent.take() {
-        sigterm(&mut agent);
+        let _ = agent.terminate().await;
     }
     let started = Instant::now();
     let fill = fill(client, &hook, ctx.args.backlog).await;
@@ -483,7 +451,7 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     let footprint = store.footprint().await?.saturating_sub(footprint0);
     let y_redis100 = redis_cycle().await?;
     let before = rx.count.load(Ordering::Relaxed);
-    procs.agent = Some(spawn(ctx.agent_bin, &agent_cfg)?);
+    procs.agent = Some(Proc::start_bin("relay-agent", ctx.agent_bin, &agent_cfg, LOG));
     let a = sample(procs);
     let t = Instant::now();
     wait_relay(procs, "backlog drain", Duration::from_secs(900), || rx.count.load(Ordering::Relaxed) >= before + fill)
@@ -553,69 +521,30 @@ async fn redis_memory(url: &str) -> anyhow::Result<u64> {
     Ok(info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0))
 }
 
-fn write_edge(
-    d: &Path,
-    ingest: u16,
-    tunnel: u16,
-    admin: u16,
-    store: &str,
-    agents: &[String],
-    threads: usize,
-) -> anyhow::Result<PathBuf> {
-    let dd = d.display();
-    let mut text = format!(
-        r#"
-worker_threads = {threads}
-[ingest]
-listen = "127.0.0.1:{ingest}"
-rate_per_ip = 0
-rate_per_key = 0
-[tunnel]
-listen = "127.0.0.1:{tunnel}"
-cert = "{dd}/edge.pem"
-key = "{dd}/edge-key.pem"
-client_ca = "{dd}/ca.pem"
-max_window = 1000
-[admin]
-listen = "127.0.0.1:{admin}"
-token_file = ""
-[store]
-{store}
-max_backlog = 100000000
-[[route]]
-name = "bench"
-channels = ["bench"]
-api_keys = ["{KEY}"]
-"#
-    );
-    for a in agents {
-        text.push_str(&format!("[[agent]]\nname = \"{a}\"\nchannels = [\"bench\"]\n"));
+/// The bench's edge: the edge's defaults, as in production, but for
+/// `worker_threads` = `threads`, a window cap of 1000 and a backlog cap the
+/// scenarios never reach; route `bench` → channel `bench`, granted to
+/// `agents`; `store` are the `[store]` lines of the backend.
+fn edge_opts(store: &str, agents: &[&str], threads: usize) -> EdgeOpts {
+    EdgeOpts {
+        top: format!("worker_threads = {threads}"),
+        tunnel: "max_window = 1000".into(),
+        store: format!("{store}\nmax_backlog = 100000000"),
+        routing: routing_for("bench", KEY, &["bench"], agents),
+        ..Default::default()
     }
-    let path = d.join(format!("edge-{}.toml", agents.len()));
-    std::fs::write(&path, text)?;
-    Ok(path)
 }
 
-fn write_agent(d: &Path, name: &str, tunnel: u16, target: &str, window: u32) -> anyhow::Result<PathBuf> {
-    let dd = d.display();
-    let path = d.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-edge = "wss://127.0.0.1:{tunnel}"
-cert = "{dd}/{name}.pem"
-key = "{dd}/{name}-key.pem"
-ca = "{dd}/ca.pem"
-status_socket = "{dd}/{name}.sock"
-window = {window}
-[[target]]
-channel = "bench"
-url = "{target}"
-"#
-        ),
-    )?;
-    Ok(path)
+/// The bench's agent: the agent's defaults, as in production, but for
+/// `window`; channel `bench` delivered to `target`.
+fn agent_opts(target: &str, window: u32) -> AgentOpts {
+    AgentOpts {
+        targets: vec![("bench".into(), target.into())],
+        extra: format!("window = {window}"),
+        request_timeout: String::new(),
+        retry: String::new(),
+        fast: false,
+    }
 }
 
 /// Many agents (in this process) on a fresh edge: edge memory and CPU per
@@ -639,17 +568,18 @@ async fn fan_in(
     for name in &names {
         relay_edge::certs::agent(&fan, name)?;
     }
-    let (ingest, tunnel, admin) = (free_port()?, free_port()?, free_port()?);
-    let cfg =
-        write_edge(&fan, ingest, tunnel, admin, &format!("redis_url = \"{redis_url}\""), &names, args.edge_threads)?;
-    let mut edge = spawn(edge_bin, &cfg)?;
+    let grants: Vec<&str> = names.iter().map(String::as_str).collect();
+    let store = format!("redis_url = \"{redis_url}\"");
+    let spec = write_edge_in(&fan, "edge", &edge_opts(&store, &grants, args.edge_threads));
+    let (ingest, tunnel, admin) = (spec.ingest, spec.tunnel, spec.admin);
+    let mut edge = Proc::start_bin("relay-edge", edge_bin, &spec.config, LOG);
     wait_for("fan-in edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok())
         .await?;
-    let rss0 = usage(edge.id());
+    let rss0 = usage_of(Some(&edge));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut agents = Vec::new();
     for name in &names {
-        let path = write_agent(&fan, name, tunnel, &format!("http://{rx_addr}/webhook"), 16)?;
+        let (path, _) = write_agent_in(&fan, name, tunnel, &agent_opts(&format!("http://{rx_addr}/webhook"), 16));
         let cfg = relay_agent::AgentConfig::load(Some(&path))?;
         let token = shutdown.clone();
         agents.push(tokio::spawn(async move {
@@ -669,9 +599,9 @@ async fn fan_in(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let connect_secs = started.elapsed().as_secs_f64();
-    let idle_a = usage(edge.id());
+    let idle_a = usage_of(Some(&edge));
     tokio::time::sleep(Duration::from_secs_f64(args.secs.max(10.0))).await;
-    let idle_b = usage(edge.id());
+    let idle_b = usage_of(Some(&edge));
     let idle_secs = args.secs.max(10.0);
     let rss_per_session_kib = (idle_b.rss_kib.saturating_sub(rss0.rss_kib)) as f64 / n as f64;
     let cpu_per_session_us_per_s = (idle_b.cpu_s - idle_a.cpu_s) * 1e6 / idle_secs / n as f64;
@@ -690,7 +620,7 @@ async fn fan_in(
     for a in agents {
         let _ = a.await;
     }
-    sigterm(&mut edge);
+    let _ = edge.terminate().await;
     Ok(json!({ "agents": n, "connect_s": connect_secs, "edge_rss_mib": idle_b.rss_kib as f64 / 1024.0,
                "edge_rss_kib_per_session": rss_per_session_kib, "edge_idle_cpu_us_per_s_per_session": cpu_per_session_us_per_s,
                "busy_delivered_per_s": busy_rate, "busy_ingest_per_s": run.rate() }))

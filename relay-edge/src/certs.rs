@@ -131,11 +131,13 @@ pub fn agent(dir: &Path, name: &str) -> Result<Written, CertError> {
 }
 
 /// Appends a certificate's fingerprint to a revocation list file (created
-/// if missing); returns the line written.
+/// if missing) unless the list already holds it; returns the entry.
 pub fn revoke(cert: &Path, list: &Path) -> Result<String, CertError> {
+    use crate::tunnel::revocation::{Revocation, list_entries};
     let ids = fingerprint(cert)?;
     let existing = fs::read_to_string(list).unwrap_or_default();
-    if existing.lines().any(|l| l.trim().starts_with(&ids.fingerprint)) {
+    let listed = |entry: &str| entry.parse::<Revocation>().is_ok_and(|r| r.to_string() == ids.fingerprint);
+    if list_entries(&existing).any(|(_, entry)| listed(entry)) {
         return Ok(ids.fingerprint);
     }
     let line = format!("{} # {} revoked {}\n", ids.fingerprint, cert.display(), chrono::Utc::now().to_rfc3339());
@@ -157,6 +159,22 @@ pub fn fingerprint(path: &Path) -> Result<crate::tunnel::tls::CertIds, CertError
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn revoke_appends_the_fingerprint_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        super::init(dir.path(), &["localhost".into()], false).expect("init");
+        super::agent(dir.path(), "lan-2").expect("agent");
+        let (cert, list) = (dir.path().join("lan-2.pem"), dir.path().join("revoked.txt"));
+        let id = super::revoke(&cert, &list).expect("revoke");
+        assert_eq!(id, super::fingerprint(&cert).expect("ids").fingerprint);
+        // Listed already, even in capitals and indented: not appended again.
+        let hex = id.strip_prefix("sha256:").expect("a fingerprint").to_ascii_uppercase();
+        std::fs::write(&list, format!("# list\n  sha256:{hex} # lan-2\n")).expect("write list");
+        super::revoke(&cert, &list).expect("revoke again");
+        let text = std::fs::read_to_string(&list).expect("read list");
+        assert_eq!(crate::tunnel::revocation::list_entries(&text).count(), 1, "{text}");
+    }
+
     #[test]
     fn init_then_agent_writes_a_verifiable_chain() {
         use rustls_pki_types::pem::PemObject;

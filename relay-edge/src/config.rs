@@ -17,6 +17,7 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::tunnel::revocation::{Revocation, RevocationError, list_entries};
 
 /// Every key with its default and a comment: `config.default.toml`, the
 /// lowest configuration layer.
@@ -198,6 +199,15 @@ impl Default for TunnelConfig {
             max_connections: 512,
             max_connections_per_ip: 64,
         }
+    }
+}
+
+impl TunnelConfig {
+    /// `revoked` parsed (the grammar is [`crate::tunnel::revocation`]'s),
+    /// with the `revoked_file` entries once [`EdgeConfig::read_revoked_file`]
+    /// added them; the first bad entry is the error.
+    pub fn revocations(&self) -> Result<Vec<Revocation>, RevocationError> {
+        Revocation::parse_all(self.revoked.iter().map(String::as_str))
     }
 }
 
@@ -510,12 +520,17 @@ impl EdgeConfig {
             key: "tunnel.revoked_file".into(),
             why: format!("cannot read {}: {e}", path.display()),
         })?;
-        self.tunnel.revoked.extend(
-            text.lines()
-                .map(|l| l.split('#').next().unwrap_or_default().trim())
-                .filter(|l| !l.is_empty())
-                .map(String::from),
-        );
+        // Checked here, so that a bad entry is named with its file and line.
+        let entries = list_entries(&text)
+            .map(|(line, entry)| match entry.parse::<Revocation>() {
+                Ok(_) => Ok(entry.to_string()),
+                Err(e) => Err(ConfigError::Key {
+                    key: "tunnel.revoked_file".into(),
+                    why: format!("{} line {line}: {e}", path.display()),
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.tunnel.revoked.extend(entries);
         Ok(())
     }
 
@@ -691,20 +706,8 @@ impl EdgeConfig {
         if self.ingest.max_headers == 0 || self.ingest.max_header_bytes.as_u64() < 8192 {
             return Err(bad("ingest.max_header_bytes", "must be at least 8KiB (and max_headers at least 1)".into()));
         }
-        for r in &self.tunnel.revoked {
-            let ok = match r.split_once(':') {
-                Some(("sha256", h)) => h.len() == 64 && hex::decode(h).is_ok(),
-                // Any number of hex digits: serials are printed without
-                // leading zeros, so an odd count is normal.
-                Some(("serial", h)) => {
-                    let h = h.trim_start_matches("0x");
-                    !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit())
-                }
-                _ => false,
-            };
-            if !ok {
-                return Err(bad("tunnel.revoked", format!("`{r}` is not sha256:<64 hex> or serial:<hex>")));
-            }
+        if let Err(e) = self.tunnel.revocations() {
+            return Err(bad("tunnel.revoked", e.to_string()));
         }
         let mut agents = BTreeSet::new();
         for (i, agent) in self.agents.iter().enumerate() {
@@ -882,5 +885,21 @@ mod tests {
         let err =
             cfg.apply_reference_env(|k| (k == "SERVER_PORT").then(|| "eighty".to_string())).expect_err("must fail");
         assert!(err.to_string().contains("SERVER_PORT"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_revoked_file_line_is_named_with_its_file_and_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let list = dir.path().join("revoked.txt");
+        std::fs::write(&list, "# agents\nserial:1f # lan-2\n\nsha256:abcd\n").expect("write list");
+        let mut cfg = EdgeConfig::default();
+        cfg.tunnel.revoked_file = Some(list.clone());
+        let err = cfg.read_revoked_file().expect_err("bad line").to_string();
+        let named = ["tunnel.revoked_file", "revoked.txt line 4", "`sha256:abcd`"];
+        assert!(named.iter().all(|n| err.contains(n)), "{err}");
+        assert!(cfg.tunnel.revoked.is_empty(), "nothing added from a bad list");
+        std::fs::write(&list, "# agents\n  serial:1f # lan-2\n").expect("write list");
+        cfg.read_revoked_file().expect("good list");
+        assert_eq!(cfg.tunnel.revoked, vec!["serial:1f"]);
     }
 }

@@ -1,6 +1,8 @@
 //! The fault-injection harness: the real `relay-edge` and `relay-agent`
 //! binaries as processes (configs written to a temp dir), a steady
-//! workload of unique webhooks, and the end-to-end invariant.
+//! workload of unique webhooks, and the end-to-end invariant. The bench
+//! runs its release binaries with the same [`Proc`] and config writers
+//! ([`EdgeOpts`], [`AgentOpts`] with `fast: false`).
 //!
 //! Processes are stopped only by their own PID: `kill -9` (`Child::kill`)
 //! or `kill -TERM <pid>`.
@@ -23,29 +25,44 @@ pub fn free_port() -> u16 {
 /// One binary run as a process, restartable with the same config.
 pub struct Proc {
     name: &'static str,
+    /// The executable: the tests' build of `name` ([`crate::bin`]) unless
+    /// [`Proc::start_bin`] named another (the bench's release build).
+    bin: PathBuf,
+    /// `RUST_LOG` of the process.
+    log: String,
     config: PathBuf,
     child: Option<Child>,
 }
 
 impl Proc {
+    /// Runs the workspace binary `name` as the tests built it, logging at
+    /// `RELAY_TEST_LOG` (default `error`).
     pub fn start(name: &'static str, config: &Path) -> Self {
-        let mut p = Self { name, config: config.to_path_buf(), child: None };
+        let log = std::env::var("RELAY_TEST_LOG").unwrap_or_else(|_| "error".into());
+        Self::start_bin(name, &bin(name), config, &log)
+    }
+
+    /// Runs the executable `bin` (e.g. a release build) as `name`, with
+    /// `RUST_LOG` = `log`.
+    pub fn start_bin(name: &'static str, bin: &Path, config: &Path, log: &str) -> Self {
+        let mut p =
+            Self { name, bin: bin.to_path_buf(), log: log.to_string(), config: config.to_path_buf(), child: None };
         p.restart();
         p
     }
 
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "{} still running", self.name);
-        let child = Command::new(bin(self.name))
+        let child = Command::new(&self.bin)
             .arg("--config")
             .arg(&self.config)
             .env_remove("RELAY_CONFIG")
-            .env("RUST_LOG", std::env::var("RELAY_TEST_LOG").unwrap_or_else(|_| "error".into()))
+            .env("RUST_LOG", &self.log)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
-            .expect("spawn");
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
         self.child = Some(child);
     }
 
@@ -78,12 +95,28 @@ impl Proc {
 
     /// `kill -TERM <pid>` and wait for a clean exit.
     pub async fn sigterm(&mut self) {
-        let Some(mut c) = self.child.take() else { return };
-        let pid = c.id().expect("running").to_string();
-        let ok = Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill").success();
-        assert!(ok, "kill -TERM {pid}");
-        let exit = tokio::time::timeout(Duration::from_secs(20), c.wait()).await.expect("exits in time").expect("wait");
-        assert!(exit.success(), "{} exits cleanly on SIGTERM, got {exit:?}", self.name);
+        if let Some(exit) = self.terminate().await {
+            let exit = exit.unwrap_or_else(|e| panic!("{e}"));
+            assert!(exit.success(), "{} exits cleanly on SIGTERM, got {exit:?}", self.name);
+        }
+    }
+
+    /// `kill -TERM <pid>` and wait up to 20 s for the exit, without
+    /// judging it: `None` when it was not running, `Err` saying what went
+    /// wrong (then the process is killed, as it is dropped).
+    pub async fn terminate(&mut self) -> Option<Result<std::process::ExitStatus, String>> {
+        let mut c = self.child.take()?;
+        let Some(pid) = c.id() else { return Some(Err(format!("{} had already exited", self.name))) };
+        let pid = pid.to_string();
+        match Command::new("kill").args(["-TERM", &pid]).status().await {
+            Ok(s) if s.success() => {}
+            other => return Some(Err(format!("kill -TERM {pid} ({}): {other:?}", self.name))),
+        }
+        Some(match tokio::time::timeout(Duration::from_secs(20), c.wait()).await {
+            Ok(Ok(exit)) => Ok(exit),
+            Ok(Err(e)) => Err(format!("wait for {} ({pid}): {e}", self.name)),
+            Err(_) => Err(format!("{} ({pid}) did not exit within 20 s of SIGTERM", self.name)),
+        })
     }
 }
 
@@ -113,9 +146,14 @@ pub fn write_edge(certs: &Certs, name: &str, store: &str, reclaim_after: &str) -
 /// The `[[route]]` `hooks` (key [`KEY`]) fanned out to `channels`, and one
 /// `[[agent]]` per name in `agents`, each granted every one of `channels`.
 pub fn routing(channels: &[&str], agents: &[&str]) -> String {
+    routing_for("hooks", KEY, channels, agents)
+}
+
+/// Like [`routing`], for the route `route` with API key `key`.
+pub fn routing_for(route: &str, key: &str, channels: &[&str], agents: &[&str]) -> String {
     let list = |names: &[&str]| names.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
     let channels = list(channels);
-    let mut text = format!("[[route]]\nname = \"hooks\"\nchannels = [{channels}]\napi_keys = [\"{KEY}\"]\n");
+    let mut text = format!("[[route]]\nname = \"{route}\"\nchannels = [{channels}]\napi_keys = [\"{key}\"]\n");
     for agent in agents {
         text.push_str(&format!("[[agent]]\nname = \"{agent}\"\nchannels = [{channels}]\n"));
     }
@@ -126,39 +164,78 @@ pub fn routing(channels: &[&str], agents: &[&str]) -> String {
 /// `routing` (see [`routing`]); [`EdgeSpec::hook_url`] posts to the route
 /// named `hooks`.
 pub fn write_edge_with(certs: &Certs, name: &str, store: &str, reclaim_after: &str, routing: &str) -> EdgeSpec {
-    let d = certs.dir.path().display();
+    write_edge_in(certs.dir.path(), name, &EdgeOpts::fast(store, reclaim_after, routing))
+}
+
+/// What an edge config says besides its listeners (on free loopback
+/// ports), certificates, open admin API and unlimited ingest rates: lines
+/// added to each table, and the routes and agents.
+#[derive(Debug, Clone, Default)]
+pub struct EdgeOpts {
+    /// Top-level lines, e.g. `worker_threads = 1`.
+    pub top: String,
+    /// More `[ingest]` lines.
+    pub ingest: String,
+    /// More `[tunnel]` lines.
+    pub tunnel: String,
+    /// The `[store]` lines: the backend (see [`crate::Backing::toml`]) and more.
+    pub store: String,
+    /// The `[[route]]` and `[[agent]]` tables (see [`routing`]).
+    pub routing: String,
+}
+
+impl EdgeOpts {
+    /// The tests' edge: quick heartbeats, retries and store reads, the
+    /// visibility timeout `reclaim_after` (e.g. `"3s"`), the store lines
+    /// `store` and the tables `routing`.
+    pub fn fast(store: &str, reclaim_after: &str, routing: &str) -> Self {
+        Self {
+            top: String::new(),
+            ingest: "request_timeout = \"5s\"".into(),
+            tunnel: format!("heartbeat = \"300ms\"\nretry_delay = \"100ms\"\nreclaim_after = \"{reclaim_after}\""),
+            store: format!("{store}\nblock = \"500ms\"\ncommand_timeout = \"1s\""),
+            routing: routing.into(),
+        }
+    }
+}
+
+/// Writes `<dir>/<name>.toml`, an edge config with the certificates
+/// `edge.pem`, `edge-key.pem` and `ca.pem` of `dir`, and `opts`.
+pub fn write_edge_in(dir: &Path, name: &str, opts: &EdgeOpts) -> EdgeSpec {
+    let d = dir.display();
     let spec = EdgeSpec {
         ingest: free_port(),
         tunnel: free_port(),
         admin: free_port(),
-        config: certs.dir.path().join(format!("{name}.toml")),
+        config: dir.join(format!("{name}.toml")),
     };
     let text = format!(
-        r#"
+        r#"{top}
 [ingest]
 listen = "127.0.0.1:{ingest}"
 rate_per_ip = 0
 rate_per_key = 0
-request_timeout = "5s"
+{ingest_extra}
 [tunnel]
 listen = "127.0.0.1:{tunnel}"
 cert = "{d}/edge.pem"
 key = "{d}/edge-key.pem"
 client_ca = "{d}/ca.pem"
-heartbeat = "300ms"
-retry_delay = "100ms"
-reclaim_after = "{reclaim_after}"
+{tunnel_extra}
 [admin]
 listen = "127.0.0.1:{admin}"
 token_file = ""
 [store]
 {store}
-block = "500ms"
-command_timeout = "1s"
 {routing}"#,
+        top = opts.top,
         ingest = spec.ingest,
+        ingest_extra = opts.ingest,
         tunnel = spec.tunnel,
+        tunnel_extra = opts.tunnel,
         admin = spec.admin,
+        store = opts.store,
+        routing = opts.routing,
     );
     std::fs::write(&spec.config, text).expect("write edge config");
     spec
@@ -178,30 +255,56 @@ pub struct AgentOpts {
     pub targets: Vec<(String, String)>,
     /// Top-level lines, e.g. `window = 16`.
     pub extra: String,
-    /// `request_timeout` of a local POST.
+    /// `request_timeout` of a local POST (empty: the agent's default).
     pub request_timeout: String,
     /// More lines of the `[retry]` table, e.g. `max_attempts = 1000`.
     pub retry: String,
+    /// The tests' quick heartbeats, reconnects and retries; `false` keeps
+    /// the agent's defaults, as in production (what the bench measures).
+    pub fast: bool,
 }
 
 impl Default for AgentOpts {
     fn default() -> Self {
-        Self { targets: Vec::new(), extra: String::new(), request_timeout: "2s".into(), retry: String::new() }
+        Self {
+            targets: Vec::new(),
+            extra: String::new(),
+            request_timeout: "2s".into(),
+            retry: String::new(),
+            fast: true,
+        }
     }
 }
 
-/// Writes an agent config for identity `name` dialing `tunnel_port` (fast
-/// heartbeats, reconnects and retries) with `opts`. Returns (config,
-/// status socket).
+/// Writes an agent config for identity `name` dialing `tunnel_port` with
+/// `opts` (by default quick heartbeats, reconnects and retries). Returns
+/// (config, status socket).
 pub fn write_agent_with(certs: &Certs, name: &str, tunnel_port: u16, opts: &AgentOpts) -> (PathBuf, PathBuf) {
-    let d = certs.dir.path().display();
-    let config = certs.dir.path().join(format!("{name}-agent.toml"));
-    let socket = certs.dir.path().join(format!("{name}-agent.sock"));
+    write_agent_in(certs.dir.path(), name, tunnel_port, opts)
+}
+
+/// Writes `<dir>/<name>-agent.toml`, an agent config for identity `name`
+/// with the certificates `<name>.pem`, `<name>-key.pem` and `ca.pem` of
+/// `dir`, dialing `tunnel_port` with `opts`. Returns (config, status socket).
+pub fn write_agent_in(dir: &Path, name: &str, tunnel_port: u16, opts: &AgentOpts) -> (PathBuf, PathBuf) {
+    let d = dir.display();
+    let config = dir.join(format!("{name}-agent.toml"));
+    let socket = dir.join(format!("{name}-agent.sock"));
     let targets: String = opts
         .targets
         .iter()
         .map(|(channel, url)| format!("[[target]]\nchannel = \"{channel}\"\nurl = \"{url}\"\n"))
         .collect();
+    let request_timeout = match opts.request_timeout.as_str() {
+        "" => String::new(),
+        t => format!("request_timeout = \"{t}\"\n"),
+    };
+    let (heartbeat, reconnect, retry_delays) = if opts.fast {
+        let delays = "initial_delay = \"50ms\"\nmax_delay = \"500ms\"\n";
+        ("heartbeat = \"300ms\"\n", format!("[reconnect]\n{delays}"), delays)
+    } else {
+        ("", String::new(), "")
+    };
     let text = format!(
         r#"
 edge = "wss://127.0.0.1:{tunnel_port}"
@@ -209,19 +312,11 @@ cert = "{d}/{name}.pem"
 key = "{d}/{name}-key.pem"
 ca = "{d}/ca.pem"
 status_socket = "{socket}"
-heartbeat = "300ms"
-request_timeout = "{request_timeout}"
-{extra}
-[reconnect]
-initial_delay = "50ms"
-max_delay = "500ms"
-[retry]
-initial_delay = "50ms"
-max_delay = "500ms"
-{retry}
+{heartbeat}{request_timeout}{extra}
+{reconnect}[retry]
+{retry_delays}{retry}
 {targets}"#,
         socket = socket.display(),
-        request_timeout = opts.request_timeout,
         extra = opts.extra,
         retry = opts.retry,
     );

@@ -48,6 +48,7 @@ fn agent_opts(rx_a: &Receiver, rx_b: &Receiver, request_timeout: &str, window: u
         extra: format!("window = {window}"),
         request_timeout: request_timeout.into(),
         retry: "max_attempts = 1000".into(),
+        ..Default::default()
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod fetcher;
 pub mod inflight;
 pub mod registry;
+pub mod revocation;
 pub mod session;
 pub mod tls;
 
@@ -30,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::server::{ConnCaps, ConnLimits, accept_loop, serve_http};
 use crate::store::Store;
 use registry::{Registry, SessionInfo};
+use revocation::Revocation;
 
 /// Who is on the other end of a tunnel connection.
 #[derive(Debug, Clone)]
@@ -60,8 +62,8 @@ pub struct TunnelState {
     /// Cancelled once, on SIGINT/SIGTERM (or by a test); every session's
     /// kick token is a child of it.
     shutdown: CancellationToken,
-    /// `tunnel.revoked`, replaced on reload.
-    revoked: RwLock<Vec<String>>,
+    /// `tunnel.revoked`, parsed once; replaced on reload.
+    revoked: RwLock<Vec<Revocation>>,
     /// TLS of the tunnel listener, replaced on reload (new cert files);
     /// sessions already up keep theirs.
     server_tls: RwLock<Arc<rustls::ServerConfig>>,
@@ -86,14 +88,14 @@ impl TunnelState {
             metrics,
             registry,
             shutdown,
-            revoked: RwLock::new(cfg.tunnel.revoked.clone()),
+            revoked: RwLock::new(revocation_list(&cfg.tunnel)),
             server_tls: RwLock::new(server_tls),
             client_verifier: RwLock::new(verifier),
         }
     }
 
     fn is_revoked(&self, ids: &tls::CertIds) -> bool {
-        self.revoked.read().unwrap_or_else(|p| p.into_inner()).iter().any(|r| ids.matches(r))
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).iter().any(|r| r.names(ids))
     }
 
     /// Whether a session may exist now: its certificate is not revoked and
@@ -108,7 +110,7 @@ impl TunnelState {
     /// drops every connected session they no longer admit; returns how
     /// many. Nothing else of `[tunnel]` is reloaded.
     pub fn reload(&self, new: &TunnelConfig) -> usize {
-        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = new.revoked.clone();
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revocation_list(new);
         match tls::tls_and_verifier(new) {
             Ok((server_tls, verifier)) => {
                 *self.server_tls.write().unwrap_or_else(|p| p.into_inner()) = server_tls;
@@ -120,6 +122,22 @@ impl TunnelState {
         // refused by them or found here.
         self.registry.revoke_matching(|s| !self.admits(s))
     }
+}
+
+/// `tunnel.revoked`, parsed. Validation refuses a bad entry; one that got
+/// here all the same (a caller skipped `validate`) is logged and left out:
+/// it could never name a certificate.
+fn revocation_list(cfg: &TunnelConfig) -> Vec<Revocation> {
+    cfg.revoked
+        .iter()
+        .filter_map(|entry| match entry.parse::<Revocation>() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(error = %e, "tunnel.revoked: entry ignored");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Accepts tunnel connections until `shutdown`.

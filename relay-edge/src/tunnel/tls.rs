@@ -13,6 +13,7 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use crate::config::TunnelConfig;
 use crate::error::StartError;
 use crate::tls::{load_certs, load_key, provider};
+use super::revocation::{Revocation, canonical_serial};
 
 /// Builds the tunnel's server config from `[tunnel]`.
 pub fn server_config(cfg: &TunnelConfig) -> Result<Arc<rustls::ServerConfig>, StartError> {
@@ -67,7 +68,8 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
     })
 }
 
-/// Ids of a certificate that `tunnel.revoked` can name.
+/// Ids of a certificate that `tunnel.revoked` can name, as printed for it
+/// (the grammar and the match are [`super::revocation`]'s).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertIds {
     /// `sha256:<hex>` of the DER encoding.
@@ -79,25 +81,12 @@ pub struct CertIds {
 impl CertIds {
     pub fn of(cert: &CertificateDer<'_>) -> Self {
         use sha2::Digest;
-        let fingerprint = format!("sha256:{}", hex::encode(sha2::Sha256::digest(cert.as_ref())));
+        let fingerprint = Revocation::Fingerprint(hex::encode(sha2::Sha256::digest(cert.as_ref())));
+        // A certificate that does not parse (a verified one does) gets
+        // `serial:`, which no entry names.
         let serial = X509Certificate::from_der(cert.as_ref())
-            .map(|(_, x)| normalize_serial(&hex::encode(x.raw_serial())))
+            .map(|(_, x)| canonical_serial(&hex::encode(x.raw_serial())))
             .unwrap_or_default();
-        Self { fingerprint, serial: format!("serial:{serial}") }
+        Self { fingerprint: fingerprint.to_string(), serial: format!("serial:{serial}") }
     }
-
-    /// True when `entry` (a `tunnel.revoked` item) names this certificate.
-    pub fn matches(&self, entry: &str) -> bool {
-        match entry.split_once(':') {
-            Some(("sha256", h)) => self.fingerprint.eq_ignore_ascii_case(&format!("sha256:{h}")),
-            Some(("serial", h)) => self.serial == format!("serial:{}", normalize_serial(h)),
-            _ => false,
-        }
-    }
-}
-
-fn normalize_serial(h: &str) -> String {
-    let h = h.trim_start_matches("0x").to_ascii_lowercase().replace(':', "");
-    let t = h.trim_start_matches('0');
-    if t.is_empty() { "0".into() } else { t.to_string() }
 }
