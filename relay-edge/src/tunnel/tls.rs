@@ -10,10 +10,10 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
+use super::revocation::{Revocation, canonical_serial};
 use crate::config::TunnelConfig;
 use crate::error::StartError;
 use crate::tls::{load_certs, load_key, provider};
-use super::revocation::{Revocation, canonical_serial};
 
 /// Builds the tunnel's server config from `[tunnel]`.
 pub fn server_config(cfg: &TunnelConfig) -> Result<Arc<rustls::ServerConfig>, StartError> {
