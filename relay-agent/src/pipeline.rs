@@ -342,12 +342,12 @@ impl Pipeline {
     }
 
     /// When the earliest probe of a paused channel is due.
-    pub fn next_probe(&self) -> Option<std::time::Instant> {
+    pub fn next_probe(&self) -> Option<tokio::time::Instant> {
         self.health.values().filter(|h| h.paused && !h.probing).filter_map(|h| h.next_probe).min()
     }
 
     pub fn start_probes(&mut self, cfg: &AgentConfig) {
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         for (channel, h) in self.health.iter_mut() {
             if h.paused && !h.probing && h.next_probe.is_some_and(|t| t <= now) {
                 h.probing = true;

@@ -317,3 +317,32 @@ async fn an_unwritable_token_file_does_not_keep_a_loopback_edge_down() {
     assert_eq!(dlq.status(), 200, "the admin API is open to loopback, as without a token");
     edge.stop().await;
 }
+
+/// An id that is not a stream id is the caller's mistake on both backends:
+/// a `400` naming it (on Redis it used to reach `XRANGE` and come back as a
+/// store error, `503`), and nothing is replayed.
+async fn malformed_ids_are_a_bad_request(backing: Backing) {
+    init_tracing();
+    let certs = Certs::generate();
+    let edge = Edge::start(edge_config(&backing, &certs)).await;
+    let get = |path: String| async move {
+        let resp = client().get(format!("http://{}{path}", edge.admin)).send().await.expect("get");
+        let status = resp.status().as_u16();
+        (status, String::from_utf8_lossy(&resp.bytes().await.expect("body")).into_owned())
+    };
+    for path in ["/admin/dlq/crm/not-an-id", "/admin/dlq/crm/1-", "/admin/dlq/crm?after=x-1", "/admin/dlq/crm?after=5"]
+    {
+        let (status, body) = get(path.to_string()).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("not a stream id"), "{path}: {body}");
+    }
+    let (status, body) = get("/admin/dlq/crm/1-0".to_string()).await;
+    assert_eq!(status, 404, "a well-formed id of nothing: {body}");
+    let (status, body) =
+        admin_post(&edge, "/admin/dlq/crm/replay", serde_json::json!({ "ids": ["1-0", "oops"] })).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("oops"), "the answer names the bad id: {body}");
+    assert_eq!(xlen(&backing, "crm", "stream").await, 0, "nothing replayed");
+}
+
+both_backends!(malformed_ids_are_a_bad_request);

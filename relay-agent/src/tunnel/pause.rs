@@ -7,7 +7,9 @@
 //! the parked deliveries. Webhooks stay in the stream meanwhile.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use relay_protocol::Webhook;
 

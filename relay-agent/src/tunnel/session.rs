@@ -4,24 +4,36 @@
 //! decisions live in the [`Pipeline`]; this loop moves frames. Acks are
 //! batched: every delivery that has finished by the time one is handled
 //! goes out in the same `Ack` frame.
+//!
+//! Generic over the byte stream under the WebSocket (TLS over TCP in the
+//! binary, an in-memory pipe in the tests, which run its timing on a
+//! paused clock), and timed with `tokio::time` only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use relay_protocol::{Frame, Limits, VERSION};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::connect::Ws;
 use crate::config::AgentConfig;
 use crate::error::SessionError;
 use crate::pipeline::{Pipeline, Settled};
 use crate::status::{Status, now_ms};
 
-pub async fn run(
-    mut ws: Ws,
+/// What a session runs over: TLS over TCP, or a pipe in tests.
+pub trait Link: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Link for T {}
+
+type Ws<S> = WebSocketStream<S>;
+
+pub async fn run<S: Link>(
+    mut ws: Ws<S>,
     addr: SocketAddr,
     cfg: &Arc<AgentConfig>,
     pipe: &mut Pipeline,
@@ -111,8 +123,8 @@ pub async fn run(
     }
 }
 
-async fn on_frame(
-    ws: &mut Ws,
+async fn on_frame<S: Link>(
+    ws: &mut Ws<S>,
     frame: Frame,
     pipe: &mut Pipeline,
     status: &Status,
@@ -172,8 +184,8 @@ fn warn_visibility(cfg: &AgentConfig, reclaim_after_ms: Option<u64>, edge_heartb
 
 /// Sends what finished deliveries settled: the `Ack`, then `Nack`s and
 /// pauses, then resumes the channels whose endpoint answered again.
-async fn send_settled(
-    ws: &mut Ws,
+async fn send_settled<S: Link>(
+    ws: &mut Ws<S>,
     settled: Settled,
     cfg: &AgentConfig,
     pipe: &mut Pipeline,
@@ -199,15 +211,15 @@ async fn send_settled(
 }
 
 /// Sleeps until `at`, forever when `None`.
-async fn sleep_until(at: Option<std::time::Instant>) {
+async fn sleep_until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
 
 /// On shutdown: wait for running deliveries and ack them before closing.
-async fn drain(ws: &mut Ws, cfg: &AgentConfig, pipe: &mut Pipeline, status: &Status, deadline: Duration) {
+async fn drain<S: Link>(ws: &mut Ws<S>, cfg: &AgentConfig, pipe: &mut Pipeline, status: &Status, deadline: Duration) {
     while !pipe.is_idle() {
         let done = Pipeline::finished(&mut pipe.tasks).await;
         let settled = pipe.settle(done, status);
@@ -217,7 +229,7 @@ async fn drain(ws: &mut Ws, cfg: &AgentConfig, pipe: &mut Pipeline, status: &Sta
     }
 }
 
-async fn send(ws: &mut Ws, frame: &Frame, deadline: Duration) -> Result<(), SessionError> {
+async fn send<S: Link>(ws: &mut Ws<S>, frame: &Frame, deadline: Duration) -> Result<(), SessionError> {
     let bytes = relay_protocol::encode(frame, &Limits::default()).map_err(|e| SessionError::Protocol(e.to_string()))?;
     match tokio::time::timeout(deadline, ws.send(Message::Binary(bytes.into()))).await {
         Ok(Ok(())) => Ok(()),
@@ -226,7 +238,7 @@ async fn send(ws: &mut Ws, frame: &Frame, deadline: Duration) -> Result<(), Sess
     }
 }
 
-async fn recv(ws: &mut Ws, limits: &Limits) -> Result<Option<Frame>, SessionError> {
+async fn recv<S: Link>(ws: &mut Ws<S>, limits: &Limits) -> Result<Option<Frame>, SessionError> {
     loop {
         let msg = match ws.next().await {
             None => return Ok(None),
@@ -251,6 +263,90 @@ async fn recv(ws: &mut Ws, limits: &Limits) -> Result<Option<Frame>, SessionErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deliver::Deliverer;
+    use crate::status::Snapshot;
+
+    /// An edge at the other end of an in-memory pipe: answers `Hello` with
+    /// a `Welcome` (heartbeat `edge_ms`), then sends a `Ping` every
+    /// `edge_ms` until `alive_for` has passed, then only reads. Returns
+    /// how many frames it read.
+    async fn fake_edge(io: tokio::io::DuplexStream, edge_ms: u64, alive_for: Duration) -> usize {
+        let mut ws = tokio_tungstenite::accept_async(io).await.expect("handshake");
+        let limits = Limits::default();
+        let Ok(Some(Frame::Hello { .. })) = recv(&mut ws, &limits).await else { panic!("expected Hello") };
+        let welcome = Frame::Welcome {
+            session: "s".into(),
+            agent: "lan-1".into(),
+            channels: vec!["crm".into()],
+            heartbeat_ms: edge_ms,
+            reclaim_after_ms: None,
+        };
+        send(&mut ws, &welcome, Duration::from_secs(5)).await.expect("welcome");
+        let until = Instant::now() + alive_for;
+        let mut ping = tokio::time::interval(Duration::from_millis(edge_ms));
+        let mut read = 0;
+        loop {
+            tokio::select! {
+                _ = ping.tick(), if Instant::now() < until => {
+                    if send(&mut ws, &Frame::Ping { t: 0 }, Duration::from_secs(5)).await.is_err() {
+                        return read;
+                    }
+                }
+                frame = recv(&mut ws, &limits) => match frame {
+                    Ok(Some(_)) => read += 1,
+                    _ => return read,
+                },
+            }
+        }
+    }
+
+    /// Runs one agent session against [`fake_edge`]; returns how it ended
+    /// and after how long (on the paused clock).
+    async fn session_against(edge_ms: u64, alive_for: Duration) -> (Result<(), SessionError>, Duration) {
+        let cfg = Arc::new(AgentConfig { heartbeat: Duration::from_secs(1), ..AgentConfig::default() });
+        let (agent_io, edge_io) = tokio::io::duplex(64 * 1024);
+        let edge = tokio::spawn(fake_edge(edge_io, edge_ms, alive_for));
+        let (ws, _) = tokio_tungstenite::client_async("ws://edge/", agent_io).await.expect("handshake");
+        let mut pipe = Pipeline::new(Arc::new(Deliverer::new(&cfg).expect("deliverer")), &cfg);
+        let status = Status::new(Snapshot::default());
+        let started = Instant::now();
+        let addr: SocketAddr = "127.0.0.1:8443".parse().expect("addr");
+        let end = run(ws, addr, &cfg, &mut pipe, &status, &CancellationToken::new()).await;
+        let took = started.elapsed();
+        edge.abort();
+        (end, took)
+    }
+
+    /// A link on which the edge goes silent is given up three of the
+    /// longer heartbeat intervals later (the edge's 2 s here), not before
+    /// and not much after; the agent pings meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_edge_is_given_up_after_three_heartbeats() {
+        let (end, took) = session_against(2_000, Duration::ZERO).await;
+        assert!(matches!(end, Err(SessionError::HeartbeatTimeout(_))), "{end:?}");
+        let deadline = Duration::from_secs(6);
+        assert!(took > deadline && took <= deadline + Duration::from_secs(1), "gave up after {took:?}");
+    }
+
+    /// An edge that keeps talking keeps the link up however long it lasts;
+    /// once it stops, the same deadline runs from its last frame.
+    #[tokio::test(start_paused = true)]
+    async fn a_talking_edge_keeps_the_link_up() {
+        let (end, took) = session_against(2_000, Duration::from_secs(120)).await;
+        assert!(matches!(end, Err(SessionError::HeartbeatTimeout(_))), "{end:?}");
+        assert!(took > Duration::from_secs(120 + 4), "given up while the edge was talking: {took:?}");
+        assert!(took <= Duration::from_secs(120 + 7), "gave up after {took:?}");
+    }
+
+    /// The edge's heartbeat comes off the wire but is clamped: an edge
+    /// that claims a day still has its silent link given up in 30 minutes.
+    #[tokio::test(start_paused = true)]
+    async fn an_edge_claiming_a_long_heartbeat_is_clamped() {
+        let (end, took) = session_against(86_400_000, Duration::ZERO).await;
+        assert!(matches!(end, Err(SessionError::HeartbeatTimeout(_))), "{end:?}");
+        let deadline = MAX_EDGE_HEARTBEAT * 3;
+        assert!(took > deadline && took <= deadline + Duration::from_secs(1), "gave up after {took:?}");
+    }
 
     /// An edge's `heartbeat_ms` comes off the wire: `u64::MAX` used to
     /// panic the agent (`Duration * 3` overflowed).

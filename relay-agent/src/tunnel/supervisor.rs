@@ -7,7 +7,9 @@
 //! session, so a reconnect does not turn into a duplicate POST.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
