@@ -371,17 +371,55 @@ pub struct StoreConfig {
     /// Hard cap of unacknowledged entries per channel: past it ingest answers
     /// `503` + `Retry-After` instead of storing (and never drops anything).
     pub max_backlog: u64,
+    /// Redis through Sentinel: the master's name. Set (with
+    /// `sentinel_addrs`): the master is resolved through the sentinels, and
+    /// again after a failover; `redis_url`, if set, gives only its password
+    /// and database.
+    pub sentinel_master: Option<String>,
+    /// The sentinels, as `redis://host:port` URLs.
+    pub sentinel_addrs: Vec<Secret>,
+    /// When a write counts as stored: `local` (the Redis it went to, as its
+    /// AOF policy promises) or `replica` (also confirmed by a replica with
+    /// `WAIT 1`: a master lost right after a `200` loses nothing).
+    pub durability: Durability,
+    /// Longest wait for a replica's confirmation (`durability = "replica"`);
+    /// past it ingest answers `503` (the sender retries).
+    #[serde(with = "humantime_serde")]
+    pub replica_timeout: Duration,
+}
+
+/// When a write to the store counts as done (`store.durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    #[default]
+    Local,
+    Replica,
 }
 
 impl StoreConfig {
     /// The store this selects: `redis` or `embedded`.
     pub fn backend(&self) -> &'static str {
-        if self.redis().is_some() { "redis" } else { "embedded" }
+        if self.uses_redis() { "redis" } else { "embedded" }
+    }
+
+    /// Redis, directly or through Sentinel.
+    pub fn uses_redis(&self) -> bool {
+        self.redis().is_some() || self.sentinel().is_some()
+    }
+
+    /// The Sentinel set-up: the master's name and the sentinels' URLs.
+    pub fn sentinel(&self) -> Option<(&str, Vec<&str>)> {
+        let master = self.sentinel_master.as_deref().filter(|m| !m.is_empty())?;
+        Some((master, self.sentinel_addrs.iter().map(Secret::expose).collect()))
     }
 
     /// Where that store lives, without secrets (`relay-edge.redb`,
     /// `127.0.0.1:6379 db 0`).
     pub fn location(&self) -> String {
+        if let Some((master, addrs)) = self.sentinel() {
+            return format!("Sentinel master `{master}` ({} sentinels)", addrs.len());
+        }
         match self.redis().map(redis::Client::open) {
             Some(Ok(client)) => {
                 let info = client.get_connection_info();
@@ -408,6 +446,10 @@ impl Default for StoreConfig {
             command_timeout: Duration::from_secs(3),
             block: Duration::from_secs(2),
             max_backlog: 1_000_000,
+            sentinel_master: None,
+            sentinel_addrs: Vec::new(),
+            durability: Durability::Local,
+            replica_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -658,10 +700,31 @@ impl EdgeConfig {
                 return Err(bad("store.redis_url", "is not a redis:// or rediss:// URL".into()));
             }
             Some(_) => {}
-            None if self.store.path.as_os_str().is_empty() => {
+            None if !self.store.uses_redis() && self.store.path.as_os_str().is_empty() => {
                 return Err(bad("store.path", "must name a file when store.redis_url is unset".into()));
             }
             None => {}
+        }
+        let master = self.store.sentinel_master.as_deref().filter(|m| !m.is_empty());
+        match (master, self.store.sentinel_addrs.is_empty()) {
+            (Some(_), true) => return Err(bad("store.sentinel_addrs", "name the sentinels of sentinel_master".into())),
+            (None, false) => return Err(bad("store.sentinel_master", "name the master the sentinels watch".into())),
+            _ => {}
+        }
+        for (i, addr) in self.store.sentinel_addrs.iter().enumerate() {
+            // Never echo the URL: it may hold a password.
+            if redis::Client::open(addr.expose()).is_err() {
+                return Err(bad(&format!("store.sentinel_addrs[{i}]"), "is not a redis:// URL".into()));
+            }
+        }
+        if self.store.durability == Durability::Replica && !self.store.uses_redis() {
+            return Err(bad(
+                "store.durability",
+                "`replica` needs Redis (store.redis_url or store.sentinel_master)".into(),
+            ));
+        }
+        if self.store.replica_timeout.is_zero() || self.store.replica_timeout > self.store.command_timeout {
+            return Err(bad("store.replica_timeout", "must be above 0 and at most store.command_timeout".into()));
         }
         let mut names = BTreeSet::new();
         for (i, route) in self.routes.iter().enumerate() {

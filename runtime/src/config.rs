@@ -53,7 +53,24 @@ pub fn parse<T: DeserializeOwned>(toml: &str) -> Result<T, ConfigError> {
 }
 
 fn extract<T: DeserializeOwned>(fig: &Figment) -> Result<T, ConfigError> {
-    fig.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
+    fig.extract().map_err(|e| ConfigError::Invalid(Box::new(without_quoted_lines(e))))
+}
+
+/// A TOML syntax error quotes the line it is on, and that line may hold a
+/// secret (`redis_url = "redis://:pw@…` with its closing quote missing):
+/// keep where it is and what is wrong, never the line itself.
+fn without_quoted_lines(e: figment::Error) -> figment::Error {
+    let figment::error::Kind::Message(text) = &e.kind else { return e };
+    if !text.lines().any(|l| l.trim_start().starts_with('|')) {
+        return e;
+    }
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let at = lines.next().unwrap_or("TOML parse error");
+    let why = lines.filter(|l| !l.starts_with('|') && !l.contains(" | ")).last().unwrap_or("invalid TOML");
+    let mut redacted = figment::Error::from(format!("{at}: {why} (the line is not shown: it may hold a secret)"));
+    redacted.metadata = e.metadata.clone();
+    redacted.path = e.path.clone();
+    redacted
 }
 
 /// Whether an embedded defaults file stands for `T::default()`: parsed
@@ -123,6 +140,21 @@ fn show(value: Option<&serde_json::Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A syntax error on a line holding a password names the line and what
+    /// is wrong, and never shows the password.
+    #[test]
+    fn a_syntax_error_never_quotes_the_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for text in ["[store]\nredis_url = \"redis://:SuperSecretPw@h:6379/0\n", "token = \"SuperSecretPw\" x\n"] {
+            let path = dir.path().join("bad.toml");
+            std::fs::write(&path, text).expect("write");
+            let e = load::<Sample>("", Some(&path), "RELAY_TEST_NONE_").expect_err("a syntax error");
+            let shown = e.to_string();
+            assert!(!shown.contains("SuperSecretPw"), "{shown}");
+            assert!(shown.contains("line"), "{shown}");
+        }
+    }
 
     #[derive(Debug, PartialEq, serde::Deserialize, serde::Serialize)]
     #[serde(deny_unknown_fields, default)]

@@ -11,7 +11,20 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// What it runs as: a server, a replica of a port, or a sentinel.
+    role: Role,
 }
+
+#[derive(Clone)]
+enum Role {
+    Server,
+    ReplicaOf(u16),
+    /// Watching the master on this port as `MASTER_NAME`.
+    Sentinel(u16),
+}
+
+/// The master name the test sentinels watch.
+pub const MASTER_NAME: &str = "relay-master";
 
 impl RedisServer {
     pub fn start() -> Self {
@@ -20,16 +33,63 @@ impl RedisServer {
 
     /// With `appendfsync` = `everysec` or `always`.
     pub fn start_with(fsync: &str) -> Self {
+        Self::start_as(fsync, Role::Server)
+    }
+
+    /// A replica of `master`, once its link to the master is up.
+    pub fn replica_of(master: &RedisServer) -> Self {
+        let replica = Self::start_as("everysec", Role::ReplicaOf(master.port));
+        replica.wait_replicating(Duration::from_secs(10));
+        replica
+    }
+
+    /// A sentinel watching `master` (as [`MASTER_NAME`], quorum 2): it
+    /// calls a master down after 1 s of silence.
+    pub fn sentinel_of(master: &RedisServer) -> Self {
+        Self::start_as("everysec", Role::Sentinel(master.port))
+    }
+
+    /// Waits until this replica's link to its master is up.
+    pub fn wait_replicating(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let info = self.info("replication");
+            if info.contains("master_link_status:up") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "replica on port {} never linked: {info}", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `INFO <section>` (empty when the server does not answer).
+    pub fn info(&self, section: &str) -> String {
+        let Ok(client) = redis::Client::open(self.url()) else { return String::new() };
+        let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(500)) else { return String::new() };
+        redis::cmd("INFO").arg(section).query::<String>(&mut c).unwrap_or_default()
+    }
+
+    /// What a sentinel logged (its `+sdown`, `+switch-master`, …).
+    pub fn sentinel_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sentinel.log")).unwrap_or_default()
+    }
+
+    /// The sentinel URL of this server (for `store.sentinel_addrs`).
+    pub fn sentinel_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn start_as(fsync: &str, role: Role) -> Self {
         let dir = tempfile::tempdir().expect("tempdir for redis");
         std::fs::write(dir.path().join("fsync"), fsync).expect("write fsync setting");
         let mut last_err = String::new();
         // A free port can be taken between probing and binding: try again.
         for _ in 0..20 {
             let port = free_port();
-            match spawn(dir.path(), port) {
+            match spawn(dir.path(), port, &role) {
                 Ok(mut child) => {
                     if wait_ready(&mut child, port, Duration::from_secs(5)) {
-                        return Self { port, dir, child: Some(child) };
+                        return Self { port, dir, child: Some(child), role };
                     }
                     let _ = child.kill();
                     let _ = child.wait();
@@ -71,7 +131,7 @@ impl RedisServer {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut child) = spawn(self.dir.path(), self.port) {
+            if let Ok(mut child) = spawn(self.dir.path(), self.port, &self.role) {
                 if wait_ready(&mut child, self.port, Duration::from_secs(3)) {
                     self.child = Some(child);
                     return;
@@ -109,9 +169,40 @@ impl Drop for RedisServer {
     }
 }
 
-fn spawn(dir: &std::path::Path, port: u16) -> Result<Child, String> {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+fn spawn(dir: &std::path::Path, port: u16, role: &Role) -> Result<Child, String> {
+    let mut cmd = Command::new("redis-server");
+    match role {
+        Role::Server => {}
+        Role::ReplicaOf(master) => {
+            cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
+        Role::Sentinel(master) => {
+            // A sentinel rewrites its config file: one of its own.
+            let conf = dir.join("sentinel.conf");
+            let text = format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                 sentinel failover-timeout {MASTER_NAME} 4000\n\
+                 sentinel parallel-syncs {MASTER_NAME} 1\n",
+                dir = dir.display()
+            );
+            if !conf.exists() {
+                std::fs::write(&conf, text).map_err(|e| format!("write {}: {e}", conf.display()))?;
+            }
+            let log = std::fs::File::create(dir.join("sentinel.log")).map_err(|e| format!("sentinel log: {e}"))?;
+            return Command::new("redis-server")
+                .arg(&conf)
+                .args(["--sentinel", "--loglevel", "notice"])
+                .stdout(log)
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| {
+                    format!("cannot run redis-server --sentinel ({e}); install it: `apt-get install -y redis-server`")
+                });
+        }
+    }
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
         .args(["--appendfsync", &std::fs::read_to_string(dir.join("fsync")).unwrap_or_else(|_| "everysec".into())])
         .args(["--protected-mode", "no", "--loglevel", "warning"])
         .arg("--dir")

@@ -61,7 +61,7 @@ impl AdminState {
             cfg: cfg.admin.clone(),
             channels: cfg.all_channels(),
             backend: cfg.store.backend(),
-            uses_redis: cfg.store.redis().is_some(),
+            uses_redis: cfg.store.uses_redis(),
             max_backlog: cfg.store.max_backlog,
             store,
             backlog,

@@ -11,8 +11,8 @@
 //! identities, a pending list with delivery counts (the attempt number),
 //! reclaim after a visibility timeout, a dead-letter queue per channel, and
 //! retention by age that never cuts an unacknowledged entry. Which backend
-//! runs is decided by the configuration: `store.redis_url` set → Redis,
-//! unset → embedded at `store.path`.
+//! runs is decided by the configuration: `store.redis_url` (or
+//! `store.sentinel_master`) set → Redis, unset → embedded at `store.path`.
 
 pub mod embedded;
 mod id;
@@ -61,9 +61,12 @@ pub enum Unreadable {
     /// Trimmed (or deleted) from the stream while it was pending.
     #[error("entry was deleted from the stream while pending")]
     DeletedWhilePending,
-    /// Its bytes are not a stored webhook.
-    #[error("undecodable webhook: {0}")]
+    /// Its bytes are not a stored webhook (the text says why).
+    #[error("{0}")]
     Corrupt(String),
+    /// Too large for a `Deliver` frame (the text says how large).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// A stored webhook as its encoded bytes, checked to decode: sessions
@@ -80,13 +83,14 @@ impl Stored {
     pub fn check(bytes: Vec<u8>) -> Result<Self, Unreadable> {
         match relay_protocol::check_webhook(&bytes) {
             Ok(received_at_ms) => Ok(Self { bytes, received_at_ms }),
-            Err(e) => Err(Unreadable::Corrupt(e.to_string())),
+            Err(e) => Err(Unreadable::Corrupt(format!("undecodable webhook: {e}"))),
         }
     }
 
     /// The webhook itself (for tests and tools; sessions forward the bytes).
     pub fn decode(&self) -> Result<Webhook, Unreadable> {
-        relay_protocol::decode_webhook(&self.bytes).map_err(|e| Unreadable::Corrupt(e.to_string()))
+        relay_protocol::decode_webhook(&self.bytes)
+            .map_err(|e| Unreadable::Corrupt(format!("undecodable webhook: {e}")))
     }
 }
 
@@ -361,9 +365,10 @@ impl Store {
     /// `store.path`. Redis connects lazily (the edge starts and answers 503
     /// while it is down); the embedded file is opened (and created) now.
     pub fn open(cfg: &StoreConfig, errors: prometheus_client::metrics::counter::Counter) -> Result<Self, StoreError> {
-        match cfg.redis() {
-            Some(url) => Ok(Self::Redis(RedisStore::open(url, cfg, errors)?)),
-            None => Ok(Self::Embedded(EmbeddedStore::open(&cfg.path, cfg, errors)?)),
+        if cfg.uses_redis() {
+            Ok(Self::Redis(RedisStore::open(cfg, errors)?))
+        } else {
+            Ok(Self::Embedded(EmbeddedStore::open(&cfg.path, cfg, errors)?))
         }
     }
 }

@@ -620,7 +620,7 @@ impl Session {
             let key = EntryKey::new(channel, id);
             match webhook {
                 Ok(w) if !deliverable(w.bytes.len(), max) => {
-                    let why = Unreadable::Corrupt(format!(
+                    let why = Unreadable::TooLarge(format!(
                         "stored webhook of {} bytes does not fit a Deliver frame (tunnel.max_frame = {max} bytes)",
                         w.bytes.len()
                     ));
@@ -647,7 +647,7 @@ impl Session {
         tracing::warn!(agent = %self.peer.agent, channel, %id, %why, "undeliverable stream entry");
         let result = match why {
             Unreadable::DeletedWhilePending => self.state.store.ack(channel, &[id]).await.map(|_| ()),
-            Unreadable::Corrupt(_) => {
+            Unreadable::Corrupt(_) | Unreadable::TooLarge(_) => {
                 let reason = why.to_string();
                 let letter = DeadLetter { channel, id, reason: &reason, status: None, attempts: 0 };
                 self.state.store.dead_letter(&letter).await

@@ -23,10 +23,24 @@
 //! response timeout. Each session's blocking `XREADGROUP` runs on a
 //! dedicated connection (a blocking read would stall every other command on a
 //! shared one) whose timeout exceeds the `BLOCK`.
+//!
+//! # Sentinel and replica durability
+//! With `store.sentinel_master`, the master is resolved through the
+//! sentinels ([`sentinel`]) when first needed and again whenever a command
+//! fails in a way a failover explains (connection refused or dropped,
+//! `READONLY` from a demoted master, a timeout); sessions' readers reconnect
+//! to whatever the store resolved last. With `store.durability = "replica"`
+//! every write that a `200` (or a dead letter) depends on is followed by
+//! `WAIT 1 <replica_timeout>` and fails unless a replica confirmed it. Those
+//! writes run on a small pool of their own connections, so a slow or absent
+//! replica never stalls acks and reads behind a `WAIT`.
 
 mod dlq;
 mod parse;
+mod sentinel;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -37,8 +51,9 @@ use super::{
     Backend, BlockingRead, Cursor, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, ReplayFrom, ReplayPage, Snapshot,
     StreamId, Unreadable, keys, now_ms,
 };
-use crate::config::StoreConfig;
+use crate::config::{Durability, StoreConfig};
 use crate::error::StoreError;
+use sentinel::Resolver;
 
 /// Consumer name under which retention reads never-delivered entries.
 const EXPIRY_CONSUMER: &str = "__expiry";
@@ -63,28 +78,71 @@ return redis.call('XACK', KEYS[1], ARGV[6], ARGV[1])";
 
 /// `XAUTOCLAIM` with each claimed entry's delivery count, in one step.
 /// KEYS: stream. ARGV: group, consumer, min-idle ms, count.
-/// Reply: `[entries, deleted ids, counts]`.
+/// Reply: `[entries, deleted ids, [id, count, id, count, …]]`. (Redis 6.2
+/// answers a deleted entry with a nil among the entries: skipped here.)
 const AUTOCLAIM: &str = "\
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4]) \
 local counts = {} \
-for i, e in ipairs(r[2]) do \
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1) \
-  if p[1] then counts[i] = p[1][4] else counts[i] = 1 end \
+for _, e in ipairs(r[2]) do \
+  if e and e[1] then \
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1) \
+    counts[#counts + 1] = e[1] \
+    if p[1] then counts[#counts + 1] = p[1][4] else counts[#counts + 1] = 1 end \
+  end \
 end \
 return {r[2], r[3] or {}, counts}";
+
+/// Commands whose `BUSYGROUP`/`NOGROUP`/`ERR` answers (an existing group,
+/// a stream or group not created yet) callers expect and handle.
+const EXPECTED_ERRORS_OF: &[&str] = &["XGROUP CREATE", "XINFO STREAM", "XINFO GROUPS", "XPENDING"];
+
+/// Connections waiting on `WAIT` for replica confirmations.
+const WRITE_POOL: usize = 8;
 
 /// Handle on the Redis store; cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
-    client: redis::Client,
-    /// Shared connection for every non-blocking command.
-    conn: ConnectionManager,
+    /// The Redis in use, or how to find it (Sentinel).
+    target: Arc<Resolver>,
     /// Per-command deadline, on top of the connection's response timeout.
     timeout: Duration,
     /// Counts failed and timed-out commands (`relay_store_errors_total`).
     errors: prometheus_client::metrics::counter::Counter,
     /// `BLOCK` of one `XREADGROUP`.
     block: Duration,
+    /// `Some(timeout)`: writes wait for one replica (`store.durability`).
+    replica_wait: Option<Duration>,
+    /// Round-robin over the target's write pool.
+    next_writer: Arc<AtomicUsize>,
+}
+
+/// One Redis server's connections: the shared one for commands, a pool
+/// for writes that wait on a replica, and the client that opens readers.
+pub struct Target {
+    client: redis::Client,
+    conn: ConnectionManager,
+    writers: Vec<ConnectionManager>,
+}
+
+impl Target {
+    /// Connections open lazily: the edge starts (and answers 503) while
+    /// Redis is down, and connects as soon as it is up.
+    fn new(client: redis::Client, timeout: Duration, replica_wait: Option<Duration>) -> Result<Self, StoreError> {
+        let manager = |response: Duration| {
+            let mcfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(response))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))
+        };
+        let conn = manager(timeout)?;
+        let writers = match replica_wait {
+            Some(wait) => (0..WRITE_POOL).map(|_| manager(timeout + wait)).collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
+        Ok(Self { client, conn, writers })
+    }
 }
 
 /// A dedicated connection for one session's blocking reads.
@@ -97,22 +155,36 @@ fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> StoreError {
     move |source| StoreError::Redis { op, source }
 }
 
+/// Whether a failed command may mean the master moved (Sentinel re-resolves).
+fn may_be_failover(e: &StoreError) -> bool {
+    match e {
+        StoreError::Timeout { .. } => true,
+        StoreError::Redis { source, .. } => {
+            source.is_io_error()
+                || source.is_connection_dropped()
+                || source.is_connection_refusal()
+                || source.is_timeout()
+                || matches!(source.code(), Some("READONLY") | Some("MASTERDOWN") | Some("LOADING"))
+        }
+        _ => false,
+    }
+}
+
 impl RedisStore {
     /// Opens the store lazily: the edge starts (and answers 503) while Redis
-    /// is down, and connects as soon as it is up.
-    pub fn open(
-        url: &str,
-        cfg: &StoreConfig,
-        errors: prometheus_client::metrics::counter::Counter,
-    ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(redis_err("open"))?;
-        let mcfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.command_timeout))
-            .set_response_timeout(Some(cfg.command_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))?;
-        Ok(Self { client, conn, errors, timeout: cfg.command_timeout, block: cfg.block })
+    /// is down, and connects as soon as it is up. Through Sentinel, the
+    /// master is resolved on first use.
+    pub fn open(cfg: &StoreConfig, errors: prometheus_client::metrics::counter::Counter) -> Result<Self, StoreError> {
+        let replica_wait = (cfg.durability == Durability::Replica).then_some(cfg.replica_timeout);
+        let target = Resolver::new(cfg, replica_wait)?;
+        Ok(Self {
+            target: Arc::new(target),
+            errors,
+            timeout: cfg.command_timeout,
+            block: cfg.block,
+            replica_wait,
+            next_writer: Arc::new(AtomicUsize::new(0)),
+        })
     }
 
     /// Id of the newest entry of stream `key` at or below `upper` (`+`: any).
@@ -123,25 +195,31 @@ impl RedisStore {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, op: &'static str, cmd: &redis::Cmd) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.target.current(self.timeout).await?.conn.clone();
         let r = match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(r) => r.map_err(redis_err(op)),
             Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
         };
-        self.count_error(&r);
+        self.after(&r).await;
         r
     }
 
-    fn count_error<T>(&self, r: &Result<T, StoreError>) {
-        // Expected answers (an existing group, a missing stream) are not errors.
+    /// Counts an error, and re-resolves a Sentinel master it may explain.
+    async fn after<T>(&self, r: &Result<T, StoreError>) {
+        // Expected answers (an existing group, a missing stream) are not
+        // errors; an `ERR` from a script (say, `EVAL` renamed away) is.
         let expected = |e: &StoreError| {
-            matches!(e, StoreError::Redis { source, .. }
-                if matches!(source.code(), Some("BUSYGROUP") | Some("NOGROUP") | Some("ERR")))
+            matches!(e, StoreError::Redis { op, source }
+                if EXPECTED_ERRORS_OF.contains(op)
+                    && matches!(source.code(), Some("BUSYGROUP") | Some("NOGROUP") | Some("ERR")))
         };
         if let Err(e) = r
             && !expected(e)
         {
             self.errors.inc();
+            if may_be_failover(e) {
+                self.target.failed(self.timeout).await;
+            }
         }
     }
 
@@ -150,12 +228,38 @@ impl RedisStore {
         op: &'static str,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.target.current(self.timeout).await?.conn.clone();
         let r = match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
             Ok(r) => r.map_err(redis_err(op)),
             Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
         };
-        self.count_error(&r);
+        self.after(&r).await;
+        r
+    }
+
+    /// Runs a write that a `200` or a dead letter depends on: with replica
+    /// durability on a pool connection, followed by `WAIT 1`, failing
+    /// unless a replica confirmed it. The replies of `pipe`'s commands.
+    async fn write(&self, op: &'static str, mut pipe: redis::Pipeline) -> Result<Vec<Value>, StoreError> {
+        let Some(wait) = self.replica_wait else {
+            return self.run_pipe(op, &pipe).await;
+        };
+        pipe.cmd("WAIT").arg(1).arg(wait.as_millis() as u64);
+        let target = self.target.current(self.timeout).await?;
+        let Some(writer) = target.writers.get(self.next_writer.fetch_add(1, Ordering::Relaxed) % WRITE_POOL) else {
+            return Err(StoreError::Timeout { op, ms: 0 });
+        };
+        let mut conn = writer.clone();
+        let deadline = self.timeout + wait;
+        let r = match tokio::time::timeout(deadline, pipe.query_async::<Vec<Value>>(&mut conn)).await {
+            Ok(r) => r.map_err(redis_err(op)),
+            Err(_) => Err(StoreError::Timeout { op, ms: deadline.as_millis() }),
+        };
+        let r = r.and_then(|mut replies| match replies.pop() {
+            Some(Value::Int(n)) if n >= 1 => Ok(replies),
+            _ => Err(StoreError::NotReplicated { op, ms: wait.as_millis() }),
+        });
+        self.after(&r).await;
         r
     }
 }
@@ -172,22 +276,11 @@ impl Backend for RedisStore {
     /// ids in channel order. Returns only after Redis answered.
     async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<StreamId>, StoreError> {
         let bytes = super::encode(webhook)?;
-        let ids: Vec<String> = if let [channel] = channels {
-            let id: String = self
-                .run(
-                    "XADD",
-                    redis::cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes),
-                )
-                .await?;
-            vec![id]
-        } else {
-            let mut pipe = redis::pipe();
-            for channel in channels {
-                pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
-            }
-            self.run_pipe("XADD", &pipe).await?
-        };
-        ids.iter().map(|id| stream_id(id)).collect()
+        let mut pipe = redis::pipe();
+        for channel in channels {
+            pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
+        }
+        self.write("XADD", pipe).await?.iter().map(value_id).collect()
     }
 
     /// Creates the channel's stream and group at id 0; an existing group is fine.
@@ -225,7 +318,9 @@ impl Backend for RedisStore {
             None => cmd.arg(""),
         };
         cmd.arg(keys::GROUP).arg(keys::FIELD_WEBHOOK);
-        let _: Value = self.run("dead-letter", &cmd).await?;
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        self.write("dead-letter", pipe).await?;
         Ok(())
     }
 
@@ -240,12 +335,11 @@ impl Backend for RedisStore {
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.block + self.timeout));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-            .map_err(redis_err("connect reader"))?;
-        Ok(Reader { conn, block: self.block })
+        let target = self.target.current(self.timeout).await?;
+        let r =
+            target.client.get_multiplexed_async_connection_with_config(&cfg).await.map_err(redis_err("connect reader"));
+        self.after(&r).await;
+        Ok(Reader { conn: r?, block: self.block })
     }
 
     /// Takes over entries idle longer than `min_idle` in any consumer's PEL,
@@ -268,14 +362,13 @@ impl Backend for RedisStore {
         let (Some(claimed), Some(deleted), Some(counts)) = (parts.next(), parts.next(), parts.next()) else {
             return Ok(Vec::new());
         };
-        let counts = parse::counts(counts);
+        let counts = parse::id_counts(counts);
         let mut out: Vec<Entry> = parse::entries(claimed)?
             .into_iter()
-            .enumerate()
-            .map(|(i, item)| Entry {
+            .map(|item| Entry {
                 channel: channel.to_string(),
                 id: item.id,
-                attempt: counts.get(i).copied().unwrap_or(1),
+                attempt: counts.get(&item.id).copied().unwrap_or(1),
                 webhook: item.webhook(),
             })
             .collect();
@@ -530,8 +623,12 @@ impl Backend for RedisStore {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(SCRIPT).arg(2).arg(keys::dlq(channel)).arg(keys::stream(channel));
         cmd.arg(entry.id).arg(keys::FIELD_WEBHOOK).arg(raw.as_slice());
-        let id: Option<String> = self.run("dlq replay", &cmd).await?;
-        id.as_deref().map(stream_id).transpose()
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        match self.write("dlq replay", pipe).await?.first() {
+            None | Some(Value::Nil) => Ok(None),
+            Some(id) => value_id(id).map(Some),
+        }
     }
 
     /// Deletes dead letters older than `before_ms`, or all of them.
@@ -580,8 +677,8 @@ impl Backend for RedisStore {
                 n += 1;
             }
         }
-        let appended: Vec<String> = if n > 0 { self.run_pipe("replay", &pipe).await? } else { Vec::new() };
-        Ok(ReplayPage { appended: appended.iter().map(|id| stream_id(id)).collect::<Result<_, _>>()?, last })
+        let appended = if n > 0 { self.write("replay", pipe).await? } else { Vec::new() };
+        Ok(ReplayPage { appended: appended.iter().map(value_id).collect::<Result<_, _>>()?, last })
     }
 }
 
@@ -662,7 +759,12 @@ impl BlockingRead for Reader {
     }
 }
 
-/// An id Redis generated.
-fn stream_id(id: &str) -> Result<StreamId, StoreError> {
-    id.parse().map_err(|_| StoreError::Corrupt { id: id.to_string(), why: "Redis answered with no stream id".into() })
+/// An id Redis generated (an `XADD` reply).
+fn value_id(v: &Value) -> Result<StreamId, StoreError> {
+    let text = match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        other => format!("{other:?}"),
+    };
+    text.parse().map_err(|_| StoreError::Corrupt { id: text.clone(), why: "Redis answered with no stream id".into() })
 }

@@ -135,18 +135,20 @@ pub fn ids(v: Value) -> Vec<StreamId> {
     }
 }
 
-/// A flat list of delivery counts (the autoclaim script's).
-pub fn counts(v: Value) -> Vec<u32> {
-    match v {
-        Value::Array(items) => items
-            .iter()
-            .map(|c| match c {
-                Value::Int(n) => u32::try_from(*n).unwrap_or(1),
-                other => text(other).and_then(|t| t.parse().ok()).unwrap_or(1),
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
+/// `[id, count, id, count, …]` (the autoclaim script's) by id.
+pub fn id_counts(v: Value) -> HashMap<StreamId, u32> {
+    let Value::Array(items) = v else { return HashMap::new() };
+    items
+        .chunks(2)
+        .filter_map(|pair| {
+            let [id_v, count_v] = pair else { return None };
+            let count = match count_v {
+                Value::Int(n) => u32::try_from(*n).ok()?,
+                other => text(other)?.parse().ok()?,
+            };
+            Some((id(id_v)?, count))
+        })
+        .collect()
 }
 
 /// Extended `XPENDING` reply: `[[id, consumer, idle, count], …]`.
@@ -220,4 +222,27 @@ pub fn stream_info(v: Value) -> (u64, Option<StreamId>) {
         }
     }
     (length, last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    /// Counts are matched to entries by id, never by position: a reply
+    /// item the parser skips (Redis 6.2's nil for a deleted entry) shifts
+    /// nothing.
+    #[test]
+    fn autoclaim_counts_follow_their_ids() {
+        let entry = |id: &str| Value::Array(vec![bulk(id), Value::Array(vec![bulk("w"), bulk("x")])]);
+        let claimed = Value::Array(vec![entry("1-0"), Value::Nil, entry("3-0")]);
+        let counts = Value::Array(vec![bulk("1-0"), Value::Int(3), bulk("3-0"), Value::Int(5)]);
+        let items = entries(claimed).expect("entries");
+        let counts = id_counts(counts);
+        let got: Vec<(StreamId, Option<u32>)> = items.iter().map(|i| (i.id, counts.get(&i.id).copied())).collect();
+        assert_eq!(got, [(StreamId::new(1, 0), Some(3)), (StreamId::new(3, 0), Some(5))]);
+    }
 }

@@ -1,0 +1,172 @@
+//! Redis beyond one host, with real servers: `store.durability = "replica"`
+//! (a `200` only once a replica confirmed the write), and a Sentinel
+//! failover under load (three sentinels, a master and two replicas; the
+//! master is killed; the edge follows the sentinels to the promoted
+//! replica, and nothing answered `200` is lost).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use relay_edge::config::{Durability, Secret};
+use testkit::redis_server::MASTER_NAME;
+use testkit::*;
+
+fn stop(server: &RedisServer, sig: &str) {
+    let pid = server.pid().expect("running").to_string();
+    let ok = std::process::Command::new("kill").args([sig, &pid]).status().expect("kill").success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+async fn stream_len(server: &RedisServer, channel: &str) -> u64 {
+    let mut conn = server.conn().await;
+    redis::cmd("XLEN").arg(relay_edge::store::keys::stream(channel)).query_async(&mut conn).await.expect("XLEN")
+}
+
+/// A `200` means the replica has the webhook; without a replica's
+/// confirmation the edge answers `503` within `replica_timeout` (and acks
+/// and reads are not stuck behind the wait meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_replica_durability_a_200_means_a_replica_has_it() {
+    init_tracing();
+    let master = Backing::redis();
+    let replica = {
+        let Backing::Redis(server) = &master else { unreachable!("redis") };
+        RedisServer::replica_of(server)
+    };
+    let certs = Certs::generate();
+    let mut cfg = edge_config(&master, &certs);
+    cfg.store.durability = Durability::Replica;
+    cfg.store.replica_timeout = Duration::from_millis(400);
+    cfg.validate().expect("valid");
+    let (edge, agent, rx) = edge_with_agent(cfg, &certs, "lan-1").await;
+    let client = reqwest::Client::new();
+    let url = edge.hook_url("hooks");
+
+    let (status, body) = post(&client, &url, KEY, br#"{"n":1}"#.to_vec()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(stream_len(&replica, "crm").await, 1, "the replica had it when the edge answered 200");
+
+    stop(&replica, "-STOP");
+    let started = Instant::now();
+    let (status, body) = post(&client, &url, KEY, br#"{"n":2}"#.to_vec()).await;
+    assert_eq!(status, 503, "no replica confirmed it: {body}");
+    assert!(started.elapsed() < Duration::from_secs(2), "answered after {:?}", started.elapsed());
+    // The first webhook is delivered and acknowledged meanwhile: acks do
+    // not wait behind a WAIT.
+    wait_until(Duration::from_secs(10), "the first webhook delivered", || rx.distinct_accepted() >= 1).await;
+    let backing = &master;
+    wait_for(Duration::from_secs(10), "its ack stored while the replica is stopped", || async {
+        let snap = backing.snapshot("crm").await;
+        snap.stats.pending == 0 && snap.stats.backlog <= 1
+    })
+    .await;
+
+    stop(&replica, "-CONT");
+    wait_for(Duration::from_secs(10), "200 again once the replica is back", || async {
+        post(&client, &url, KEY, br#"{"n":3}"#.to_vec()).await.0 == 200
+    })
+    .await;
+    agent.stop().await;
+}
+
+/// Three sentinels, a master and two replicas; webhooks posted by 8
+/// senders while the master is killed. The sentinels promote a replica, the
+/// edge follows them, and every webhook answered `200` (before, during or
+/// after the failover) is delivered. Two replicas, because with
+/// `durability = "replica"` the promoted one needs a replica of its own
+/// before anything is answered `200` again. Prints the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_under_load_loses_nothing_answered_200() {
+    init_tracing();
+    let mut master = RedisServer::start();
+    let replicas = [RedisServer::replica_of(&master), RedisServer::replica_of(&master)];
+    let sentinels: Vec<RedisServer> = (0..3).map(|_| RedisServer::sentinel_of(&master)).collect();
+    // Each sentinel knows the replicas and the two other sentinels (so a
+    // majority can authorize a failover).
+    for s in &sentinels {
+        wait_until(Duration::from_secs(30), "sentinels know each other and the replicas", || {
+            let info = s.info("sentinel");
+            info.contains("slaves=2") && info.contains("sentinels=3")
+        })
+        .await;
+    }
+    let certs = Certs::generate();
+    let backing = Backing::embedded(); // replaced below: the edge uses the sentinels
+    let mut cfg = edge_config(&backing, &certs);
+    cfg.store.redis_url = None;
+    cfg.store.sentinel_master = Some(MASTER_NAME.into());
+    cfg.store.sentinel_addrs = sentinels.iter().map(|s| Secret::new(s.sentinel_url())).collect();
+    cfg.store.durability = Durability::Replica;
+    cfg.store.replica_timeout = Duration::from_millis(500);
+    cfg.validate().expect("valid");
+    let (edge, agent, rx) = edge_with_agent(cfg, &certs, "lan-1").await;
+
+    let answered = Arc::new(Mutex::new(BTreeSet::new()));
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop_load = tokio_util::sync::CancellationToken::new();
+    let mut senders = Vec::new();
+    for s in 0..8u64 {
+        let (answered, refused, stop_load) = (answered.clone(), refused.clone(), stop_load.clone());
+        let url = edge.hook_url("hooks");
+        senders.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+            let mut i = 0u64;
+            while !stop_load.is_cancelled() {
+                let n = s * 1_000_000 + i;
+                i += 1;
+                let body = format!("{{\"n\":{n}}}");
+                let sent = client.post(&url).header("x-api-key", KEY).body(body).send().await;
+                match sent.map(|r| r.status().as_u16()) {
+                    Ok(200) => {
+                        answered.lock().expect("lock").insert(n);
+                    }
+                    _ => {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await; // a sender's retry pause
+                    }
+                }
+            }
+        }));
+    }
+    let count = || answered.lock().expect("lock").len();
+    wait_until(Duration::from_secs(20), "load flowing before the failover", || count() >= 200).await;
+    let before = count();
+    let killed_at = Instant::now();
+    master.kill();
+    let recovered = tokio::time::timeout(Duration::from_secs(60), async {
+        while count() < before + 200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(recovered.is_ok(), "no 200s 60 s after the kill; a sentinel's log:\n{}", sentinels[0].sentinel_log());
+    let recovered_after = killed_at.elapsed();
+    stop_load.cancel();
+    for s in senders {
+        s.await.expect("sender");
+    }
+    let answered: BTreeSet<u64> = answered.lock().expect("lock").clone();
+    let delivered_all = || {
+        let got: BTreeSet<u64> = rx
+            .accepted()
+            .iter()
+            .filter_map(|d| serde_json::from_slice::<serde_json::Value>(&d.body).ok()?["n"].as_u64())
+            .collect();
+        answered.is_subset(&got)
+    };
+    wait_until(Duration::from_secs(60), "every webhook answered 200 delivered", delivered_all).await;
+    let accepted = rx.accepted().len();
+    let distinct = rx.distinct_accepted();
+    eprintln!(
+        "sentinel failover: answered 200 {}, refused {}, delivered {distinct} distinct ({} duplicates), lost 0, \
+         200s again {recovered_after:?} after the kill",
+        answered.len(),
+        refused.load(std::sync::atomic::Ordering::Relaxed),
+        accepted - distinct,
+    );
+    let promoted = replicas.iter().filter(|r| r.info("replication").contains("role:master")).count();
+    assert_eq!(promoted, 1, "one replica was promoted");
+    agent.stop().await;
+    drop(sentinels);
+}
