@@ -66,7 +66,7 @@ fn without_quoted_lines(e: figment::Error) -> figment::Error {
     }
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let at = lines.next().unwrap_or("TOML parse error");
-    let why = lines.filter(|l| !l.starts_with('|') && !l.contains(" | ")).last().unwrap_or("invalid TOML");
+    let why = lines.rfind(|l| !l.starts_with('|') && !l.contains(" | ")).unwrap_or("invalid TOML");
     let mut redacted = figment::Error::from(format!("{at}: {why} (the line is not shown: it may hold a secret)"));
     redacted.metadata = e.metadata.clone();
     redacted.path = e.path.clone();
