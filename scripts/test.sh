@@ -6,7 +6,7 @@
 # summary line. Arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for pair in redis-server:redis-server slowhttptest:slowhttptest testssl:testssl.sh openssl:openssl; do
+for pair in redis-server:redis-server slowhttptest:slowhttptest testssl:testssl.sh openssl:openssl haproxy:haproxy; do
   command -v "${pair%%:*}" >/dev/null || {
     echo "${pair%%:*} is required by the end-to-end and attack-tool tests: apt-get install -y ${pair#*:}" >&2
     exit 1

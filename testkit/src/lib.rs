@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backing;
+pub mod haproxy;
 pub mod procs;
 pub mod proxy;
 pub mod receiver;

@@ -258,6 +258,66 @@ async fn two_edges_on_one_redis_survive_losing_one_once(store: Backing) {
 }
 
 scenario!(
+    three_edges_behind_haproxy_survive_losing_one,
+    three_edges_behind_haproxy_survive_losing_one_once,
+    Backing::redis()
+);
+
+/// Agents whose edge (a) holds them now, asking each edge's admin API.
+async fn holders(admins: &[u16], agent: &str) -> Vec<usize> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("client");
+    let mut out = Vec::new();
+    for (i, admin) in admins.iter().enumerate() {
+        let url = format!("http://127.0.0.1:{admin}/admin/agents");
+        let Ok(resp) = client.get(url).send().await else { continue };
+        let Ok(bytes) = resp.bytes().await else { continue };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+        if v["agents"].as_array().is_some_and(|l| l.iter().any(|a| a["agent"] == agent)) {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// Three edges on one Redis behind haproxy (ingest over HTTP, health-checked;
+/// the tunnel over TCP, TLS passing through). Both agents dial the
+/// balancer. The edge holding lan-1 is killed under load: the balancer
+/// routes around it, lan-1 reconnects through it to another edge, its
+/// pending entries are redelivered, and nothing answered 200 is lost.
+async fn three_edges_behind_haproxy_survive_losing_one_once(store: Backing) {
+    let r = rig(store, "2s").await;
+    let specs = [
+        r.edge.clone(),
+        write_edge(&r.certs, "edge-b", &r.store.toml(), "2s"),
+        write_edge(&r.certs, "edge-c", &r.store.toml(), "2s"),
+    ];
+    let mut edges: Vec<Proc> = specs.iter().map(|e| Proc::start("relay-edge", &e.config)).collect();
+    for e in &specs {
+        wait_edge_up(e.admin).await;
+    }
+    let lb = testkit::haproxy::Haproxy::start(&specs.iter().map(|e| (e.ingest, e.tunnel)).collect::<Vec<_>>()).await;
+    let (_a1, s1) = r.agent("lan-1", lb.tunnel, "").await;
+    let (_a2, s2) = r.agent("lan-2", lb.tunnel, "").await;
+    let w = load(&[lb.hook_url()]);
+    wait_until(Duration::from_secs(20), "both agents delivering", || delivered(&s1) >= 10 && delivered(&s2) >= 10)
+        .await;
+    let admins: Vec<u16> = specs.iter().map(|e| e.admin).collect();
+    let held = holders(&admins, "lan-1").await;
+    let [victim] = held[..] else { panic!("lan-1 is held by edges {held:?}") };
+    edges[victim].kill9().await;
+    let survivors: Vec<u16> = admins.iter().enumerate().filter(|(i, _)| *i != victim).map(|(_, a)| *a).collect();
+    // lan-1 is back, through the balancer, on another edge; webhooks flow.
+    wait_for(Duration::from_secs(20), "lan-1 reconnected to a surviving edge", || async {
+        !holders(&survivors, "lan-1").await.is_empty()
+    })
+    .await;
+    let before = delivered(&s1);
+    wait_until(Duration::from_secs(20), "lan-1 delivering again", || delivered(&s1) >= before + 10).await;
+    flowing(&r.rx, 40).await;
+    r.finish_via("three edges behind haproxy, one killed", w, survivors[0]).await;
+}
+
+scenario!(
     slow_receiver_visibility_warning_and_no_duplicates_when_configured_well,
     slow_receiver_visibility_warning_and_no_duplicates_when_configured_well_once
 );

@@ -26,7 +26,7 @@
 //!
 //! # Sentinel and replica durability
 //! With `store.sentinel_master`, the master is resolved through the
-//! sentinels ([`sentinel`]) when first needed and again whenever a command
+//! sentinels (`sentinel.rs`) when first needed and again whenever a command
 //! fails in a way a failover explains (connection refused or dropped,
 //! `READONLY` from a demoted master, a timeout); sessions' readers reconnect
 //! to whatever the store resolved last. With `store.durability = "replica"`
