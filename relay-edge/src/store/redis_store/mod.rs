@@ -20,9 +20,11 @@
 //!
 //! # Connections
 //! Commands share one auto-reconnecting multiplexed connection with a short
-//! response timeout. Each session's blocking `XREADGROUP` runs on a
-//! dedicated connection (a blocking read would stall every other command on a
-//! shared one) whose timeout exceeds the `BLOCK`.
+//! response timeout, sessions' reads included: a read never blocks in
+//! Redis. A session waiting for new entries waits on the edge's append
+//! announcements instead (`appends.rs`: one pub/sub connection per edge), so
+//! an idle session holds no connection and sends nothing. An edge uses at
+//! most 10 connections, whatever the number of agents.
 //!
 //! # Sentinel and replica durability
 //! With `store.sentinel_master`, the master is resolved through the
@@ -35,6 +37,7 @@
 //! writes run on a small pool of their own connections, so a slow or absent
 //! replica never stalls acks and reads behind a `WAIT`.
 
+mod appends;
 mod dlq;
 mod parse;
 mod sentinel;
@@ -43,9 +46,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Value};
+use redis::Value;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use relay_protocol::{ChannelStats, Webhook};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::{
     Backend, BlockingRead, Cursor, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, ReplayFrom, ReplayPage, Snapshot,
@@ -53,6 +58,7 @@ use super::{
 };
 use crate::config::{Durability, StoreConfig};
 use crate::error::StoreError;
+use appends::Appends;
 use sentinel::Resolver;
 
 /// Consumer name under which retention reads never-delivered entries.
@@ -114,6 +120,8 @@ pub struct RedisStore {
     replica_wait: Option<Duration>,
     /// Round-robin over the target's write pool.
     next_writer: Arc<AtomicUsize>,
+    /// Announced appends, per channel (what waiting sessions wait on).
+    appends: Arc<Appends>,
 }
 
 /// One Redis server's connections: the shared one for commands, a pool
@@ -145,10 +153,16 @@ impl Target {
     }
 }
 
-/// A dedicated connection for one session's blocking reads.
+/// One session's reads: on the shared connection, waiting for new entries
+/// on the append announcements of the channels it reads.
 pub struct Reader {
-    conn: MultiplexedConnection,
-    block: Duration,
+    store: RedisStore,
+    /// Per channel read, its announcement counter.
+    watches: Vec<(String, watch::Receiver<u64>)>,
+    /// When a read of new entries last came back empty (`None`: the last
+    /// one found something, or none ran yet): until an announcement or
+    /// `appends::RECHECK`, there is no need to look again.
+    empty_since: Option<Instant>,
 }
 
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> StoreError {
@@ -184,6 +198,7 @@ impl RedisStore {
             block: cfg.block,
             replica_wait,
             next_writer: Arc::new(AtomicUsize::new(0)),
+            appends: Arc::new(Appends::default()),
         })
     }
 
@@ -237,6 +252,20 @@ impl RedisStore {
         r
     }
 
+    /// Adds the announcement of appends to `channels` to `pipe` (its
+    /// replies are dropped: the appends' own come first).
+    fn announce(&self, pipe: &mut redis::Pipeline, channels: &[String]) {
+        for channel in channels {
+            pipe.cmd("PUBLISH").arg(appends::topic(channel)).arg("").ignore();
+        }
+    }
+
+    /// Wakes this edge's sessions on `channels` at once (other edges hear
+    /// the `PUBLISH`).
+    fn announced(&self, channels: &[String]) {
+        channels.iter().for_each(|c| self.appends.bump(c));
+    }
+
     /// Runs a write that a `200` or a dead letter depends on: with replica
     /// durability on a pool connection, followed by `WAIT 1`, failing
     /// unless a replica confirmed it. The replies of `pipe`'s commands.
@@ -280,7 +309,10 @@ impl Backend for RedisStore {
         for channel in channels {
             pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
         }
-        self.write("XADD", pipe).await?.iter().map(value_id).collect()
+        self.announce(&mut pipe, channels);
+        let replies = self.write("XADD", pipe).await?;
+        self.announced(channels);
+        replies.iter().take(channels.len()).map(value_id).collect()
     }
 
     /// Creates the channel's stream and group at id 0; an existing group is fine.
@@ -331,15 +363,10 @@ impl Backend for RedisStore {
     }
 
     /// Opens a dedicated connection for one session's blocking reads.
+    /// A session's reader: no connection of its own (see [`Reader`]).
     async fn reader(&self) -> Result<Reader, StoreError> {
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.block + self.timeout));
-        let target = self.target.current(self.timeout).await?;
-        let r =
-            target.client.get_multiplexed_async_connection_with_config(&cfg).await.map_err(redis_err("connect reader"));
-        self.after(&r).await;
-        Ok(Reader { conn: r?, block: self.block })
+        self.appends.ensure_subscribed(&self.target, self.timeout);
+        Ok(Reader { store: self.clone(), watches: Vec::new(), empty_since: None })
     }
 
     /// Takes over entries idle longer than `min_idle` in any consumer's PEL,
@@ -625,7 +652,11 @@ impl Backend for RedisStore {
         cmd.arg(entry.id).arg(keys::FIELD_WEBHOOK).arg(raw.as_slice());
         let mut pipe = redis::pipe();
         pipe.add_command(cmd);
-        match self.write("dlq replay", pipe).await?.first() {
+        let channels = [channel.to_string()];
+        self.announce(&mut pipe, &channels);
+        let replies = self.write("dlq replay", pipe).await?;
+        self.announced(&channels);
+        match replies.first() {
             None | Some(Value::Nil) => Ok(None),
             Some(id) => value_id(id).map(Some),
         }
@@ -677,37 +708,90 @@ impl Backend for RedisStore {
                 n += 1;
             }
         }
-        let appended = if n > 0 { self.write("replay", pipe).await? } else { Vec::new() };
+        let appended = if n > 0 {
+            let channels = [channel.to_string()];
+            self.announce(&mut pipe, &channels);
+            let replies = self.write("replay", pipe).await?;
+            self.announced(&channels);
+            replies.into_iter().take(n).collect()
+        } else {
+            Vec::new()
+        };
         Ok(ReplayPage { appended: appended.iter().map(value_id).collect::<Result<_, _>>()?, last })
     }
 }
 
-impl BlockingRead for Reader {
-    /// `XREADGROUP` over several streams, each from its own cursor. Blocks
-    /// up to the configured `BLOCK` only when every cursor is
-    /// [`Cursor::New`]; entries read that way are on their first delivery.
-    /// A read of pending lists runs in one `MULTI` with one `XPENDING` per
-    /// pending cursor, which gives the same entries' delivery counts.
-    async fn read(
-        &mut self,
+impl Reader {
+    /// The announcement counters of `channels`; `true` when one of them is
+    /// new to this reader (it must look: it has seen nothing of it yet).
+    fn watch(&mut self, channels: &[&str]) -> bool {
+        let mut added = false;
+        for ch in channels {
+            if !self.watches.iter().any(|(c, _)| c == ch) {
+                self.watches.push((ch.to_string(), self.store.appends.watch(ch)));
+                added = true;
+            }
+        }
+        added
+    }
+
+    /// Marks every announcement so far as seen (before looking, so one that
+    /// comes while the read runs is not missed).
+    fn mark_seen(&mut self, channels: &[&str]) {
+        for (_, rx) in self.watches.iter_mut().filter(|(c, _)| channels.contains(&c.as_str())) {
+            rx.borrow_and_update();
+        }
+    }
+
+    fn announced(&self, channels: &[&str]) -> bool {
+        self.watches.iter().any(|(c, rx)| channels.contains(&c.as_str()) && rx.has_changed().unwrap_or(true))
+    }
+
+    /// Until an announcement on `channels`, or `within` has passed.
+    async fn wait(&mut self, channels: &[&str], within: Duration) -> bool {
+        let waits: Vec<_> = self
+            .watches
+            .iter_mut()
+            .filter(|(c, _)| channels.contains(&c.as_str()))
+            .map(|(_, rx)| Box::pin(rx.changed()))
+            .collect();
+        if waits.is_empty() {
+            tokio::time::sleep(within).await;
+            return false;
+        }
+        tokio::time::timeout(within, futures_util::future::select_all(waits)).await.is_ok()
+    }
+
+    /// New entries of `channels` (their first delivery), read without blocking.
+    async fn read_new(&mut self, consumer: &str, channels: &[&str], count: usize) -> Result<Vec<Entry>, StoreError> {
+        self.mark_seen(channels);
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count).arg("STREAMS");
+        for channel in channels {
+            read.arg(keys::stream(channel));
+        }
+        for _ in channels {
+            read.arg(">");
+        }
+        let v: Value = self.store.run("XREADGROUP", &read).await?;
+        let got: Vec<Entry> = parse::read_reply(v)?
+            .into_iter()
+            .map(|(channel, item)| Entry { id: item.id, attempt: 1, webhook: item.webhook(), channel })
+            .collect();
+        self.empty_since = if got.is_empty() { Some(Instant::now()) } else { None };
+        Ok(got)
+    }
+
+    /// Pending entries after each cursor, with their delivery counts: the
+    /// read and one `XPENDING` per pending cursor in one `MULTI`.
+    async fn read_pending(
+        &self,
         consumer: &str,
         cursors: &[(String, Cursor)],
         count: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let count = count.max(1);
         let mut read = redis::cmd("XREADGROUP");
-        read.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count);
-        let pending: Vec<(&str, StreamId)> = cursors
-            .iter()
-            .filter_map(|(ch, c)| match c {
-                Cursor::Pending(after) => Some((ch.as_str(), *after)),
-                Cursor::New => None,
-            })
-            .collect();
-        if pending.is_empty() {
-            read.arg("BLOCK").arg(self.block.as_millis() as u64);
-        }
-        read.arg("STREAMS");
+        read.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count).arg("STREAMS");
         for (channel, _) in cursors {
             read.arg(keys::stream(channel));
         }
@@ -717,16 +801,13 @@ impl BlockingRead for Reader {
                 Cursor::New => read.arg(">"),
             };
         }
-        let entry = |(channel, item): (String, parse::Item), attempt: u32| Entry {
-            id: item.id,
-            attempt,
-            webhook: item.webhook(),
-            channel,
-        };
-        if pending.is_empty() {
-            let v: Value = read.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
-            return Ok(parse::read_reply(v)?.into_iter().map(|e| entry(e, 1)).collect());
-        }
+        let pending: Vec<(&str, StreamId)> = cursors
+            .iter()
+            .filter_map(|(ch, c)| match c {
+                Cursor::Pending(after) => Some((ch.as_str(), *after)),
+                Cursor::New => None,
+            })
+            .collect();
         let mut pipe = redis::pipe();
         pipe.atomic();
         pipe.add_command(read);
@@ -740,7 +821,7 @@ impl BlockingRead for Reader {
                 .arg(count)
                 .arg(consumer);
         }
-        let mut replies: Vec<Value> = pipe.query_async(&mut self.conn).await.map_err(redis_err("XREADGROUP"))?;
+        let mut replies: Vec<Value> = self.store.run_pipe("XREADGROUP", &pipe).await?;
         if replies.is_empty() {
             return Ok(Vec::new());
         }
@@ -753,9 +834,44 @@ impl BlockingRead for Reader {
             .into_iter()
             .map(|(channel, item)| {
                 let attempt = counts.get(channel.as_str()).and_then(|c| c.get(&item.id)).copied().unwrap_or(1);
-                entry((channel, item), attempt)
+                Entry { id: item.id, attempt, webhook: item.webhook(), channel }
             })
             .collect())
+    }
+}
+
+impl BlockingRead for Reader {
+    /// `XREADGROUP` over several streams, each from its own cursor, never
+    /// blocking in Redis. A read of pending lists (any cursor not
+    /// [`Cursor::New`]) gives each entry's delivery count. A read of new
+    /// entries only (their first delivery) that finds nothing waits, up to
+    /// `store.block`, for an announced append and looks again; after an
+    /// empty look it does not look again before an announcement or
+    /// `appends::RECHECK`.
+    async fn read(
+        &mut self,
+        consumer: &str,
+        cursors: &[(String, Cursor)],
+        count: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let count = count.max(1);
+        if cursors.iter().any(|(_, c)| *c != Cursor::New) {
+            self.empty_since = None;
+            return self.read_pending(consumer, cursors, count).await;
+        }
+        let channels: Vec<&str> = cursors.iter().map(|(c, _)| c.as_str()).collect();
+        let new_channel = self.watch(&channels);
+        let due = self.empty_since.is_none_or(|t| t.elapsed() >= appends::RECHECK);
+        if new_channel || due || self.announced(&channels) {
+            let got = self.read_new(consumer, &channels, count).await?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+        }
+        if !self.wait(&channels, self.store.block).await {
+            return Ok(Vec::new());
+        }
+        self.read_new(consumer, &channels, count).await
     }
 }
 

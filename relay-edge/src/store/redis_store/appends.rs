@@ -1,0 +1,134 @@
+//! Wake-ups for sessions waiting for new entries, so that an idle session
+//! holds no Redis connection and sends no command.
+//!
+//! Every append (ingest, replays) also `PUBLISH`es `relay:{<channel>}:appended`
+//! in the same pipeline. Each edge has one subscriber connection
+//! (`PSUBSCRIBE relay:*:appended`) that bumps a per-channel counter; a
+//! session's read of new entries marks the counters it has seen, reads
+//! (without `BLOCK`, on the shared connection), and when nothing was there
+//! waits for a bump. Appends by this edge bump at once, before the publish
+//! comes back. When the subscriber loses its connection it bumps every
+//! channel (so every waiting session looks once) and subscribes again.
+//! A session that saw no bump still looks once every [`RECHECK`], which
+//! covers appends by edges that do not publish (an older version during a
+//! rolling upgrade).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+use super::sentinel::Resolver;
+
+/// Longest a waiting session goes without looking for itself.
+pub const RECHECK: Duration = Duration::from_secs(30);
+
+/// The pattern the subscriber listens to.
+pub const PATTERN: &str = "relay:*:appended";
+
+/// Pub/sub channel announcing appends to `channel`.
+pub fn topic(channel: &str) -> String {
+    format!("relay:{{{channel}}}:appended")
+}
+
+fn channel_of(topic: &str) -> Option<&str> {
+    topic.strip_prefix("relay:{")?.strip_suffix("}:appended")
+}
+
+/// Per channel, a counter bumped on every announced append.
+#[derive(Default)]
+pub struct Appends {
+    channels: Mutex<HashMap<String, watch::Sender<u64>>>,
+    subscribed: AtomicBool,
+}
+
+impl Appends {
+    /// A receiver of `channel`'s counter.
+    pub fn watch(&self, channel: &str) -> watch::Receiver<u64> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        channels.entry(channel.to_string()).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    pub fn bump(&self, channel: &str) {
+        let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = channels.get(channel) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    fn bump_all(&self) {
+        let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        for tx in channels.values() {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Starts this edge's subscriber, once; it ends when the store is gone.
+    pub fn ensure_subscribed(self: &Arc<Self>, target: &Arc<Resolver>, timeout: Duration) {
+        if self.subscribed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(subscribe(Arc::downgrade(self), Arc::downgrade(target), timeout));
+    }
+}
+
+/// Subscribes, bumps on every message, and subscribes again after a loss
+/// (bumping everything, since announcements may have been missed).
+async fn subscribe(appends: Weak<Appends>, target: Weak<Resolver>, timeout: Duration) {
+    loop {
+        let client = match target.upgrade() {
+            Some(t) => t.current(timeout).await.map(|t| t.client.clone()),
+            None => return,
+        };
+        let pubsub = match client {
+            Ok(client) => tokio::time::timeout(timeout, client.get_async_pubsub()).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "append subscriber: no Redis yet");
+                Ok(Err(redis::RedisError::from((redis::ErrorKind::Io, "no target"))))
+            }
+        };
+        if let Ok(Ok(mut pubsub)) = pubsub
+            && pubsub.psubscribe(PATTERN).await.is_ok()
+        {
+            // Anything appended while we were not listening: look once.
+            match appends.upgrade() {
+                Some(a) => a.bump_all(),
+                None => return,
+            }
+            let mut messages = pubsub.on_message();
+            loop {
+                // Wake now and then to notice that the store is gone.
+                match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+                    Ok(Some(msg)) => {
+                        let Some(a) = appends.upgrade() else { return };
+                        if let Some(channel) = channel_of(msg.get_channel_name()) {
+                            a.bump(channel);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(_) if appends.strong_count() == 0 => return,
+                    Err(_) => {}
+                }
+            }
+            tracing::debug!("append subscriber lost its connection; subscribing again");
+        }
+        match appends.upgrade() {
+            Some(a) => a.bump_all(),
+            None => return,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn topics_name_their_channel() {
+        assert_eq!(super::topic("crm"), "relay:{crm}:appended");
+        assert_eq!(super::channel_of("relay:{crm}:appended"), Some("crm"));
+        assert_eq!(super::channel_of("relay:{crm}:stream"), None);
+    }
+}
