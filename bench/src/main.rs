@@ -48,6 +48,9 @@ struct Args {
     /// Directory holding relay-edge and relay-agent (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Only the fan-in scenario (with `--agents N`), after the yardsticks.
+    #[arg(long)]
+    fan_in_only: bool,
 }
 
 /// The processes measured; dropped, each is killed by its own PID.
@@ -264,7 +267,12 @@ async fn main() -> anyhow::Result<()> {
         redis_url: redis_url.clone(),
     };
     let mut stores = serde_json::Map::new();
-    for store in [StoreKind::Redis(redis_url.clone()), StoreKind::Embedded(d.join("store").join("relay.redb"))] {
+    let stores_run = if args.fan_in_only {
+        Vec::new()
+    } else {
+        vec![StoreKind::Redis(redis_url.clone()), StoreKind::Embedded(d.join("store").join("relay.redb"))]
+    };
+    for store in stores_run {
         let v = relay_pass(&ctx, &mut procs, &store).await?;
         stores.insert(store.label().into(), v);
         procs.stop_relay().await;
@@ -580,11 +588,12 @@ async fn fan_in(
     let mut agents = Vec::new();
     for name in &names {
         let (path, _) = write_agent_in(&fan, name, tunnel, &agent_opts(&format!("http://{rx_addr}/webhook"), 16));
-        let cfg = relay_agent::AgentConfig::load(Some(&path))?;
+        let cfg = std::sync::Arc::new(relay_agent::AgentConfig::load(Some(&path))?);
         let token = shutdown.clone();
-        agents.push(tokio::spawn(async move {
-            let _ = relay_agent::run(cfg, token).await;
-        }));
+        // The agent's tunnel without its status socket: one file
+        // descriptor per agent in this process, not two.
+        let status = relay_agent::status::Status::new(relay_agent::status::Snapshot::default());
+        agents.push(tokio::spawn(relay_agent::tunnel::supervisor::run(cfg, status, token)));
     }
     let admin_url = format!("http://127.0.0.1:{admin}/admin/agents");
     let started = Instant::now();
@@ -605,17 +614,56 @@ async fn fan_in(
     let idle_secs = args.secs.max(10.0);
     let rss_per_session_kib = (idle_b.rss_kib.saturating_sub(rss0.rss_kib)) as f64 / n as f64;
     let cpu_per_session_us_per_s = (idle_b.cpu_s - idle_a.cpu_s) * 1e6 / idle_secs / n as f64;
+    let redis_clients = redis_client_count(redis_url).await;
+    let hook = format!("http://127.0.0.1:{ingest}/hooks/bench");
+    // One webhook at a time, 50/s, while all are connected: each goes to
+    // whichever agent reads first.
+    rx.record(true);
     let before = rx.count.load(Ordering::Relaxed);
-    let run =
-        load::closed_loop(client, &format!("http://127.0.0.1:{ingest}/hooks/bench"), Some(KEY), 128, args.secs).await;
-    let delivered = rx.count.load(Ordering::Relaxed) - before;
-    let busy_rate = delivered as f64 / run.secs;
-    let target = before + run.ok;
-    let _ = wait_for_count(rx, target, Duration::from_secs(120)).await;
+    let probe = load::open_loop(client, &hook, Some(KEY), 50.0, args.secs.max(5.0)).await;
+    let _ = wait_for_count(rx, before + probe.ok, Duration::from_secs(30)).await;
+    rx.record(false);
+    let one = relay_bench::stats::Latency::of(&mut rx.take_latencies());
+    // All busy, while this process's file descriptors allow it (each agent
+    // busy opens a connection to the receiver, also in this process).
+    let busy = if n <= 4000 {
+        let before = rx.count.load(Ordering::Relaxed);
+        let run = load::closed_loop(client, &hook, Some(KEY), 128, args.secs).await;
+        let delivered = rx.count.load(Ordering::Relaxed) - before;
+        let _ = wait_for_count(rx, before + run.ok, Duration::from_secs(120)).await;
+        Some((delivered as f64 / run.secs, run.rate()))
+    } else {
+        None
+    };
+    // The edge restarts (SIGTERM: it tells its agents, which come back at
+    // once over a short jitter): how long until all are connected again.
+    let _ = edge.terminate().await;
+    let restarted = Instant::now();
+    edge = Proc::start_bin("relay-edge", edge_bin, &spec.config, LOG);
+    let mut reconnect_secs = None;
+    while restarted.elapsed() < Duration::from_secs(120) {
+        if agents_connected(client, &admin_url).await >= n {
+            reconnect_secs = Some(restarted.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     println!(
-        "\nfan-in: {n} agents connected in {connect_secs:.1} s; edge RSS {:.1} MiB ({rss_per_session_kib:.0} KiB per session), idle CPU {cpu_per_session_us_per_s:.1} µs/s per session; all busy: {busy_rate:.0} delivered/s",
+        "\nfan-in: {n} agents connected in {connect_secs:.1} s; edge RSS {:.1} MiB ({rss_per_session_kib:.0} KiB per session), idle CPU {cpu_per_session_us_per_s:.1} µs/s per session, {redis_clients} Redis connections in all",
         idle_b.rss_kib as f64 / 1024.0
     );
+    println!(
+        "fan-in: one webhook at a time (50/s) while all are connected: e2e p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        one.p50_ms, one.p99_ms, one.max_ms
+    );
+    match busy {
+        Some((rate, _)) => println!("fan-in: all busy: {rate:.0} delivered/s"),
+        None => println!("fan-in: all busy: not run above 4,000 agents (file descriptors of this process)"),
+    }
+    match reconnect_secs {
+        Some(s) => println!("fan-in: after an edge restart, all {n} agents connected again in {s:.1} s"),
+        None => println!("fan-in: after an edge restart, not all {n} agents were back within 120 s"),
+    }
     shutdown.cancel();
     for a in agents {
         let _ = a.await;
@@ -623,11 +671,21 @@ async fn fan_in(
     let _ = edge.terminate().await;
     Ok(json!({ "agents": n, "connect_s": connect_secs, "edge_rss_mib": idle_b.rss_kib as f64 / 1024.0,
                "edge_rss_kib_per_session": rss_per_session_kib, "edge_idle_cpu_us_per_s_per_session": cpu_per_session_us_per_s,
-               "busy_delivered_per_s": busy_rate, "busy_ingest_per_s": run.rate() }))
+               "redis_connections": redis_clients, "one_at_a_time": one.json(),
+               "busy_delivered_per_s": busy.map(|b| b.0), "busy_ingest_per_s": busy.map(|b| b.1),
+               "reconnect_after_restart_s": reconnect_secs }))
 }
 
 async fn wait_for_count(rx: &Arc<Receiver>, target: u64, within: Duration) -> anyhow::Result<()> {
     wait_for("drain", within, || rx.count.load(Ordering::Relaxed) >= target).await
+}
+
+/// Clients connected to the Redis at `url` (less the one asking).
+async fn redis_client_count(url: &str) -> usize {
+    let Ok(client) = redis::Client::open(url) else { return 0 };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return 0 };
+    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut conn).await.unwrap_or_default();
+    list.lines().count().saturating_sub(1)
 }
 
 async fn agents_connected(client: &load::HttpClient, url: &str) -> usize {

@@ -845,7 +845,7 @@ impl BlockingRead for Reader {
     /// blocking in Redis. A read of pending lists (any cursor not
     /// [`Cursor::New`]) gives each entry's delivery count. A read of new
     /// entries only (their first delivery) that finds nothing waits, up to
-    /// `store.block`, for an announced append and looks again; after an
+    /// `store.block`, for an announced append, looking again after each; after an
     /// empty look it does not look again before an announcement or
     /// `appends::RECHECK`.
     async fn read(
@@ -868,10 +868,19 @@ impl BlockingRead for Reader {
                 return Ok(got);
             }
         }
-        if !self.wait(&channels, self.store.block).await {
-            return Ok(Vec::new());
+        // An announcement can find nothing (another session took it, or the
+        // subscriber woke everyone after reconnecting): wait on, up to the end.
+        let deadline = Instant::now() + self.store.block;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !self.wait(&channels, left).await {
+                return Ok(Vec::new());
+            }
+            let got = self.read_new(consumer, &channels, count).await?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
         }
-        self.read_new(consumer, &channels, count).await
     }
 }
 
