@@ -3,15 +3,17 @@
 //!
 //! Every append (ingest, replays) also `PUBLISH`es `relay:{<channel>}:appended`
 //! in the same pipeline. Each edge has one subscriber connection
-//! (`PSUBSCRIBE relay:*:appended`) that bumps a per-channel counter; a
-//! session's read of new entries marks the counters it has seen, reads
-//! (without `BLOCK`, on the shared connection), and when nothing was there
-//! waits for a bump. Appends by this edge bump at once, before the publish
-//! comes back. When the subscriber loses its connection it bumps every
-//! channel (so every waiting session looks once) and subscribes again.
-//! A session that saw no bump still looks once every [`RECHECK`], which
-//! covers appends by edges that do not publish (an older version during a
-//! rolling upgrade).
+//! (`PSUBSCRIBE relay:*:appended`) that wakes **one** session waiting on
+//! that channel per announcement (`Notify::notify_one`; with nobody waiting
+//! the wake is kept for the next one to wait), so a thousand sessions on
+//! one channel cost one read per append, not a thousand. A session's read
+//! of new entries reads (without `BLOCK`, on the shared connection), and
+//! when nothing was there waits to be woken. Appends by this edge wake at
+//! once, before the publish comes back. When the subscriber loses its
+//! connection it wakes every waiting session (each looks once) and
+//! subscribes again. A session that was not woken still looks once every
+//! [`RECHECK`], which covers appends by edges that do not publish (an older
+//! version during a rolling upgrade).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use super::sentinel::Resolver;
 
@@ -38,31 +40,34 @@ fn channel_of(topic: &str) -> Option<&str> {
     topic.strip_prefix("relay:{")?.strip_suffix("}:appended")
 }
 
-/// Per channel, a counter bumped on every announced append.
+/// Per channel (of the configuration: sessions read no other), the
+/// sessions waiting for an append.
 #[derive(Default)]
 pub struct Appends {
-    channels: Mutex<HashMap<String, watch::Sender<u64>>>,
+    channels: Mutex<HashMap<String, Arc<Notify>>>,
     subscribed: AtomicBool,
 }
 
 impl Appends {
-    /// A receiver of `channel`'s counter.
-    pub fn watch(&self, channel: &str) -> watch::Receiver<u64> {
+    /// What sessions reading `channel` wait on.
+    pub fn waiters(&self, channel: &str) -> Arc<Notify> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        channels.entry(channel.to_string()).or_insert_with(|| watch::channel(0).0).subscribe()
+        channels.entry(channel.to_string()).or_default().clone()
     }
 
+    /// One append to `channel`: wakes one waiting session.
     pub fn bump(&self, channel: &str) {
         let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = channels.get(channel) {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+        if let Some(n) = channels.get(channel) {
+            n.notify_one();
         }
     }
 
+    /// Appends may have gone unannounced: wakes every waiting session.
     fn bump_all(&self) {
         let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        for tx in channels.values() {
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+        for n in channels.values() {
+            n.notify_waiters();
         }
     }
 

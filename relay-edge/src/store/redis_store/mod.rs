@@ -49,7 +49,7 @@ use std::time::Duration;
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use relay_protocol::{ChannelStats, Webhook};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
@@ -157,10 +157,10 @@ impl Target {
 /// on the append announcements of the channels it reads.
 pub struct Reader {
     store: RedisStore,
-    /// Per channel read, its announcement counter.
-    watches: Vec<(String, watch::Receiver<u64>)>,
+    /// Per channel read, what its sessions wait on.
+    watches: Vec<(String, Arc<Notify>)>,
     /// When a read of new entries last came back empty (`None`: the last
-    /// one found something, or none ran yet): until an announcement or
+    /// one found something, or none ran yet): until woken or
     /// `appends::RECHECK`, there is no need to look again.
     empty_since: Option<Instant>,
 }
@@ -722,49 +722,37 @@ impl Backend for RedisStore {
 }
 
 impl Reader {
-    /// The announcement counters of `channels`; `true` when one of them is
-    /// new to this reader (it must look: it has seen nothing of it yet).
+    /// What `channels` wait on; `true` when one of them is new to this
+    /// reader (it must look: it has seen nothing of it yet).
     fn watch(&mut self, channels: &[&str]) -> bool {
         let mut added = false;
         for ch in channels {
             if !self.watches.iter().any(|(c, _)| c == ch) {
-                self.watches.push((ch.to_string(), self.store.appends.watch(ch)));
+                self.watches.push((ch.to_string(), self.store.appends.waiters(ch)));
                 added = true;
             }
         }
         added
     }
 
-    /// Marks every announcement so far as seen (before looking, so one that
-    /// comes while the read runs is not missed).
-    fn mark_seen(&mut self, channels: &[&str]) {
-        for (_, rx) in self.watches.iter_mut().filter(|(c, _)| channels.contains(&c.as_str())) {
-            rx.borrow_and_update();
-        }
-    }
-
-    fn announced(&self, channels: &[&str]) -> bool {
-        self.watches.iter().any(|(c, rx)| channels.contains(&c.as_str()) && rx.has_changed().unwrap_or(true))
-    }
-
-    /// Until an announcement on `channels`, or `within` has passed.
-    async fn wait(&mut self, channels: &[&str], within: Duration) -> bool {
+    /// Until woken for one of `channels`, or `within` has passed.
+    async fn wait(&self, channels: &[&str], within: Duration) -> bool {
         let waits: Vec<_> = self
             .watches
-            .iter_mut()
+            .iter()
             .filter(|(c, _)| channels.contains(&c.as_str()))
-            .map(|(_, rx)| Box::pin(rx.changed()))
+            .map(|(_, n)| Box::pin(n.notified()))
             .collect();
         if waits.is_empty() {
             tokio::time::sleep(within).await;
             return false;
         }
+        // A wake taken by one of these is handed on when the others drop.
         tokio::time::timeout(within, futures_util::future::select_all(waits)).await.is_ok()
     }
 
     /// New entries of `channels` (their first delivery), read without blocking.
     async fn read_new(&mut self, consumer: &str, channels: &[&str], count: usize) -> Result<Vec<Entry>, StoreError> {
-        self.mark_seen(channels);
         let mut read = redis::cmd("XREADGROUP");
         read.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count).arg("STREAMS");
         for channel in channels {
@@ -845,9 +833,9 @@ impl BlockingRead for Reader {
     /// blocking in Redis. A read of pending lists (any cursor not
     /// [`Cursor::New`]) gives each entry's delivery count. A read of new
     /// entries only (their first delivery) that finds nothing waits, up to
-    /// `store.block`, for an announced append, looking again after each; after an
-    /// empty look it does not look again before an announcement or
-    /// `appends::RECHECK`.
+    /// `store.block`, to be woken by an announced append, looking again
+    /// after each wake; after an empty look it does not look again before a
+    /// wake or `appends::RECHECK`.
     async fn read(
         &mut self,
         consumer: &str,
@@ -862,7 +850,7 @@ impl BlockingRead for Reader {
         let channels: Vec<&str> = cursors.iter().map(|(c, _)| c.as_str()).collect();
         let new_channel = self.watch(&channels);
         let due = self.empty_since.is_none_or(|t| t.elapsed() >= appends::RECHECK);
-        if new_channel || due || self.announced(&channels) {
+        if new_channel || due {
             let got = self.read_new(consumer, &channels, count).await?;
             if !got.is_empty() {
                 return Ok(got);
