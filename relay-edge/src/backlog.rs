@@ -29,6 +29,8 @@ struct Count {
     last: StreamId,
     /// Ids this edge appended that may be newer than `last`.
     recent: Vec<StreamId>,
+    /// What the last refresh read (sessions send it to their agents).
+    stats: Option<relay_protocol::ChannelStats>,
 }
 
 impl Count {
@@ -83,9 +85,17 @@ impl Backlog {
         ids.iter().for_each(|id| c.record(*id));
     }
 
-    fn refreshed(&self, channel: &str, base: u64, last: StreamId) {
+    /// The channel's figures at the last refresh (at most 500 ms old):
+    /// what sessions tell their agents, with no store command of their own.
+    pub fn stats(&self, channel: &str) -> Option<relay_protocol::ChannelStats> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).get(channel)?.stats.clone()
+    }
+
+    fn refreshed(&self, channel: &str, snap: &crate::store::Snapshot) {
+        let (base, last) = (snap.unacked(), snap.last_id);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let c = counts.entry(channel.to_string()).or_default();
+        c.stats = Some(snap.stats.clone());
         c.base = base;
         c.last = last;
         c.recent.retain(|id| *id > last);
@@ -105,7 +115,7 @@ pub async fn refresh_loop(
         for ch in &channels {
             match store.snapshot(ch).await {
                 Ok(snap) => {
-                    backlog.refreshed(ch, snap.unacked(), snap.last_id);
+                    backlog.refreshed(ch, &snap);
                     let labels = ChannelLabels { channel: ch.clone() };
                     let m = &metrics;
                     m.backlog.get_or_create(&labels).set(snap.unacked() as i64);

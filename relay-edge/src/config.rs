@@ -723,8 +723,14 @@ impl EdgeConfig {
                 "`replica` needs Redis (store.redis_url or store.sentinel_master)".into(),
             ));
         }
-        if self.store.replica_timeout.is_zero() || self.store.replica_timeout > self.store.command_timeout {
-            return Err(bad("store.replica_timeout", "must be above 0 and at most store.command_timeout".into()));
+        if self.store.replica_timeout < Duration::from_millis(1)
+            || self.store.replica_timeout > self.store.command_timeout
+        {
+            // Below 1 ms it would be `WAIT 1 0`: wait for ever.
+            return Err(bad("store.replica_timeout", "must be 1ms or more and at most store.command_timeout".into()));
+        }
+        if self.store.block < Duration::from_millis(100) {
+            return Err(bad("store.block", "must be 100ms or more (sessions would spin)".into()));
         }
         let mut names = BTreeSet::new();
         for (i, route) in self.routes.iter().enumerate() {

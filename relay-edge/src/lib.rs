@@ -120,7 +120,7 @@ pub async fn run(
         &cfg,
         tunnel_tls,
         store.clone(),
-        metrics.clone(),
+        (metrics.clone(), backlog.clone()),
         registry.clone(),
         shutdown.clone(),
     ));

@@ -29,7 +29,7 @@ async fn idle_sessions_hold_no_redis_connection_and_send_nothing() {
     init_tracing();
     let store = Backing::redis();
     let certs = Certs::generate();
-    const AGENTS: usize = 10;
+    const AGENTS: usize = 20;
     let names: Vec<String> = (0..AGENTS).map(|i| format!("idle-{i}")).collect();
     for name in &names {
         relay_edge::certs::agent(certs.dir.path(), name).expect("agent cert");
@@ -56,7 +56,12 @@ async fn idle_sessions_hold_no_redis_connection_and_send_nothing() {
         a.wait_connected(Duration::from_secs(10)).await;
     }
     let with_all = redis_clients(server).await;
-    assert_eq!(with_all, with_one, "{AGENTS} sessions, no connection each ({with_one} with one, {with_all} with all)");
+    // Per edge at most 1 for commands, 4 for reads, 1 subscriber (no
+    // replica waits here), whatever the number of sessions.
+    assert!(
+        with_all <= 2 * 6,
+        "{AGENTS} sessions on two edges hold {with_all} Redis connections ({with_one} with one)"
+    );
 
     // Settled: the sessions' first looks are done once the count stops moving.
     let settle = Instant::now();

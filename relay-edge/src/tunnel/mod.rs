@@ -57,6 +57,8 @@ pub struct TunnelState {
     store: Store,
     /// The edge's metrics (shared with every subsystem).
     metrics: Arc<Metrics>,
+    /// Channel figures refreshed edge-wide (what `Stats` frames carry).
+    backlog: Arc<crate::backlog::Backlog>,
     /// One live session per agent (shared with the admin listener, which lists them).
     registry: Registry,
     /// Cancelled once, on SIGINT/SIGTERM (or by a test); every session's
@@ -77,7 +79,7 @@ impl TunnelState {
         cfg: &EdgeConfig,
         (server_tls, verifier): (Arc<rustls::ServerConfig>, tls::Verifier),
         store: Store,
-        metrics: Arc<Metrics>,
+        (metrics, backlog): (Arc<Metrics>, Arc<crate::backlog::Backlog>),
         registry: Registry,
         shutdown: CancellationToken,
     ) -> Self {
@@ -86,6 +88,7 @@ impl TunnelState {
             grants: cfg.agents.iter().map(|a| (a.name.clone(), a.channels.clone())).collect(),
             store,
             metrics,
+            backlog,
             registry,
             shutdown,
             revoked: RwLock::new(revocation_list(&cfg.tunnel)),

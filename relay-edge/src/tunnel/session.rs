@@ -658,25 +658,13 @@ impl Session {
         }
     }
 
+    /// Queues the session's channel figures for a `Stats` frame, from the
+    /// edge-wide refresh (no store command per session); nothing while a
+    /// channel has no figures yet.
     fn spawn_stats(&self) {
-        let store = self.state.store.clone();
-        let channels = self.table.channels().to_vec();
-        let tx = self.stats_tx.clone();
-        if tx.capacity() == 0 {
-            return; // the last figures are not read yet
+        let stats: Option<Vec<_>> = self.table.channels().iter().map(|ch| self.state.backlog.stats(ch)).collect();
+        if let Some(stats) = stats {
+            let _ = self.stats_tx.try_send(stats);
         }
-        tokio::spawn(async move {
-            let mut out = Vec::with_capacity(channels.len());
-            for ch in &channels {
-                match store.snapshot(ch).await.map(|s| s.stats) {
-                    Ok(s) => out.push(s),
-                    Err(e) => {
-                        tracing::debug!(channel = %ch, error = %e, "stats unavailable");
-                        return;
-                    }
-                }
-            }
-            let _ = tx.try_send(out);
-        });
     }
 }

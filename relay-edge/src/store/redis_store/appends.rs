@@ -83,21 +83,36 @@ impl Appends {
 /// Subscribes, bumps on every message, and subscribes again after a loss
 /// (bumping everything, since announcements may have been missed).
 async fn subscribe(appends: Weak<Appends>, target: Weak<Resolver>, timeout: Duration) {
+    let mut warned = false;
     loop {
-        let client = match target.upgrade() {
-            Some(t) => t.current(timeout).await.map(|t| t.client.clone()),
+        let current = match target.upgrade() {
+            Some(t) => t.current(timeout).await,
             None => return,
         };
-        let pubsub = match client {
-            Ok(client) => tokio::time::timeout(timeout, client.get_async_pubsub()).await,
-            Err(e) => {
-                tracing::debug!(error = %e, "append subscriber: no Redis yet");
-                Ok(Err(redis::RedisError::from((redis::ErrorKind::Io, "no target"))))
+        let subscribed = match &current {
+            Ok(t) => {
+                let client = t.client.clone();
+                tokio::time::timeout(timeout, async move {
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.psubscribe(PATTERN).await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                })
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
             }
+            Err(e) => Err(e.to_string()),
         };
-        if let Ok(Ok(mut pubsub)) = pubsub
-            && pubsub.psubscribe(PATTERN).await.is_ok()
-        {
+        match (&subscribed, warned) {
+            (Err(e), false) => {
+                // Sessions still look every RECHECK; say why they are slow.
+                tracing::warn!(error = %e, "cannot subscribe to append announcements (needs PSUBSCRIBE relay:*)");
+                warned = true;
+            }
+            (Ok(_), _) => warned = false,
+            _ => {}
+        }
+        if let (Ok(mut pubsub), Ok(current)) = (subscribed, current) {
             // Anything appended while we were not listening: look once.
             match appends.upgrade() {
                 Some(a) => a.bump_all(),
@@ -115,6 +130,10 @@ async fn subscribe(appends: Weak<Appends>, target: Weak<Resolver>, timeout: Dura
                     }
                     Ok(None) => break,
                     Err(_) if appends.strong_count() == 0 => return,
+                    // The store moved to another master (Sentinel): follow it.
+                    Err(_) if target.upgrade().and_then(|t| t.get()).is_some_and(|t| !Arc::ptr_eq(&t, &current)) => {
+                        break;
+                    }
                     Err(_) => {}
                 }
             }

@@ -124,11 +124,17 @@ pub struct RedisStore {
     appends: Arc<Appends>,
 }
 
+/// Connections carrying sessions' reads (a large read never delays an
+/// ingest write or an ack on the command connection).
+const READ_POOL: usize = 4;
+
 /// One Redis server's connections: the shared one for commands, a pool
-/// for writes that wait on a replica, and the client that opens readers.
+/// for sessions' reads, a pool for writes that wait on a replica, and the
+/// client (the append subscriber connects with it).
 pub struct Target {
     client: redis::Client,
     conn: ConnectionManager,
+    readers: Vec<ConnectionManager>,
     writers: Vec<ConnectionManager>,
 }
 
@@ -145,11 +151,12 @@ impl Target {
             ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))
         };
         let conn = manager(timeout)?;
+        let readers = (0..READ_POOL).map(|_| manager(timeout)).collect::<Result<_, _>>()?;
         let writers = match replica_wait {
             Some(wait) => (0..WRITE_POOL).map(|_| manager(timeout + wait)).collect::<Result<_, _>>()?,
             None => Vec::new(),
         };
-        Ok(Self { client, conn, writers })
+        Ok(Self { client, conn, readers, writers })
     }
 }
 
@@ -159,14 +166,20 @@ pub struct Reader {
     store: RedisStore,
     /// Per channel read, what its sessions wait on.
     watches: Vec<(String, Arc<Notify>)>,
-    /// When a read of new entries last came back empty (`None`: the last
-    /// one found something, or none ran yet): until woken or
-    /// `appends::RECHECK`, there is no need to look again.
-    empty_since: Option<Instant>,
+    /// When a read of new entries last came back empty, and of which
+    /// channels (`None`: the last one found something, or none ran yet):
+    /// until woken or `appends::RECHECK`, those need no look again.
+    empty_since: Option<(Instant, Vec<String>)>,
 }
 
 fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> StoreError {
     move |source| StoreError::Redis { op, source }
+}
+
+/// A command or a pipeline, for [`RedisStore::run_read`].
+enum Query<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipe(&'a redis::Pipeline),
 }
 
 /// Whether a failed command may mean the master moved (Sentinel re-resolves).
@@ -178,8 +191,13 @@ fn may_be_failover(e: &StoreError) -> bool {
                 || source.is_connection_dropped()
                 || source.is_connection_refusal()
                 || source.is_timeout()
-                || matches!(source.code(), Some("READONLY") | Some("MASTERDOWN") | Some("LOADING"))
+                || matches!(
+                    source.code(),
+                    Some("READONLY") | Some("MASTERDOWN") | Some("LOADING") | Some("EXECABORT") | Some("NOREPLICAS")
+                )
         }
+        // No replica confirms: this master may have lost them in a failover.
+        StoreError::NotReplicated { .. } => true,
         _ => false,
     }
 }
@@ -238,6 +256,27 @@ impl RedisStore {
         }
     }
 
+    /// A session's read (a command or a pipeline) on the read pool.
+    async fn run_read<T: redis::FromRedisValue>(&self, op: &'static str, query: Query<'_>) -> Result<T, StoreError> {
+        let target = self.target.current(self.timeout).await?;
+        let n = self.next_writer.fetch_add(1, Ordering::Relaxed);
+        let Some(mut conn) = target.readers.get(n % READ_POOL).cloned() else {
+            return Err(StoreError::Timeout { op, ms: 0 });
+        };
+        let fut = async {
+            match query {
+                Query::Cmd(c) => c.query_async::<T>(&mut conn).await,
+                Query::Pipe(p) => p.query_async::<T>(&mut conn).await,
+            }
+        };
+        let r = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r.map_err(redis_err(op)),
+            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
+        };
+        self.after(&r).await;
+        r
+    }
+
     async fn run_pipe<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
@@ -252,18 +291,20 @@ impl RedisStore {
         r
     }
 
-    /// Adds the announcement of appends to `channels` to `pipe` (its
-    /// replies are dropped: the appends' own come first).
-    fn announce(&self, pipe: &mut redis::Pipeline, channels: &[String]) {
+    /// Announces appends to `channels`, once they are stored: wakes this
+    /// edge's sessions at once, and other edges' by `PUBLISH`. Best effort,
+    /// after the write and apart from it: an announcement that fails (say,
+    /// an ACL without pub/sub) never fails the write it follows (sessions
+    /// then look again within `appends::RECHECK`); it is counted.
+    async fn announce(&self, channels: &[String]) {
+        channels.iter().for_each(|c| self.appends.bump(c));
+        let mut pipe = redis::pipe();
         for channel in channels {
             pipe.cmd("PUBLISH").arg(appends::topic(channel)).arg("").ignore();
         }
-    }
-
-    /// Wakes this edge's sessions on `channels` at once (other edges hear
-    /// the `PUBLISH`).
-    fn announced(&self, channels: &[String]) {
-        channels.iter().for_each(|c| self.appends.bump(c));
+        if let Err(e) = self.run_pipe::<()>("PUBLISH", &pipe).await {
+            tracing::debug!(error = %e, "announcing an append failed");
+        }
     }
 
     /// Runs a write that a `200` or a dead letter depends on: with replica
@@ -309,9 +350,8 @@ impl Backend for RedisStore {
         for channel in channels {
             pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
         }
-        self.announce(&mut pipe, channels);
         let replies = self.write("XADD", pipe).await?;
-        self.announced(channels);
+        self.announce(channels).await;
         replies.iter().take(channels.len()).map(value_id).collect()
     }
 
@@ -652,10 +692,8 @@ impl Backend for RedisStore {
         cmd.arg(entry.id).arg(keys::FIELD_WEBHOOK).arg(raw.as_slice());
         let mut pipe = redis::pipe();
         pipe.add_command(cmd);
-        let channels = [channel.to_string()];
-        self.announce(&mut pipe, &channels);
         let replies = self.write("dlq replay", pipe).await?;
-        self.announced(&channels);
+        self.announce(&[channel.to_string()]).await;
         match replies.first() {
             None | Some(Value::Nil) => Ok(None),
             Some(id) => value_id(id).map(Some),
@@ -709,11 +747,9 @@ impl Backend for RedisStore {
             }
         }
         let appended = if n > 0 {
-            let channels = [channel.to_string()];
-            self.announce(&mut pipe, &channels);
             let replies = self.write("replay", pipe).await?;
-            self.announced(&channels);
-            replies.into_iter().take(n).collect()
+            self.announce(&[channel.to_string()]).await;
+            replies
         } else {
             Vec::new()
         };
@@ -761,12 +797,12 @@ impl Reader {
         for _ in channels {
             read.arg(">");
         }
-        let v: Value = self.store.run("XREADGROUP", &read).await?;
+        let v: Value = self.store.run_read("XREADGROUP", Query::Cmd(&read)).await?;
         let got: Vec<Entry> = parse::read_reply(v)?
             .into_iter()
             .map(|(channel, item)| Entry { id: item.id, attempt: 1, webhook: item.webhook(), channel })
             .collect();
-        self.empty_since = if got.is_empty() { Some(Instant::now()) } else { None };
+        self.empty_since = got.is_empty().then(|| (Instant::now(), channels.iter().map(|c| c.to_string()).collect()));
         Ok(got)
     }
 
@@ -809,7 +845,7 @@ impl Reader {
                 .arg(count)
                 .arg(consumer);
         }
-        let mut replies: Vec<Value> = self.store.run_pipe("XREADGROUP", &pipe).await?;
+        let mut replies: Vec<Value> = self.store.run_read("XREADGROUP", Query::Pipe(&pipe)).await?;
         if replies.is_empty() {
             return Ok(Vec::new());
         }
@@ -849,7 +885,10 @@ impl BlockingRead for Reader {
         }
         let channels: Vec<&str> = cursors.iter().map(|(c, _)| c.as_str()).collect();
         let new_channel = self.watch(&channels);
-        let due = self.empty_since.is_none_or(|t| t.elapsed() >= appends::RECHECK);
+        // Look unless an empty look of these very channels (or more) is recent.
+        let due = self.empty_since.as_ref().is_none_or(|(at, seen)| {
+            at.elapsed() >= appends::RECHECK || !channels.iter().all(|c| seen.iter().any(|s| s == c))
+        });
         if new_channel || due {
             let got = self.read_new(consumer, &channels, count).await?;
             if !got.is_empty() {

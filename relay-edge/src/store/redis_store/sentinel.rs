@@ -57,7 +57,8 @@ impl Resolver {
         Ok(Self { current: RwLock::new(None), sentinel: Some(source), replica_wait })
     }
 
-    fn get(&self) -> Option<Arc<Target>> {
+    /// The target in use, if any yet.
+    pub fn get(&self) -> Option<Arc<Target>> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -66,30 +67,41 @@ impl Resolver {
         if let Some(t) = self.get() {
             return Ok(t);
         }
-        self.resolve(timeout).await
+        self.resolve(timeout, true).await
     }
 
     /// A command failed in a way a failover explains: ask the sentinels
     /// again (at most every [`RESOLVE_EVERY`]). Errors are logged; the
     /// next failure tries again.
     pub async fn failed(&self, timeout: Duration) {
+        // A resolution already running answers for this failure too.
         if self.sentinel.is_some()
-            && let Err(e) = self.resolve(timeout).await
+            && let Err(e) = self.resolve(timeout, false).await
         {
             tracing::warn!(error = %e, "cannot resolve the Redis master through Sentinel");
         }
     }
 
-    async fn resolve(&self, timeout: Duration) -> Result<Arc<Target>, StoreError> {
+    /// Asks the sentinels (one at a time; `wait`: behind one running now,
+    /// else not at all), at most every [`RESOLVE_EVERY`]: within it, the
+    /// target in use, or a fast error while none is known.
+    async fn resolve(&self, timeout: Duration, wait: bool) -> Result<Arc<Target>, StoreError> {
+        let unknown = || StoreError::Timeout { op: "resolve the Redis master through Sentinel", ms: 0 };
         let Some(source) = &self.sentinel else {
-            return self.get().ok_or(StoreError::Timeout { op: "resolve", ms: 0 });
+            return self.get().ok_or_else(unknown);
         };
-        let mut state = source.state.lock().await;
+        let mut state = match wait {
+            true => source.state.lock().await,
+            false => match source.state.try_lock() {
+                Ok(state) => state,
+                Err(_) => return self.get().ok_or_else(unknown),
+            },
+        };
         let (sentinel, last) = &mut *state;
-        if let (Some(at), Some(current)) = (*last, self.get())
+        if let Some(at) = *last
             && at.elapsed() < RESOLVE_EVERY
         {
-            return Ok(current);
+            return self.get().ok_or_else(unknown);
         }
         *last = Some(Instant::now());
         let found = tokio::time::timeout(timeout, sentinel.async_master_for(&source.master, Some(&source.node)))
