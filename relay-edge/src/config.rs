@@ -234,6 +234,11 @@ impl Default for AdminConfig {
 }
 
 /// Why a token file cannot be used.
+/// A configuration error naming its key.
+fn key_error(key: &str, why: String) -> ConfigError {
+    ConfigError::Key { key: key.into(), why }
+}
+
 fn token_error(why: String) -> ConfigError {
     ConfigError::Key { key: "admin.token_file".into(), why }
 }
@@ -630,17 +635,28 @@ impl EdgeConfig {
 
     /// Checks what the types cannot: names, references, files.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: String| ConfigError::Key { key: key.into(), why };
+        self.check_addresses_and_admin()?;
+        self.check_sizes_and_timings()?;
+        self.check_store()?;
+        self.check_routes()?;
+        self.check_ingest_tls_and_revocations()?;
+        self.check_agents()?;
+        self.check_tunnel_files()?;
+        Ok(())
+    }
+
+    /// Listen addresses parse; a non-loopback admin listener has a token.
+    fn check_addresses_and_admin(&self) -> Result<(), ConfigError> {
         for (key, addr) in [
             ("ingest.listen", &self.ingest.listen),
             ("tunnel.listen", &self.tunnel.listen),
             ("admin.listen", &self.admin.listen),
         ] {
             addr.parse::<std::net::SocketAddr>()
-                .map_err(|e| bad(key, format!("`{addr}` is not an address like 127.0.0.1:8080: {e}")))?;
+                .map_err(|e| key_error(key, format!("`{addr}` is not an address like 127.0.0.1:8080: {e}")))?;
         }
         if !self.admin.on_loopback() && self.admin.token.is_none() && self.admin.token_path().is_none() {
-            return Err(bad(
+            return Err(key_error(
                 "admin.token",
                 format!(
                     "must be set (or admin.token_file) when admin.listen ({}) is not a loopback address",
@@ -649,10 +665,15 @@ impl EdgeConfig {
             ));
         }
         if self.admin.token.as_ref().is_some_and(|t| t.expose().len() < 8) {
-            return Err(bad("admin.token", "needs at least 8 characters".into()));
+            return Err(key_error("admin.token", "needs at least 8 characters".into()));
         }
+        Ok(())
+    }
+
+    /// Retention, body, frame and session sizes, heartbeat and reclaim timings fit together.
+    fn check_sizes_and_timings(&self) -> Result<(), ConfigError> {
         if self.store.retention < MIN_RETENTION {
-            return Err(bad(
+            return Err(key_error(
                 "store.retention",
                 format!(
                     "{:?} is below {MIN_RETENTION:?}: every webhook not delivered within it is dead-lettered \
@@ -662,10 +683,10 @@ impl EdgeConfig {
             ));
         }
         if self.ingest.max_body.as_u64() == 0 {
-            return Err(bad("ingest.max_body", "must be above zero".into()));
+            return Err(key_error("ingest.max_body", "must be above zero".into()));
         }
         if self.tunnel.max_frame.as_u64() < self.ingest.max_body.as_u64() + 64 * 1024 {
-            return Err(bad(
+            return Err(key_error(
                 "tunnel.max_frame",
                 format!(
                     "{} cannot carry a body of ingest.max_body = {} plus headers; raise it",
@@ -674,7 +695,7 @@ impl EdgeConfig {
             ));
         }
         if self.tunnel.session_bytes.as_u64() < self.tunnel.max_frame.as_u64() {
-            return Err(bad(
+            return Err(key_error(
                 "tunnel.session_bytes",
                 format!(
                     "{} is below tunnel.max_frame ({}): a session could not hold even one webhook",
@@ -683,42 +704,51 @@ impl EdgeConfig {
             ));
         }
         if self.tunnel.heartbeat < Duration::from_millis(50) {
-            return Err(bad("tunnel.heartbeat", "must be at least 50ms".into()));
+            return Err(key_error("tunnel.heartbeat", "must be at least 50ms".into()));
         }
         if self.tunnel.reclaim_after < self.tunnel.heartbeat * 3 {
-            return Err(bad(
+            return Err(key_error(
                 "tunnel.reclaim_after",
                 "must exceed 3 × tunnel.heartbeat (the dead-session deadline)".into(),
             ));
         }
         if self.store.block >= self.store.command_timeout * 4 {
-            return Err(bad("store.block", "keep it short (1–5 s) and below 4 × store.command_timeout".into()));
+            return Err(key_error("store.block", "keep it short (1–5 s) and below 4 × store.command_timeout".into()));
         }
+        Ok(())
+    }
+
+    /// The store: a usable Redis URL or embedded path, Sentinel, durability and wait timings.
+    fn check_store(&self) -> Result<(), ConfigError> {
         match self.store.redis() {
             // Never echo the URL: it may hold a password.
             Some(url) if redis::Client::open(url).is_err() => {
-                return Err(bad("store.redis_url", "is not a redis:// or rediss:// URL".into()));
+                return Err(key_error("store.redis_url", "is not a redis:// or rediss:// URL".into()));
             }
             Some(_) => {}
             None if !self.store.uses_redis() && self.store.path.as_os_str().is_empty() => {
-                return Err(bad("store.path", "must name a file when store.redis_url is unset".into()));
+                return Err(key_error("store.path", "must name a file when store.redis_url is unset".into()));
             }
             None => {}
         }
         let master = self.store.sentinel_master.as_deref().filter(|m| !m.is_empty());
         match (master, self.store.sentinel_addrs.is_empty()) {
-            (Some(_), true) => return Err(bad("store.sentinel_addrs", "name the sentinels of sentinel_master".into())),
-            (None, false) => return Err(bad("store.sentinel_master", "name the master the sentinels watch".into())),
+            (Some(_), true) => {
+                return Err(key_error("store.sentinel_addrs", "name the sentinels of sentinel_master".into()));
+            }
+            (None, false) => {
+                return Err(key_error("store.sentinel_master", "name the master the sentinels watch".into()));
+            }
             _ => {}
         }
         for (i, addr) in self.store.sentinel_addrs.iter().enumerate() {
             // Never echo the URL: it may hold a password.
             if redis::Client::open(addr.expose()).is_err() {
-                return Err(bad(&format!("store.sentinel_addrs[{i}]"), "is not a redis:// URL".into()));
+                return Err(key_error(&format!("store.sentinel_addrs[{i}]"), "is not a redis:// URL".into()));
             }
         }
         if self.store.durability == Durability::Replica && !self.store.uses_redis() {
-            return Err(bad(
+            return Err(key_error(
                 "store.durability",
                 "`replica` needs Redis (store.redis_url or store.sentinel_master)".into(),
             ));
@@ -727,80 +757,106 @@ impl EdgeConfig {
             || self.store.replica_timeout > self.store.command_timeout
         {
             // Below 1 ms it would be `WAIT 1 0`: wait for ever.
-            return Err(bad("store.replica_timeout", "must be 1ms or more and at most store.command_timeout".into()));
+            return Err(key_error(
+                "store.replica_timeout",
+                "must be 1ms or more and at most store.command_timeout".into(),
+            ));
         }
         if self.store.block < Duration::from_millis(100) {
-            return Err(bad("store.block", "must be 100ms or more (sessions would spin)".into()));
+            return Err(key_error("store.block", "must be 100ms or more (sessions would spin)".into()));
         }
+        Ok(())
+    }
+
+    /// Routes: names, channels and API keys.
+    fn check_routes(&self) -> Result<(), ConfigError> {
         let mut names = BTreeSet::new();
         for (i, route) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("route[{i}].{field}");
-            check_name(&route.name).map_err(|why| bad(&key("name"), why))?;
+            check_name(&route.name).map_err(|why| key_error(&key("name"), why))?;
             if !names.insert(route.name.as_str()) {
-                return Err(bad(&key("name"), format!("route `{}` is defined twice", route.name)));
+                return Err(key_error(&key("name"), format!("route `{}` is defined twice", route.name)));
             }
             if route.channels.is_empty() {
-                return Err(bad(&key("channels"), format!("route `{}` lists no channel", route.name)));
+                return Err(key_error(&key("channels"), format!("route `{}` lists no channel", route.name)));
             }
             for ch in &route.channels {
-                check_name(ch).map_err(|why| bad(&key("channels"), why))?;
+                check_name(ch).map_err(|why| key_error(&key("channels"), why))?;
             }
             if route.api_keys.is_empty() {
-                return Err(bad(
+                return Err(key_error(
                     &key("api_keys"),
                     format!("route `{}` has no API key; an open route would accept anyone's webhooks", route.name),
                 ));
             }
             if route.api_keys.iter().any(|k| k.expose().len() < 8) {
-                return Err(bad(&key("api_keys"), "every key needs at least 8 characters".into()));
+                return Err(key_error(&key("api_keys"), "every key needs at least 8 characters".into()));
             }
             for k in &route.api_keys {
                 if let Some(hash) = k.expose().strip_prefix("sha256:")
                     && (hash.len() != 64 || hex::decode(hash).is_err())
                 {
-                    return Err(bad(&key("api_keys"), "a `sha256:` key must carry 64 hex digits".into()));
+                    return Err(key_error(&key("api_keys"), "a `sha256:` key must carry 64 hex digits".into()));
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Ingest TLS files and header limits; the revocation entries.
+    fn check_ingest_tls_and_revocations(&self) -> Result<(), ConfigError> {
         if self.ingest.tls_cert.is_some() != self.ingest.tls_key.is_some() {
-            return Err(bad("ingest.tls_cert", "and ingest.tls_key must be set together".into()));
+            return Err(key_error("ingest.tls_cert", "and ingest.tls_key must be set together".into()));
         }
         for (key, path) in [("ingest.tls_cert", &self.ingest.tls_cert), ("ingest.tls_key", &self.ingest.tls_key)] {
             if let Some(p) = path
                 && !p.is_file()
             {
-                return Err(bad(key, format!("{} does not exist", p.display())));
+                return Err(key_error(key, format!("{} does not exist", p.display())));
             }
         }
         if self.ingest.max_headers == 0 || self.ingest.max_header_bytes.as_u64() < 8192 {
-            return Err(bad("ingest.max_header_bytes", "must be at least 8KiB (and max_headers at least 1)".into()));
+            return Err(key_error(
+                "ingest.max_header_bytes",
+                "must be at least 8KiB (and max_headers at least 1)".into(),
+            ));
         }
         if let Err(e) = self.tunnel.revocations() {
-            return Err(bad("tunnel.revoked", e.to_string()));
+            return Err(key_error("tunnel.revoked", e.to_string()));
         }
+        Ok(())
+    }
+
+    /// Agent grants: names and channels.
+    fn check_agents(&self) -> Result<(), ConfigError> {
         let mut agents = BTreeSet::new();
         for (i, agent) in self.agents.iter().enumerate() {
             let key = |field: &str| format!("agent[{i}].{field}");
             if agent.name.is_empty() {
-                return Err(bad(&key("name"), "is empty".into()));
+                return Err(key_error(&key("name"), "is empty".into()));
             }
             if !agents.insert(agent.name.as_str()) {
-                return Err(bad(&key("name"), format!("agent `{}` is defined twice", agent.name)));
+                return Err(key_error(&key("name"), format!("agent `{}` is defined twice", agent.name)));
             }
             if agent.channels.is_empty() {
-                return Err(bad(&key("channels"), format!("agent `{}` is granted no channel", agent.name)));
+                return Err(key_error(&key("channels"), format!("agent `{}` is granted no channel", agent.name)));
             }
             for ch in &agent.channels {
-                check_name(ch).map_err(|why| bad(&key("channels"), why))?;
+                check_name(ch).map_err(|why| key_error(&key("channels"), why))?;
             }
         }
+        Ok(())
+    }
+
+    /// The tunnel certificate files exist.
+    fn check_tunnel_files(&self) -> Result<(), ConfigError> {
         for (key, path) in [
             ("tunnel.cert", &self.tunnel.cert),
             ("tunnel.key", &self.tunnel.key),
             ("tunnel.client_ca", &self.tunnel.client_ca),
         ] {
             if !path.is_file() {
-                return Err(bad(
+                return Err(key_error(
                     key,
                     format!("{} does not exist (make dev certificates with `relay-edge certs init`)", path.display()),
                 ));
