@@ -322,7 +322,7 @@ impl Session {
                     }
                     self.send(ws, &Frame::Ping { t: relay_protocol::now_micros() }).await?;
                     if ticks.is_multiple_of(3) {
-                        self.spawn_stats();
+                        self.queue_stats();
                     }
                     ticks += 1;
                 }
@@ -661,7 +661,7 @@ impl Session {
     /// Queues the session's channel figures for a `Stats` frame, from the
     /// edge-wide refresh (no store command per session); nothing while a
     /// channel has no figures yet.
-    fn spawn_stats(&self) {
+    fn queue_stats(&self) {
         let stats: Option<Vec<_>> = self.table.channels().iter().map(|ch| self.state.backlog.stats(ch)).collect();
         if let Some(stats) = stats {
             let _ = self.stats_tx.try_send(stats);

@@ -9,7 +9,7 @@
 //! one channel cost one read per append, not a thousand. A session's read
 //! of new entries reads (without `BLOCK`, on the shared connection), and
 //! when nothing was there waits to be woken. Appends by this edge wake at
-//! once, before the publish comes back. When the subscriber loses its
+//! once; its subscriber skips its own publishes (they carry its id). When the subscriber loses its
 //! connection it wakes every waiting session (each looks once) and
 //! subscribes again. A session that was not woken still looks once every
 //! [`RECHECK`], which covers appends by edges that do not publish (an older
@@ -42,13 +42,25 @@ fn channel_of(topic: &str) -> Option<&str> {
 
 /// Per channel (of the configuration: sessions read no other), the
 /// sessions waiting for an append.
-#[derive(Default)]
 pub struct Appends {
     channels: Mutex<HashMap<String, Arc<Notify>>>,
     subscribed: AtomicBool,
+    /// This edge's id in its announcements (its subscriber skips them).
+    origin: u64,
+}
+
+impl Default for Appends {
+    fn default() -> Self {
+        Self { channels: Mutex::default(), subscribed: AtomicBool::new(false), origin: rand::random() }
+    }
 }
 
 impl Appends {
+    /// What this edge's announcements carry.
+    pub fn origin(&self) -> u64 {
+        self.origin
+    }
+
     /// What sessions reading `channel` wait on.
     pub fn waiters(&self, channel: &str) -> Arc<Notify> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,7 +136,10 @@ async fn subscribe(appends: Weak<Appends>, target: Weak<Resolver>, timeout: Dura
                 match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
                     Ok(Some(msg)) => {
                         let Some(a) = appends.upgrade() else { return };
-                        if let Some(channel) = channel_of(msg.get_channel_name()) {
+                        let own = msg.get_payload::<u64>().is_ok_and(|o| o == a.origin);
+                        if let Some(channel) = channel_of(msg.get_channel_name())
+                            && !own
+                        {
                             a.bump(channel);
                         }
                     }

@@ -296,15 +296,22 @@ impl RedisStore {
     /// after the write and apart from it: an announcement that fails (say,
     /// an ACL without pub/sub) never fails the write it follows (sessions
     /// then look again within `appends::RECHECK`); it is counted.
-    async fn announce(&self, channels: &[String]) {
+    ///
+    /// The `PUBLISH` runs in a task of its own: the answer that waits for
+    /// the write does not also wait for it. It carries this edge's id, so
+    /// this edge's subscriber ignores its own (the local wake came first).
+    fn announce(&self, channels: &[String]) {
         channels.iter().for_each(|c| self.appends.bump(c));
         let mut pipe = redis::pipe();
         for channel in channels {
-            pipe.cmd("PUBLISH").arg(appends::topic(channel)).arg("").ignore();
+            pipe.cmd("PUBLISH").arg(appends::topic(channel)).arg(self.appends.origin()).ignore();
         }
-        if let Err(e) = self.run_pipe::<()>("PUBLISH", &pipe).await {
-            tracing::debug!(error = %e, "announcing an append failed");
-        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.run_pipe::<()>("PUBLISH", &pipe).await {
+                tracing::debug!(error = %e, "announcing an append failed");
+            }
+        });
     }
 
     /// Runs a write that a `200` or a dead letter depends on: with replica
@@ -351,7 +358,7 @@ impl Backend for RedisStore {
             pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
         }
         let replies = self.write("XADD", pipe).await?;
-        self.announce(channels).await;
+        self.announce(channels);
         replies.iter().take(channels.len()).map(value_id).collect()
     }
 
@@ -432,11 +439,9 @@ impl Backend for RedisStore {
         let counts = parse::id_counts(counts);
         let mut out: Vec<Entry> = parse::entries(claimed)?
             .into_iter()
-            .map(|item| Entry {
-                channel: channel.to_string(),
-                id: item.id,
-                attempt: counts.get(&item.id).copied().unwrap_or(1),
-                webhook: item.webhook(),
+            .map(|item| {
+                let attempt = counts.get(&item.id).copied().unwrap_or(1);
+                item.into_entry(channel.to_string(), attempt)
             })
             .collect();
         // Entries trimmed while pending: report them so the session can XACK them.
@@ -610,12 +615,7 @@ impl Backend for RedisStore {
         pipe.cmd("XPENDING").arg(&stream).arg(keys::GROUP).arg(id).arg(id).arg(1);
         let (claimed, pending): (Value, Value) = self.run_pipe("XCLAIM", &pipe).await?;
         let attempt = parse::pending_counts(pending).get(&id).copied().unwrap_or(1);
-        Ok(parse::entries(claimed)?.into_iter().next().map(|item| Entry {
-            channel: channel.to_string(),
-            id: item.id,
-            attempt,
-            webhook: item.webhook(),
-        }))
+        Ok(parse::entries(claimed)?.into_iter().next().map(|item| item.into_entry(channel.to_string(), attempt)))
     }
 
     /// Claims a de-duplication key for `window`: `None` when this request
@@ -693,7 +693,7 @@ impl Backend for RedisStore {
         let mut pipe = redis::pipe();
         pipe.add_command(cmd);
         let replies = self.write("dlq replay", pipe).await?;
-        self.announce(&[channel.to_string()]).await;
+        self.announce(&[channel.to_string()]);
         match replies.first() {
             None | Some(Value::Nil) => Ok(None),
             Some(id) => value_id(id).map(Some),
@@ -748,7 +748,7 @@ impl Backend for RedisStore {
         }
         let appended = if n > 0 {
             let replies = self.write("replay", pipe).await?;
-            self.announce(&[channel.to_string()]).await;
+            self.announce(&[channel.to_string()]);
             replies
         } else {
             Vec::new()
@@ -798,10 +798,8 @@ impl Reader {
             read.arg(">");
         }
         let v: Value = self.store.run_read("XREADGROUP", Query::Cmd(&read)).await?;
-        let got: Vec<Entry> = parse::read_reply(v)?
-            .into_iter()
-            .map(|(channel, item)| Entry { id: item.id, attempt: 1, webhook: item.webhook(), channel })
-            .collect();
+        let got: Vec<Entry> =
+            parse::read_reply(v)?.into_iter().map(|(channel, item)| item.into_entry(channel, 1)).collect();
         self.empty_since = got.is_empty().then(|| (Instant::now(), channels.iter().map(|c| c.to_string()).collect()));
         Ok(got)
     }
@@ -858,7 +856,7 @@ impl Reader {
             .into_iter()
             .map(|(channel, item)| {
                 let attempt = counts.get(channel.as_str()).and_then(|c| c.get(&item.id)).copied().unwrap_or(1);
-                Entry { id: item.id, attempt, webhook: item.webhook(), channel }
+                item.into_entry(channel, attempt)
             })
             .collect())
     }

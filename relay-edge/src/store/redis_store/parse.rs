@@ -22,6 +22,11 @@ impl Item {
         self.fields.as_ref()?.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
     }
 
+    /// This entry of `channel`, on delivery `attempt`.
+    pub fn into_entry(self, channel: String, attempt: u32) -> crate::store::Entry {
+        crate::store::Entry { id: self.id, attempt, channel, webhook: self.webhook() }
+    }
+
     /// The stored webhook, checked.
     pub fn webhook(self) -> Result<Stored, Unreadable> {
         let fields = self.fields.ok_or(Unreadable::DeletedWhilePending)?;
