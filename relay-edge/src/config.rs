@@ -383,6 +383,10 @@ pub struct StoreConfig {
     pub sentinel_master: Option<String>,
     /// The sentinels, as `redis://host:port` URLs.
     pub sentinel_addrs: Vec<Secret>,
+    /// Redis Cluster: some of its nodes, as `redis://[:password@]host:port`
+    /// URLs (the rest are learnt from them). Set: channels spread over the
+    /// cluster's masters; `redis_url` and Sentinel must be unset.
+    pub redis_cluster: Vec<Secret>,
     /// When a write counts as stored: `local` (the Redis it went to, as its
     /// AOF policy promises) or `replica` (also confirmed by a replica with
     /// `WAIT 1`: a master lost right after a `200` loses nothing).
@@ -408,9 +412,15 @@ impl StoreConfig {
         if self.uses_redis() { "redis" } else { "embedded" }
     }
 
-    /// Redis, directly or through Sentinel.
+    /// Redis: one server, through Sentinel, or a cluster.
     pub fn uses_redis(&self) -> bool {
-        self.redis().is_some() || self.sentinel().is_some()
+        self.redis().is_some() || self.sentinel().is_some() || self.cluster().is_some()
+    }
+
+    /// The Redis Cluster's seed nodes, when one is configured.
+    pub fn cluster(&self) -> Option<Vec<&str>> {
+        let seeds: Vec<&str> = self.redis_cluster.iter().map(Secret::expose).filter(|u| !u.is_empty()).collect();
+        (!seeds.is_empty()).then_some(seeds)
     }
 
     /// The Sentinel set-up: the master's name and the sentinels' URLs.
@@ -424,6 +434,9 @@ impl StoreConfig {
     pub fn location(&self) -> String {
         if let Some((master, addrs)) = self.sentinel() {
             return format!("Sentinel master `{master}` ({} sentinels)", addrs.len());
+        }
+        if let Some(seeds) = self.cluster() {
+            return format!("Redis Cluster ({} seed nodes)", seeds.len());
         }
         match self.redis().map(redis::Client::open) {
             Some(Ok(client)) => {
@@ -453,6 +466,7 @@ impl Default for StoreConfig {
             max_backlog: 1_000_000,
             sentinel_master: None,
             sentinel_addrs: Vec::new(),
+            redis_cluster: Vec::new(),
             durability: Durability::Local,
             replica_timeout: Duration::from_secs(1),
         }
@@ -718,6 +732,36 @@ impl EdgeConfig {
         Ok(())
     }
 
+    /// Redis Cluster: usable node URLs, and no other Redis set beside it.
+    fn check_cluster(&self) -> Result<(), ConfigError> {
+        if self.store.cluster().is_none() {
+            return Ok(());
+        }
+        if self.store.redis().is_some() || self.store.sentinel().is_some() {
+            return Err(key_error(
+                "store.redis_cluster",
+                "set either redis_cluster, redis_url or sentinel_master, not several".into(),
+            ));
+        }
+        for (i, node) in self.store.redis_cluster.iter().enumerate() {
+            // Never echo the URL: it may hold a password.
+            let info = redis::Client::open(node.expose()).map(|c| c.get_connection_info().redis_settings().db());
+            match info {
+                Err(_) => {
+                    return Err(key_error(&format!("store.redis_cluster[{i}]"), "is not a redis:// URL".into()));
+                }
+                Ok(db) if db != 0 => {
+                    return Err(key_error(
+                        &format!("store.redis_cluster[{i}]"),
+                        "a cluster has database 0 only".into(),
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The store: a usable Redis URL or embedded path, Sentinel, durability and wait timings.
     fn check_store(&self) -> Result<(), ConfigError> {
         match self.store.redis() {
@@ -747,10 +791,11 @@ impl EdgeConfig {
                 return Err(key_error(&format!("store.sentinel_addrs[{i}]"), "is not a redis:// URL".into()));
             }
         }
+        self.check_cluster()?;
         if self.store.durability == Durability::Replica && !self.store.uses_redis() {
             return Err(key_error(
                 "store.durability",
-                "`replica` needs Redis (store.redis_url or store.sentinel_master)".into(),
+                "`replica` needs Redis (store.redis_url, store.sentinel_master or store.redis_cluster)".into(),
             ));
         }
         if self.store.replica_timeout < Duration::from_millis(1)

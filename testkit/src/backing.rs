@@ -7,11 +7,16 @@ use std::path::PathBuf;
 use relay_edge::config::{Secret, StoreConfig};
 use relay_edge::store::{Backend, Store};
 
-use crate::RedisServer;
+use crate::{RedisCluster, RedisServer};
 
 pub enum Backing {
     Redis(RedisServer),
-    Embedded { dir: tempfile::TempDir, path: PathBuf },
+    Embedded {
+        dir: tempfile::TempDir,
+        path: PathBuf,
+    },
+    /// Three masters with a replica each.
+    Cluster(RedisCluster),
 }
 
 impl Backing {
@@ -24,6 +29,11 @@ impl Backing {
         Self::Redis(RedisServer::start_with(fsync))
     }
 
+    /// A local Redis Cluster: three masters, a replica each.
+    pub fn cluster() -> Self {
+        Self::Cluster(RedisCluster::start())
+    }
+
     pub fn embedded() -> Self {
         let dir = tempfile::tempdir().expect("tempdir for the embedded store");
         let path = dir.path().join("data").join("relay.redb");
@@ -34,6 +44,7 @@ impl Backing {
         match self {
             Self::Redis(_) => "redis",
             Self::Embedded { .. } => "embedded",
+            Self::Cluster(_) => "cluster",
         }
     }
 
@@ -45,6 +56,10 @@ impl Backing {
                 cfg.redis_url = None;
                 cfg.path = path.clone();
             }
+            Self::Cluster(c) => {
+                cfg.redis_url = None;
+                cfg.redis_cluster = c.seeds().into_iter().map(Secret::new).collect();
+            }
         }
     }
 
@@ -53,6 +68,7 @@ impl Backing {
         match self {
             Self::Redis(r) => format!("redis_url = \"{}\"", r.url()),
             Self::Embedded { path, .. } => format!("path = \"{}\"", path.display()),
+            Self::Cluster(c) => format!("redis_cluster = {:?}", c.seeds()),
         }
     }
 
@@ -60,7 +76,7 @@ impl Backing {
     pub fn redis_server(&mut self) -> &mut RedisServer {
         match self {
             Self::Redis(r) => r,
-            Self::Embedded { .. } => panic!("this test needs the Redis backend"),
+            _ => panic!("this test needs the Redis backend"),
         }
     }
 
@@ -93,6 +109,30 @@ macro_rules! both_backends {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn embedded() {
                 super::$name($crate::Backing::embedded()).await
+            }
+        }
+    )+};
+}
+
+/// Like [`both_backends!`](crate::both_backends), plus `name::cluster` on a
+/// local Redis Cluster (for the store contract: six servers per test).
+#[macro_export]
+macro_rules! every_backend {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn redis() {
+                super::$name($crate::Backing::redis()).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn embedded() {
+                super::$name($crate::Backing::embedded()).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn cluster() {
+                super::$name($crate::Backing::cluster()).await
             }
         }
     )+};

@@ -9,6 +9,7 @@ pub mod haproxy;
 pub mod procs;
 pub mod proxy;
 pub mod receiver;
+pub mod redis_cluster;
 pub mod redis_server;
 
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 pub use backing::Backing;
 pub use proxy::{FaultProxy, Mode};
 pub use receiver::{Delivery, Receiver};
+pub use redis_cluster::RedisCluster;
 pub use redis_server::RedisServer;
 
 /// API key of the test route `hooks` (channel `crm`) and the legacy route.

@@ -21,6 +21,8 @@ enum Role {
     ReplicaOf(u16),
     /// Watching the master on this port as `MASTER_NAME`.
     Sentinel(u16),
+    /// A Redis Cluster node whose cluster bus listens on this port.
+    ClusterNode(u16),
 }
 
 /// The master name the test sentinels watch.
@@ -49,6 +51,12 @@ impl RedisServer {
         Self::start_as("everysec", Role::Sentinel(master.port))
     }
 
+    /// A node for a Redis Cluster (see [`RedisCluster`](crate::RedisCluster)),
+    /// not yet part of one. It declares a node failed after 1 s of silence.
+    pub fn cluster_node() -> Self {
+        Self::start_as("everysec", Role::ClusterNode(free_port()))
+    }
+
     /// Waits until this replica's link to its master is up.
     pub fn wait_replicating(&self, within: Duration) {
         let deadline = Instant::now() + within;
@@ -64,9 +72,21 @@ impl RedisServer {
 
     /// `INFO <section>` (empty when the server does not answer).
     pub fn info(&self, section: &str) -> String {
+        self.command(&["INFO", section])
+    }
+
+    /// One command's answer as text (empty when the server does not answer).
+    pub fn command(&self, args: &[&str]) -> String {
         let Ok(client) = redis::Client::open(self.url()) else { return String::new() };
         let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(500)) else { return String::new() };
-        redis::cmd("INFO").arg(section).query::<String>(&mut c).unwrap_or_default()
+        match redis::cmd(args[0]).arg(&args[1..]).query::<redis::Value>(&mut c) {
+            Ok(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+            Ok(redis::Value::SimpleString(s)) => s,
+            Ok(redis::Value::VerbatimString { text, .. }) => text,
+            Ok(redis::Value::Int(n)) => n.to_string(),
+            Ok(other) => format!("{other:?}"),
+            Err(e) => format!("error: {e}"),
+        }
     }
 
     /// What a sentinel logged (its `+sdown`, `+switch-master`, …).
@@ -173,6 +193,14 @@ fn spawn(dir: &std::path::Path, port: u16, role: &Role) -> Result<Child, String>
     let mut cmd = Command::new("redis-server");
     match role {
         Role::Server => {}
+        Role::ClusterNode(bus) => {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]).args([
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-port",
+                &bus.to_string(),
+            ]);
+        }
         Role::ReplicaOf(master) => {
             cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
         }

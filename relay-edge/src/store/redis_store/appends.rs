@@ -96,6 +96,9 @@ impl Appends {
 /// (bumping everything, since announcements may have been missed).
 async fn subscribe(appends: Weak<Appends>, target: Weak<Resolver>, timeout: Duration) {
     let mut warned = false;
+    // On a cluster, which seed node to listen on (the next after a loss):
+    // every node hears every `PUBLISH` of the cluster.
+    let mut seed = 0usize;
     loop {
         let current = match target.upgrade() {
             Some(t) => t.current(timeout).await,
@@ -103,7 +106,8 @@ async fn subscribe(appends: Weak<Appends>, target: Weak<Resolver>, timeout: Dura
         };
         let subscribed = match &current {
             Ok(t) => {
-                let client = t.client.clone();
+                let client = t.subscriber(seed);
+                seed = seed.wrapping_add(1);
                 tokio::time::timeout(timeout, async move {
                     let mut pubsub = client.get_async_pubsub().await?;
                     pubsub.psubscribe(PATTERN).await?;

@@ -38,6 +38,7 @@
 //! replica never stalls acks and reads behind a `WAIT`.
 
 mod appends;
+mod conn;
 mod dlq;
 mod parse;
 mod sentinel;
@@ -47,7 +48,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::Value;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use relay_protocol::{ChannelStats, Webhook};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -59,6 +59,7 @@ use super::{
 use crate::config::{Durability, StoreConfig};
 use crate::error::StoreError;
 use appends::Appends;
+use conn::{Conn, slot_groups};
 use sentinel::Resolver;
 
 /// Consumer name under which retention reads never-delivered entries.
@@ -105,6 +106,10 @@ const EXPECTED_ERRORS_OF: &[&str] = &["XGROUP CREATE", "XINFO STREAM", "XINFO GR
 /// Connections waiting on `WAIT` for replica confirmations.
 const WRITE_POOL: usize = 8;
 
+/// Pool sizes on a Redis Cluster (each connection is one per node).
+const CLUSTER_READ_POOL: usize = 2;
+const CLUSTER_WRITE_POOL: usize = 4;
+
 /// Handle on the Redis store; cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -122,41 +127,74 @@ pub struct RedisStore {
     next_writer: Arc<AtomicUsize>,
     /// Announced appends, per channel (what waiting sessions wait on).
     appends: Arc<Appends>,
+    /// A Redis Cluster: no pipeline mixes two channels' slots.
+    cluster: bool,
 }
 
 /// Connections carrying sessions' reads (a large read never delays an
 /// ingest write or an ack on the command connection).
 const READ_POOL: usize = 4;
 
-/// One Redis server's connections: the shared one for commands, a pool
-/// for sessions' reads, a pool for writes that wait on a replica, and the
-/// client (the append subscriber connects with it).
+/// One Redis's connections (a server's, or a cluster's): the shared one
+/// for commands, a pool for sessions' reads, a pool for writes that wait on
+/// a replica, and the clients the append subscriber connects with (the
+/// server; on a cluster, each seed in turn).
 pub struct Target {
-    client: redis::Client,
-    conn: ConnectionManager,
-    readers: Vec<ConnectionManager>,
-    writers: Vec<ConnectionManager>,
+    clients: Vec<redis::Client>,
+    conn: Conn,
+    readers: Vec<Conn>,
+    writers: Vec<Conn>,
 }
 
 impl Target {
     /// Connections open lazily: the edge starts (and answers 503) while
     /// Redis is down, and connects as soon as it is up.
     fn new(client: redis::Client, timeout: Duration, replica_wait: Option<Duration>) -> Result<Self, StoreError> {
-        let manager = |response: Duration| {
-            let mcfg = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(response))
-                .set_number_of_retries(2)
-                .set_max_delay(Duration::from_millis(500));
-            ConnectionManager::new_lazy_with_config(client.clone(), mcfg).map_err(redis_err("connect"))
-        };
-        let conn = manager(timeout)?;
-        let readers = (0..READ_POOL).map(|_| manager(timeout)).collect::<Result<_, _>>()?;
+        let open = |response| Conn::node(&client, timeout, response);
+        Self::with(vec![client.clone()], open, READ_POOL, WRITE_POOL, timeout, replica_wait)
+    }
+
+    /// A Redis Cluster known by some of its nodes. Smaller pools: each
+    /// cluster connection holds one connection per node.
+    fn cluster(seeds: &[&str], timeout: Duration, replica_wait: Option<Duration>) -> Result<Self, StoreError> {
+        if seeds.is_empty() {
+            let none = (redis::ErrorKind::InvalidClientConfig, "store.redis_cluster names no node");
+            return Err(redis_err("open cluster")(none.into()));
+        }
+        let clients = seeds
+            .iter()
+            .map(|url| redis::Client::open(*url).map_err(redis_err("open")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let open = |response| Conn::cluster(seeds, timeout, response);
+        Self::with(clients, open, CLUSTER_READ_POOL, CLUSTER_WRITE_POOL, timeout, replica_wait)
+    }
+
+    fn with(
+        clients: Vec<redis::Client>,
+        open: impl Fn(Duration) -> Result<Conn, StoreError>,
+        read_pool: usize,
+        write_pool: usize,
+        timeout: Duration,
+        replica_wait: Option<Duration>,
+    ) -> Result<Self, StoreError> {
+        let conn = open(timeout)?;
+        let readers = (0..read_pool).map(|_| open(timeout)).collect::<Result<_, _>>()?;
         let writers = match replica_wait {
-            Some(wait) => (0..WRITE_POOL).map(|_| manager(timeout + wait)).collect::<Result<_, _>>()?,
+            Some(wait) => (0..write_pool).map(|_| open(timeout + wait)).collect::<Result<_, _>>()?,
             None => Vec::new(),
         };
-        Ok(Self { client, conn, readers, writers })
+        Ok(Self { clients, conn, readers, writers })
+    }
+
+    /// The client of the server (of the first seed, on a cluster).
+    fn client(&self) -> &redis::Client {
+        &self.clients[0]
+    }
+
+    /// Where the append subscriber listens, at its `n`th try: the server,
+    /// or on a cluster each seed in turn.
+    fn subscriber(&self, n: usize) -> redis::Client {
+        self.clients[n % self.clients.len()].clone()
     }
 }
 
@@ -217,6 +255,7 @@ impl RedisStore {
             replica_wait,
             next_writer: Arc::new(AtomicUsize::new(0)),
             appends: Arc::new(Appends::default()),
+            cluster: cfg.cluster().is_some(),
         })
     }
 
@@ -260,7 +299,7 @@ impl RedisStore {
     async fn run_read<T: redis::FromRedisValue>(&self, op: &'static str, query: Query<'_>) -> Result<T, StoreError> {
         let target = self.target.current(self.timeout).await?;
         let n = self.next_writer.fetch_add(1, Ordering::Relaxed);
-        let Some(mut conn) = target.readers.get(n % READ_POOL).cloned() else {
+        let Some(mut conn) = target.readers.get(n % target.readers.len().max(1)).cloned() else {
             return Err(StoreError::Timeout { op, ms: 0 });
         };
         let fut = async {
@@ -302,14 +341,22 @@ impl RedisStore {
     /// this edge's subscriber ignores its own (the local wake came first).
     fn announce(&self, channels: &[String]) {
         channels.iter().for_each(|c| self.appends.bump(c));
-        let mut pipe = redis::pipe();
-        for channel in channels {
-            pipe.cmd("PUBLISH").arg(appends::topic(channel)).arg(self.appends.origin()).ignore();
-        }
+        let pipes: Vec<redis::Pipeline> = slot_groups(self.cluster, channels.iter().map(String::as_str))
+            .into_iter()
+            .map(|group| {
+                let mut pipe = redis::pipe();
+                for i in group {
+                    pipe.cmd("PUBLISH").arg(appends::topic(&channels[i])).arg(self.appends.origin()).ignore();
+                }
+                pipe
+            })
+            .collect();
         let store = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = store.run_pipe::<()>("PUBLISH", &pipe).await {
-                tracing::debug!(error = %e, "announcing an append failed");
+            for pipe in pipes {
+                if let Err(e) = store.run_pipe::<()>("PUBLISH", &pipe).await {
+                    tracing::debug!(error = %e, "announcing an append failed");
+                }
             }
         });
     }
@@ -323,7 +370,8 @@ impl RedisStore {
         };
         pipe.cmd("WAIT").arg(1).arg(wait.as_millis() as u64);
         let target = self.target.current(self.timeout).await?;
-        let Some(writer) = target.writers.get(self.next_writer.fetch_add(1, Ordering::Relaxed) % WRITE_POOL) else {
+        let n = self.next_writer.fetch_add(1, Ordering::Relaxed);
+        let Some(writer) = target.writers.get(n % target.writers.len().max(1)) else {
             return Err(StoreError::Timeout { op, ms: 0 });
         };
         let mut conn = writer.clone();
@@ -350,16 +398,34 @@ impl Backend for RedisStore {
     }
 
     /// Appends one webhook to each channel's stream and returns the entry
-    /// ids in channel order. Returns only after Redis answered.
+    /// ids in channel order. Returns only after Redis answered. On a
+    /// cluster a fan-out writes each slot's channels in a pipeline of their
+    /// own, all at once; one failing fails the append (the sender retries,
+    /// and may duplicate on the channels that were written, as a failed
+    /// pipeline on one server can).
     async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<StreamId>, StoreError> {
         let bytes = super::encode(webhook)?;
-        let mut pipe = redis::pipe();
-        for channel in channels {
-            pipe.cmd("XADD").arg(keys::stream(channel)).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
-        }
-        let replies = self.write("XADD", pipe).await?;
+        // One pipeline per slot (one in all off a cluster), all at once.
+        let groups = slot_groups(self.cluster, channels.iter().map(String::as_str));
+        let writes = groups.iter().map(|group| {
+            let mut pipe = redis::pipe();
+            for &i in group {
+                pipe.cmd("XADD").arg(keys::stream(&channels[i])).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
+            }
+            self.write("XADD", pipe)
+        });
+        let replies = futures_util::future::try_join_all(writes).await?;
         self.announce(channels);
-        replies.iter().take(channels.len()).map(value_id).collect()
+        let mut ids = vec![StreamId::ZERO; channels.len()];
+        for (group, replies) in groups.iter().zip(&replies) {
+            if replies.len() < group.len() {
+                return Err(StoreError::Corrupt { id: String::new(), why: "Redis answered fewer XADDs".into() });
+            }
+            for (&i, reply) in group.iter().zip(replies) {
+                ids[i] = value_id(reply)?;
+            }
+        }
+        Ok(ids)
     }
 
     /// Creates the channel's stream and group at id 0; an existing group is fine.
@@ -789,19 +855,68 @@ impl Reader {
 
     /// New entries of `channels` (their first delivery), read without blocking.
     async fn read_new(&mut self, consumer: &str, channels: &[&str], count: usize) -> Result<Vec<Entry>, StoreError> {
+        let cursors: Vec<(String, Cursor)> = channels.iter().map(|c| (c.to_string(), Cursor::New)).collect();
+        let got = self.read_by_slot(consumer, &cursors, count).await?;
+        self.empty_since = got.is_empty().then(|| (Instant::now(), channels.iter().map(|c| c.to_string()).collect()));
+        Ok(got)
+    }
+
+    /// Reads `cursors` in one step, or on a cluster in one step per slot,
+    /// all at once (`count` is per channel either way). Entries a step read
+    /// are pending on `consumer`: another step's failure still returns them
+    /// (its error shows on the next read).
+    async fn read_by_slot(
+        &self,
+        consumer: &str,
+        cursors: &[(String, Cursor)],
+        count: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let groups = slot_groups(self.store.cluster, cursors.iter().map(|(c, _)| c.as_str()));
+        if groups.len() <= 1 {
+            return self.read_once(consumer, cursors, count).await;
+        }
+        let parts: Vec<Vec<(String, Cursor)>> =
+            groups.iter().map(|g| g.iter().map(|&i| cursors[i].clone()).collect()).collect();
+        let reads =
+            futures_util::future::join_all(parts.iter().map(|part| self.read_once(consumer, part, count))).await;
+        let mut out = Vec::new();
+        let mut failed = None;
+        for read in reads {
+            match read {
+                Ok(got) => out.extend(got),
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            Some(e) if out.is_empty() => Err(e),
+            Some(e) => {
+                tracing::debug!(error = %e, "a cluster read failed while others found entries");
+                Ok(out)
+            }
+            None => Ok(out),
+        }
+    }
+
+    /// One `XREADGROUP` of cursors whose keys share a slot.
+    async fn read_once(
+        &self,
+        consumer: &str,
+        cursors: &[(String, Cursor)],
+        count: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        if cursors.iter().any(|(_, c)| *c != Cursor::New) {
+            return self.read_pending(consumer, cursors, count).await;
+        }
         let mut read = redis::cmd("XREADGROUP");
         read.arg("GROUP").arg(keys::GROUP).arg(consumer).arg("COUNT").arg(count).arg("STREAMS");
-        for channel in channels {
+        for (channel, _) in cursors {
             read.arg(keys::stream(channel));
         }
-        for _ in channels {
+        for _ in cursors {
             read.arg(">");
         }
         let v: Value = self.store.run_read("XREADGROUP", Query::Cmd(&read)).await?;
-        let got: Vec<Entry> =
-            parse::read_reply(v)?.into_iter().map(|(channel, item)| item.into_entry(channel, 1)).collect();
-        self.empty_since = got.is_empty().then(|| (Instant::now(), channels.iter().map(|c| c.to_string()).collect()));
-        Ok(got)
+        Ok(parse::read_reply(v)?.into_iter().map(|(channel, item)| item.into_entry(channel, 1)).collect())
     }
 
     /// Pending entries after each cursor, with their delivery counts: the
@@ -879,7 +994,7 @@ impl BlockingRead for Reader {
         let count = count.max(1);
         if cursors.iter().any(|(_, c)| *c != Cursor::New) {
             self.empty_since = None;
-            return self.read_pending(consumer, cursors, count).await;
+            return self.read_by_slot(consumer, cursors, count).await;
         }
         let channels: Vec<&str> = cursors.iter().map(|(c, _)| c.as_str()).collect();
         let new_channel = self.watch(&channels);

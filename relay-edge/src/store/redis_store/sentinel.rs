@@ -1,5 +1,6 @@
-//! Which Redis the store talks to: the one `store.redis_url` names, or the
-//! master that the sentinels name for `store.sentinel_master`.
+//! Which Redis the store talks to: the one `store.redis_url` names, the
+//! cluster of `store.redis_cluster`, or the master that the sentinels name
+//! for `store.sentinel_master`.
 //!
 //! Through Sentinel the master is resolved on first use, and again when a
 //! command fails in a way a failover explains (the store calls
@@ -41,6 +42,10 @@ struct SentinelSource {
 
 impl Resolver {
     pub fn new(cfg: &StoreConfig, replica_wait: Option<Duration>) -> Result<Self, StoreError> {
+        if let Some(seeds) = cfg.cluster() {
+            let target = Target::cluster(&seeds, cfg.command_timeout, replica_wait)?;
+            return Ok(Self { current: RwLock::new(Some(Arc::new(target))), sentinel: None, replica_wait });
+        }
         let Some((master, addrs)) = cfg.sentinel() else {
             let url = cfg.redis().unwrap_or_default();
             let client = redis::Client::open(url).map_err(redis_err("open"))?;
@@ -110,7 +115,7 @@ impl Resolver {
             .map_err(redis_err("SENTINEL get-master-addr-by-name"))?;
         let addr = found.get_connection_info().addr().to_string();
         if let Some(current) = self.get()
-            && current.client.get_connection_info().addr().to_string() == addr
+            && current.client().get_connection_info().addr().to_string() == addr
         {
             return Ok(current);
         }

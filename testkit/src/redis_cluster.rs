@@ -1,0 +1,90 @@
+//! A real local Redis Cluster: `masters` × (1 + `replicas`) `redis-server
+//! --cluster-enabled yes` nodes on free loopback ports, joined with
+//! `redis-cli --cluster create`, each killed (by its own PID) on drop.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::RedisServer;
+
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Three masters, each with one replica.
+    pub fn start() -> Self {
+        Self::start_with(3, 1)
+    }
+
+    /// `masters` masters with `replicas` replicas each, once every slot is
+    /// served and every replica is linked to its master.
+    pub fn start_with(masters: usize, replicas: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas)).map(|_| RedisServer::cluster_node()).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install it: `apt-get install -y redis-server`"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Waits until every live node says the cluster is `ok` and every live
+    /// replica is linked to its master.
+    pub fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut why = None;
+            for node in self.nodes.iter().filter(|n| n.pid().is_some()) {
+                let state = node.command(&["CLUSTER", "INFO"]);
+                let replication = node.info("replication");
+                if !state.contains("cluster_state:ok") {
+                    why = Some(format!("node {} is not ok: {state}", node.port));
+                } else if replication.contains("role:slave") && !replication.contains("master_link_status:up") {
+                    why = Some(format!("replica {} is not linked", node.port));
+                }
+            }
+            let Some(why) = why else { return };
+            assert!(Instant::now() < deadline, "the cluster never became healthy: {why}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The nodes' URLs, for `store.redis_cluster`.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+    }
+
+    /// Index (in [`nodes`](Self::nodes)) of the live master serving `key`.
+    pub fn master_of(&self, key: &str) -> usize {
+        let node = self.nodes.iter().find(|n| n.pid().is_some()).expect("a live node");
+        let slot: u16 = node.command(&["CLUSTER", "KEYSLOT", key]).trim().parse().expect("CLUSTER KEYSLOT");
+        // `<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slots…>`
+        let table = node.command(&["CLUSTER", "NODES"]);
+        for line in table.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let serves = f[8..].iter().any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+            });
+            let port = f[1].split(['@', ':']).nth(1).and_then(|p| p.parse::<u16>().ok());
+            if serves && let Some(i) = self.nodes.iter().position(|n| Some(n.port) == port) {
+                return i;
+            }
+        }
+        panic!("no live master serves slot {slot}:\n{table}");
+    }
+}
