@@ -1072,4 +1072,24 @@ mod tests {
         cfg.read_revoked_file().expect("good list");
         assert_eq!(cfg.tunnel.revoked, vec!["serial:1f"]);
     }
+
+    #[test]
+    fn a_bad_redis_cluster_is_refused_naming_the_key_not_the_url() {
+        let refused = |nodes: &[&str], redis_url: Option<&str>| {
+            let mut cfg = EdgeConfig::default();
+            cfg.store.redis_cluster = nodes.iter().map(|n| Secret::new(n.to_string())).collect();
+            cfg.store.redis_url = redis_url.map(|u| Secret::new(u.to_string()));
+            cfg.check_cluster().expect_err("refused").to_string()
+        };
+        let both = refused(&["redis://:pw@10.0.0.1:6379"], Some("redis://:pw@10.0.0.9:6379"));
+        assert!(both.contains("store.redis_cluster") && both.contains("not several"), "{both}");
+        let bad = refused(&["redis://10.0.0.1:6379", "http://:pw@x"], None);
+        assert!(bad.contains("store.redis_cluster[1]") && !bad.contains("pw"), "{bad}");
+        let db = refused(&["redis://:pw@10.0.0.1:6379/3"], None);
+        assert!(db.contains("database 0") && !db.contains("pw"), "{db}");
+        let mut cfg = EdgeConfig::default();
+        cfg.store.redis_cluster = vec![Secret::new(String::from("redis://10.0.0.1:6379"))];
+        cfg.check_cluster().expect("a good cluster");
+        assert_eq!((cfg.store.backend(), cfg.store.location().as_str()), ("redis", "Redis Cluster (1 seed nodes)"));
+    }
 }

@@ -1,6 +1,6 @@
 //! The one `tracing` subscriber of both binaries: to stderr, human lines
 //! by default or JSON objects for journald/Loki (`--log-format json`).
-//! Level from `RUST_LOG`; default `info`: one line per state change
+//! Level from `RUST_LOG`; default `info` ([`DEFAULT_FILTER`]): one line per state change
 //! (`debug` adds one line per webhook).
 
 use tracing_subscriber::EnvFilter;
@@ -13,10 +13,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// Without `RUST_LOG`: `info`, but the Redis client's own cluster
+/// bookkeeping only when it fails (it warns once per connection and
+/// command while a cluster node fails over; the edge's store errors say
+/// what matters).
+pub const DEFAULT_FILTER: &str = "info,redis::cluster_handling=error";
+
 /// Installs the global subscriber. Only one installed before (by a test)
 /// can make this fail, and that one is then kept.
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

@@ -1,8 +1,9 @@
 //! Redis beyond one host, with real servers: `store.durability = "replica"`
-//! (a `200` only once a replica confirmed the write), and a Sentinel
-//! failover under load (three sentinels, a master and two replicas; the
-//! master is killed; the edge follows the sentinels to the promoted
-//! replica, and nothing answered `200` is lost).
+//! (a `200` only once a replica confirmed the write), a Sentinel failover
+//! under load (three sentinels, a master and two replicas; the master is
+//! killed; the edge follows the sentinels to the promoted replica), and a
+//! Redis Cluster failover under load (a master of three is killed; its
+//! replica takes over its slots). Nothing answered `200` is lost.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -102,6 +103,56 @@ async fn a_sentinel_failover_under_load_loses_nothing_answered_200() {
     cfg.validate().expect("valid");
     let (edge, agent, rx) = edge_with_agent(cfg, &certs, "lan-1").await;
 
+    let run = load_through_failover(&edge, &rx, || master.kill()).await;
+    assert!(run.is_some(), "no 200s 60 s after the kill; a sentinel's log:\n{}", sentinels[0].sentinel_log());
+    let promoted = replicas.iter().filter(|r| r.info("replication").contains("role:master")).count();
+    assert_eq!(promoted, 1, "one replica was promoted");
+    agent.stop().await;
+    drop(sentinels);
+}
+
+/// A Redis Cluster of three masters with two replicas each; webhooks
+/// posted by 8 senders while the master serving the channel is killed.
+/// Its replica takes over its slots, the edge's cluster client follows the
+/// new slot map, and every webhook answered `200` is delivered. Two
+/// replicas each for the reason of the Sentinel test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_failover_under_load_loses_nothing_answered_200() {
+    init_tracing();
+    let mut backing = Backing::Cluster(RedisCluster::start_with(3, 2));
+    let certs = Certs::generate();
+    let mut cfg = edge_config(&backing, &certs);
+    cfg.store.durability = Durability::Replica;
+    cfg.store.replica_timeout = Duration::from_millis(500);
+    cfg.validate().expect("valid");
+    let (edge, agent, rx) = edge_with_agent(cfg, &certs, "lan-1").await;
+    let Backing::Cluster(cluster) = &mut backing else { unreachable!("cluster") };
+    // The edge's connections over all nine nodes (each count includes the
+    // one asking, and replicas count their masters' link to them).
+    let clients: usize = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let info = n.info("clients");
+            let line = info.lines().find_map(|l| l.strip_prefix("connected_clients:")).unwrap_or("0");
+            line.trim().parse::<usize>().unwrap_or(0).saturating_sub(1)
+        })
+        .sum();
+    eprintln!("cluster: {clients} client connections over {} nodes, the edge's among them", cluster.nodes.len());
+    assert!(clients <= 64, "{clients} connections");
+    let victim = cluster.master_of(&relay_edge::store::keys::stream("crm"));
+    let run = load_through_failover(&edge, &rx, || cluster.nodes[victim].kill()).await;
+    assert!(run.is_some(), "no 200s 60 s after killing the master of `crm`");
+    let now = cluster.master_of(&relay_edge::store::keys::stream("crm"));
+    assert_ne!(now, victim, "a replica serves the channel's slot now");
+    agent.stop().await;
+}
+
+/// 8 senders post webhooks through `edge` until 200 were answered, then
+/// `kill` runs, and they go on until 200 more were answered (`None` when
+/// that takes over 60 s). Then every webhook answered `200` must reach
+/// `rx`. Prints the figures.
+async fn load_through_failover(edge: &Edge, rx: &Receiver, kill: impl FnOnce()) -> Option<Duration> {
     let answered = Arc::new(Mutex::new(BTreeSet::new()));
     let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop_load = tokio_util::sync::CancellationToken::new();
@@ -133,19 +184,19 @@ async fn a_sentinel_failover_under_load_loses_nothing_answered_200() {
     wait_until(Duration::from_secs(20), "load flowing before the failover", || count() >= 200).await;
     let before = count();
     let killed_at = Instant::now();
-    master.kill();
+    kill();
     let recovered = tokio::time::timeout(Duration::from_secs(60), async {
         while count() < before + 200 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    assert!(recovered.is_ok(), "no 200s 60 s after the kill; a sentinel's log:\n{}", sentinels[0].sentinel_log());
     let recovered_after = killed_at.elapsed();
     stop_load.cancel();
     for s in senders {
         s.await.expect("sender");
     }
+    recovered.ok()?;
     let answered: BTreeSet<u64> = answered.lock().expect("lock").clone();
     let delivered_all = || {
         let got: BTreeSet<u64> = rx
@@ -159,14 +210,11 @@ async fn a_sentinel_failover_under_load_loses_nothing_answered_200() {
     let accepted = rx.accepted().len();
     let distinct = rx.distinct_accepted();
     eprintln!(
-        "sentinel failover: answered 200 {}, refused {}, delivered {distinct} distinct ({} duplicates), lost 0, \
+        "failover: answered 200 {}, refused {}, delivered {distinct} distinct ({} duplicates), lost 0, \
          200s again {recovered_after:?} after the kill",
         answered.len(),
         refused.load(std::sync::atomic::Ordering::Relaxed),
         accepted - distinct,
     );
-    let promoted = replicas.iter().filter(|r| r.info("replication").contains("role:master")).count();
-    assert_eq!(promoted, 1, "one replica was promoted");
-    agent.stop().await;
-    drop(sentinels);
+    Some(recovered_after)
 }

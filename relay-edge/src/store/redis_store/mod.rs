@@ -214,10 +214,28 @@ fn redis_err(op: &'static str) -> impl FnOnce(redis::RedisError) -> StoreError {
     move |source| StoreError::Redis { op, source }
 }
 
-/// A command or a pipeline, for [`RedisStore::run_read`].
+/// A command or a pipeline, for [`RedisStore::exec`].
+#[derive(Clone, Copy)]
 enum Query<'a> {
     Cmd(&'a redis::Cmd),
     Pipe(&'a redis::Pipeline),
+}
+
+impl Query<'_> {
+    async fn run<T: redis::FromRedisValue>(self, conn: &mut Conn) -> redis::RedisResult<T> {
+        match self {
+            Self::Cmd(c) => c.query_async(conn).await,
+            Self::Pipe(p) => p.query_async(conn).await,
+        }
+    }
+}
+
+/// The first of the edge's keys (`relay:…`) in a pipeline's first command.
+fn first_key(pipe: &redis::Pipeline) -> Option<Vec<u8>> {
+    pipe.cmd_iter().next()?.args_iter().find_map(|arg| match arg {
+        redis::Arg::Simple(a) if a.starts_with(b"relay:") => Some(a.to_vec()),
+        _ => None,
+    })
 }
 
 /// Whether a failed command may mean the master moved (Sentinel re-resolves).
@@ -267,12 +285,36 @@ impl RedisStore {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, op: &'static str, cmd: &redis::Cmd) -> Result<T, StoreError> {
-        let mut conn = self.target.current(self.timeout).await?.conn.clone();
-        let r = match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
-            Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
-        };
+        let conn = self.target.current(self.timeout).await?.conn.clone();
+        let r = self.exec(op, conn, Query::Cmd(cmd), self.timeout).await;
         self.after(&r).await;
+        r
+    }
+
+    /// Runs `query` on `conn` within `deadline`. On a cluster, a failed
+    /// pipeline is followed by one command of its first key: a pipeline's
+    /// errors (a `MOVED` inside it, say) do not teach the cluster client
+    /// the new slot map, a single command's do (it follows the redirect
+    /// and refreshes the map). The key is read, never written.
+    async fn exec<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        mut conn: Conn,
+        query: Query<'_>,
+        deadline: Duration,
+    ) -> Result<T, StoreError> {
+        let r = match tokio::time::timeout(deadline, query.run::<T>(&mut conn)).await {
+            Ok(r) => r.map_err(redis_err(op)),
+            Err(_) => Err(StoreError::Timeout { op, ms: deadline.as_millis() }),
+        };
+        if r.is_err()
+            && self.cluster
+            && let Query::Pipe(pipe) = query
+            && let Some(key) = first_key(pipe)
+        {
+            let probe = redis::cmd("EXISTS").arg(key).to_owned();
+            let _ = tokio::time::timeout(self.timeout, probe.query_async::<Value>(&mut conn)).await;
+        }
         r
     }
 
@@ -299,19 +341,10 @@ impl RedisStore {
     async fn run_read<T: redis::FromRedisValue>(&self, op: &'static str, query: Query<'_>) -> Result<T, StoreError> {
         let target = self.target.current(self.timeout).await?;
         let n = self.next_writer.fetch_add(1, Ordering::Relaxed);
-        let Some(mut conn) = target.readers.get(n % target.readers.len().max(1)).cloned() else {
+        let Some(conn) = target.readers.get(n % target.readers.len().max(1)).cloned() else {
             return Err(StoreError::Timeout { op, ms: 0 });
         };
-        let fut = async {
-            match query {
-                Query::Cmd(c) => c.query_async::<T>(&mut conn).await,
-                Query::Pipe(p) => p.query_async::<T>(&mut conn).await,
-            }
-        };
-        let r = match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
-        };
+        let r = self.exec(op, conn, query, self.timeout).await;
         self.after(&r).await;
         r
     }
@@ -321,11 +354,8 @@ impl RedisStore {
         op: &'static str,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let mut conn = self.target.current(self.timeout).await?.conn.clone();
-        let r = match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await {
-            Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout { op, ms: self.timeout.as_millis() }),
-        };
+        let conn = self.target.current(self.timeout).await?.conn.clone();
+        let r = self.exec(op, conn, Query::Pipe(pipe), self.timeout).await;
         self.after(&r).await;
         r
     }
@@ -374,12 +404,7 @@ impl RedisStore {
         let Some(writer) = target.writers.get(n % target.writers.len().max(1)) else {
             return Err(StoreError::Timeout { op, ms: 0 });
         };
-        let mut conn = writer.clone();
-        let deadline = self.timeout + wait;
-        let r = match tokio::time::timeout(deadline, pipe.query_async::<Vec<Value>>(&mut conn)).await {
-            Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout { op, ms: deadline.as_millis() }),
-        };
+        let r = self.exec::<Vec<Value>>(op, writer.clone(), Query::Pipe(&pipe), self.timeout + wait).await;
         let r = r.and_then(|mut replies| match replies.pop() {
             Some(Value::Int(n)) if n >= 1 => Ok(replies),
             _ => Err(StoreError::NotReplicated { op, ms: wait.as_millis() }),
