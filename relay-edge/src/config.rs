@@ -743,20 +743,35 @@ impl EdgeConfig {
                 "set either redis_cluster, redis_url or sentinel_master, not several".into(),
             ));
         }
+        // How a node is reached: the cluster client uses the first seed's
+        // user, password and TLS for every node it learns.
+        let access = |info: &redis::ConnectionInfo| {
+            let r = info.redis_settings();
+            let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+            (r.username().map(str::to_owned), r.password().map(str::to_owned), tls)
+        };
+        let mut first = None;
         for (i, node) in self.store.redis_cluster.iter().enumerate() {
             // Never echo the URL: it may hold a password.
-            let info = redis::Client::open(node.expose()).map(|c| c.get_connection_info().redis_settings().db());
-            match info {
-                Err(_) => {
-                    return Err(key_error(&format!("store.redis_cluster[{i}]"), "is not a redis:// URL".into()));
-                }
-                Ok(db) if db != 0 => {
+            let key = format!("store.redis_cluster[{i}]");
+            let Ok(client) = redis::Client::open(node.expose()) else {
+                return Err(key_error(&key, "is not a redis:// URL".into()));
+            };
+            let info = client.get_connection_info();
+            if info.redis_settings().db() != 0 {
+                return Err(key_error(&key, "a cluster has database 0 only".into()));
+            }
+            let access = access(info);
+            match &first {
+                None => first = Some(access),
+                Some(first) if *first != access => {
                     return Err(key_error(
-                        &format!("store.redis_cluster[{i}]"),
-                        "a cluster has database 0 only".into(),
+                        &key,
+                        "every node must have the user, password and TLS of the first (the client uses the first's for all)"
+                            .into(),
                     ));
                 }
-                Ok(_) => {}
+                Some(_) => {}
             }
         }
         Ok(())
@@ -1087,6 +1102,9 @@ mod tests {
         assert!(bad.contains("store.redis_cluster[1]") && !bad.contains("pw"), "{bad}");
         let db = refused(&["redis://:pw@10.0.0.1:6379/3"], None);
         assert!(db.contains("database 0") && !db.contains("pw"), "{db}");
+        let mixed = refused(&["redis://:pw@10.0.0.1:6379", "redis://:other@10.0.0.2:6379"], None);
+        assert!(mixed.contains("store.redis_cluster[1]") && mixed.contains("password"), "{mixed}");
+        assert!(!mixed.contains("pw") && !mixed.contains("other@"), "{mixed}");
         let mut cfg = EdgeConfig::default();
         cfg.store.redis_cluster = vec![Secret::new(String::from("redis://10.0.0.1:6379"))];
         cfg.check_cluster().expect("a good cluster");

@@ -95,45 +95,37 @@ impl Backing {
     }
 }
 
-/// Instantiates `async fn name(store: Backing)` tests once per backend, as
-/// `name::redis` and `name::embedded`.
+/// Instantiates `async fn name(store: Backing)` tests once per backend of
+/// the list, as `name::redis`, `name::embedded`, `name::cluster`:
+/// `backends!([redis, embedded] name, …)`.
 #[macro_export]
-macro_rules! both_backends {
-    ($($name:ident),+ $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn redis() {
-                super::$name($crate::Backing::redis()).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn embedded() {
-                super::$name($crate::Backing::embedded()).await
-            }
-        }
+macro_rules! backends {
+    ($backends:tt $($name:ident),+ $(,)?) => {$(
+        $crate::backends!(@one $name $backends);
     )+};
+    (@one $name:ident [$($backend:ident),+]) => {
+        mod $name {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $backend() {
+                super::$name($crate::Backing::$backend()).await
+            }
+        )+}
+    };
 }
 
-/// Like [`both_backends!`](crate::both_backends), plus `name::cluster` on a
+/// [`backends!`](crate::backends) on a real redis-server and the embedded file.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {
+        $crate::backends!([redis, embedded] $($name),+);
+    };
+}
+
+/// [`both_backends!`](crate::both_backends), plus `name::cluster` on a
 /// local Redis Cluster (for the store contract: six servers per test).
 #[macro_export]
 macro_rules! every_backend {
-    ($($name:ident),+ $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn redis() {
-                super::$name($crate::Backing::redis()).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn embedded() {
-                super::$name($crate::Backing::embedded()).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn cluster() {
-                super::$name($crate::Backing::cluster()).await
-            }
-        }
-    )+};
+    ($($name:ident),+ $(,)?) => {
+        $crate::backends!([redis, embedded, cluster] $($name),+);
+    };
 }

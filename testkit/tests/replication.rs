@@ -218,3 +218,92 @@ async fn load_through_failover(edge: &Edge, rx: &Receiver, kill: impl FnOnce()) 
     );
     Some(recovered_after)
 }
+
+/// A reconnected session walks its pending entries per channel. When one
+/// channel's master stalls during that walk while another channel's read
+/// finds entries, the stalled channel's cursor must stay where it was: its
+/// pending entries come on the next read, not only through `XAUTOCLAIM`
+/// after `reclaim_after` (a minute here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_master_does_not_skip_a_channels_pending_entries() {
+    use relay_edge::store::{Backend, BlockingRead, Cursor};
+    use relay_edge::tunnel::fetcher::Fetcher;
+    use relay_edge::tunnel::inflight::Grant;
+    init_tracing();
+    let backing = Backing::cluster();
+    let Backing::Cluster(cluster) = &backing else { unreachable!("cluster") };
+    let (a, b) = ("crm", ["erp", "billing", "sales", "ops", "hr", "shop"]);
+    let master_a = cluster.master_of(&relay_edge::store::keys::stream(a));
+    let b = b
+        .into_iter()
+        .find(|c| cluster.master_of(&relay_edge::store::keys::stream(c)) != master_a)
+        .expect("a channel on another master");
+    let mut cfg = relay_edge::config::StoreConfig::default();
+    backing.apply(&mut cfg);
+    cfg.block = Duration::from_millis(300);
+    cfg.command_timeout = Duration::from_millis(500);
+    let store = relay_edge::store::Store::open(&cfg, Default::default()).expect("open the cluster store");
+    let webhook = |n: usize| relay_protocol::Webhook {
+        id: format!("wh-{n}"),
+        method: "POST".into(),
+        path: "/hooks/hooks".into(),
+        query: String::new(),
+        headers: Vec::new(),
+        body: format!("{{\"n\":{n}}}").into_bytes().into(),
+        route: "hooks".into(),
+        received_at_ms: relay_edge::store::now_ms(),
+        client_ip: "127.0.0.1".into(),
+    };
+    for ch in [a, b] {
+        store.ensure_group(ch).await.expect("group");
+    }
+    let a_ids = [
+        store.append(&[a.to_string()], &webhook(1)).await.expect("append"),
+        store.append(&[a.to_string()], &webhook(2)).await.expect("append"),
+    ];
+    let b_id = store.append(&[b.to_string()], &webhook(3)).await.expect("append")[0];
+    // A session read all three and went away before acking any.
+    let cursors = [(a.to_string(), Cursor::New), (b.to_string(), Cursor::New)];
+    let first = store.reader().await.expect("reader").read("lan-1", &cursors, 10).await.expect("first read");
+    assert_eq!(first.len(), 3, "the first session read everything");
+
+    // The next session's fetcher.
+    let channels = vec![a.to_string(), b.to_string()];
+    let reader = store.reader().await.expect("reader");
+    let fetcher = Fetcher::new(store.clone(), reader, "lan-1".into(), &channels, Duration::from_secs(60), 1 << 20);
+    let (grants, grant_rx) = tokio::sync::mpsc::channel(1);
+    let (batch_tx, mut batches) = tokio::sync::mpsc::channel(1);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(fetcher.run(grant_rx, batch_tx, cancel.clone()));
+    let grant = |slots, channels: &[&str]| Grant {
+        slots,
+        bytes: 4 << 20,
+        channels: channels.iter().map(|c| c.to_string()).collect(),
+    };
+    let mut fetch = async |g: Grant| {
+        grants.send(g).await.expect("fetcher alive");
+        tokio::time::timeout(Duration::from_secs(5), batches.recv()).await.expect("a batch in time").expect("batch")
+    };
+    // One of a's pending entries; a's cursor now sits after it.
+    let got = fetch(grant(1, &[a])).await;
+    assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a_ids[0][0]]);
+
+    // b's master stalls while the fetcher reads a's next pending entry and
+    // b's pending list.
+    let paused = &cluster.nodes[cluster.master_of(&relay_edge::store::keys::stream(b))];
+    paused.command(&["CLIENT", "PAUSE", "1500", "ALL"]);
+    let got = fetch(grant(2, &[a, b])).await;
+    // (Ids are per stream: a's and b's can be equal.)
+    assert!(got.iter().all(|e| e.channel == a), "b's master is paused");
+
+    // Once b's master answers again, b's pending entry comes back promptly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut redelivered = None;
+    while redelivered.is_none() && Instant::now() < deadline {
+        redelivered = fetch(grant(10, &[a, b])).await.into_iter().find(|e| e.channel == b && e.id == b_id);
+    }
+    cancel.cancel();
+    let entry = redelivered.expect("b's pending entry within 5 s of the stall, not after reclaim_after (60 s)");
+    // Each read of it that Redis ran counts, the timed-out ones included.
+    assert!(entry.attempt >= 2, "a redelivery, attempt {}", entry.attempt);
+}

@@ -41,8 +41,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    Backend, BlockingRead, Cursor, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, ReplayFrom, ReplayPage, Snapshot,
-    StreamId, Unreadable, now_ms,
+    Backend, BlockingRead, Cursor, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, Read, ReplayFrom, ReplayPage,
+    Snapshot, StreamId, Unreadable, now_ms,
 };
 use crate::config::StoreConfig;
 use crate::error::StoreError;
@@ -1069,7 +1069,19 @@ fn dead_entry(id: (u64, u64), bytes: &[u8]) -> DbResult<DeadEntry> {
 }
 
 impl BlockingRead for Reader {
-    async fn read(
+    async fn read_each(
+        &mut self,
+        consumer: &str,
+        cursors: &[(String, Cursor)],
+        count: usize,
+    ) -> Result<Read, StoreError> {
+        let entries = self.read_entries(consumer, cursors, count).await?;
+        Ok(Read { entries, unread: Vec::new() })
+    }
+}
+
+impl Reader {
+    async fn read_entries(
         &mut self,
         consumer: &str,
         cursors: &[(String, Cursor)],

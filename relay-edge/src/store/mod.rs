@@ -326,16 +326,38 @@ pub trait Backend: Send + Sync {
     fn dedupe_release(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
+/// What one read found, and the channels it could not read: on a Redis
+/// Cluster one slot's node can fail while the others answer. The entries
+/// found are pending on the consumer already, so they are returned; the
+/// unread channels' cursors must stay where they were.
+#[derive(Debug, Default)]
+pub struct Read {
+    pub entries: Vec<Entry>,
+    pub unread: Vec<String>,
+}
+
 /// A session's reads: per channel a [`Cursor`]. Each entry comes with its
 /// delivery count. Blocks (up to the configured `store.block`) only when
 /// every cursor is [`Cursor::New`] and nothing is there.
 pub trait BlockingRead: Send {
+    /// The read; an error when nothing was read (no entry, some channel failed).
+    fn read_each(
+        &mut self,
+        consumer: &str,
+        cursors: &[(String, Cursor)],
+        count: usize,
+    ) -> impl Future<Output = Result<Read, StoreError>> + Send;
+
+    /// The entries [`read_each`](Self::read_each) found, for callers that
+    /// keep no cursors.
     fn read(
         &mut self,
         consumer: &str,
         cursors: &[(String, Cursor)],
         count: usize,
-    ) -> impl Future<Output = Result<Vec<Entry>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Entry>, StoreError>> + Send {
+        async move { Ok(self.read_each(consumer, cursors, count).await?.entries) }
+    }
 }
 
 /// The configured backend; cheap to clone.
@@ -494,15 +516,15 @@ impl Backend for Store {
 }
 
 impl BlockingRead for Reader {
-    async fn read(
+    async fn read_each(
         &mut self,
         consumer: &str,
         cursors: &[(String, Cursor)],
         count: usize,
-    ) -> Result<Vec<Entry>, StoreError> {
+    ) -> Result<Read, StoreError> {
         match self {
-            Self::Redis(r) => r.read(consumer, cursors, count).await,
-            Self::Embedded(r) => r.read(consumer, cursors, count).await,
+            Self::Redis(r) => r.read_each(consumer, cursors, count).await,
+            Self::Embedded(r) => r.read_each(consumer, cursors, count).await,
         }
     }
 }

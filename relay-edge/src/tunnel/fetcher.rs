@@ -215,14 +215,15 @@ impl Fetcher {
             failed = self.reclaim(&mut grant, &mut batch).await;
         }
         if !failed && grant.slots > 0 {
-            match self.reader.read(&self.consumer, &cursors, count).await {
-                Ok(entries) => {
+            match self.reader.read_each(&self.consumer, &cursors, count).await {
+                Ok(read) => {
                     let mut by_channel: HashMap<String, Vec<Entry>> = HashMap::new();
-                    for entry in entries {
+                    for entry in read.entries {
                         by_channel.entry(entry.channel.clone()).or_default().push(entry);
                     }
                     let mut per_channel = Vec::with_capacity(cursors.len());
-                    for (ch, _) in &cursors {
+                    // A channel that could not be read keeps its cursor.
+                    for (ch, _) in cursors.iter().filter(|(ch, _)| !read.unread.contains(ch)) {
                         let mut entries = by_channel.remove(ch).unwrap_or_default();
                         entries.truncate(count);
                         per_channel.push((ch.clone(), entries));

@@ -20,11 +20,14 @@
 //!
 //! # Connections
 //! Commands share one auto-reconnecting multiplexed connection with a short
-//! response timeout, sessions' reads included: a read never blocks in
-//! Redis. A session waiting for new entries waits on the edge's append
+//! response timeout; sessions' reads share a pool of 4: a read never blocks
+//! in Redis. A session waiting for new entries waits on the edge's append
 //! announcements instead (`appends.rs`: one pub/sub connection per edge), so
 //! an idle session holds no connection and sends nothing. An edge uses at
-//! most 10 connections, whatever the number of agents.
+//! most 6 connections (14 with replica durability), whatever the number of
+//! agents. On a cluster each pooled handle holds one connection per master
+//! (`conn.rs`), with pools of 2 and 4: 1 + 3·masters connections (1 +
+//! 7·masters with replica durability).
 //!
 //! # Sentinel and replica durability
 //! With `store.sentinel_master`, the master is resolved through the
@@ -53,8 +56,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Backend, BlockingRead, Cursor, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, ReplayFrom, ReplayPage, Snapshot,
-    StreamId, Unreadable, keys, now_ms,
+    Backend, BlockingRead, Cursor, DEDUPE_PENDING, DeadEntry, DeadLetter, Entry, Read, ReplayFrom, ReplayPage,
+    Snapshot, StreamId, Unreadable, keys, now_ms,
 };
 use crate::config::{Durability, StoreConfig};
 use crate::error::StoreError;
@@ -230,10 +233,15 @@ impl Query<'_> {
     }
 }
 
-/// The first of the edge's keys (`relay:…`) in a pipeline's first command.
+/// The first channel key (`relay:{…}:stream` or `:dlq`) in a pipeline's
+/// first command: what its slot is routed by. (Only an agent, named by the
+/// operator, called like a channel key could come first; the probe then
+/// reads another slot, harmlessly.)
 fn first_key(pipe: &redis::Pipeline) -> Option<Vec<u8>> {
     pipe.cmd_iter().next()?.args_iter().find_map(|arg| match arg {
-        redis::Arg::Simple(a) if a.starts_with(b"relay:") => Some(a.to_vec()),
+        redis::Arg::Simple(a) if a.starts_with(b"relay:{") && (a.ends_with(b"}:stream") || a.ends_with(b"}:dlq")) => {
+            Some(a.to_vec())
+        }
         _ => None,
     })
 }
@@ -307,8 +315,10 @@ impl RedisStore {
             Ok(r) => r.map_err(redis_err(op)),
             Err(_) => Err(StoreError::Timeout { op, ms: deadline.as_millis() }),
         };
+        // `PUBLISH` is not routed by slot: nothing to learn from it.
         if r.is_err()
             && self.cluster
+            && op != "PUBLISH"
             && let Query::Pipe(pipe) = query
             && let Some(key) = first_key(pipe)
         {
@@ -381,10 +391,12 @@ impl RedisStore {
                 pipe
             })
             .collect();
+        // Lives at most one command timeout: the slot groups go at once.
         let store = self.clone();
         tokio::spawn(async move {
-            for pipe in pipes {
-                if let Err(e) = store.run_pipe::<()>("PUBLISH", &pipe).await {
+            let sends = pipes.iter().map(|pipe| store.run_pipe::<()>("PUBLISH", pipe));
+            for r in futures_util::future::join_all(sends).await {
+                if let Err(e) = r {
                     tracing::debug!(error = %e, "announcing an append failed");
                 }
             }
@@ -879,43 +891,49 @@ impl Reader {
     }
 
     /// New entries of `channels` (their first delivery), read without blocking.
-    async fn read_new(&mut self, consumer: &str, channels: &[&str], count: usize) -> Result<Vec<Entry>, StoreError> {
+    async fn read_new(&mut self, consumer: &str, channels: &[&str], count: usize) -> Result<Read, StoreError> {
         let cursors: Vec<(String, Cursor)> = channels.iter().map(|c| (c.to_string(), Cursor::New)).collect();
         let got = self.read_by_slot(consumer, &cursors, count).await?;
-        self.empty_since = got.is_empty().then(|| (Instant::now(), channels.iter().map(|c| c.to_string()).collect()));
+        self.empty_since =
+            got.entries.is_empty().then(|| (Instant::now(), channels.iter().map(|c| c.to_string()).collect()));
         Ok(got)
     }
 
     /// Reads `cursors` in one step, or on a cluster in one step per slot,
     /// all at once (`count` is per channel either way). Entries a step read
-    /// are pending on `consumer`: another step's failure still returns them
-    /// (its error shows on the next read).
+    /// are pending on `consumer`: another step's failure still returns them,
+    /// naming the failed step's channels [`Read::unread`].
     async fn read_by_slot(
         &self,
         consumer: &str,
         cursors: &[(String, Cursor)],
         count: usize,
-    ) -> Result<Vec<Entry>, StoreError> {
-        let groups = slot_groups(self.store.cluster, cursors.iter().map(|(c, _)| c.as_str()));
+    ) -> Result<Read, StoreError> {
+        let groups =
+            if self.store.cluster { slot_groups(true, cursors.iter().map(|(c, _)| c.as_str())) } else { Vec::new() };
         if groups.len() <= 1 {
-            return self.read_once(consumer, cursors, count).await;
+            let entries = self.read_once(consumer, cursors, count).await?;
+            return Ok(Read { entries, unread: Vec::new() });
         }
         let parts: Vec<Vec<(String, Cursor)>> =
             groups.iter().map(|g| g.iter().map(|&i| cursors[i].clone()).collect()).collect();
         let reads =
             futures_util::future::join_all(parts.iter().map(|part| self.read_once(consumer, part, count))).await;
-        let mut out = Vec::new();
+        let mut out = Read::default();
         let mut failed = None;
-        for read in reads {
+        for (read, part) in reads.into_iter().zip(parts) {
             match read {
-                Ok(got) => out.extend(got),
-                Err(e) => failed = Some(e),
+                Ok(got) => out.entries.extend(got),
+                Err(e) => {
+                    out.unread.extend(part.into_iter().map(|(c, _)| c));
+                    failed = Some(e);
+                }
             }
         }
         match failed {
-            Some(e) if out.is_empty() => Err(e),
+            Some(e) if out.entries.is_empty() => Err(e),
             Some(e) => {
-                tracing::debug!(error = %e, "a cluster read failed while others found entries");
+                tracing::warn!(error = %e, unread = ?out.unread, "a cluster read failed while others found entries");
                 Ok(out)
             }
             None => Ok(out),
@@ -1010,12 +1028,12 @@ impl BlockingRead for Reader {
     /// `store.block`, to be woken by an announced append, looking again
     /// after each wake; after an empty look it does not look again before a
     /// wake or `appends::RECHECK`.
-    async fn read(
+    async fn read_each(
         &mut self,
         consumer: &str,
         cursors: &[(String, Cursor)],
         count: usize,
-    ) -> Result<Vec<Entry>, StoreError> {
+    ) -> Result<Read, StoreError> {
         let count = count.max(1);
         if cursors.iter().any(|(_, c)| *c != Cursor::New) {
             self.empty_since = None;
@@ -1029,7 +1047,7 @@ impl BlockingRead for Reader {
         });
         if new_channel || due {
             let got = self.read_new(consumer, &channels, count).await?;
-            if !got.is_empty() {
+            if !got.entries.is_empty() {
                 return Ok(got);
             }
         }
@@ -1039,10 +1057,10 @@ impl BlockingRead for Reader {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || !self.wait(&channels, left).await {
-                return Ok(Vec::new());
+                return Ok(Read::default());
             }
             let got = self.read_new(consumer, &channels, count).await?;
-            if !got.is_empty() {
+            if !got.entries.is_empty() {
                 return Ok(got);
             }
         }
