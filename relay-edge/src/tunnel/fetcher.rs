@@ -26,6 +26,11 @@ use crate::store::{Backend, BlockingRead, Entry, Reader, Store, StreamId};
 /// Pause after a failed read before the next one.
 const BACKOFF: Duration = Duration::from_millis(500);
 
+/// The longest a channel whose reads keep failing (while the session's
+/// other channels are read) rests between tries: each try that Redis runs
+/// late raises the delivery count of what it read.
+const MAX_REST: Duration = Duration::from_secs(8);
+
 /// What the fetcher does for a grant.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -41,6 +46,8 @@ pub enum Step {
 #[derive(Debug)]
 pub struct Planner<E> {
     cursors: HashMap<String, Cursor>,
+    /// The highest id read per channel this session (see [`Planner::read_failed`]).
+    highest: HashMap<String, StreamId>,
     /// Read, not yet handed over, per channel in stream order.
     waiting: HashMap<String, VecDeque<E>>,
     /// Rotates which channel goes first, for fairness.
@@ -53,6 +60,7 @@ impl<E> Planner<E> {
     pub fn new(channels: &[String], max_entry: usize) -> Self {
         Self {
             cursors: channels.iter().map(|c| (c.clone(), Cursor::Pending(StreamId::ZERO))).collect(),
+            highest: HashMap::new(),
             waiting: HashMap::new(),
             turn: 0,
             max_entry: max_entry.max(1),
@@ -97,6 +105,10 @@ impl<E> Planner<E> {
         cost: impl Fn(&E) -> usize,
     ) -> Vec<(String, E)> {
         for (ch, read) in per_channel {
+            if let Some(last) = read.iter().map(&id).max() {
+                let highest = self.highest.entry(ch.clone()).or_insert(last);
+                *highest = (*highest).max(last);
+            }
             if let Some(cursor) = self.cursors.get_mut(&ch)
                 && let Cursor::Pending(_) = cursor
             {
@@ -108,6 +120,21 @@ impl<E> Planner<E> {
             self.waiting.entry(ch).or_default().extend(read);
         }
         self.serve(grant, cost)
+    }
+
+    /// A read of `channels` failed (or its answer was lost): it may still
+    /// have run in the store. A read of new entries that ran took them onto
+    /// this consumer's pending list, above every id this session has read,
+    /// so those channels walk their pending list again from the highest id
+    /// read (only such lost entries lie beyond it). A pending cursor stays.
+    pub fn read_failed<'a>(&mut self, channels: impl IntoIterator<Item = &'a String>) {
+        for ch in channels {
+            if let Some(cursor) = self.cursors.get_mut(ch)
+                && *cursor == Cursor::New
+            {
+                *cursor = Cursor::Pending(self.highest.get(ch).copied().unwrap_or(StreamId::ZERO));
+            }
+        }
     }
 
     /// Hands over waiting entries of the grant's channels: round-robin, at
@@ -161,6 +188,9 @@ pub struct Fetcher {
     next_reclaim: Instant,
     /// The largest entry a session delivers (`tunnel.max_frame`).
     max_entry: usize,
+    /// Channels whose last read failed while others were read: not read
+    /// again until the instant, and the rest that led to it (doubling).
+    resting: HashMap<String, (Instant, Duration)>,
 }
 
 impl Fetcher {
@@ -174,7 +204,8 @@ impl Fetcher {
     ) -> Self {
         let max_entry = max_entry.max(1);
         let planner = Planner::new(channels, max_entry);
-        Self { store, reader, consumer, planner, reclaim_after, next_reclaim: Instant::now(), max_entry }
+        let next_reclaim = Instant::now();
+        Self { store, reader, consumer, planner, reclaim_after, next_reclaim, max_entry, resting: HashMap::new() }
     }
 
     /// Answers every grant with one batch (possibly empty) until the
@@ -208,6 +239,16 @@ impl Fetcher {
         let Step::Read { cursors, count } = self.planner.step(&grant) else {
             return self.planner.serve(&grant, cost).into_iter().map(|(_, f)| f).collect();
         };
+        let now = Instant::now();
+        let cursors: Vec<(String, Cursor)> =
+            cursors.into_iter().filter(|(ch, _)| self.resting.get(ch).is_none_or(|(until, _)| *until <= now)).collect();
+        if cursors.is_empty() {
+            // Every channel of the grant rests: wait for the first to wake.
+            if let Some(until) = self.resting.values().map(|(until, _)| *until).min() {
+                tokio::time::sleep_until(until.into()).await;
+            }
+            return Vec::new();
+        }
         let mut batch = Vec::new();
         let mut failed = false;
         if Instant::now() >= self.next_reclaim {
@@ -217,6 +258,7 @@ impl Fetcher {
         if !failed && grant.slots > 0 {
             match self.reader.read_each(&self.consumer, &cursors, count).await {
                 Ok(read) => {
+                    self.rest(&cursors, &read.unread);
                     let mut by_channel: HashMap<String, Vec<Entry>> = HashMap::new();
                     for entry in read.entries {
                         by_channel.entry(entry.channel.clone()).or_default().push(entry);
@@ -233,6 +275,7 @@ impl Fetcher {
                 }
                 Err(e) => {
                     tracing::warn!(agent = %self.consumer, error = %e, "store read failed");
+                    self.planner.read_failed(cursors.iter().map(|(ch, _)| ch));
                     failed = true;
                 }
             }
@@ -244,6 +287,20 @@ impl Fetcher {
             }
         }
         batch
+    }
+
+    /// After a read of `cursors`: the `unread` ones rest (and walk their
+    /// pending list again, [`Planner::read_failed`]), the others wake.
+    fn rest(&mut self, cursors: &[(String, Cursor)], unread: &[String]) {
+        self.planner.read_failed(unread);
+        for (ch, _) in cursors {
+            if unread.contains(ch) {
+                let rest = self.resting.get(ch).map_or(BACKOFF, |(_, rest)| (*rest * 2).min(MAX_REST));
+                self.resting.insert(ch.clone(), (Instant::now() + rest, rest));
+            } else {
+                self.resting.remove(ch);
+            }
+        }
     }
 
     /// Takes over entries of vanished consumers, as many as the grant takes

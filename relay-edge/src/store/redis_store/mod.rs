@@ -315,10 +315,13 @@ impl RedisStore {
             Ok(r) => r.map_err(redis_err(op)),
             Err(_) => Err(StoreError::Timeout { op, ms: deadline.as_millis() }),
         };
-        // `PUBLISH` is not routed by slot: nothing to learn from it.
-        if r.is_err()
+        // `PUBLISH` is not routed by slot, and a timeout says nothing of
+        // slots: nothing to learn from those.
+        if let Err(e) = &r
             && self.cluster
             && op != "PUBLISH"
+            && !matches!(e, StoreError::Timeout { .. })
+            && !matches!(e, StoreError::Redis { source, .. } if source.is_timeout())
             && let Query::Pipe(pipe) = query
             && let Some(key) = first_key(pipe)
         {
