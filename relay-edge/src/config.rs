@@ -370,7 +370,9 @@ pub struct StoreConfig {
     /// Timeout of one Redis command (ingest answers 503 past it).
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
-    /// `BLOCK` of one `XREADGROUP`; kept short and looped.
+    /// Longest wait of one session read for new entries (woken by appends,
+    /// never blocking in the store): what an idle session costs is one
+    /// wake-up per `block`.
     #[serde(with = "humantime_serde")]
     pub block: Duration,
     /// Hard cap of unacknowledged entries per channel: past it ingest answers
@@ -462,7 +464,7 @@ impl Default for StoreConfig {
             cache: ByteSize::mib(64),
             retention: Duration::from_secs(24 * 3600),
             command_timeout: Duration::from_secs(3),
-            block: Duration::from_secs(2),
+            block: Duration::from_secs(30),
             max_backlog: 1_000_000,
             sentinel_master: None,
             sentinel_addrs: Vec::new(),
@@ -726,8 +728,10 @@ impl EdgeConfig {
                 "must exceed 3 × tunnel.heartbeat (the dead-session deadline)".into(),
             ));
         }
-        if self.store.block >= self.store.command_timeout * 4 {
-            return Err(key_error("store.block", "keep it short (1–5 s) and below 4 × store.command_timeout".into()));
+        if self.store.block > Duration::from_secs(30) {
+            // Redis sessions look for appends that were not announced (an
+            // older edge) every 30 s: a longer wait would delay those.
+            return Err(key_error("store.block", "must be at most 30s".into()));
         }
         Ok(())
     }

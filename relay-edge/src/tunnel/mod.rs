@@ -220,9 +220,10 @@ async fn upgrade(
     // is capped at the agent-frame limit, not the delivery limit.
     let max = relay_protocol::Limits::MAX_AGENT_FRAME.min(state.cfg.max_frame.as_u64() as usize);
     ws.protocols([SUBPROTOCOL])
-        // 16 KiB instead of tungstenite's 128 KiB each way: idle sessions are
-        // the edge's main memory cost, and deliveries are flushed per batch.
-        .read_buffer_size(16 * 1024)
+        // Idle sessions are the edge's main memory cost. Agents send small
+        // frames, so 4 KiB reads (tungstenite zeroes what it reads into:
+        // 128 KiB by default); deliveries are flushed per batch.
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(16 * 1024)
         // Slightly above the protocol limit so an oversize frame is answered
         // with a clear `Error` frame by the session rather than a bare close.

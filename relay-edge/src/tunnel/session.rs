@@ -157,7 +157,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         peer: peer.clone(),
         limits,
         table,
-        redeliveries: DelayQueue::new(),
+        redeliveries: Redeliveries::default(),
         scheduled: HashMap::new(),
         grant_tx,
         stats_tx,
@@ -264,7 +264,7 @@ struct Session {
     /// Every delivery the agent holds, and the flow control.
     table: Table<Stored>,
     /// Transiently nacked entries, each due once for redelivery.
-    redeliveries: DelayQueue<EntryKey>,
+    redeliveries: Redeliveries,
     /// The queue slot of each scheduled entry: at most one per entry.
     scheduled: HashMap<EntryKey, delay_queue::Key>,
     /// Hands the fetcher its next grant (one outstanding at a time).
@@ -666,5 +666,45 @@ impl Session {
         if let Some(stats) = stats {
             let _ = self.stats_tx.try_send(stats);
         }
+    }
+}
+
+/// Redeliveries waiting out their delay. The timer wheel (≈ 6 KiB) exists
+/// only while one waits: most sessions, idle or healthy, never need it.
+#[derive(Default)]
+struct Redeliveries(Option<DelayQueue<EntryKey>>);
+
+impl Redeliveries {
+    fn insert(&mut self, key: EntryKey, delay: Duration) -> delay_queue::Key {
+        self.0.get_or_insert_with(DelayQueue::new).insert(key, delay)
+    }
+
+    fn reset(&mut self, slot: &delay_queue::Key, delay: Duration) {
+        if let Some(queue) = &mut self.0 {
+            queue.reset(slot, delay);
+        }
+    }
+
+    fn remove(&mut self, slot: &delay_queue::Key) {
+        if let Some(queue) = &mut self.0 {
+            queue.remove(slot);
+            if queue.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(DelayQueue::is_empty)
+    }
+
+    /// The next one due; `None` while none waits.
+    async fn next(&mut self) -> Option<delay_queue::Expired<EntryKey>> {
+        let queue = self.0.as_mut()?;
+        let due = queue.next().await;
+        if queue.is_empty() {
+            self.0 = None;
+        }
+        due
     }
 }
