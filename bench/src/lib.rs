@@ -6,4 +6,5 @@
 pub mod load;
 pub mod proc;
 pub mod stats;
+pub mod tunnel;
 pub mod yardstick;

@@ -51,6 +51,72 @@ struct Args {
     /// Only the fan-in scenario (with `--agents N`), after the yardsticks.
     #[arg(long)]
     fan_in_only: bool,
+    /// A rathole binary: measures the tunnel yardstick (a TCP tunnel that
+    /// stores nothing) and each goal's ratio to it. `scripts/bench.sh`
+    /// installs one into `target/bench-tools`.
+    #[arg(long)]
+    rathole: Option<PathBuf>,
+}
+
+/// The tunnel yardstick's figures, which the relay's are judged against.
+#[derive(Clone, Copy)]
+struct Tunnel {
+    /// Requests per second through it, c=32.
+    rate: f64,
+    /// CPU of its server and client per request, µs.
+    cpu_us: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// `met` or `not met`, for a goal.
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+/// Median latency of `fdatasync` after a 4 KiB write in `dir`, ms: what
+/// the embedded store's commit waits for at least.
+fn fsync_ms(dir: &Path) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("fsync-probe"))?;
+    let block = vec![7u8; 4096];
+    let mut times = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// The rathole yardstick: the same load as the relay's to the same
+/// receiver, through a tunnel on loopback.
+async fn tunnel_yardstick(
+    bin: &Path,
+    dir: &Path,
+    client: &load::HttpClient,
+    rx: &Receiver,
+    rx_addr: std::net::SocketAddr,
+    secs: f64,
+) -> anyhow::Result<Tunnel> {
+    let tunnel = relay_bench::tunnel::Rathole::start(bin, dir, rx_addr).await?;
+    let url = format!("http://127.0.0.1:{}/webhook", tunnel.port);
+    let cpu_of = || tunnel.pids().into_iter().map(|p| usage(p).cpu_s).sum::<f64>();
+    let cpu0 = cpu_of();
+    let run = load::closed_loop(client, &url, None, 32, secs).await;
+    let cpu1 = cpu_of();
+    rx.record(true);
+    let _ = load::open_loop(client, &url, None, 1000.0, secs).await;
+    rx.record(false);
+    let e2e = Latency::of(&mut rx.take_latencies());
+    Ok(Tunnel {
+        rate: run.rate(),
+        cpu_us: (cpu1 - cpu0) * 1e6 / run.ok.max(1) as f64,
+        p50_ms: e2e.p50_ms,
+        p99_ms: e2e.p99_ms,
+    })
 }
 
 /// The processes measured; dropped, each is killed by its own PID.
@@ -196,6 +262,8 @@ struct Ctx<'a> {
     rx: &'a Arc<Receiver>,
     target: String,
     redis_url: String,
+    tunnel: Option<Tunnel>,
+    fsync_ms: f64,
 }
 
 #[tokio::main]
@@ -255,6 +323,27 @@ async fn main() -> anyhow::Result<()> {
     println!("{:<44} {:>12.0}", "direct HTTP POST to the receiver, c=128", y_http128.rate());
     println!("{:<44} {:>12.0}", "raw Redis XADD+XREADGROUP+XACK, batch 100", y_redis100);
     println!("{:<44} {:>12.0}", "raw Redis XADD+XREADGROUP+XACK, batch 1", y_redis1);
+    let fsync = fsync_ms(d)?;
+    println!("{:<44} {:>12.2}", "fsync (4 KiB write + fdatasync), median ms", fsync);
+    report.insert("fsync_median_ms".into(), json!(fsync));
+    let tunnel = match &args.rathole {
+        Some(bin) => {
+            let t = tunnel_yardstick(bin, d, &client, &rx, rx_addr, secs).await?;
+            println!("{:<44} {:>12.0}", "rathole tunnel (TCP, stores nothing), c=32", t.rate);
+            println!("{:<44} {:>12.0}", "  its CPU per request (server + client), µs", t.cpu_us);
+            println!("{:<44} {:>5.2} / {:.2}", "  e2e p50 / p99 ms at 1,000/s", t.p50_ms, t.p99_ms);
+            report.insert(
+                "tunnel_yardstick".into(),
+                json!({ "tool": "rathole", "rps_c32": t.rate, "cpu_us_per_request": t.cpu_us,
+                         "e2e_p50_ms_at_1000": t.p50_ms, "e2e_p99_ms_at_1000": t.p99_ms }),
+            );
+            Some(t)
+        }
+        None => {
+            println!("rathole tunnel yardstick: not run (pass --rathole PATH; ./scripts/bench.sh installs it)");
+            None
+        }
+    };
 
     let ctx = Ctx {
         args: &args,
@@ -265,6 +354,8 @@ async fn main() -> anyhow::Result<()> {
         rx: &rx,
         target: direct.clone(),
         redis_url: redis_url.clone(),
+        tunnel,
+        fsync_ms: fsync,
     };
     let mut stores = serde_json::Map::new();
     let stores_run = if args.fan_in_only {
@@ -323,6 +414,7 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
         "ingest (no agent)", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "vs HTTP", "(HTTP just before)"
     );
     let mut ingest_json = serde_json::Map::new();
+    let mut goals: Vec<(String, bool)> = Vec::new();
     let mut stored = 0;
     let mut y_http: f64 = 0.0;
     let footprint0 = store.footprint().await?;
@@ -345,6 +437,10 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
             100.0 * run.rate() / y,
             y
         );
+        goals.push((
+            format!("ingest ≥ 60% of direct HTTP at c={c}: {:.0}%", 100.0 * run.rate() / y),
+            run.rate() >= 0.6 * y,
+        ));
         ingest_json.insert(
             format!("c{c}"),
             json!({ "rps": run.rate(), "errors": run.errors, "latency": lat.json(), "direct_http_rps_just_before": y, "ratio_to_direct_http": run.rate() / y, "resources": cpu(&a, &b, run.ok) }),
@@ -389,6 +485,22 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     );
     let res = cpu(&a, &b, run.ok);
     let us = |k: &str| res[k].as_f64().unwrap_or(0.0);
+    let relay_cpu = us("edge_plus_agent_us_per_webhook") + us("redis_us_per_webhook");
+    if let Some(t) = ctx.tunnel {
+        goals.push((
+            format!("sustained ≥ 1.0 × the tunnel: {sustained:.0}/s vs {:.0}/s = {:.2}×", t.rate, sustained / t.rate),
+            sustained >= t.rate,
+        ));
+        goals.push((
+            format!(
+                "CPU per webhook (edge + agent + store) ≤ 1.2 × the tunnel's per request: {relay_cpu:.0} µs vs {:.0} µs = {:.2}×",
+                t.cpu_us,
+                relay_cpu / t.cpu_us.max(1e-9)
+            ),
+            relay_cpu <= 1.2 * t.cpu_us,
+        ));
+    }
+    goals.push((format!("agent RSS ≤ 15 MiB: {:.1} MiB", us("agent_rss_mib")), us("agent_rss_mib") <= 15.0));
     println!(
         "  CPU per relayed webhook (ingest + delivery): edge {:.0} µs + agent {:.0} µs = {:.0} µs; redis {:.0} µs, load generator + receiver {:.0} µs",
         us("edge_us_per_webhook"),
@@ -431,6 +543,18 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
         let mut e2e_lat = rx.take_latencies();
         let e = Latency::of(&mut e2e_lat);
         let i = Latency::of(&mut run.latencies);
+        let redis = matches!(store, StoreKind::Redis(_));
+        if rate == 1000.0 {
+            let (bound, what) = if redis {
+                (1.0, "1 ms".to_string())
+            } else {
+                (ctx.fsync_ms + 1.0, format!("fsync + 1 ms = {:.2} ms", ctx.fsync_ms + 1.0))
+            };
+            goals.push((format!("e2e p99 at 1,000/s ≤ {what}: {:.2} ms", e.p99_ms), e.p99_ms <= bound));
+        }
+        if rate == 5000.0 && redis {
+            goals.push((format!("e2e p99 at 5,000/s ≤ 5 ms: {:.2} ms", e.p99_ms), e.p99_ms <= 5.0));
+        }
         println!(
             "{:<20} {:>10.0} {:>12.2} {:>12.2} {:>12.2} {:>14.2}",
             format!("{rate:.0}/s"),
@@ -481,6 +605,14 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
                  "drain_per_s": drain_rate, "redis_cycle_per_s_just_before": y_redis100, "ratio_to_redis_cycle": drain_rate / y_redis100,
                  "store_bytes": footprint, "retained_entries": retained, "store_kib_per_1k_entries": kib_per_1k, "resources": cpu(&a, &b, fill) }),
     );
+    println!("goals ({}):", store.label());
+    if ctx.tunnel.is_none() {
+        println!("  (the tunnel goals need --rathole)");
+    }
+    for (goal, met) in &goals {
+        println!("  {:<8} {goal}", verdict(*met));
+    }
+    out.insert("goals".into(), goals.iter().map(|(g, m)| json!({ "goal": g, "met": m })).collect());
     Ok(Value::Object(out))
 }
 
