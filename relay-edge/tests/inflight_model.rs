@@ -206,7 +206,8 @@ enum Op {
         bytes: usize,
     },
     /// `lost`: bit `i` loses the answer of cursor `i`'s read after it ran
-    /// in the store (a timeout, or a slot's node failing mid-read).
+    /// in the store (a timeout, or a slot's node failing mid-read); bit 2,
+    /// the answers of the reclaims.
     Fetch {
         agent: usize,
         reclaim: bool,
@@ -254,7 +255,7 @@ fn op() -> impl Strategy<Value = Op> {
     let agent = 0..AGENTS;
     prop_oneof![
         3 => (any::<bool>(), 0..2usize, 1..=RESERVE).prop_map(|(fanout, channel, bytes)| Op::Append { fanout, channel, bytes }),
-        4 => (agent.clone(), prop::bool::weighted(0.2), prop::bool::weighted(0.05), prop_oneof![8 => Just(0u8), 1 => 1..4u8]).prop_map(|(agent, reclaim, fail, lost)| Op::Fetch { agent, reclaim, fail, lost }),
+        4 => (agent.clone(), prop::bool::weighted(0.2), prop::bool::weighted(0.05), prop_oneof![8 => Just(0u8), 1 => 1..8u8]).prop_map(|(agent, reclaim, fail, lost)| Op::Fetch { agent, reclaim, fail, lost }),
         4 => (agent.clone(), any::<usize>(), prop::bool::weighted(0.1)).prop_map(|(agent, pick, repeat)| Op::Ack { agent, pick, repeat }),
         2 => (agent.clone(), any::<usize>(), prop::bool::weighted(0.3), prop::bool::weighted(0.2)).prop_map(|(agent, pick, permanent, store_fails)| Op::Nack { agent, pick, permanent, store_fails }),
         1 => agent.clone().prop_map(|agent| Op::RepeatAcks { agent }),
@@ -317,16 +318,27 @@ impl World {
                 Step::Serve => got = s.planner.serve(&grant, |e| e.2),
                 Step::Read { cursors, count } => {
                     let mut rest = grant.clone();
+                    let mut reclaim_failed = false;
                     if reclaim {
                         for ch in &grant.channels {
                             let room = rest.slots.min(rest.bytes / RESERVE);
                             let claimed = self.store.autoclaim(a, ch, room);
+                            if lost & 4 != 0 {
+                                // It ran, its answer was lost: as the fetcher,
+                                // re-walk that channel and read nothing more.
+                                s.planner.rewalk(ch);
+                                reclaim_failed = true;
+                                break;
+                            }
                             rest.slots -= claimed.len();
                             rest.bytes -= claimed.iter().map(|e| e.2).sum::<usize>();
+                            for e in &claimed {
+                                s.planner.saw(ch, e.0);
+                            }
                             got.extend(claimed.into_iter().map(|e| (ch.clone(), e)));
                         }
                     }
-                    if rest.slots > 0 {
+                    if rest.slots > 0 && !reclaim_failed {
                         let mut per_channel: Vec<(String, Vec<Read>)> = Vec::new();
                         let mut unread = Vec::new();
                         for (i, (ch, c)) in cursors.iter().enumerate() {
@@ -617,6 +629,23 @@ fn a_lost_read_of_new_entries_is_read_back() {
     w.apply(&Op::Fetch { agent: 1, reclaim: false, fail: false, lost: 0 });
     w.apply(&Op::Append { fanout: false, channel: 1, bytes: 1 });
     w.apply(&Op::Fetch { agent: 1, reclaim: false, fail: false, lost: 3 });
+    w.check_reachable();
+    w.quiesce();
+    w.store.check_all_settled();
+}
+
+/// Found by the model (a lost reclaim): agent 1's `XAUTOCLAIM` takes agent
+/// 0's pending entry, but its answer is lost. The entry is agent 1's now,
+/// at an id below anything agent 1 read: its session walks its whole
+/// pending list again.
+#[test]
+fn a_lost_reclaim_is_read_back() {
+    let mut w = World::new([true, true]);
+    w.apply(&Op::Fetch { agent: 0, reclaim: false, fail: false, lost: 0 });
+    w.apply(&Op::Fetch { agent: 1, reclaim: false, fail: false, lost: 0 });
+    w.apply(&Op::Append { fanout: false, channel: 0, bytes: 1 });
+    w.apply(&Op::Fetch { agent: 0, reclaim: false, fail: false, lost: 0 });
+    w.apply(&Op::Fetch { agent: 1, reclaim: true, fail: false, lost: 4 });
     w.check_reachable();
     w.quiesce();
     w.store.check_all_settled();

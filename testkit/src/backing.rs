@@ -86,6 +86,8 @@ impl Backing {
     pub fn store(&self) -> Store {
         let mut cfg = StoreConfig::default();
         self.apply(&mut cfg);
+        // Short empty reads, as every test edge has (the default is 30 s).
+        cfg.block = std::time::Duration::from_secs(1);
         Store::open(&cfg, Default::default()).expect("open the test store")
     }
 

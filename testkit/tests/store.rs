@@ -300,7 +300,7 @@ async fn a_blocking_read_returns_as_soon_as_an_entry_arrives(backing: Backing) {
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(!waiting.is_finished(), "nothing to read: the read waits");
     append(&store, 1).await;
-    // The default BLOCK is 2 s: an empty answer means the append did not wake it.
+    // The test store's BLOCK is 1 s: an empty answer means the append did not wake it.
     let got = waiting.await.expect("join").expect("read");
     assert_eq!(got.len(), 1, "woken by the append within one BLOCK");
 }

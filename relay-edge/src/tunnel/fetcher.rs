@@ -137,6 +137,24 @@ impl<E> Planner<E> {
         }
     }
 
+    /// `id` of `channel` reached this session another way (a reclaim): a
+    /// walk after a lost read need not read it again.
+    pub fn saw(&mut self, channel: &str, id: StreamId) {
+        if let Some(highest) = self.highest.get_mut(channel) {
+            *highest = (*highest).max(id);
+        } else if self.cursors.contains_key(channel) {
+            self.highest.insert(channel.to_string(), id);
+        }
+    }
+
+    /// A reclaim of `channel` failed, and may have run: the entries it took
+    /// are pending on this consumer, at any id. Walk the whole pending list.
+    pub fn rewalk(&mut self, channel: &str) {
+        if let Some(cursor) = self.cursors.get_mut(channel) {
+            *cursor = Cursor::Pending(StreamId::ZERO);
+        }
+    }
+
     /// Hands over waiting entries of the grant's channels: round-robin, at
     /// most `grant.slots`, their costs within `grant.bytes`; a channel whose
     /// next entry does not fit gives nothing more this time. The first
@@ -191,6 +209,8 @@ pub struct Fetcher {
     /// Channels whose last read failed while others were read: not read
     /// again until the instant, and the rest that led to it (doubling).
     resting: HashMap<String, (Instant, Duration)>,
+    /// Whole reads failed in a row (the pause after one doubles).
+    failures: u32,
 }
 
 impl Fetcher {
@@ -205,7 +225,17 @@ impl Fetcher {
         let max_entry = max_entry.max(1);
         let planner = Planner::new(channels, max_entry);
         let next_reclaim = Instant::now();
-        Self { store, reader, consumer, planner, reclaim_after, next_reclaim, max_entry, resting: HashMap::new() }
+        Self {
+            store,
+            reader,
+            consumer,
+            planner,
+            reclaim_after,
+            next_reclaim,
+            max_entry,
+            resting: HashMap::new(),
+            failures: 0,
+        }
     }
 
     /// Answers every grant with one batch (possibly empty) until the
@@ -240,15 +270,19 @@ impl Fetcher {
             return self.planner.serve(&grant, cost).into_iter().map(|(_, f)| f).collect();
         };
         let now = Instant::now();
-        let cursors: Vec<(String, Cursor)> =
-            cursors.into_iter().filter(|(ch, _)| self.resting.get(ch).is_none_or(|(until, _)| *until <= now)).collect();
+        let is_resting = |ch: &str| self.resting.get(ch).is_some_and(|(until, _)| *until > now);
+        // When the first of the grant's resting channels wakes.
+        let wake =
+            grant.channels.iter().filter(|ch| is_resting(ch)).filter_map(|ch| self.resting.get(ch)).map(|r| r.0).min();
+        let cursors: Vec<(String, Cursor)> = cursors.into_iter().filter(|(ch, _)| !is_resting(ch)).collect();
         if cursors.is_empty() {
             // Every channel of the grant rests: wait for the first to wake.
-            if let Some(until) = self.resting.values().map(|(until, _)| *until).min() {
+            if let Some(until) = wake {
                 tokio::time::sleep_until(until.into()).await;
             }
             return Vec::new();
         }
+        grant.channels.retain(|ch| cursors.iter().any(|(c, _)| c == ch));
         let mut batch = Vec::new();
         let mut failed = false;
         if Instant::now() >= self.next_reclaim {
@@ -256,8 +290,18 @@ impl Fetcher {
             failed = self.reclaim(&mut grant, &mut batch).await;
         }
         if !failed && grant.slots > 0 {
-            match self.reader.read_each(&self.consumer, &cursors, count).await {
-                Ok(read) => {
+            let read = self.reader.read_each(&self.consumer, &cursors, count);
+            // A resting channel is read again when it wakes, not after a
+            // whole `store.block`: the wait ends then (a read cut short
+            // counts as lost, [`Planner::read_failed`]).
+            let read = match wake {
+                Some(until) => tokio::time::timeout_at(until.into(), read).await.ok(),
+                None => Some(read.await),
+            };
+            match read {
+                None => self.planner.read_failed(cursors.iter().map(|(ch, _)| ch)),
+                Some(Ok(read)) => {
+                    self.failures = 0;
                     self.rest(&cursors, &read.unread);
                     let mut by_channel: HashMap<String, Vec<Entry>> = HashMap::new();
                     for entry in read.entries {
@@ -273,7 +317,7 @@ impl Fetcher {
                     let taken = self.planner.read_done(&grant, per_channel, |e| e.id, cost);
                     batch.extend(taken.into_iter().map(|(_, f)| f));
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::warn!(agent = %self.consumer, error = %e, "store read failed");
                     self.planner.read_failed(cursors.iter().map(|(ch, _)| ch));
                     failed = true;
@@ -281,7 +325,11 @@ impl Fetcher {
             }
         }
         if failed {
-            tokio::time::sleep(BACKOFF).await;
+            // Doubling, as for a resting channel: each read Redis runs late
+            // raises the delivery counts of what it read.
+            let pause = (BACKOFF * 2u32.pow(self.failures.min(4))).min(MAX_REST);
+            self.failures += 1;
+            tokio::time::sleep(pause).await;
             if let Ok(r) = self.store.reader().await {
                 self.reader = r;
             }
@@ -316,6 +364,9 @@ impl Fetcher {
                 Ok(entries) if !entries.is_empty() => {
                     tracing::info!(agent = %self.consumer, channel = %ch, count = entries.len(), "reclaimed stale pending entries");
                     let entries: Vec<Entry> = entries.into_iter().take(room).collect();
+                    for e in &entries {
+                        self.planner.saw(&ch, e.id);
+                    }
                     grant.slots -= entries.len();
                     grant.bytes -= entries.iter().map(|e| cost(e, self.max_entry)).sum::<usize>().min(grant.bytes);
                     batch.extend(entries);
@@ -323,6 +374,7 @@ impl Fetcher {
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(agent = %self.consumer, channel = %ch, error = %e, "reclaim failed");
+                    self.planner.rewalk(&ch);
                     return true;
                 }
             }
