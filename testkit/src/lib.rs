@@ -67,6 +67,22 @@ impl Certs {
     }
 }
 
+/// Webhook `n` of route `hooks`, as ingest would store it: for tests that
+/// write to a store directly.
+pub fn webhook(n: usize) -> relay_protocol::Webhook {
+    relay_protocol::Webhook {
+        id: format!("wh-{n}"),
+        method: "POST".into(),
+        path: "/hooks/hooks".into(),
+        query: String::new(),
+        headers: vec![relay_protocol::Header { name: "content-type".into(), value: b"application/json".to_vec() }],
+        body: format!("{{\"n\":{n}}}").into_bytes().into(),
+        route: "hooks".into(),
+        received_at_ms: relay_edge::store::now_ms(),
+        client_ip: "127.0.0.1".into(),
+    }
+}
+
 /// Edge config for tests: fast heartbeats, route `hooks` → `crm`, the
 /// legacy route → `default`, agents `lan-1`/`lan-2` granted `crm` and
 /// `default`, `lan-3` granted only `other`.

@@ -243,17 +243,6 @@ async fn a_stalled_master_does_not_skip_a_channels_pending_entries() {
     cfg.block = Duration::from_millis(300);
     cfg.command_timeout = Duration::from_millis(500);
     let store = relay_edge::store::Store::open(&cfg, Default::default()).expect("open the cluster store");
-    let webhook = |n: usize| relay_protocol::Webhook {
-        id: format!("wh-{n}"),
-        method: "POST".into(),
-        path: "/hooks/hooks".into(),
-        query: String::new(),
-        headers: Vec::new(),
-        body: format!("{{\"n\":{n}}}").into_bytes().into(),
-        route: "hooks".into(),
-        received_at_ms: relay_edge::store::now_ms(),
-        client_ip: "127.0.0.1".into(),
-    };
     for ch in [a, b] {
         store.ensure_group(ch).await.expect("group");
     }

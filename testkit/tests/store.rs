@@ -7,25 +7,10 @@
 use std::time::Duration;
 
 use relay_edge::store::{Backend, BlockingRead, Cursor, DeadLetter, Entry, Store, StreamId};
-use relay_protocol::{Header, Webhook};
 use testkit::procs::*;
 use testkit::*;
 
 const CH: &str = "crm";
-
-fn webhook(n: usize) -> Webhook {
-    Webhook {
-        id: format!("wh-{n}"),
-        method: "POST".into(),
-        path: "/hooks/hooks".into(),
-        query: String::new(),
-        headers: vec![Header { name: "content-type".into(), value: b"application/json".to_vec() }],
-        body: format!("{{\"n\":{n}}}").into_bytes().into(),
-        route: "hooks".into(),
-        received_at_ms: relay_edge::store::now_ms(),
-        client_ip: "127.0.0.1".into(),
-    }
-}
 
 async fn open(backing: &Backing) -> Store {
     let store = backing.store();

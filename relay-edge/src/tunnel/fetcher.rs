@@ -106,8 +106,7 @@ impl<E> Planner<E> {
     ) -> Vec<(String, E)> {
         for (ch, read) in per_channel {
             if let Some(last) = read.iter().map(&id).max() {
-                let highest = self.highest.entry(ch.clone()).or_insert(last);
-                *highest = (*highest).max(last);
+                self.saw(&ch, last);
             }
             if let Some(cursor) = self.cursors.get_mut(&ch)
                 && let Cursor::Pending(_) = cursor
@@ -137,8 +136,8 @@ impl<E> Planner<E> {
         }
     }
 
-    /// `id` of `channel` reached this session another way (a reclaim): a
-    /// walk after a lost read need not read it again.
+    /// `id` of `channel` reached this session (a read, a reclaim): a walk
+    /// after a lost read need not read it again.
     pub fn saw(&mut self, channel: &str, id: StreamId) {
         if let Some(highest) = self.highest.get_mut(channel) {
             *highest = (*highest).max(id);
@@ -209,8 +208,9 @@ pub struct Fetcher {
     /// Channels whose last read failed while others were read: not read
     /// again until the instant, and the rest that led to it (doubling).
     resting: HashMap<String, (Instant, Duration)>,
-    /// Whole reads failed in a row (the pause after one doubles).
-    failures: u32,
+    /// The pause after the last whole read that failed, while they fail
+    /// in a row ([`next_rest`]).
+    pause: Option<Duration>,
 }
 
 impl Fetcher {
@@ -234,7 +234,7 @@ impl Fetcher {
             next_reclaim,
             max_entry,
             resting: HashMap::new(),
-            failures: 0,
+            pause: None,
         }
     }
 
@@ -266,15 +266,17 @@ impl Fetcher {
     async fn fetch(&mut self, mut grant: Grant) -> Vec<Entry> {
         let max = self.max_entry;
         let cost = move |e: &Entry| cost(e, max);
-        let Step::Read { cursors, count } = self.planner.step(&grant) else {
+        let Step::Read { mut cursors, count } = self.planner.step(&grant) else {
             return self.planner.serve(&grant, cost).into_iter().map(|(_, f)| f).collect();
         };
         let now = Instant::now();
-        let is_resting = |ch: &str| self.resting.get(ch).is_some_and(|(until, _)| *until > now);
+        let rests_until = |ch: &str| self.resting.get(ch).map(|(until, _)| *until).filter(|until| *until > now);
         // When the first of the grant's resting channels wakes.
-        let wake =
-            grant.channels.iter().filter(|ch| is_resting(ch)).filter_map(|ch| self.resting.get(ch)).map(|r| r.0).min();
-        let cursors: Vec<(String, Cursor)> = cursors.into_iter().filter(|(ch, _)| !is_resting(ch)).collect();
+        let wake = grant.channels.iter().filter_map(|ch| rests_until(ch)).min();
+        if wake.is_some() {
+            cursors.retain(|(ch, _)| rests_until(ch).is_none());
+            grant.channels.retain(|ch| rests_until(ch).is_none());
+        }
         if cursors.is_empty() {
             // Every channel of the grant rests: wait for the first to wake.
             if let Some(until) = wake {
@@ -282,7 +284,6 @@ impl Fetcher {
             }
             return Vec::new();
         }
-        grant.channels.retain(|ch| cursors.iter().any(|(c, _)| c == ch));
         let mut batch = Vec::new();
         let mut failed = false;
         if Instant::now() >= self.next_reclaim {
@@ -301,7 +302,7 @@ impl Fetcher {
             match read {
                 None => self.planner.read_failed(cursors.iter().map(|(ch, _)| ch)),
                 Some(Ok(read)) => {
-                    self.failures = 0;
+                    self.pause = None;
                     self.rest(&cursors, &read.unread);
                     let mut by_channel: HashMap<String, Vec<Entry>> = HashMap::new();
                     for entry in read.entries {
@@ -325,10 +326,8 @@ impl Fetcher {
             }
         }
         if failed {
-            // Doubling, as for a resting channel: each read Redis runs late
-            // raises the delivery counts of what it read.
-            let pause = (BACKOFF * 2u32.pow(self.failures.min(4))).min(MAX_REST);
-            self.failures += 1;
+            let pause = next_rest(self.pause);
+            self.pause = Some(pause);
             tokio::time::sleep(pause).await;
             if let Ok(r) = self.store.reader().await {
                 self.reader = r;
@@ -343,7 +342,7 @@ impl Fetcher {
         self.planner.read_failed(unread);
         for (ch, _) in cursors {
             if unread.contains(ch) {
-                let rest = self.resting.get(ch).map_or(BACKOFF, |(_, rest)| (*rest * 2).min(MAX_REST));
+                let rest = next_rest(self.resting.get(ch).map(|(_, rest)| *rest));
                 self.resting.insert(ch.clone(), (Instant::now() + rest, rest));
             } else {
                 self.resting.remove(ch);
@@ -381,6 +380,13 @@ impl Fetcher {
         }
         false
     }
+}
+
+/// The pause after a failed read, given the one before it (`None`: the
+/// last read went well): doubling from [`BACKOFF`] to [`MAX_REST`], since
+/// each read Redis runs late raises the delivery counts of what it read.
+fn next_rest(last: Option<Duration>) -> Duration {
+    last.map_or(BACKOFF, |d| (d * 2).min(MAX_REST))
 }
 
 /// Room a `Deliver` needs around the stored webhook: its other fields
