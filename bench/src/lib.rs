@@ -3,6 +3,7 @@
 //! readings from `/proc`, and the raw Redis stream cycle yardstick.
 #![forbid(unsafe_code)]
 
+pub mod callgrind;
 pub mod load;
 pub mod proc;
 pub mod stats;

@@ -56,6 +56,11 @@ struct Args {
     /// installs one into `target/bench-tools`.
     #[arg(long)]
     rathole: Option<PathBuf>,
+    /// Only this: the edge and the agent under valgrind's callgrind on the
+    /// Redis store, for exactly N webhooks relayed end to end (after a
+    /// warm-up); prints instructions and Redis commands per webhook.
+    #[arg(long, value_name = "N")]
+    callgrind: Option<u64>,
 }
 
 /// The tunnel yardstick's figures, which the relay's are judged against.
@@ -306,6 +311,14 @@ async fn main() -> anyhow::Result<()> {
         "relay-bench — {} cores, {}; {secs} s per scenario, 1 KiB JSON bodies, loopback; Redis AOF everysec, embedded store fsync per commit; agent window {}, edge worker_threads {}",
         machine["cores"], machine["cpu"], args.window, args.edge_threads
     );
+
+    if let Some(n) = args.callgrind {
+        let v = callgrind_pass(&args, d, &edge_bin, &agent_bin, &client, &rx, &direct, &redis_url, n).await?;
+        drop(procs);
+        std::fs::write(&args.out, serde_json::to_string_pretty(&v)?)?;
+        println!("\nreport written to {}", args.out.display());
+        return Ok(());
+    }
 
     // Yardsticks.
     let y_http32 = load::closed_loop(&client, &direct, None, 32, secs).await;
@@ -614,6 +627,142 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     }
     out.insert("goals".into(), goals.iter().map(|(g, m)| json!({ "goal": g, "met": m })).collect());
     Ok(Value::Object(out))
+}
+
+/// Webhooks relayed before callgrind starts counting: connections, pools
+/// and buffers are warm by then.
+const WARM_UP: u64 = 500;
+
+/// `--callgrind N`: the edge and the agent under callgrind (collection off),
+/// a warm-up, then exactly `n` webhooks (64 senders) relayed end to end and
+/// acked with collection on. Prints instructions per webhook for each, and
+/// Redis commands per webhook by command (from `INFO commandstats`).
+#[allow(clippy::too_many_arguments)]
+async fn callgrind_pass(
+    args: &Args,
+    d: &Path,
+    edge_bin: &Path,
+    agent_bin: &Path,
+    client: &load::HttpClient,
+    rx: &Arc<Receiver>,
+    target: &str,
+    redis_url: &str,
+    n: u64,
+) -> anyhow::Result<Value> {
+    use relay_bench::callgrind;
+    let sub = d.join("callgrind");
+    std::fs::create_dir_all(&sub)?;
+    let (edge_out, agent_out) = (sub.join("edge.callgrind"), sub.join("agent.callgrind"));
+    let edge_bin = callgrind::wrapper(&sub, edge_bin, &edge_out)?;
+    let agent_bin = callgrind::wrapper(&sub, agent_bin, &agent_out)?;
+    for f in ["ca.pem", "edge.pem", "edge-key.pem", "lan-1.pem", "lan-1-key.pem"] {
+        std::fs::copy(d.join(f), sub.join(f))?;
+    }
+    let store = StoreKind::Redis(redis_url.to_string());
+    let edge = write_edge_in(&sub, "edge", &edge_opts(&store.toml(), &["lan-1"], args.edge_threads));
+    let (agent_cfg, _) = write_agent_in(&sub, "lan-1", edge.tunnel, &agent_opts(target, args.window));
+    let redis = redis_conn(redis_url).await?;
+    let mut stats_conn = redis.clone();
+    let pending = |mut c: redis::aio::MultiplexedConnection| async move {
+        let summary: redis::Value =
+            redis::cmd("XPENDING").arg("relay:{bench}:stream").arg("relay").query_async(&mut c).await.ok()?;
+        match summary {
+            redis::Value::Array(v) => v.into_iter().next().and_then(|n| redis::from_redis_value::<u64>(n).ok()),
+            _ => None,
+        }
+    };
+    let mut edge_p = Proc::start_bin("relay-edge", &edge_bin, &edge.config, LOG);
+    let ingest = edge.ingest;
+    wait_for("edge under valgrind", Duration::from_secs(120), || {
+        std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok()
+    })
+    .await?;
+    let mut agent_p = Proc::start_bin("relay-agent", &agent_bin, &agent_cfg, LOG);
+    let hook = format!("http://127.0.0.1:{ingest}/hooks/bench");
+    let relay = |count: u64| {
+        let (hook, redis) = (hook.clone(), redis.clone());
+        async move {
+            let base = rx.count.load(Ordering::Relaxed);
+            let sent = fill(client, &hook, count).await;
+            wait_for("deliveries under valgrind", Duration::from_secs(600), || {
+                rx.count.load(Ordering::Relaxed) >= base + sent
+            })
+            .await?;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while pending(redis.clone()).await != Some(0) {
+                if Instant::now() > deadline {
+                    bail!("acks under valgrind: entries still pending after 120 s");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(sent)
+        }
+    };
+    relay(WARM_UP).await?;
+    let pids: Vec<u32> = [edge_p.pid(), agent_p.pid()].into_iter().flatten().collect();
+    let stats0 = commandstats(&mut stats_conn).await?;
+    for &pid in &pids {
+        callgrind::collect(pid, true).await?;
+    }
+    let sent = relay(n).await?;
+    for &pid in &pids {
+        callgrind::collect(pid, false).await?;
+    }
+    let stats1 = commandstats(&mut stats_conn).await?;
+    // Callgrind writes its profile when the process exits.
+    for p in [&mut agent_p, &mut edge_p] {
+        if let Some(Err(e)) = p.terminate().await {
+            bail!("{e}");
+        }
+    }
+    let (edge_ir, agent_ir) = (callgrind::instructions(&edge_out)?, callgrind::instructions(&agent_out)?);
+    let per = |x: u64| x as f64 / sent.max(1) as f64;
+    println!("callgrind over {sent} webhooks relayed end to end (Redis store, 64 senders, after {WARM_UP} warm-up):");
+    println!(
+        "  instructions per webhook: edge {:.0}, agent {:.0}, both {:.0}",
+        per(edge_ir),
+        per(agent_ir),
+        per(edge_ir + agent_ir)
+    );
+    let mut cmds = serde_json::Map::new();
+    let mut total = 0;
+    for (cmd, calls) in &stats1 {
+        let d = calls - stats0.get(cmd).copied().unwrap_or(0);
+        if d > 0 && cmd != "info" && cmd != "xpending" {
+            total += d;
+            cmds.insert(cmd.clone(), json!(d as f64 / sent as f64));
+        }
+    }
+    let listed: Vec<String> = cmds.iter().map(|(c, v)| format!("{c} {:.3}", v.as_f64().unwrap_or(0.0))).collect();
+    println!("  Redis commands per webhook: {:.3} ({})", per(total), listed.join(", "));
+    println!("  profiles: {} and {} (callgrind_annotate)", edge_out.display(), agent_out.display());
+    let keep = std::env::temp_dir().join("relay-bench-callgrind");
+    std::fs::create_dir_all(&keep)?;
+    for f in [&edge_out, &agent_out] {
+        if let Some(name) = f.file_name() {
+            std::fs::copy(f, keep.join(name))?;
+        }
+    }
+    println!("  copied to {}", keep.display());
+    Ok(
+        json!({ "webhooks": sent, "edge_instructions_per_webhook": per(edge_ir), "agent_instructions_per_webhook": per(agent_ir),
+               "redis_commands_per_webhook": per(total), "redis_commands": cmds }),
+    )
+}
+
+/// Calls per Redis command so far (`INFO commandstats`), by command name.
+async fn commandstats(
+    c: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(c).await?;
+    Ok(info
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect())
 }
 
 /// Stores exactly `n` webhooks (64 senders).

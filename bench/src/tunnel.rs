@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use testkit::procs::free_port;
 use tokio::process::{Child, Command};
 
 /// A running rathole server and client; both killed (by their own PIDs,
@@ -24,7 +25,7 @@ impl Rathole {
     /// Starts a tunnel in `dir` whose far end is `target` (the receiver),
     /// once a TCP connection through it reaches the receiver.
     pub async fn start(bin: &Path, dir: &Path, target: SocketAddr) -> anyhow::Result<Self> {
-        let (control, port) = (free_port()?, free_port()?);
+        let (control, port) = (free_port(), free_port());
         let server_cfg = dir.join("rathole-server.toml");
         let client_cfg = dir.join("rathole-client.toml");
         std::fs::write(
@@ -87,8 +88,4 @@ impl Rathole {
     pub fn pids(&self) -> Vec<u32> {
         [self.server.id(), self.client.id()].into_iter().flatten().collect()
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -18,8 +18,32 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Certs, KEY, Receiver, bin};
 
+/// A loopback port that is free now, for a child process to bind later.
+///
+/// Ports come from 10000–19999, below Linux's ephemeral range (32768+), so
+/// no outgoing connection (a client, an agent, Redis) can take one between
+/// this probe and the child's bind; and never twice in one test process.
+/// A Redis Cluster node's bus port (`port + 10000`) stays below 30000, out
+/// of this range too. The start offset comes from the PID, so test binaries
+/// run one after another do not reuse each other's ports straight away.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const COUNT: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % COUNT,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}–{}", FIRST + COUNT - 1)
 }
 
 /// One binary run as a process, restartable with the same config.
@@ -626,10 +650,19 @@ async fn admin_channel_stats(client: &reqwest::Client, admin: u16, channel: &str
 /// Waits until the agent answering on `socket` reports a live session.
 pub async fn wait_connected(socket: &Path) {
     let socket = socket.to_path_buf();
-    crate::wait_until(Duration::from_secs(15), "agent connected", || {
-        relay_agent::status::client::query(&socket).is_ok_and(|s| s.connected)
-    })
-    .await;
+    let connected = || relay_agent::status::client::query(&socket).is_ok_and(|s| s.connected);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !connected() {
+        if tokio::time::Instant::now() > deadline {
+            // Say why: the agent's own last error (edge refused, TLS, …).
+            let why = match relay_agent::status::client::query(&socket) {
+                Ok(s) => format!("last error {:?}, reconnects {}", s.last_error, s.reconnects),
+                Err(e) => format!("no status from the agent: {e}"),
+            };
+            panic!("timed out after 15s waiting for: agent connected ({why})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits (up to 15 s) until an edge answers on its admin port `admin`:
