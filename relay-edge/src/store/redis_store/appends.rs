@@ -1,8 +1,10 @@
 //! Wake-ups for sessions waiting for new entries, so that an idle session
 //! holds no Redis connection and sends no command.
 //!
-//! Every append (ingest, replays) also `PUBLISH`es `relay:{<channel>}:appended`
-//! in the same pipeline. Each edge has one subscriber connection
+//! Every append (ingest, replays) is announced by `PUBLISH`ing
+//! `relay:{<channel>}:appended` after the write: by one task per edge at a
+//! time, which sends the channels appended to since its last round together
+//! (see [`Appends::unannounced`]). Each edge has one subscriber connection
 //! (`PSUBSCRIBE relay:*:appended`) that wakes **one** session waiting on
 //! that channel per announcement (`Notify::notify_one`; with nobody waiting
 //! the wake is kept for the next one to wait), so a thousand sessions on
@@ -47,11 +49,22 @@ pub struct Appends {
     subscribed: AtomicBool,
     /// This edge's id in its announcements (its subscriber skips them).
     origin: u64,
+    /// Channels appended to and not yet `PUBLISH`ed, each once: at most
+    /// the configuration's channels.
+    unannounced: Mutex<Vec<String>>,
+    /// Whether a task is sending announcement rounds.
+    announcing: AtomicBool,
 }
 
 impl Default for Appends {
     fn default() -> Self {
-        Self { channels: Mutex::default(), subscribed: AtomicBool::new(false), origin: rand::random() }
+        Self {
+            channels: Mutex::default(),
+            subscribed: AtomicBool::new(false),
+            origin: rand::random(),
+            unannounced: Mutex::default(),
+            announcing: AtomicBool::new(false),
+        }
     }
 }
 
@@ -72,6 +85,38 @@ impl Appends {
         let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = channels.get(channel) {
             n.notify_one();
+        }
+    }
+
+    /// Appends to `channels` to announce. `true` when the caller must start
+    /// the task that sends rounds ([`Self::next_round`]): none is running.
+    pub fn unannounced(&self, channels: &[String]) -> bool {
+        let mut pending = self.unannounced.lock().unwrap_or_else(|p| p.into_inner());
+        for c in channels {
+            if !pending.contains(c) {
+                pending.push(c.clone());
+            }
+        }
+        drop(pending);
+        !self.announcing.swap(true, Ordering::AcqRel)
+    }
+
+    /// The channels of the announcing task's next round; `None` ends the
+    /// task. An append that comes between the last empty look and the end
+    /// either is seen by the second look or starts a new task.
+    pub fn next_round(&self) -> Option<Vec<String>> {
+        loop {
+            let round = std::mem::take(&mut *self.unannounced.lock().unwrap_or_else(|p| p.into_inner()));
+            if !round.is_empty() {
+                return Some(round);
+            }
+            self.announcing.store(false, Ordering::Release);
+            // Appended after the take, while `unannounced` saw this task
+            // running: look again, unless a new task took over meanwhile.
+            let late = !self.unannounced.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+            if !late || self.announcing.swap(true, Ordering::AcqRel) {
+                return None;
+            }
         }
     }
 
@@ -168,6 +213,58 @@ async fn subscribe(appends: Weak<Appends>, target: Weak<Resolver>, timeout: Dura
 
 #[cfg(test)]
 mod tests {
+    use super::Appends;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn appends_during_a_round_go_out_together_in_the_next_each_once() {
+        let a = Appends::default();
+        assert!(a.unannounced(&names(&["crm"])), "the first append starts the task");
+        assert_eq!(a.next_round(), Some(names(&["crm"])));
+        // While that round's PUBLISH is in flight:
+        assert!(!a.unannounced(&names(&["crm", "erp"])), "a task is running");
+        assert!(!a.unannounced(&names(&["crm"])));
+        assert_eq!(a.next_round(), Some(names(&["crm", "erp"])));
+        assert_eq!(a.next_round(), None, "nothing left: the task ends");
+        assert!(a.unannounced(&names(&["erp"])), "after the end, an append starts a task again");
+        assert_eq!(a.next_round(), Some(names(&["erp"])));
+    }
+
+    #[test]
+    fn no_append_is_left_unannounced_whatever_the_interleaving() {
+        // Threads append unique channels; whoever is told to start the task
+        // runs its rounds right there. Random interleavings of appends with
+        // the task's last look: every channel comes out of exactly one
+        // round, and no task is left marked running.
+        use std::sync::{Arc, Mutex};
+        let a = Arc::new(Appends::default());
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (a, out) = (a.clone(), out.clone());
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        if a.unannounced(&[format!("{t}-{i}")]) {
+                            while let Some(round) = a.next_round() {
+                                out.lock().expect("lock").extend(round);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().expect("appender thread"));
+        let mut out = out.lock().expect("lock").clone();
+        out.sort();
+        let mut all: Vec<String> = (0..8).flat_map(|t| (0..2000).map(move |i| format!("{t}-{i}"))).collect();
+        all.sort();
+        assert_eq!(out, all, "each append announced once");
+        assert!(!a.announcing.load(std::sync::atomic::Ordering::Acquire), "no task left marked running");
+    }
+
     #[test]
     fn topics_name_their_channel() {
         assert_eq!(super::topic("crm"), "relay:{crm}:appended");

@@ -379,31 +379,38 @@ impl RedisStore {
     /// an ACL without pub/sub) never fails the write it follows (sessions
     /// then look again within `appends::RECHECK`); it is counted.
     ///
-    /// The `PUBLISH` runs in a task of its own: the answer that waits for
-    /// the write does not also wait for it. It carries this edge's id, so
-    /// this edge's subscriber ignores its own (the local wake came first).
+    /// The `PUBLISH`es run in one task per edge at a time, not one per
+    /// append: the channels appended to while one round is in flight go
+    /// out together in the next (`Appends::unannounced`), one `PUBLISH` per
+    /// channel per round. They carry this edge's id, so this edge's
+    /// subscriber ignores its own (the local wake came first).
     fn announce(&self, channels: &[String]) {
         channels.iter().for_each(|c| self.appends.bump(c));
-        let pipes: Vec<redis::Pipeline> = slot_groups(self.cluster, channels.iter().map(String::as_str))
-            .into_iter()
-            .map(|group| {
+        if self.appends.unannounced(channels) {
+            tokio::spawn(self.clone().announce_rounds());
+        }
+    }
+
+    /// Sends the unannounced channels' `PUBLISH`es, round after round,
+    /// until none is left. Each round lives at most one command timeout:
+    /// its slot groups go at once.
+    async fn announce_rounds(self) {
+        while let Some(channels) = self.appends.next_round() {
+            let pipes = slot_groups(self.cluster, channels.iter().map(String::as_str)).into_iter().map(|group| {
                 let mut pipe = redis::pipe();
                 for i in group {
                     pipe.cmd("PUBLISH").arg(appends::topic(&channels[i])).arg(self.appends.origin()).ignore();
                 }
                 pipe
-            })
-            .collect();
-        // Lives at most one command timeout: the slot groups go at once.
-        let store = self.clone();
-        tokio::spawn(async move {
-            let sends = pipes.iter().map(|pipe| store.run_pipe::<()>("PUBLISH", pipe));
+            });
+            let pipes: Vec<redis::Pipeline> = pipes.collect();
+            let sends = pipes.iter().map(|pipe| self.run_pipe::<()>("PUBLISH", pipe));
             for r in futures_util::future::join_all(sends).await {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "announcing an append failed");
                 }
             }
-        });
+        }
     }
 
     /// Runs a write that a `200` or a dead letter depends on: with replica
