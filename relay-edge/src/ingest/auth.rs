@@ -10,17 +10,32 @@ use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
 
+/// A route's API keys as SHA-256 digests, computed once (config load),
+/// not per request.
+#[derive(Clone, Default)]
+pub struct KeyDigests(Vec<[u8; 32]>);
+
+impl KeyDigests {
+    /// Keys given as they are are hashed; `sha256:<hex>` ones decoded.
+    pub fn of(keys: &[Secret]) -> Self {
+        Self(
+            keys.iter()
+                .map(|key| match key.expose().strip_prefix("sha256:").and_then(|h| hex::decode(h).ok()) {
+                    Some(d) if d.len() == 32 => d.try_into().unwrap_or([0; 32]),
+                    _ => Sha256::digest(key.expose().as_bytes()).into(),
+                })
+                .collect(),
+        )
+    }
+}
+
 /// Index of the key in `keys` that `candidate` matches. Every key is
 /// compared, so the time does not depend on which one matched.
-pub fn match_key(candidate: &str, keys: &[Secret]) -> Option<usize> {
+pub fn match_key(candidate: &str, keys: &KeyDigests) -> Option<usize> {
     let cand = Sha256::digest(candidate.as_bytes());
     let mut found = None;
-    for (i, key) in keys.iter().enumerate() {
-        let digest: [u8; 32] = match key.expose().strip_prefix("sha256:").and_then(|h| hex::decode(h).ok()) {
-            Some(d) if d.len() == 32 => d.try_into().unwrap_or([0; 32]),
-            _ => Sha256::digest(key.expose().as_bytes()).into(),
-        };
-        if bool::from(cand.as_slice().ct_eq(&digest)) && found.is_none() {
+    for (i, digest) in keys.0.iter().enumerate() {
+        if bool::from(cand.as_slice().ct_eq(digest)) && found.is_none() {
             found = Some(i);
         }
     }
@@ -59,7 +74,7 @@ mod tests {
     #[test]
     fn matches_any_rotation_key_plain_or_hashed() {
         let hashed = format!("sha256:{}", hex::encode(Sha256::digest(b"new-key-456")));
-        let keys = vec![Secret::new("old-key-123"), Secret::new(hashed)];
+        let keys = KeyDigests::of(&[Secret::new("old-key-123"), Secret::new(hashed)]);
         assert_eq!(match_key("new-key-456", &keys), Some(1));
         assert_eq!(match_key("old-key-123", &keys), Some(0));
         assert_eq!(match_key("new-key-45", &keys), None);

@@ -42,7 +42,7 @@ pub fn ingest_input(data: &[u8]) {
         require_json: flags & 2 != 0,
         ..Default::default()
     };
-    let _ = auth::match_key(&key, &route.api_keys);
+    let _ = auth::match_key(&key, &auth::KeyDigests::of(&route.api_keys));
     let _ = check_body(&route, &headers, body);
     let _ = unknown_route(&path);
     let _ = redact_query(&query);

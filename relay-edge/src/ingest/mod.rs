@@ -64,8 +64,9 @@ const DRAIN_CAP: u64 = 64 * 1024 * 1024;
 pub struct IngestState {
     /// `[ingest]`: deadlines, size limits, trusted proxies, connection caps.
     cfg: IngestConfig,
-    /// The `[[route]]`s, found by name per request.
-    routes: Vec<RouteConfig>,
+    /// The `[[route]]`s, found by name per request, with their keys'
+    /// digests.
+    routes: Vec<(RouteConfig, auth::KeyDigests)>,
     /// `store.max_backlog`: no channel of a route takes more unacknowledged entries.
     max_backlog: u64,
     /// Where webhooks are appended and de-duplication keys kept.
@@ -93,7 +94,7 @@ impl IngestState {
     ) -> Self {
         Self {
             cfg: cfg.ingest.clone(),
-            routes: cfg.routes.clone(),
+            routes: cfg.routes.iter().map(|r| (r.clone(), auth::KeyDigests::of(&r.api_keys))).collect(),
             max_backlog: cfg.store.max_backlog,
             store,
             backlog,
@@ -262,7 +263,7 @@ async fn accept(
     req: Request,
 ) -> Response {
     let started = std::time::Instant::now();
-    let route = state.routes.iter().find(|r| r.name == route_name);
+    let route = state.routes.iter().find(|(r, _)| r.name == route_name);
     // One deadline for the whole request: past it, a body still being read
     // is the client's fault (408), a write still running is the store's (503).
     let body_read = std::sync::atomic::AtomicBool::new(false);
@@ -281,7 +282,7 @@ async fn accept(
         Err(e) => e.status().as_u16(),
     };
     // Unknown route names come from the URL: never a label of their own.
-    let label = route.map(|r| r.name.as_str()).unwrap_or("unknown");
+    let label = route.map(|(r, _)| r.name.as_str()).unwrap_or("unknown");
     state.metrics.ingest_requests.get_or_create(&IngestLabels { route: label.to_string(), status }).inc();
     state.metrics.ingest_seconds.observe(started.elapsed().as_secs_f64());
     match result {
@@ -301,7 +302,7 @@ async fn accept(
 async fn store_webhook(
     state: &IngestState,
     peer: SocketAddr,
-    route: Option<&RouteConfig>,
+    route: Option<&(RouteConfig, auth::KeyDigests)>,
     route_name: &str,
     key: Option<String>,
     req: Request,
@@ -311,9 +312,8 @@ async fn store_webhook(
     let client = client_ip(peer, req.headers(), &cfg.trusted_proxies);
     // Per IPv6 /64 (one host usually holds a whole /64), as the connection caps count.
     state.limiter.check_ip(crate::server::cap_key(client))?;
-    let route = route.ok_or_else(|| unknown_route(route_name))?;
-    let key_index =
-        key.as_deref().and_then(|k| auth::match_key(k, &route.api_keys)).ok_or(IngestError::Unauthorized)?;
+    let (route, keys) = route.ok_or_else(|| unknown_route(route_name))?;
+    let key_index = key.as_deref().and_then(|k| auth::match_key(k, keys)).ok_or(IngestError::Unauthorized)?;
     state.limiter.check_key(&route.name, key_index)?;
     let (parts, body) = req.into_parts();
     let limit = cfg.max_body.as_u64();
@@ -488,7 +488,7 @@ async fn append(
 }
 
 fn find_route<'a>(state: &'a IngestState, name: &str) -> Result<&'a RouteConfig, IngestError> {
-    state.routes.iter().find(|r| r.name == name).ok_or_else(|| unknown_route(name))
+    state.routes.iter().map(|(r, _)| r).find(|r| r.name == name).ok_or_else(|| unknown_route(name))
 }
 
 /// The error for a route name taken from the URL: cut to 64 characters and
