@@ -8,11 +8,6 @@ use clap::{Parser, Subcommand};
 use relay_runtime::{LogFormat, Signals};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc: fewer instructions per allocation than glibc malloc on the
-/// per-webhook path (see the README, Performance).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "relay-agent", version, about = "LAN agent of the webhook relay")]
 struct Cli {

@@ -160,9 +160,12 @@ pub struct TunnelConfig {
     pub max_window: u32,
     /// Most webhook bytes one session holds for its agent (sent and not
     /// yet settled, or waiting to be redelivered), counted in real sizes.
-    /// A store read is sized as if every entry were `max_frame` and only
-    /// happens while one fits, so with what it read a session pins at most
-    /// about twice this (plus one `max_frame` per further channel).
+    /// A store read is sized as if every entry were the largest this
+    /// edge's ingest stores (`ingest.max_body` plus `ingest.max_header_bytes`
+    /// plus 4 KiB, at most `max_frame`; raised by any larger entry read) and
+    /// only happens while a `max_frame` fits, so with what it read a session
+    /// pins at most about twice this (plus one such entry per further
+    /// channel), if the edges sharing the store share those ingest limits.
     pub session_bytes: ByteSize,
     /// Delay before redelivering a nacked webhook when the agent gave none.
     #[serde(with = "humantime_serde")]

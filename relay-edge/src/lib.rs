@@ -115,6 +115,8 @@ pub async fn run(
     let backlog = Arc::new(backlog::Backlog::default());
     let registry = tunnel::registry::Registry::default();
     let (ingest_addr, tunnel_addr, admin_addr) = listeners.addrs();
+    // Every task and session the edge runs; a shutdown waits for them.
+    let tracker = TaskTracker::new();
     let ingest = Arc::new(ingest::IngestState::new(&cfg, ingest_tls, store.clone(), metrics.clone(), backlog.clone()));
     let tunnel = Arc::new(tunnel::TunnelState::new(
         &cfg,
@@ -122,7 +124,7 @@ pub async fn run(
         store.clone(),
         (metrics.clone(), backlog.clone()),
         registry.clone(),
-        shutdown.clone(),
+        (shutdown.clone(), tracker.clone()),
     ));
     let admin = Arc::new(admin::AdminState::new(&cfg, store.clone(), metrics.clone(), backlog.clone(), registry));
     warn_about_config(&cfg);
@@ -141,7 +143,6 @@ pub async fn run(
     }
     tracing::info!(%ingest_addr, %tunnel_addr, %admin_addr, "relay-edge listening");
 
-    let tracker = TaskTracker::new();
     let admin_limits = admin::limits(&cfg.ingest);
     tracker.spawn(ingest::serve(listeners.ingest, ingest.clone(), shutdown.clone(), tracker.clone()));
     tracker.spawn(admin::serve(listeners.admin, admin, admin_limits, shutdown.clone(), tracker.clone()));

@@ -9,8 +9,9 @@ use relay_edge::admin::cli;
 use relay_runtime::{LogFormat, Request, Signals};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc: fewer instructions per allocation than glibc malloc on the
-/// per-webhook path (see the README, Performance).
+/// mimalloc: a sixth fewer instructions per webhook than glibc malloc
+/// (see the README, Performance). The agent keeps glibc: mimalloc raised
+/// its RSS from 14 to 20 MiB, past its 15 MiB goal.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -259,7 +259,14 @@ async fn a_stalled_master_does_not_skip_a_channels_pending_entries() {
     // The next session's fetcher.
     let channels = vec![a.to_string(), b.to_string()];
     let reader = store.reader().await.expect("reader");
-    let fetcher = Fetcher::new(store.clone(), reader, "lan-1".into(), &channels, Duration::from_secs(60), 1 << 20);
+    let fetcher = Fetcher::new(
+        store.clone(),
+        reader,
+        "lan-1".into(),
+        &channels,
+        Duration::from_secs(60),
+        (1 << 20, std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1 << 20))),
+    );
     let (grants, grant_rx) = tokio::sync::mpsc::channel(1);
     let (batch_tx, mut batches) = tokio::sync::mpsc::channel(1);
     let cancel = tokio_util::sync::CancellationToken::new();

@@ -347,7 +347,49 @@ async fn a_read_of_several_channels_sees_every_channel(backing: Backing) {
     assert!(left.is_empty(), "nothing pending after the acks: {left:?}");
 }
 
-every_backend!(a_read_of_several_channels_sees_every_channel);
+/// A session's reads are sized for the largest entry the edge expects; a
+/// larger one read (stored by an edge with larger ingest limits) raises
+/// that size for every later read, so the next reads ask for fewer.
+async fn a_larger_entry_read_sizes_later_reads_for_itself(backing: Backing) {
+    use relay_edge::tunnel::fetcher::Fetcher;
+    use relay_edge::tunnel::inflight::Grant;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let store = open(&backing).await;
+    let ids = append(&store, 3).await;
+    let mut big = webhook(99);
+    big.body = vec![b'x'; 200 * 1024].into();
+    let big_id = store.append(&[CH.to_string()], &big).await.expect("append")[0];
+    let largest = Arc::new(AtomicUsize::new(2048));
+    let reader = store.reader().await.expect("reader");
+    let fetcher = Fetcher::new(
+        store.clone(),
+        reader,
+        "lan-1".into(),
+        &[CH.to_string()],
+        Duration::from_secs(60),
+        (1 << 20, largest.clone()),
+    );
+    let (grants, grant_rx) = tokio::sync::mpsc::channel(1);
+    let (batch_tx, mut batches) = tokio::sync::mpsc::channel(1);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(fetcher.run(grant_rx, batch_tx, cancel.clone()));
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        grants.send(Grant { slots: 64, bytes: 1 << 20, channels: vec![CH.to_string()] }).await.expect("fetcher");
+        let batch =
+            tokio::time::timeout(Duration::from_secs(5), batches.recv()).await.expect("in time").expect("batch");
+        got.extend(ids_of(&batch));
+    }
+    let mut want = ids.clone();
+    want.push(big_id);
+    assert_eq!(got, want, "all four, in order");
+    let size = largest.load(Ordering::Relaxed);
+    assert!(size >= 200 * 1024, "reads are now sized for the 200 KiB entry: {size}");
+    cancel.cancel();
+}
+
+every_backend!(a_read_of_several_channels_sees_every_channel, a_larger_entry_read_sizes_later_reads_for_itself);
 every_backend!(
     a_replay_into_the_future_stops_at_what_existed,
     a_fan_out_can_give_equal_ids_on_two_channels,

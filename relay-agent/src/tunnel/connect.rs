@@ -79,14 +79,8 @@ impl Connector {
             .map_err(|source| SessionError::Handshake { addr: addr.to_string(), source })?;
         let mut request = self.url.as_str().into_client_request().map_err(|e| SessionError::Upgrade(e.to_string()))?;
         request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
-        // tungstenite zeroes up to `read_buffer_size` before every read
-        // (128 KiB by default): a sixth of the agent's instructions per
-        // webhook. A delivery batch of 1 KiB webhooks is a few KiB; larger
-        // frames take more reads of this size.
-        let config = WebSocketConfig::default()
-            .read_buffer_size(16 * 1024)
-            .max_message_size(Some(self.max_frame))
-            .max_frame_size(Some(self.max_frame));
+        let config =
+            WebSocketConfig::default().max_message_size(Some(self.max_frame)).max_frame_size(Some(self.max_frame));
         let (ws, response) = tokio_tungstenite::client_async_with_config(request, tls, Some(config))
             .await
             .map_err(|e| SessionError::Upgrade(describe_ws_error(e)))?;

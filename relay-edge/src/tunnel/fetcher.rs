@@ -14,6 +14,8 @@
 //! count (the attempt number the agent sees).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -52,11 +54,16 @@ pub struct Planner<E> {
     waiting: HashMap<String, VecDeque<E>>,
     /// Rotates which channel goes first, for fairness.
     turn: usize,
-    /// The largest entry a session delivers (`tunnel.max_frame`).
+    /// The largest entry reads are sized for (see [`Fetcher::new`]).
     max_entry: usize,
 }
 
 impl<E> Planner<E> {
+    /// Sizes reads from now on as if every entry were `max_entry` bytes.
+    pub fn size_reads_for(&mut self, max_entry: usize) {
+        self.max_entry = max_entry.max(1);
+    }
+
     pub fn new(channels: &[String], max_entry: usize) -> Self {
         Self {
             cursors: channels.iter().map(|c| (c.clone(), Cursor::Pending(StreamId::ZERO))).collect(),
@@ -205,6 +212,8 @@ pub struct Fetcher {
     next_reclaim: Instant,
     /// The largest entry a session delivers (`tunnel.max_frame`).
     max_entry: usize,
+    /// The largest entry reads are sized for, edge-wide, grow-only.
+    largest: Arc<AtomicUsize>,
     /// Channels whose last read failed while others were read: not read
     /// again until the instant, and the rest that led to it (doubling).
     resting: HashMap<String, (Instant, Duration)>,
@@ -214,16 +223,21 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
+    /// `max_entry`: the largest entry a session delivers (`tunnel.max_frame`);
+    /// `largest`: the largest entry reads are sized for, shared by the
+    /// edge's sessions: at first what this edge's ingest stores, raised by
+    /// any larger entry a read returns (one stored by an edge with larger
+    /// limits), never above `max_entry`.
     pub fn new(
         store: Store,
         reader: Reader,
         consumer: String,
         channels: &[String],
         reclaim_after: Duration,
-        max_entry: usize,
+        (max_entry, largest): (usize, Arc<AtomicUsize>),
     ) -> Self {
         let max_entry = max_entry.max(1);
-        let planner = Planner::new(channels, max_entry);
+        let planner = Planner::new(channels, largest.load(Ordering::Relaxed).clamp(1, max_entry));
         let next_reclaim = Instant::now();
         Self {
             store,
@@ -233,6 +247,7 @@ impl Fetcher {
             reclaim_after,
             next_reclaim,
             max_entry,
+            largest,
             resting: HashMap::new(),
             pause: None,
         }
@@ -266,6 +281,7 @@ impl Fetcher {
     async fn fetch(&mut self, mut grant: Grant) -> Vec<Entry> {
         let max = self.max_entry;
         let cost = move |e: &Entry| cost(e, max);
+        self.planner.size_reads_for(self.largest.load(Ordering::Relaxed).min(max));
         let Step::Read { mut cursors, count } = self.planner.step(&grant) else {
             return self.planner.serve(&grant, cost).into_iter().map(|(_, f)| f).collect();
         };
@@ -305,6 +321,11 @@ impl Fetcher {
                     self.pause = None;
                     self.rest(&cursors, &read.unread);
                     let mut by_channel: HashMap<String, Vec<Entry>> = HashMap::new();
+                    if let Some(n) =
+                        read.entries.iter().filter_map(|e| e.webhook.as_ref().ok()).map(|w| w.bytes.len()).max()
+                    {
+                        self.largest.fetch_max(n, Ordering::Relaxed);
+                    }
                     for entry in read.entries {
                         by_channel.entry(entry.channel.clone()).or_default().push(entry);
                     }
@@ -462,6 +483,9 @@ mod tests {
         let mut p = Planner::new(&["a".into()], 100);
         let g = grant(50, 1_000, &["a"]);
         assert!(matches!(p.step(&g), Step::Read { count: 10, .. }), "1000 bytes hold ten largest entries");
+        p.size_reads_for(250);
+        assert!(matches!(p.step(&g), Step::Read { count: 4, .. }), "sized for a larger entry seen: four");
+        p.size_reads_for(100);
         let small: Vec<(&'static str, usize)> = vec![("1-0", 300), ("2-0", 300), ("3-0", 300), ("4-0", 300)];
         assert_eq!(read(&mut p, &g, vec![("a", small)]), ["1-0", "2-0", "3-0"], "the fourth is past the bytes");
         assert_eq!(p.waiting(), 1);

@@ -71,7 +71,21 @@ pub struct TunnelState {
     server_tls: RwLock<Arc<rustls::ServerConfig>>,
     /// The client-certificate check, replaced with `server_tls`.
     client_verifier: RwLock<tls::Verifier>,
+    /// The largest entry a session's store read is sized for (as if every
+    /// entry were this large): at first what this edge's ingest stores,
+    /// `ingest.max_body` plus `ingest.max_header_bytes` and the envelope
+    /// (16 → 31 entries per read with the defaults, where `max_frame` was
+    /// the size before); raised by any larger entry a read returns; at
+    /// most `tunnel.max_frame`.
+    largest_entry: Arc<std::sync::atomic::AtomicUsize>,
+    /// Every session runs tracked: a graceful shutdown waits for sessions
+    /// to hand their last acks to the store.
+    sessions: TaskTracker,
 }
+
+/// What a stored webhook carries besides its body and headers: ids,
+/// route, path, times, client address, MessagePack framing.
+const ENVELOPE: u64 = 4096;
 
 impl TunnelState {
     /// The TLS pair is [`tls::tls_and_verifier`]'s answer for `cfg.tunnel`.
@@ -81,7 +95,7 @@ impl TunnelState {
         store: Store,
         (metrics, backlog): (Arc<Metrics>, Arc<crate::backlog::Backlog>),
         registry: Registry,
-        shutdown: CancellationToken,
+        (shutdown, sessions): (CancellationToken, TaskTracker),
     ) -> Self {
         Self {
             cfg: cfg.tunnel.clone(),
@@ -94,6 +108,11 @@ impl TunnelState {
             revoked: RwLock::new(revocation_list(&cfg.tunnel)),
             server_tls: RwLock::new(server_tls),
             client_verifier: RwLock::new(verifier),
+            largest_entry: Arc::new(std::sync::atomic::AtomicUsize::new(
+                (cfg.ingest.max_body.as_u64() + cfg.ingest.max_header_bytes.as_u64() + ENVELOPE)
+                    .min(cfg.tunnel.max_frame.as_u64()) as usize,
+            )),
+            sessions,
         }
     }
 
@@ -229,5 +248,8 @@ async fn upgrade(
         // with a clear `Error` frame by the session rather than a bare close.
         .max_message_size(max + 64 * 1024)
         .max_frame_size(max + 64 * 1024)
-        .on_upgrade(move |socket| session::run(socket, peer, state))
+        .on_upgrade(move |socket| {
+            let sessions = state.sessions.clone();
+            sessions.track_future(session::run(socket, peer, state))
+        })
 }

@@ -143,8 +143,14 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
     let (batch_tx, batch_rx) = mpsc::channel(1);
     let (stats_tx, stats_rx) = mpsc::channel(1);
     let max_entry = tunnel.max_frame.as_u64() as usize;
-    let fetcher =
-        Fetcher::new(state.store.clone(), reader, peer.agent.clone(), &channels, tunnel.reclaim_after, max_entry);
+    let fetcher = Fetcher::new(
+        state.store.clone(),
+        reader,
+        peer.agent.clone(),
+        &channels,
+        tunnel.reclaim_after,
+        (max_entry, state.largest_entry.clone()),
+    );
     let fetcher = tokio::spawn(fetcher.run(grant_rx, batch_tx, cancel.clone()));
     let table = Table::new(
         channels.clone(),
@@ -164,6 +170,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         last_rx: Instant::now(),
         live,
         kick: kick.clone(),
+        acks: Acks::default(),
     };
     let outcome = match session.send(&mut ws, &welcome).await {
         Ok(()) => session.run(&mut ws, batch_rx, stats_rx).await,
@@ -171,6 +178,9 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
     };
     cancel.cancel();
     fetcher.abort();
+    // What the agent acknowledged reaches the store before the session is
+    // gone (each ack within the store's command timeout).
+    session.acks.finish(&state.store, &peer.agent).await;
     state.registry.remove(&peer.agent, &session_id);
     state.metrics.session_closed(outcome.as_ref().err().map(|c| c.code).unwrap_or("disconnected"));
     match outcome {
@@ -277,6 +287,69 @@ struct Session {
     live: Arc<Live>,
     /// Stops the session (replaced, revoked, shutdown).
     kick: Kick,
+    /// Settled here, on their way to the store.
+    acks: Acks,
+}
+
+/// Most acknowledged ids queued behind the `XACK` in flight before the
+/// session waits for it (a store slower to ack than to read).
+const MAX_QUEUED_ACKS: usize = 1024;
+
+/// The session's acknowledgements to the store, off its loop: the next
+/// grant goes to the fetcher at once, not after the store's round trip.
+/// One round (an ack per channel) is in flight at a time; acks settled
+/// meanwhile merge into the next. An ack that fails leaves its entry
+/// pending, redelivered later (at-least-once), as before.
+#[derive(Default)]
+struct Acks {
+    /// The round in flight, in a task of its own: it lands even if the
+    /// session is dropped meanwhile.
+    in_flight: Option<tokio::task::JoinHandle<()>>,
+    queued: std::collections::BTreeMap<String, Vec<StreamId>>,
+    queued_ids: usize,
+}
+
+impl Acks {
+    /// Starts the queued round when none is in flight.
+    fn start(&mut self, store: &crate::store::Store, agent: &str) {
+        if self.in_flight.is_some() || self.queued.is_empty() {
+            return;
+        }
+        let (store, agent, round) = (store.clone(), agent.to_string(), std::mem::take(&mut self.queued));
+        self.queued_ids = 0;
+        self.in_flight = Some(tokio::spawn(async move {
+            for (channel, ids) in round {
+                if let Err(e) = store.ack(&channel, &ids).await {
+                    // Still pending: it will be redelivered (at-least-once).
+                    tracing::warn!(agent, channel, error = %e, "acknowledging in the store failed");
+                }
+            }
+        }));
+    }
+
+    /// The round in flight finished: `None` while none is.
+    async fn done(&mut self) {
+        match self.in_flight.as_mut() {
+            Some(f) => {
+                let _ = f.await;
+            }
+            None => std::future::pending().await,
+        }
+        self.in_flight = None;
+    }
+
+    /// Everything queued and in flight is through (the session ends).
+    async fn finish(&mut self, store: &crate::store::Store, agent: &str) {
+        loop {
+            if self.in_flight.is_some() {
+                self.done().await;
+            }
+            self.start(store, agent);
+            if self.in_flight.is_none() {
+                return;
+            }
+        }
+    }
 }
 
 impl Session {
@@ -316,6 +389,9 @@ impl Session {
                     self.redeliver(ws, key).await?;
                 }
                 Some(channels) = stats_rx.recv() => self.send(ws, &Frame::Stats { channels }).await?,
+                () = self.acks.done(), if self.acks.in_flight.is_some() => {
+                    self.acks.start(&self.state.store, &self.peer.agent);
+                }
                 _ = ticker.tick() => {
                     if self.last_rx.elapsed() > heartbeat * 3 {
                         return Err(Close::new("heartbeat_timeout", format!("nothing received for {:?}", self.last_rx.elapsed())));
@@ -464,7 +540,12 @@ impl Session {
                 }
                 tracing::info!(agent = %self.peer.agent, channel, resume = window > 0, "channel flow changed by the agent");
             }
-            Frame::Ping { t } => self.send(ws, &Frame::Pong { t }).await?,
+            Frame::Ping { t } => {
+                // The Pong follows the acks sent before the Ping into the
+                // store: an agent (or a test) may take it as their receipt.
+                self.acks.finish(&self.state.store, &self.peer.agent).await;
+                self.send(ws, &Frame::Pong { t }).await?
+            }
             Frame::Pong { t } => {
                 let rtt_us = relay_protocol::now_micros().saturating_sub(t);
                 self.live.rtt_us.store(rtt_us, std::sync::atomic::Ordering::Relaxed);
@@ -479,7 +560,6 @@ impl Session {
     /// Settles what an `Ack` names (see `inflight.rs` for entries not in
     /// flight here and for agents that name ids only).
     async fn on_ack(&mut self, acked: Vec<(Option<String>, String)>) {
-        let mut by_channel: std::collections::BTreeMap<String, Vec<StreamId>> = Default::default();
         for (channel, id_text) in acked {
             let Some(id) = self.stream_id(&id_text) else { continue };
             let key = match channel {
@@ -508,13 +588,13 @@ impl Session {
                     continue;
                 }
             }
-            by_channel.entry(key.channel).or_default().push(key.id);
+            self.acks.queued_ids += 1;
+            self.acks.queued.entry(key.channel).or_default().push(key.id);
         }
-        for (channel, ids) in by_channel {
-            if let Err(e) = self.state.store.ack(&channel, &ids).await {
-                // Still pending: it will be redelivered (at-least-once).
-                tracing::warn!(agent = %self.peer.agent, channel, error = %e, "acknowledging in the store failed");
-            }
+        self.acks.start(&self.state.store, &self.peer.agent);
+        if self.acks.queued_ids > MAX_QUEUED_ACKS && self.acks.in_flight.is_some() {
+            self.acks.done().await;
+            self.acks.start(&self.state.store, &self.peer.agent);
         }
     }
 

@@ -120,6 +120,12 @@ impl Appends {
         }
     }
 
+    /// Held by the announcing task: should it panic, a later append starts
+    /// a new one (no edge goes on without announcing).
+    pub fn rounds_guard(self: &Arc<Self>) -> RoundsGuard {
+        RoundsGuard(self.clone())
+    }
+
     /// Appends may have gone unannounced: wakes every waiting session.
     fn bump_all(&self) {
         let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,6 +140,17 @@ impl Appends {
             return;
         }
         tokio::spawn(subscribe(Arc::downgrade(self), Arc::downgrade(target), timeout));
+    }
+}
+
+/// See [`Appends::rounds_guard`].
+pub struct RoundsGuard(Arc<Appends>);
+
+impl Drop for RoundsGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.announcing.store(false, Ordering::Release);
+        }
     }
 }
 

@@ -395,6 +395,7 @@ impl RedisStore {
     /// until none is left. Each round lives at most one command timeout:
     /// its slot groups go at once.
     async fn announce_rounds(self) {
+        let _guard = self.appends.rounds_guard();
         while let Some(channels) = self.appends.next_round() {
             let pipes = slot_groups(self.cluster, channels.iter().map(String::as_str)).into_iter().map(|group| {
                 let mut pipe = redis::pipe();
