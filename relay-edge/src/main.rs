@@ -9,12 +9,6 @@ use relay_edge::admin::cli;
 use relay_runtime::{LogFormat, Request, Signals};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc: a sixth fewer instructions per webhook than glibc malloc
-/// (see the README, Performance). The agent keeps glibc: mimalloc raised
-/// its RSS from 14 to 20 MiB, past its 15 MiB goal.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "relay-edge", version, about = "Public edge of the webhook relay")]
 struct Cli {

@@ -318,8 +318,10 @@ impl Acks {
         let (store, agent, round) = (store.clone(), agent.to_string(), std::mem::take(&mut self.queued));
         self.queued_ids = 0;
         self.in_flight = Some(tokio::spawn(async move {
-            for (channel, ids) in round {
-                if let Err(e) = store.ack(&channel, &ids).await {
+            // The channels at once: a round lasts one store round trip.
+            let acks = round.iter().map(|(channel, ids)| store.ack(channel, ids));
+            for ((channel, _), r) in round.iter().zip(futures_util::future::join_all(acks).await) {
+                if let Err(e) = r {
                     // Still pending: it will be redelivered (at-least-once).
                     tracing::warn!(agent, channel, error = %e, "acknowledging in the store failed");
                 }
@@ -542,8 +544,10 @@ impl Session {
             }
             Frame::Ping { t } => {
                 // The Pong follows the acks sent before the Ping into the
-                // store: an agent (or a test) may take it as their receipt.
-                self.acks.finish(&self.state.store, &self.peer.agent).await;
+                // store (a test may take it as their receipt), unless the
+                // store takes longer than a heartbeat: the link stays up.
+                let finish = self.acks.finish(&self.state.store, &self.peer.agent);
+                let _ = tokio::time::timeout(self.state.cfg.heartbeat, finish).await;
                 self.send(ws, &Frame::Pong { t }).await?
             }
             Frame::Pong { t } => {
