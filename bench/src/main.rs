@@ -271,6 +271,25 @@ struct Ctx<'a> {
     fsync_ms: f64,
 }
 
+impl Ctx<'_> {
+    /// A directory `name` of the run's dir with the certificates, and the
+    /// edge's and agent's configs for `store` in it: (edge, agent config).
+    fn relay_configs(
+        &self,
+        name: &str,
+        store: &StoreKind,
+    ) -> anyhow::Result<(PathBuf, testkit::procs::EdgeSpec, PathBuf)> {
+        let sub = self.dir.join(name);
+        std::fs::create_dir_all(&sub)?;
+        for f in ["ca.pem", "edge.pem", "edge-key.pem", "lan-1.pem", "lan-1-key.pem"] {
+            std::fs::copy(self.dir.join(f), sub.join(f))?;
+        }
+        let edge = write_edge_in(&sub, "edge", &edge_opts(&store.toml(), &["lan-1"], self.args.edge_threads));
+        let (agent, _) = write_agent_in(&sub, "lan-1", edge.tunnel, &agent_opts(&self.target, self.args.window));
+        Ok((sub, edge, agent))
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -312,8 +331,21 @@ async fn main() -> anyhow::Result<()> {
         machine["cores"], machine["cpu"], args.window, args.edge_threads
     );
 
+    // The tunnel and fsync figures are filled in once measured.
+    let mut ctx = Ctx {
+        args: &args,
+        dir: d,
+        edge_bin: &edge_bin,
+        agent_bin: &agent_bin,
+        client: &client,
+        rx: &rx,
+        target: direct.clone(),
+        redis_url: redis_url.clone(),
+        tunnel: None,
+        fsync_ms: 0.0,
+    };
     if let Some(n) = args.callgrind {
-        let v = callgrind_pass(&args, d, &edge_bin, &agent_bin, &client, &rx, &direct, &redis_url, n).await?;
+        let v = callgrind_pass(&ctx, n).await?;
         drop(procs);
         std::fs::write(&args.out, serde_json::to_string_pretty(&v)?)?;
         println!("\nreport written to {}", args.out.display());
@@ -358,18 +390,8 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    let ctx = Ctx {
-        args: &args,
-        dir: d,
-        edge_bin: &edge_bin,
-        agent_bin: &agent_bin,
-        client: &client,
-        rx: &rx,
-        target: direct.clone(),
-        redis_url: redis_url.clone(),
-        tunnel,
-        fsync_ms: fsync,
-    };
+    ctx.tunnel = tunnel;
+    ctx.fsync_ms = fsync;
     let mut stores = serde_json::Map::new();
     let stores_run = if args.fan_in_only {
         Vec::new()
@@ -406,13 +428,7 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     // yardstick measured just before the scenario it judges.
     let payload = load::body_1k();
     let redis_cycle = || relay_bench::yardstick::redis_cycle(&ctx.redis_url, &payload, 100, secs);
-    let sub = ctx.dir.join(store.label());
-    std::fs::create_dir_all(&sub)?;
-    for f in ["ca.pem", "edge.pem", "edge-key.pem", "lan-1.pem", "lan-1-key.pem"] {
-        std::fs::copy(ctx.dir.join(f), sub.join(f))?;
-    }
-    let edge = write_edge_in(&sub, "edge", &edge_opts(&store.toml(), &["lan-1"], ctx.args.edge_threads));
-    let (agent_cfg, _) = write_agent_in(&sub, "lan-1", edge.tunnel, &agent_opts(&ctx.target, ctx.args.window));
+    let (_, edge, agent_cfg) = ctx.relay_configs(store.label(), store)?;
     let ingest = edge.ingest;
     procs.edge = Some(Proc::start_bin("relay-edge", ctx.edge_bin, &edge.config, LOG));
     wait_relay(procs, "edge", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok())
@@ -633,34 +649,17 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
 /// and buffers are warm by then.
 const WARM_UP: u64 = 500;
 
-/// `--callgrind N`: the edge and the agent under callgrind (collection off),
-/// a warm-up, then exactly `n` webhooks (64 senders) relayed end to end and
-/// acked with collection on. Prints instructions per webhook for each, and
+/// `--callgrind N`: the edge and the agent under callgrind (instrumentation
+/// off), a warm-up, then exactly `n` webhooks (64 senders) relayed end to
+/// end and acked with it on. Prints instructions per webhook for each, and
 /// Redis commands per webhook by command (from `INFO commandstats`).
-#[allow(clippy::too_many_arguments)]
-async fn callgrind_pass(
-    args: &Args,
-    d: &Path,
-    edge_bin: &Path,
-    agent_bin: &Path,
-    client: &load::HttpClient,
-    rx: &Arc<Receiver>,
-    target: &str,
-    redis_url: &str,
-    n: u64,
-) -> anyhow::Result<Value> {
+async fn callgrind_pass(ctx: &Ctx<'_>, n: u64) -> anyhow::Result<Value> {
     use relay_bench::callgrind;
-    let sub = d.join("callgrind");
-    std::fs::create_dir_all(&sub)?;
+    let (client, rx, redis_url) = (ctx.client, ctx.rx, ctx.redis_url.as_str());
+    let (sub, edge, agent_cfg) = ctx.relay_configs("callgrind", &StoreKind::Redis(redis_url.to_string()))?;
     let (edge_out, agent_out) = (sub.join("edge.callgrind"), sub.join("agent.callgrind"));
-    let edge_bin = callgrind::wrapper(&sub, edge_bin, &edge_out)?;
-    let agent_bin = callgrind::wrapper(&sub, agent_bin, &agent_out)?;
-    for f in ["ca.pem", "edge.pem", "edge-key.pem", "lan-1.pem", "lan-1-key.pem"] {
-        std::fs::copy(d.join(f), sub.join(f))?;
-    }
-    let store = StoreKind::Redis(redis_url.to_string());
-    let edge = write_edge_in(&sub, "edge", &edge_opts(&store.toml(), &["lan-1"], args.edge_threads));
-    let (agent_cfg, _) = write_agent_in(&sub, "lan-1", edge.tunnel, &agent_opts(target, args.window));
+    let edge_bin = callgrind::wrapper(&sub, ctx.edge_bin, &edge_out)?;
+    let agent_bin = callgrind::wrapper(&sub, ctx.agent_bin, &agent_out)?;
     let redis = redis_conn(redis_url).await?;
     let mut stats_conn = redis.clone();
     let pending = |mut c: redis::aio::MultiplexedConnection| async move {

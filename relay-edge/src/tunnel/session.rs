@@ -170,7 +170,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         last_rx: Instant::now(),
         live,
         kick: kick.clone(),
-        acks: Acks::default(),
+        acks: Acks::new(state.store.clone(), &peer.agent),
     };
     let outcome = match session.send(&mut ws, &welcome).await {
         Ok(()) => session.run(&mut ws, batch_rx, stats_rx).await,
@@ -180,7 +180,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
     fetcher.abort();
     // What the agent acknowledged reaches the store before the session is
     // gone (each ack within the store's command timeout).
-    session.acks.finish(&state.store, &peer.agent).await;
+    session.acks.finish().await;
     state.registry.remove(&peer.agent, &session_id);
     state.metrics.session_closed(outcome.as_ref().err().map(|c| c.code).unwrap_or("disconnected"));
     match outcome {
@@ -300,36 +300,51 @@ const MAX_QUEUED_ACKS: usize = 1024;
 /// One round (an ack per channel) is in flight at a time; acks settled
 /// meanwhile merge into the next. An ack that fails leaves its entry
 /// pending, redelivered later (at-least-once), as before.
-#[derive(Default)]
 struct Acks {
+    store: crate::store::Store,
+    agent: Arc<str>,
     /// The round in flight, in a task of its own: it lands even if the
     /// session is dropped meanwhile.
     in_flight: Option<tokio::task::JoinHandle<()>>,
     queued: std::collections::BTreeMap<String, Vec<StreamId>>,
-    queued_ids: usize,
 }
 
 impl Acks {
-    /// Starts the queued round when none is in flight.
-    fn start(&mut self, store: &crate::store::Store, agent: &str) {
+    fn new(store: crate::store::Store, agent: &str) -> Self {
+        Self { store, agent: agent.into(), in_flight: None, queued: Default::default() }
+    }
+
+    fn push(&mut self, key: EntryKey) {
+        self.queued.entry(key.channel).or_default().push(key.id);
+    }
+
+    /// Starts the queued round when none is in flight; waits for the one in
+    /// flight first when more than [`MAX_QUEUED_ACKS`] queue behind it.
+    async fn send(&mut self) {
+        if self.in_flight.is_some() && self.queued.values().map(Vec::len).sum::<usize>() > MAX_QUEUED_ACKS {
+            self.done().await;
+        }
+        self.start();
+    }
+
+    fn start(&mut self) {
         if self.in_flight.is_some() || self.queued.is_empty() {
             return;
         }
-        let (store, agent, round) = (store.clone(), agent.to_string(), std::mem::take(&mut self.queued));
-        self.queued_ids = 0;
+        let (store, agent, round) = (self.store.clone(), self.agent.clone(), std::mem::take(&mut self.queued));
         self.in_flight = Some(tokio::spawn(async move {
             // The channels at once: a round lasts one store round trip.
             let acks = round.iter().map(|(channel, ids)| store.ack(channel, ids));
             for ((channel, _), r) in round.iter().zip(futures_util::future::join_all(acks).await) {
                 if let Err(e) = r {
                     // Still pending: it will be redelivered (at-least-once).
-                    tracing::warn!(agent, channel, error = %e, "acknowledging in the store failed");
+                    tracing::warn!(agent = &*agent, channel, error = %e, "acknowledging in the store failed");
                 }
             }
         }));
     }
 
-    /// The round in flight finished: `None` while none is.
+    /// The round in flight finished (never, while none is).
     async fn done(&mut self) {
         match self.in_flight.as_mut() {
             Some(f) => {
@@ -340,16 +355,14 @@ impl Acks {
         self.in_flight = None;
     }
 
-    /// Everything queued and in flight is through (the session ends).
-    async fn finish(&mut self, store: &crate::store::Store, agent: &str) {
+    /// Everything queued and in flight is through.
+    async fn finish(&mut self) {
         loop {
-            if self.in_flight.is_some() {
-                self.done().await;
-            }
-            self.start(store, agent);
+            self.start();
             if self.in_flight.is_none() {
                 return;
             }
+            self.done().await;
         }
     }
 }
@@ -391,9 +404,7 @@ impl Session {
                     self.redeliver(ws, key).await?;
                 }
                 Some(channels) = stats_rx.recv() => self.send(ws, &Frame::Stats { channels }).await?,
-                () = self.acks.done(), if self.acks.in_flight.is_some() => {
-                    self.acks.start(&self.state.store, &self.peer.agent);
-                }
+                () = self.acks.done(), if self.acks.in_flight.is_some() => self.acks.start(),
                 _ = ticker.tick() => {
                     if self.last_rx.elapsed() > heartbeat * 3 {
                         return Err(Close::new("heartbeat_timeout", format!("nothing received for {:?}", self.last_rx.elapsed())));
@@ -546,8 +557,7 @@ impl Session {
                 // The Pong follows the acks sent before the Ping into the
                 // store (a test may take it as their receipt), unless the
                 // store takes longer than a heartbeat: the link stays up.
-                let finish = self.acks.finish(&self.state.store, &self.peer.agent);
-                let _ = tokio::time::timeout(self.state.cfg.heartbeat, finish).await;
+                let _ = tokio::time::timeout(self.state.cfg.heartbeat, self.acks.finish()).await;
                 self.send(ws, &Frame::Pong { t }).await?
             }
             Frame::Pong { t } => {
@@ -592,14 +602,9 @@ impl Session {
                     continue;
                 }
             }
-            self.acks.queued_ids += 1;
-            self.acks.queued.entry(key.channel).or_default().push(key.id);
+            self.acks.push(key);
         }
-        self.acks.start(&self.state.store, &self.peer.agent);
-        if self.acks.queued_ids > MAX_QUEUED_ACKS && self.acks.in_flight.is_some() {
-            self.acks.done().await;
-            self.acks.start(&self.state.store, &self.peer.agent);
-        }
+        self.acks.send().await;
     }
 
     async fn on_nack(

@@ -4,7 +4,7 @@
 //! Every append (ingest, replays) is announced by `PUBLISH`ing
 //! `relay:{<channel>}:appended` after the write: by one task per edge at a
 //! time, which sends the channels appended to since its last round together
-//! (see [`Appends::unannounced`]). Each edge has one subscriber connection
+//! (see [`Appends::to_announce`]). Each edge has one subscriber connection
 //! (`PSUBSCRIBE relay:*:appended`) that wakes **one** session waiting on
 //! that channel per announcement (`Notify::notify_one`; with nobody waiting
 //! the wake is kept for the next one to wait), so a thousand sessions on
@@ -49,11 +49,17 @@ pub struct Appends {
     subscribed: AtomicBool,
     /// This edge's id in its announcements (its subscriber skips them).
     origin: u64,
-    /// Channels appended to and not yet `PUBLISH`ed, each once: at most
-    /// the configuration's channels.
-    unannounced: Mutex<Vec<String>>,
-    /// Whether a task is sending announcement rounds.
-    announcing: AtomicBool,
+    /// Channels appended to and not yet `PUBLISH`ed, and whether a task
+    /// is sending them.
+    unannounced: Mutex<Unannounced>,
+}
+
+/// Channels appended to and not yet announced, each once (at most the
+/// configuration's channels), and whether a task is sending rounds.
+#[derive(Default)]
+struct Unannounced {
+    channels: Vec<String>,
+    running: bool,
 }
 
 impl Default for Appends {
@@ -63,7 +69,6 @@ impl Default for Appends {
             subscribed: AtomicBool::new(false),
             origin: rand::random(),
             unannounced: Mutex::default(),
-            announcing: AtomicBool::new(false),
         }
     }
 }
@@ -88,36 +93,32 @@ impl Appends {
         }
     }
 
+    fn unannounced(&self) -> std::sync::MutexGuard<'_, Unannounced> {
+        self.unannounced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Appends to `channels` to announce. `true` when the caller must start
     /// the task that sends rounds ([`Self::next_round`]): none is running.
-    pub fn unannounced(&self, channels: &[String]) -> bool {
-        let mut pending = self.unannounced.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn to_announce(&self, channels: &[String]) -> bool {
+        let mut u = self.unannounced();
         for c in channels {
-            if !pending.contains(c) {
-                pending.push(c.clone());
+            if !u.channels.contains(c) {
+                u.channels.push(c.clone());
             }
         }
-        drop(pending);
-        !self.announcing.swap(true, Ordering::AcqRel)
+        !std::mem::replace(&mut u.running, true)
     }
 
     /// The channels of the announcing task's next round; `None` ends the
-    /// task. An append that comes between the last empty look and the end
-    /// either is seen by the second look or starts a new task.
+    /// task (under the same lock as [`Self::to_announce`], so an append
+    /// either makes this round or starts the next task).
     pub fn next_round(&self) -> Option<Vec<String>> {
-        loop {
-            let round = std::mem::take(&mut *self.unannounced.lock().unwrap_or_else(|p| p.into_inner()));
-            if !round.is_empty() {
-                return Some(round);
-            }
-            self.announcing.store(false, Ordering::Release);
-            // Appended after the take, while `unannounced` saw this task
-            // running: look again, unless a new task took over meanwhile.
-            let late = !self.unannounced.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
-            if !late || self.announcing.swap(true, Ordering::AcqRel) {
-                return None;
-            }
+        let mut u = self.unannounced();
+        if u.channels.is_empty() {
+            u.running = false;
+            return None;
         }
+        Some(std::mem::take(&mut u.channels))
     }
 
     /// Held by the announcing task: should it panic, a later append starts
@@ -149,7 +150,7 @@ pub struct RoundsGuard(Arc<Appends>);
 impl Drop for RoundsGuard {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.announcing.store(false, Ordering::Release);
+            self.0.unannounced().running = false;
         }
     }
 }
@@ -239,14 +240,14 @@ mod tests {
     #[test]
     fn appends_during_a_round_go_out_together_in_the_next_each_once() {
         let a = Appends::default();
-        assert!(a.unannounced(&names(&["crm"])), "the first append starts the task");
+        assert!(a.to_announce(&names(&["crm"])), "the first append starts the task");
         assert_eq!(a.next_round(), Some(names(&["crm"])));
         // While that round's PUBLISH is in flight:
-        assert!(!a.unannounced(&names(&["crm", "erp"])), "a task is running");
-        assert!(!a.unannounced(&names(&["crm"])));
+        assert!(!a.to_announce(&names(&["crm", "erp"])), "a task is running");
+        assert!(!a.to_announce(&names(&["crm"])));
         assert_eq!(a.next_round(), Some(names(&["crm", "erp"])));
         assert_eq!(a.next_round(), None, "nothing left: the task ends");
-        assert!(a.unannounced(&names(&["erp"])), "after the end, an append starts a task again");
+        assert!(a.to_announce(&names(&["erp"])), "after the end, an append starts a task again");
         assert_eq!(a.next_round(), Some(names(&["erp"])));
     }
 
@@ -264,7 +265,7 @@ mod tests {
                 let (a, out) = (a.clone(), out.clone());
                 std::thread::spawn(move || {
                     for i in 0..2000 {
-                        if a.unannounced(&[format!("{t}-{i}")]) {
+                        if a.to_announce(&[format!("{t}-{i}")]) {
                             while let Some(round) = a.next_round() {
                                 out.lock().expect("lock").extend(round);
                             }
@@ -279,7 +280,7 @@ mod tests {
         let mut all: Vec<String> = (0..8).flat_map(|t| (0..2000).map(move |i| format!("{t}-{i}"))).collect();
         all.sort();
         assert_eq!(out, all, "each append announced once");
-        assert!(!a.announcing.load(std::sync::atomic::Ordering::Acquire), "no task left marked running");
+        assert!(!a.unannounced().running, "no task left marked running");
     }
 
     #[test]

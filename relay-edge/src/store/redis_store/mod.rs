@@ -381,12 +381,12 @@ impl RedisStore {
     ///
     /// The `PUBLISH`es run in one task per edge at a time, not one per
     /// append: the channels appended to while one round is in flight go
-    /// out together in the next (`Appends::unannounced`), one `PUBLISH` per
+    /// out together in the next (`Appends::to_announce`), one `PUBLISH` per
     /// channel per round. They carry this edge's id, so this edge's
     /// subscriber ignores its own (the local wake came first).
     fn announce(&self, channels: &[String]) {
         channels.iter().for_each(|c| self.appends.bump(c));
-        if self.appends.unannounced(channels) {
+        if self.appends.to_announce(channels) {
             tokio::spawn(self.clone().announce_rounds());
         }
     }
