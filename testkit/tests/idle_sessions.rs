@@ -95,3 +95,73 @@ async fn idle_sessions_hold_no_redis_connection_and_send_nothing() {
         a.stop().await;
     }
 }
+
+/// Appends announced together wake as many sessions on another edge as
+/// they are appends: three webhooks posted at once on edge A, three
+/// sessions waiting on edge B, each reading one entry. All three are
+/// woken by the announcements, none left to its next look (`block`, 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_announced_together_wake_as_many_sessions_elsewhere() {
+    use relay_edge::store::{Backend, BlockingRead, Cursor};
+    init_tracing();
+    let backing = Backing::redis();
+    let open = || {
+        let mut cfg = relay_edge::config::StoreConfig::default();
+        backing.apply(&mut cfg);
+        cfg.block = Duration::from_secs(10);
+        relay_edge::store::Store::open(&cfg, Default::default()).expect("open the store")
+    };
+    let (a, b) = (open(), open());
+    a.ensure_group("crm").await.expect("group");
+    // B's subscriber is up once an append on A wakes a waiting read on B.
+    let probe = a.clone();
+    let mut reader = b.reader().await.expect("reader");
+    let cursors = [("crm".to_string(), Cursor::New)];
+    let first = tokio::spawn(async move { reader.read("probe", &cursors, 1).await.map(|e| e.len()) });
+    wait_for(Duration::from_secs(10), "B's subscriber is up and woke the probe", || {
+        let probe = probe.clone();
+        let done = first.is_finished();
+        async move {
+            if !done {
+                probe.append(&["crm".to_string()], &webhook(0)).await.expect("append");
+            }
+            done
+        }
+    })
+    .await;
+    // Take what the probing appended beyond the probe's one entry (a read
+    // that finds nothing waits: bounded here), so the sessions below wait.
+    let mut drain = b.reader().await.expect("reader");
+    let _ = tokio::time::timeout(
+        Duration::from_millis(300),
+        drain.read("drain", &[("crm".to_string(), Cursor::New)], 1000),
+    )
+    .await;
+    let Backing::Redis(server) = &backing else { unreachable!("a Redis backing") };
+    let reads_before = xreadgroup_calls(server).await;
+
+    let mut waiting = Vec::new();
+    for i in 0..3 {
+        let mut reader = b.reader().await.expect("reader");
+        waiting.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let got = reader.read(&format!("s{i}"), &[("crm".to_string(), Cursor::New)], 1).await.expect("read");
+            (got.len(), t.elapsed())
+        }));
+    }
+    // All three read, found nothing and wait.
+    wait_for(Duration::from_secs(10), "three sessions waiting", || async {
+        xreadgroup_calls(server).await >= reads_before + 3
+    })
+    .await;
+    let (crm, hooks) = (["crm".to_string()], [webhook(1), webhook(2), webhook(3)]);
+    let appends = hooks.iter().map(|w| a.append(&crm, w));
+    for r in futures_util::future::join_all(appends).await {
+        r.expect("append");
+    }
+    for w in waiting {
+        let (got, took) = w.await.expect("session");
+        assert_eq!(got, 1, "each session read one entry");
+        assert!(took < Duration::from_secs(5), "woken by the announcement, not its next look: {took:?}");
+    }
+}

@@ -295,6 +295,9 @@ struct Session {
 /// session waits for it (a store slower to ack than to read).
 const MAX_QUEUED_ACKS: usize = 1024;
 
+/// Longest a `Pong` waits for the acks before its `Ping` to reach the store.
+const PONG_WAIT: Duration = Duration::from_secs(1);
+
 /// The session's acknowledgements to the store, off its loop: the next
 /// grant goes to the fetcher at once, not after the store's round trip.
 /// One round (an ack per channel) is in flight at a time; acks settled
@@ -556,8 +559,8 @@ impl Session {
             Frame::Ping { t } => {
                 // The Pong follows the acks sent before the Ping into the
                 // store (a test may take it as their receipt), unless the
-                // store takes longer than a heartbeat: the link stays up.
-                let _ = tokio::time::timeout(self.state.cfg.heartbeat, self.acks.finish()).await;
+                // store takes over a second: the session goes on.
+                let _ = tokio::time::timeout(PONG_WAIT.min(self.state.cfg.heartbeat), self.acks.finish()).await;
                 self.send(ws, &Frame::Pong { t }).await?
             }
             Frame::Pong { t } => {

@@ -3,12 +3,13 @@
 //!
 //! Every append (ingest, replays) is announced by `PUBLISH`ing
 //! `relay:{<channel>}:appended` after the write: by one task per edge at a
-//! time, which sends the channels appended to since its last round together
-//! (see [`Appends::to_announce`]). Each edge has one subscriber connection
-//! (`PSUBSCRIBE relay:*:appended`) that wakes **one** session waiting on
-//! that channel per announcement (`Notify::notify_one`; with nobody waiting
-//! the wake is kept for the next one to wait), so a thousand sessions on
-//! one channel cost one read per append, not a thousand. A session's read
+//! time, which sends the channels appended to since its last round together,
+//! each with its count of appends (see [`Appends::to_announce`]). Each edge
+//! has one subscriber connection (`PSUBSCRIBE relay:*:appended`) that wakes
+//! **one** session waiting on that channel per append announced
+//! (`Notify::notify_one`; with nobody waiting the wake is kept for the next
+//! one to wait), so a thousand sessions on one channel cost one read per
+//! append, not a thousand. A session's read
 //! of new entries reads (without `BLOCK`, on the shared connection), and
 //! when nothing was there waits to be woken. Appends by this edge wake at
 //! once; its subscriber skips its own publishes (they carry its id). When the subscriber loses its
@@ -29,6 +30,24 @@ use super::sentinel::Resolver;
 
 /// Longest a waiting session goes without looking for itself.
 pub const RECHECK: Duration = Duration::from_secs(30);
+
+/// Most sessions one announcement wakes.
+const MAX_WAKES: u64 = 1024;
+
+/// What an announcement carries: the announcing edge's id and how many
+/// appends it stands for (`origin:count`).
+pub fn payload(origin: u64, count: u64) -> String {
+    format!("{origin}:{count}")
+}
+
+/// `(origin, count)` of an announcement; a bare id (an edge from before
+/// counts) stands for one append.
+fn parse_payload(payload: &str) -> Option<(u64, u64)> {
+    match payload.split_once(':') {
+        Some((origin, count)) => Some((origin.parse().ok()?, count.parse().ok()?)),
+        None => Some((payload.parse().ok()?, 1)),
+    }
+}
 
 /// The pattern the subscriber listens to.
 pub const PATTERN: &str = "relay:*:appended";
@@ -58,7 +77,8 @@ pub struct Appends {
 /// configuration's channels), and whether a task is sending rounds.
 #[derive(Default)]
 struct Unannounced {
-    channels: Vec<String>,
+    /// Each channel once, with its appends since the last round.
+    channels: Vec<(String, u64)>,
     running: bool,
 }
 
@@ -87,9 +107,14 @@ impl Appends {
 
     /// One append to `channel`: wakes one waiting session.
     pub fn bump(&self, channel: &str) {
+        self.bump_n(channel, 1);
+    }
+
+    /// `n` appends to `channel`: wakes up to `n` waiting sessions.
+    fn bump_n(&self, channel: &str, n: u64) {
         let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = channels.get(channel) {
-            n.notify_one();
+        if let Some(waiters) = channels.get(channel) {
+            (0..n.min(MAX_WAKES)).for_each(|_| waiters.notify_one());
         }
     }
 
@@ -102,8 +127,9 @@ impl Appends {
     pub fn to_announce(&self, channels: &[String]) -> bool {
         let mut u = self.unannounced();
         for c in channels {
-            if !u.channels.contains(c) {
-                u.channels.push(c.clone());
+            match u.channels.iter_mut().find(|(name, _)| name == c) {
+                Some((_, n)) => *n += 1,
+                None => u.channels.push((c.clone(), 1)),
             }
         }
         !std::mem::replace(&mut u.running, true)
@@ -112,7 +138,7 @@ impl Appends {
     /// The channels of the announcing task's next round; `None` ends the
     /// task (under the same lock as [`Self::to_announce`], so an append
     /// either makes this round or starts the next task).
-    pub fn next_round(&self) -> Option<Vec<String>> {
+    pub fn next_round(&self) -> Option<Vec<(String, u64)>> {
         let mut u = self.unannounced();
         if u.channels.is_empty() {
             u.running = false;
@@ -121,10 +147,10 @@ impl Appends {
         Some(std::mem::take(&mut u.channels))
     }
 
-    /// Held by the announcing task: should it panic, a later append starts
-    /// a new one (no edge goes on without announcing).
+    /// Held by the announcing task: should it end before `next_round` said
+    /// so (a panic, a cancel), a later append starts a new one.
     pub fn rounds_guard(self: &Arc<Self>) -> RoundsGuard {
-        RoundsGuard(self.clone())
+        RoundsGuard { appends: self.clone(), finished: false }
     }
 
     /// Appends may have gone unannounced: wakes every waiting session.
@@ -145,12 +171,16 @@ impl Appends {
 }
 
 /// See [`Appends::rounds_guard`].
-pub struct RoundsGuard(Arc<Appends>);
+pub struct RoundsGuard {
+    appends: Arc<Appends>,
+    /// `next_round` ended the task (and cleared `running` itself).
+    pub finished: bool,
+}
 
 impl Drop for RoundsGuard {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.unannounced().running = false;
+        if !self.finished {
+            self.appends.unannounced().running = false;
         }
     }
 }
@@ -203,11 +233,12 @@ async fn subscribe(appends: Weak<Appends>, target: Weak<Resolver>, timeout: Dura
                 match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
                     Ok(Some(msg)) => {
                         let Some(a) = appends.upgrade() else { return };
-                        let own = msg.get_payload::<u64>().is_ok_and(|o| o == a.origin);
+                        let (origin, count) =
+                            msg.get_payload::<String>().ok().and_then(|p| parse_payload(&p)).unwrap_or((0, 1));
                         if let Some(channel) = channel_of(msg.get_channel_name())
-                            && !own
+                            && origin != a.origin
                         {
-                            a.bump(channel);
+                            a.bump_n(channel, count);
                         }
                     }
                     Ok(None) => break,
@@ -237,18 +268,22 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    fn counted(v: &[(&str, u64)]) -> Vec<(String, u64)> {
+        v.iter().map(|(s, n)| (s.to_string(), *n)).collect()
+    }
+
     #[test]
     fn appends_during_a_round_go_out_together_in_the_next_each_once() {
         let a = Appends::default();
         assert!(a.to_announce(&names(&["crm"])), "the first append starts the task");
-        assert_eq!(a.next_round(), Some(names(&["crm"])));
+        assert_eq!(a.next_round(), Some(counted(&[("crm", 1)])));
         // While that round's PUBLISH is in flight:
         assert!(!a.to_announce(&names(&["crm", "erp"])), "a task is running");
         assert!(!a.to_announce(&names(&["crm"])));
-        assert_eq!(a.next_round(), Some(names(&["crm", "erp"])));
+        assert_eq!(a.next_round(), Some(counted(&[("crm", 2), ("erp", 1)])), "each channel once, with its appends");
         assert_eq!(a.next_round(), None, "nothing left: the task ends");
         assert!(a.to_announce(&names(&["erp"])), "after the end, an append starts a task again");
-        assert_eq!(a.next_round(), Some(names(&["erp"])));
+        assert_eq!(a.next_round(), Some(counted(&[("erp", 1)])));
     }
 
     #[test]
@@ -267,7 +302,7 @@ mod tests {
                     for i in 0..2000 {
                         if a.to_announce(&[format!("{t}-{i}")]) {
                             while let Some(round) = a.next_round() {
-                                out.lock().expect("lock").extend(round);
+                                out.lock().expect("lock").extend(round.into_iter().map(|(c, _)| c));
                             }
                         }
                     }
@@ -281,6 +316,13 @@ mod tests {
         all.sort();
         assert_eq!(out, all, "each append announced once");
         assert!(!a.unannounced().running, "no task left marked running");
+    }
+
+    #[test]
+    fn announcements_carry_their_origin_and_count() {
+        assert_eq!(super::parse_payload(&super::payload(42, 7)), Some((42, 7)));
+        assert_eq!(super::parse_payload("42"), Some((42, 1)), "an edge from before counts: one append");
+        assert_eq!(super::parse_payload("x:1"), None);
     }
 
     #[test]

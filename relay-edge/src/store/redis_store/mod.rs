@@ -395,12 +395,16 @@ impl RedisStore {
     /// until none is left. Each round lives at most one command timeout:
     /// its slot groups go at once.
     async fn announce_rounds(self) {
-        let _guard = self.appends.rounds_guard();
-        while let Some(channels) = self.appends.next_round() {
-            let pipes = slot_groups(self.cluster, channels.iter().map(String::as_str)).into_iter().map(|group| {
+        let mut guard = self.appends.rounds_guard();
+        while let Some(round) = self.appends.next_round() {
+            let pipes = slot_groups(self.cluster, round.iter().map(|(c, _)| c.as_str())).into_iter().map(|group| {
                 let mut pipe = redis::pipe();
                 for i in group {
-                    pipe.cmd("PUBLISH").arg(appends::topic(&channels[i])).arg(self.appends.origin()).ignore();
+                    let (channel, count) = &round[i];
+                    pipe.cmd("PUBLISH")
+                        .arg(appends::topic(channel))
+                        .arg(appends::payload(self.appends.origin(), *count))
+                        .ignore();
                 }
                 pipe
             });
@@ -412,6 +416,7 @@ impl RedisStore {
                 }
             }
         }
+        guard.finished = true;
     }
 
     /// Runs a write that a `200` or a dead letter depends on: with replica
