@@ -88,3 +88,79 @@ impl RedisCluster {
         panic!("no live master serves slot {slot}:\n{table}");
     }
 }
+
+impl RedisCluster {
+    /// The hash slot of `key`.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let node = self.nodes.iter().find(|n| n.pid().is_some()).expect("a live node");
+        node.command(&["CLUSTER", "KEYSLOT", key]).trim().parse().expect("CLUSTER KEYSLOT")
+    }
+
+    /// Indexes of the live masters.
+    pub fn masters(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].pid().is_some() && self.nodes[i].info("replication").contains("role:master"))
+            .collect()
+    }
+
+    /// Reshards `slot` from the master serving it to master `to`, the way
+    /// `redis-cli --cluster reshard` does, but slowly, so that clients meet
+    /// each stage: `IMPORTING`/`MIGRATING` set (commands on keys already
+    /// moved are answered `ASK`, multi-key commands over keys on both sides
+    /// `TRYAGAIN`), then one key at a time `MIGRATE`d with `pause` before
+    /// each, then the slot assigned to `to` on every master (`MOVED` from
+    /// then on). Returns the keys it moved.
+    pub async fn migrate_slot(&self, slot: u16, to: usize, pause: Duration) -> Vec<String> {
+        let masters = self.masters();
+        let from = masters
+            .iter()
+            .copied()
+            .find(|&i| self.nodes[i].command(&["CLUSTER", "COUNTKEYSINSLOT", &slot.to_string()]) != "0")
+            .unwrap_or_else(|| panic!("no master holds keys of slot {slot}"));
+        assert_ne!(from, to, "slot {slot} is already on node {to}");
+        let id = |i: usize| self.nodes[i].command(&["CLUSTER", "MYID"]);
+        let (from_id, to_id) = (id(from), id(to));
+        let mut src = self.nodes[from].conn().await;
+        let mut dst = self.nodes[to].conn().await;
+        let setslot = |state: &str, node: &str| {
+            let mut c = redis::cmd("CLUSTER");
+            c.arg("SETSLOT").arg(slot).arg(state).arg(node);
+            c
+        };
+        let () = setslot("IMPORTING", &from_id).query_async(&mut dst).await.expect("SETSLOT IMPORTING");
+        let () = setslot("MIGRATING", &to_id).query_async(&mut src).await.expect("SETSLOT MIGRATING");
+        let mut moved = Vec::new();
+        loop {
+            tokio::time::sleep(pause).await;
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(1)
+                .query_async(&mut src)
+                .await
+                .expect("GETKEYSINSLOT");
+            let Some(key) = keys.into_iter().next() else { break };
+            let () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(self.nodes[to].port)
+                .arg(&key)
+                .arg(0)
+                .arg(5000)
+                .query_async(&mut src)
+                .await
+                .unwrap_or_else(|e| panic!("MIGRATE {key}: {e}"));
+            moved.push(key);
+        }
+        tokio::time::sleep(pause).await;
+        // The new owner first, then the old one, then the others (what
+        // `redis-cli --cluster reshard` does).
+        for i in std::iter::once(to)
+            .chain(std::iter::once(from))
+            .chain(masters.into_iter().filter(|&i| i != to && i != from))
+        {
+            let mut conn = self.nodes[i].conn().await;
+            let () = setslot("NODE", &to_id).query_async(&mut conn).await.expect("SETSLOT NODE");
+        }
+        moved
+    }
+}

@@ -103,7 +103,7 @@ async fn a_sentinel_failover_under_load_loses_nothing_answered_200() {
     cfg.validate().expect("valid");
     let (edge, agent, rx) = edge_with_agent(cfg, &certs, "lan-1").await;
 
-    let run = load_through_failover(&edge, &rx, || master.kill()).await;
+    let run = load_through_failover(&edge, &rx, async { master.kill() }).await;
     assert!(run.is_some(), "no 200s 60 s after the kill; a sentinel's log:\n{}", sentinels[0].sentinel_log());
     let promoted = replicas.iter().filter(|r| r.info("replication").contains("role:master")).count();
     assert_eq!(promoted, 1, "one replica was promoted");
@@ -141,7 +141,7 @@ async fn a_cluster_master_failover_under_load_loses_nothing_answered_200() {
     eprintln!("cluster: {clients} client connections over {} nodes, the edge's among them", cluster.nodes.len());
     assert!(clients <= 64, "{clients} connections");
     let victim = cluster.master_of(&relay_edge::store::keys::stream("crm"));
-    let run = load_through_failover(&edge, &rx, || cluster.nodes[victim].kill()).await;
+    let run = load_through_failover(&edge, &rx, async { cluster.nodes[victim].kill() }).await;
     assert!(run.is_some(), "no 200s 60 s after killing the master of `crm`");
     let now = cluster.master_of(&relay_edge::store::keys::stream("crm"));
     assert_ne!(now, victim, "a replica serves the channel's slot now");
@@ -149,12 +149,17 @@ async fn a_cluster_master_failover_under_load_loses_nothing_answered_200() {
 }
 
 /// 8 senders post webhooks through `edge` until 200 were answered, then
-/// `kill` runs, and they go on until 200 more were answered (`None` when
-/// that takes over 60 s). Then every webhook answered `200` must reach
+/// `disrupt` runs, and they go on until it is done and 200 more were
+/// answered (`None` when that takes over 60 s after it started). Then every webhook answered `200` must reach
 /// `rx`. Prints the figures.
-async fn load_through_failover(edge: &Edge, rx: &Receiver, kill: impl FnOnce()) -> Option<Duration> {
+async fn load_through_failover(
+    edge: &Edge,
+    rx: &Receiver,
+    disrupt: impl Future<Output = ()>,
+) -> Option<(Duration, std::collections::BTreeMap<String, u64>)> {
     let answered = Arc::new(Mutex::new(BTreeSet::new()));
-    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Why senders were refused: a status code, or the client's error.
+    let refused = Arc::new(Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
     let stop_load = tokio_util::sync::CancellationToken::new();
     let mut senders = Vec::new();
     for s in 0..8u64 {
@@ -168,12 +173,28 @@ async fn load_through_failover(edge: &Edge, rx: &Receiver, kill: impl FnOnce()) 
                 i += 1;
                 let body = format!("{{\"n\":{n}}}");
                 let sent = client.post(&url).header("x-api-key", KEY).body(body).send().await;
-                match sent.map(|r| r.status().as_u16()) {
+                let sent = match sent {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let text = r.text().await.unwrap_or_default();
+                        if status != 200 && status != 429 {
+                            eprintln!("refused {status}: {text}");
+                        }
+                        Ok(status)
+                    }
+                    Err(e) => Err(e),
+                };
+                match sent {
                     Ok(200) => {
                         answered.lock().expect("lock").insert(n);
                     }
-                    _ => {
-                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    other => {
+                        let why = match other {
+                            Ok(status) => status.to_string(),
+                            Err(e) if e.is_timeout() => "timeout".into(),
+                            Err(_) => "connection".into(),
+                        };
+                        *refused.lock().expect("lock").entry(why).or_default() += 1;
                         tokio::time::sleep(Duration::from_millis(50)).await; // a sender's retry pause
                     }
                 }
@@ -184,8 +205,9 @@ async fn load_through_failover(edge: &Edge, rx: &Receiver, kill: impl FnOnce()) 
     wait_until(Duration::from_secs(20), "load flowing before the failover", || count() >= 200).await;
     let before = count();
     let killed_at = Instant::now();
-    kill();
     let recovered = tokio::time::timeout(Duration::from_secs(60), async {
+        disrupt.await;
+        let before = count().max(before);
         while count() < before + 200 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -210,13 +232,53 @@ async fn load_through_failover(edge: &Edge, rx: &Receiver, kill: impl FnOnce()) 
     let accepted = rx.accepted().len();
     let distinct = rx.distinct_accepted();
     eprintln!(
-        "failover: answered 200 {}, refused {}, delivered {distinct} distinct ({} duplicates), lost 0, \
-         200s again {recovered_after:?} after the kill",
+        "failover: answered 200 {}, refused {:?}, delivered {distinct} distinct ({} duplicates), lost 0, \
+         200s again {recovered_after:?} after the disruption began",
         answered.len(),
-        refused.load(std::sync::atomic::Ordering::Relaxed),
+        refused.lock().expect("lock"),
         accepted - distinct,
     );
-    Some(recovered_after)
+    let refused = refused.lock().expect("lock").clone();
+    Some((recovered_after, refused))
+}
+
+/// A Redis Cluster of three masters; webhooks posted by 8 senders while
+/// the slot of the channel's stream is resharded to another master, one
+/// key at a time with a pause at each stage (see
+/// [`RedisCluster::migrate_slot`]): the edge meets `ASK` while the slot
+/// migrates, `TRYAGAIN` for its scripts over keys on both sides, and
+/// `MOVED` after. Every webhook answered `200` is delivered, and the
+/// stream, its consumer group and pending entries now live on the new
+/// master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_resharded_under_load_loses_nothing_answered_200() {
+    init_tracing();
+    let backing = Backing::Cluster(RedisCluster::start_with(3, 0));
+    let certs = Certs::generate();
+    let cfg = edge_config(&backing, &certs);
+    let (edge, agent, rx) = edge_with_agent(cfg, &certs, "lan-1").await;
+    let Backing::Cluster(cluster) = &backing else { unreachable!("cluster") };
+    let stream = relay_edge::store::keys::stream("crm");
+    let (slot, from) = (cluster.slot_of(&stream), cluster.master_of(&stream));
+    let to = cluster.masters().into_iter().find(|&m| m != from).expect("another master");
+    let moved = std::sync::Mutex::new(Vec::new());
+    let run = load_through_failover(&edge, &rx, async {
+        *moved.lock().expect("lock") = cluster.migrate_slot(slot, to, Duration::from_millis(700)).await;
+    })
+    .await;
+    let moved = moved.into_inner().expect("lock");
+    eprintln!("resharding: slot {slot} moved from node {from} to node {to} with keys {moved:?}");
+    let (recovered, refused) = run.expect("200s again within 60 s after the resharding began");
+    // A redirect is followed, not answered `503` (`429`: the route's rate
+    // limit, which 8 busy senders meet).
+    assert!(
+        refused.keys().all(|why| why == "429"),
+        "senders were refused for other reasons than the rate limit: {refused:?}"
+    );
+    assert!(recovered < Duration::from_secs(10), "{recovered:?}");
+    assert!(moved.contains(&stream), "the stream itself was moved: {moved:?}");
+    assert_eq!(cluster.master_of(&stream), to, "the new master serves the channel");
+    agent.stop().await;
 }
 
 /// A reconnected session walks its pending entries per channel. When one

@@ -50,7 +50,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::Value;
+use redis::cluster_routing::SingleNodeRoutingInfo;
+use redis::{ServerErrorKind, Value};
 use relay_protocol::{ChannelStats, Webhook};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -238,12 +239,115 @@ impl Query<'_> {
 /// operator, called like a channel key could come first; the probe then
 /// reads another slot, harmlessly.)
 fn first_key(pipe: &redis::Pipeline) -> Option<Vec<u8>> {
-    pipe.cmd_iter().next()?.args_iter().find_map(|arg| match arg {
+    channel_key(pipe.cmd_iter().next()?).map(<[u8]>::to_vec)
+}
+
+/// The channel key (`relay:{…}:stream` or `:dlq`) `cmd` names first.
+fn channel_key(cmd: &redis::Cmd) -> Option<&[u8]> {
+    cmd.args_iter().find_map(|arg| match arg {
         redis::Arg::Simple(a) if a.starts_with(b"relay:{") && (a.ends_with(b"}:stream") || a.ends_with(b"}:dlq")) => {
-            Some(a.to_vec())
+            Some(a)
         }
         _ => None,
     })
+}
+
+/// Whether every command of `pipe` is on one and the same channel key (or
+/// is the keyless `WAIT` of replica durability). Following an `ASK` runs the
+/// whole pipeline again on the other node; with two keys, one may not have
+/// moved yet (its command ran here) and would be made anew over there.
+fn one_key(pipe: &redis::Pipeline) -> bool {
+    let first = pipe.cmd_iter().next().and_then(channel_key);
+    first.is_some() && pipe.cmd_iter().all(|c| is_wait(c) || channel_key(c) == first)
+}
+
+/// Runs `query` again on the node a redirect names: after `MOVED` as it
+/// was, after `ASK` with each command after an `ASKING` (a transaction:
+/// `ASKING` before its `MULTI`, whose flag holds until `EXEC`), as one
+/// pipeline, so nothing else on that multiplexed connection comes between
+/// an `ASKING` and its command. (redis-rs follows a single command's
+/// redirect itself, but sends `ASKING` apart: under load another command
+/// takes its flag and the redirect bounces until its retries run out; and
+/// it does not follow a pipeline's.) A redirect means the node asked did
+/// not run the command (its key is not there), so running it there runs it
+/// once. `to`: whether it is an `ASK`, and the node ([`redirect_of`]).
+/// `None` off a cluster.
+async fn follow_redirect<T: redis::FromRedisValue>(
+    conn: &mut Conn,
+    query: Query<'_>,
+    (asking, addr): (bool, String),
+) -> Option<redis::RedisResult<T>> {
+    let Conn::Cluster(cluster) = conn else { return None };
+    let (host, port) = addr.rsplit_once(':')?;
+    let route = SingleNodeRoutingInfo::ByAddress { host: host.to_owned(), port: port.parse().ok()? };
+    let mut again = redis::pipe();
+    let mut push = |cmd: &redis::Cmd| {
+        if asking {
+            again.cmd("ASKING");
+        }
+        again.add_command(cmd.clone());
+    };
+    // Which reply is the query's: the last (a command's, `EXEC`'s), or
+    // every other one after `ASKING`s.
+    let every = match query {
+        Query::Cmd(c) => {
+            push(c);
+            None
+        }
+        Query::Pipe(p) if p.is_transaction() => {
+            push(&redis::cmd("MULTI"));
+            p.cmd_iter().for_each(|c| {
+                again.add_command(c.clone());
+            });
+            again.cmd("EXEC");
+            None
+        }
+        Query::Pipe(p) => {
+            p.cmd_iter().for_each(&mut push);
+            Some(if asking { 2 } else { 1 })
+        }
+    };
+    let n = again.len();
+    let replies = cluster.route_pipeline(again, 0, n, route).await.map(|mut r| match every {
+        None => r.pop().unwrap_or(Value::Nil),
+        Some(step) => Value::Array(r.into_iter().skip(step - 1).step_by(step).collect()),
+    });
+    Some(replies.and_then(Value::extract_error).and_then(|v| T::from_redis_value(v).map_err(Into::into)))
+}
+
+/// The redirect `err` is, for all of `query`: whether it is an `ASK` (else
+/// `MOVED`), and the node. A pipeline's (or transaction's) error counts only
+/// when every command of it (but a `WAIT`) was redirected to one node, and
+/// all are on one key ([`one_key`]): then none of them ran.
+fn redirect_of(err: &redis::RedisError, query: Query<'_>) -> Option<(bool, String)> {
+    let errors = err.clone().into_server_errors()?;
+    let mut redirect: Option<(bool, String)> = None;
+    for (_, e) in errors.iter() {
+        let asking = match e.kind()? {
+            ServerErrorKind::Ask => true,
+            ServerErrorKind::Moved => false,
+            _ => return None,
+        };
+        // `<slot> <host:port>`
+        let addr = e.details()?.split_ascii_whitespace().nth(1)?.to_owned();
+        match &redirect {
+            Some(r) if *r != (asking, addr.clone()) => return None,
+            Some(_) => {}
+            None => redirect = Some((asking, addr)),
+        }
+    }
+    if let Query::Pipe(p) = query {
+        let redirected = |i: usize| errors.iter().any(|(at, _)| *at == i);
+        let all = p.cmd_iter().enumerate().all(|(i, c)| redirected(i) || is_wait(c));
+        if !all || !one_key(p) {
+            return None;
+        }
+    }
+    redirect
+}
+
+fn is_wait(cmd: &redis::Cmd) -> bool {
+    cmd.args_iter().next().is_some_and(|a| matches!(a, redis::Arg::Simple(b"WAIT")))
 }
 
 /// Whether a failed command may mean the master moved (Sentinel re-resolves).
@@ -299,11 +403,12 @@ impl RedisStore {
         r
     }
 
-    /// Runs `query` on `conn` within `deadline`. On a cluster, a failed
-    /// pipeline is followed by one command of its first key: a pipeline's
-    /// errors (a `MOVED` inside it, say) do not teach the cluster client
-    /// the new slot map, a single command's do (it follows the redirect
-    /// and refreshes the map). The key is read, never written.
+    /// Runs `query` on `conn` within `deadline`. On a cluster, a redirect
+    /// (`MOVED`, `ASK`) is followed once more here ([`follow_redirect`]),
+    /// and a failed or `MOVED` pipeline is followed by one command of its
+    /// first key: a pipeline's errors do not teach the cluster client the
+    /// new slot map, a single command's do (it follows the redirect and
+    /// refreshes the map). The key is read, never written.
     async fn exec<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
@@ -311,17 +416,37 @@ impl RedisStore {
         query: Query<'_>,
         deadline: Duration,
     ) -> Result<T, StoreError> {
-        let r = match tokio::time::timeout(deadline, query.run::<T>(&mut conn)).await {
-            Ok(r) => r.map_err(redis_err(op)),
-            Err(_) => Err(StoreError::Timeout { op, ms: deadline.as_millis() }),
+        let started = tokio::time::Instant::now();
+        let first = tokio::time::timeout(deadline, query.run::<T>(&mut conn)).await;
+        let redirect = match &first {
+            Ok(Err(e)) if self.cluster && op != "PUBLISH" => redirect_of(e, query),
+            _ => None,
+        };
+        let moved = redirect.as_ref().is_some_and(|(asking, _)| !asking);
+        let r = match (first, redirect) {
+            (Ok(Err(e)), Some(to)) => {
+                let left = deadline.saturating_sub(started.elapsed());
+                match tokio::time::timeout(left, follow_redirect(&mut conn, query, to)).await {
+                    Ok(Some(r)) => r.map_err(redis_err(op)),
+                    Ok(None) => Err(e).map_err(redis_err(op)),
+                    Err(_) => Err(StoreError::Timeout { op, ms: deadline.as_millis() }),
+                }
+            }
+            (Ok(r), _) => r.map_err(redis_err(op)),
+            (Err(_), _) => Err(StoreError::Timeout { op, ms: deadline.as_millis() }),
         };
         // `PUBLISH` is not routed by slot, and a timeout says nothing of
-        // slots: nothing to learn from those.
-        if let Err(e) = &r
+        // slots: nothing to learn from those. A followed `MOVED` still
+        // teaches the client (its next pipeline goes to the right node).
+        let learn = match &r {
+            Ok(_) => moved,
+            Err(StoreError::Timeout { .. }) => false,
+            Err(StoreError::Redis { source, .. }) => !source.is_timeout(),
+            Err(_) => true,
+        };
+        if learn
             && self.cluster
             && op != "PUBLISH"
-            && !matches!(e, StoreError::Timeout { .. })
-            && !matches!(e, StoreError::Redis { source, .. } if source.is_timeout())
             && let Query::Pipe(pipe) = query
             && let Some(key) = first_key(pipe)
         {
