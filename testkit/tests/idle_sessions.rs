@@ -165,3 +165,70 @@ async fn appends_announced_together_wake_as_many_sessions_elsewhere() {
         assert!(took < Duration::from_secs(5), "woken by the announcement, not its next look: {took:?}");
     }
 }
+
+/// A raw agent on an edge with a 300 ms heartbeat: answers the edge's
+/// Pings, sends its own every `ping_every` (never, with `None`) from
+/// `offset` after the Welcome, for 3 s. Returns how many Pings the edge sent
+/// and, for each, how long after the edge's last Pong it came.
+async fn edge_pings(ping_every: Option<Duration>, offset: Duration) -> (usize, Vec<Duration>) {
+    use relay_protocol::{Frame, VERSION};
+    init_tracing();
+    let store = Backing::embedded();
+    let certs = Certs::generate();
+    let mut cfg = edge_config(&store, &certs);
+    cfg.tunnel.heartbeat = Duration::from_millis(300);
+    let edge = Edge::start(cfg).await;
+    let mut ws = raw::connect(&edge, &certs, "lan-1").await.expect("connect");
+    let hello = Frame::Hello { version: VERSION, window: 8, channels: None, agent_version: None, named_acks: true };
+    raw::send(&mut ws, &hello).await.expect("hello");
+    assert!(matches!(raw::recv(&mut ws).await, Ok(Some(Frame::Welcome { .. }))), "Welcome");
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut next_ping = ping_every.map(|_| Instant::now() + offset);
+    let (mut pings, mut after_pong, mut last_pong) = (0, Vec::new(), None::<Instant>);
+    while Instant::now() < end {
+        let until = next_ping.unwrap_or(end).min(end);
+        match tokio::time::timeout_at(until.into(), raw::recv(&mut ws)).await {
+            Err(_) => {
+                if let (Some(at), Some(every)) = (next_ping.as_mut(), ping_every)
+                    && Instant::now() >= *at
+                {
+                    raw::send(&mut ws, &Frame::Ping { t: 7 }).await.expect("ping");
+                    *at += every;
+                }
+            }
+            Ok(Ok(Some(Frame::Ping { t }))) => {
+                pings += 1;
+                if let Some(p) = last_pong {
+                    after_pong.push(p.elapsed());
+                }
+                raw::send(&mut ws, &Frame::Pong { t }).await.expect("pong");
+            }
+            Ok(Ok(Some(Frame::Pong { .. }))) => last_pong = Some(Instant::now()),
+            Ok(Ok(Some(Frame::Stats { .. }))) => {}
+            other => panic!("the session ended or sent something else: {other:?}"),
+        }
+    }
+    (pings, after_pong)
+}
+
+/// An agent that pings as often as the edge: the edge's own Ping rides
+/// along with its Pong (one TLS record and one write each way per
+/// heartbeat, not two), still about one per heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edges_ping_rides_along_with_its_pong() {
+    // Half a heartbeat out of phase with the edge's ticker.
+    let (pings, after_pong) = edge_pings(Some(Duration::from_millis(300)), Duration::from_millis(150)).await;
+    assert!((7..=12).contains(&pings), "{pings} Pings from the edge in 3 s at a 300 ms heartbeat");
+    let along = after_pong.iter().filter(|d| **d < Duration::from_millis(50)).count();
+    assert!(along + 1 >= after_pong.len(), "Pings not right after a Pong: {after_pong:?}");
+}
+
+/// An agent that never pings (an older or idle one) still hears the
+/// edge's Pings, at least every 1.5 heartbeats, and stays connected past
+/// the 3-heartbeat deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_never_pings_still_gets_the_edges_pings() {
+    let (pings, _) = edge_pings(None, Duration::ZERO).await;
+    // 3 s at 300 ms, a Ping each 1.5 to 2 heartbeats: 5 to 7, with the first.
+    assert!((5..=8).contains(&pings), "{pings} Pings from the edge in 3 s at a 300 ms heartbeat");
+}

@@ -168,6 +168,8 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         grant_tx,
         stats_tx,
         last_rx: Instant::now(),
+        last_ping: Instant::now().checked_sub(tunnel.heartbeat * 2).unwrap_or_else(Instant::now),
+        last_stats: None,
         live,
         kick: kick.clone(),
         acks: Acks::new(state.store.clone(), &peer.agent),
@@ -283,6 +285,10 @@ struct Session {
     stats_tx: mpsc::Sender<StatsEvent>,
     /// Last time anything arrived from the agent.
     last_rx: Instant,
+    /// Last time the edge sent its Ping.
+    last_ping: Instant,
+    /// The figures of the last `Stats` frame sent.
+    last_stats: Option<StatsEvent>,
     /// Figures shown by `relay-edge agents`.
     live: Arc<Live>,
     /// Stops the session (replaced, revoked, shutdown).
@@ -406,13 +412,22 @@ impl Session {
                     self.scheduled.remove(&key);
                     self.redeliver(ws, key).await?;
                 }
-                Some(channels) = stats_rx.recv() => self.send(ws, &Frame::Stats { channels }).await?,
+                // Only figures that changed: an idle agent's stay as sent.
+                Some(channels) = stats_rx.recv() => if self.last_stats.as_ref() != Some(&channels) {
+                    self.send(ws, &Frame::Stats { channels: channels.clone() }).await?;
+                    self.last_stats = Some(channels);
+                },
                 () = self.acks.done(), if self.acks.in_flight.is_some() => self.acks.start(),
                 _ = ticker.tick() => {
                     if self.last_rx.elapsed() > heartbeat * 3 {
                         return Err(Close::new("heartbeat_timeout", format!("nothing received for {:?}", self.last_rx.elapsed())));
                     }
-                    self.send(ws, &Frame::Ping { t: relay_protocol::now_micros() }).await?;
+                    // Its own Ping, when none rode along with a Pong for
+                    // 1.5 heartbeats (an agent that pings less often).
+                    if self.last_ping.elapsed() >= heartbeat.mul_f32(1.5) {
+                        let ping = self.ping();
+                        self.send(ws, &ping).await?;
+                    }
                     if ticks.is_multiple_of(3) {
                         self.queue_stats();
                     }
@@ -561,7 +576,16 @@ impl Session {
                 // store (a test may take it as their receipt), unless the
                 // store takes over a second: the session goes on.
                 let _ = tokio::time::timeout(PONG_WAIT.min(self.state.cfg.heartbeat), self.acks.finish()).await;
-                self.send(ws, &Frame::Pong { t }).await?
+                self.queue(ws, &Frame::Pong { t }).await?;
+                // The edge's own Ping rides along when half its heartbeat
+                // has passed: per heartbeat an idle session costs one TLS
+                // record and one write each way instead of two (the ticker
+                // sends it when the agent pings less often).
+                if self.last_ping.elapsed() >= self.state.cfg.heartbeat / 2 {
+                    let ping = self.ping();
+                    self.queue(ws, &ping).await?;
+                }
+                self.flush(ws).await?
             }
             Frame::Pong { t } => {
                 let rtt_us = relay_protocol::now_micros().saturating_sub(t);
@@ -572,6 +596,12 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// The edge's heartbeat Ping, now.
+    fn ping(&mut self) -> Frame {
+        self.last_ping = Instant::now();
+        Frame::Ping { t: relay_protocol::now_micros() }
     }
 
     /// Settles what an `Ack` names (see `inflight.rs` for entries not in
