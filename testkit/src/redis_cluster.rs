@@ -21,19 +21,9 @@ impl RedisCluster {
     /// served and every replica is linked to its master.
     pub fn start_with(masters: usize, replicas: usize) -> Self {
         let nodes: Vec<RedisServer> = (0..masters * (1 + replicas)).map(|_| RedisServer::cluster_node()).collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install it: `apt-get install -y redis-server`"));
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut args: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        args.extend(["--cluster-replicas".into(), replicas.to_string(), "--cluster-yes".into()]);
+        cluster_cli("create", &args);
         let cluster = Self { nodes };
         cluster.wait_healthy(Duration::from_secs(30));
         cluster
@@ -103,6 +93,28 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Adds a master that serves no slot yet (`redis-cli --cluster
+    /// add-node`), once every node knows it; returns its index.
+    pub fn add_master(&mut self) -> usize {
+        let node = RedisServer::cluster_node();
+        cluster_cli("add-node", &[format!("127.0.0.1:{}", node.port), format!("127.0.0.1:{}", self.nodes[0].port)]);
+        let id = node.command(&["CLUSTER", "MYID"]);
+        self.nodes.push(node);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Known to all, past the handshake.
+        while !self
+            .nodes
+            .iter()
+            .filter(|n| n.pid().is_some())
+            .all(|n| n.command(&["CLUSTER", "NODES"]).lines().any(|l| l.starts_with(&id) && !l.contains("handshake")))
+        {
+            assert!(Instant::now() < deadline, "node {id} never joined the cluster");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.wait_healthy(Duration::from_secs(30));
+        self.nodes.len() - 1
+    }
+
     /// Reshards `slot` from the master serving it to master `to`, the way
     /// `redis-cli --cluster reshard` does, but slowly, so that clients meet
     /// each stage: `IMPORTING`/`MIGRATING` set (commands on keys already
@@ -163,4 +175,20 @@ impl RedisCluster {
         }
         moved
     }
+}
+
+/// `redis-cli --cluster <what> <args…>`, which must succeed.
+fn cluster_cli(what: &str, args: &[String]) {
+    let out = Command::new("redis-cli")
+        .arg("--cluster")
+        .arg(what)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install it: `apt-get install -y redis-server`"));
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster {what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

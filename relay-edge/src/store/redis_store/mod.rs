@@ -63,7 +63,7 @@ use super::{
 use crate::config::{Durability, StoreConfig};
 use crate::error::StoreError;
 use appends::Appends;
-use conn::{Conn, slot_groups};
+use conn::{Conn, channel_groups, slot_groups};
 use sentinel::Resolver;
 
 /// Consumer name under which retention reads never-delivered entries.
@@ -242,6 +242,14 @@ fn first_key(pipe: &redis::Pipeline) -> Option<Vec<u8>> {
     channel_key(pipe.cmd_iter().next()?).map(<[u8]>::to_vec)
 }
 
+/// The channel key a probe of `query` reads ([`RedisStore::probe`]).
+fn probe_key(query: Query<'_>) -> Option<Vec<u8>> {
+    match query {
+        Query::Cmd(c) => channel_key(c).map(<[u8]>::to_vec),
+        Query::Pipe(p) => first_key(p),
+    }
+}
+
 /// The channel key (`relay:{…}:stream` or `:dlq`) `cmd` names first.
 fn channel_key(cmd: &redis::Cmd) -> Option<&[u8]> {
     cmd.args_iter().find_map(|arg| match arg {
@@ -265,10 +273,12 @@ fn one_key(pipe: &redis::Pipeline) -> bool {
 /// was, after `ASK` with each command after an `ASKING` (a transaction:
 /// `ASKING` before its `MULTI`, whose flag holds until `EXEC`), as one
 /// pipeline, so nothing else on that multiplexed connection comes between
-/// an `ASKING` and its command. (redis-rs follows a single command's
-/// redirect itself, but sends `ASKING` apart: under load another command
-/// takes its flag and the redirect bounces until its retries run out; and
-/// it does not follow a pipeline's.) A redirect means the node asked did
+/// an `ASKING` and its command. (redis-rs follows a redirect itself,
+/// resending a pipeline whole, but sends `ASKING` apart: under load
+/// another command takes its flag and the redirect bounces until its
+/// retries run out. Hence write pipelines of one key each on a cluster,
+/// [`conn::channel_groups`].) Only nodes the client is connected to are
+/// followed to ([`RedisStore::probe`] connects first). A redirect means the node asked did
 /// not run the command (its key is not there), so running it there runs it
 /// once. `to`: whether it is an `ASK`, and the node ([`redirect_of`]).
 /// `None` off a cluster.
@@ -405,10 +415,11 @@ impl RedisStore {
 
     /// Runs `query` on `conn` within `deadline`. On a cluster, a redirect
     /// (`MOVED`, `ASK`) is followed once more here ([`follow_redirect`]),
-    /// and a failed or `MOVED` pipeline is followed by one command of its
-    /// first key: a pipeline's errors do not teach the cluster client the
-    /// new slot map, a single command's do (it follows the redirect and
-    /// refreshes the map). The key is read, never written.
+    /// after one command of the query's key ([`RedisStore::probe`]), within
+    /// what is left of `deadline`. A pipeline that failed otherwise is
+    /// followed by that probe too, in the background: a pipeline's errors
+    /// do not teach the cluster client the new slot map, a single
+    /// command's do.
     async fn exec<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
@@ -422,38 +433,55 @@ impl RedisStore {
             Ok(Err(e)) if self.cluster && op != "PUBLISH" => redirect_of(e, query),
             _ => None,
         };
-        let moved = redirect.as_ref().is_some_and(|(asking, _)| !asking);
         let r = match (first, redirect) {
             (Ok(Err(e)), Some(to)) => {
                 let left = deadline.saturating_sub(started.elapsed());
-                match tokio::time::timeout(left, follow_redirect(&mut conn, query, to)).await {
+                let follow = async {
+                    self.probe(&mut conn, query).await;
+                    follow_redirect(&mut conn, query, to).await
+                };
+                return match tokio::time::timeout(left, follow).await {
                     Ok(Some(r)) => r.map_err(redis_err(op)),
                     Ok(None) => Err(e).map_err(redis_err(op)),
                     Err(_) => Err(StoreError::Timeout { op, ms: deadline.as_millis() }),
-                }
+                };
             }
             (Ok(r), _) => r.map_err(redis_err(op)),
             (Err(_), _) => Err(StoreError::Timeout { op, ms: deadline.as_millis() }),
         };
         // `PUBLISH` is not routed by slot, and a timeout says nothing of
-        // slots: nothing to learn from those. A followed `MOVED` still
-        // teaches the client (its next pipeline goes to the right node).
+        // slots: nothing to learn from those.
         let learn = match &r {
-            Ok(_) => moved,
-            Err(StoreError::Timeout { .. }) => false,
+            Ok(_) | Err(StoreError::Timeout { .. }) => false,
             Err(StoreError::Redis { source, .. }) => !source.is_timeout(),
             Err(_) => true,
         };
-        if learn
-            && self.cluster
-            && op != "PUBLISH"
-            && let Query::Pipe(pipe) = query
-            && let Some(key) = first_key(pipe)
-        {
-            let probe = redis::cmd("EXISTS").arg(key).to_owned();
-            let _ = tokio::time::timeout(self.timeout, probe.query_async::<Value>(&mut conn)).await;
+        if learn && self.cluster && op != "PUBLISH" && matches!(query, Query::Pipe(_)) {
+            let (store, query_key) = (self.clone(), probe_key(query));
+            tokio::spawn(async move {
+                if let Some(key) = query_key {
+                    store.probe_key(&mut conn, &key).await;
+                }
+            });
         }
         r
+    }
+
+    /// One command of `query`'s channel key, read, never written, within
+    /// the command timeout: redis-rs follows its redirect itself, which
+    /// connects to the node named (a node new to the cluster, importing a
+    /// slot, is not among its connections until then, and
+    /// [`follow_redirect`] uses only those) and, after `MOVED`, refreshes
+    /// the slot map.
+    async fn probe(&self, conn: &mut Conn, query: Query<'_>) {
+        if let Some(key) = probe_key(query) {
+            self.probe_key(conn, &key).await;
+        }
+    }
+
+    async fn probe_key(&self, conn: &mut Conn, key: &[u8]) {
+        let probe = redis::cmd("EXISTS").arg(key).to_owned();
+        let _ = tokio::time::timeout(self.timeout, probe.query_async::<Value>(conn)).await;
     }
 
     /// Counts an error, and re-resolves a Sentinel master it may explain.
@@ -577,14 +605,14 @@ impl Backend for RedisStore {
 
     /// Appends one webhook to each channel's stream and returns the entry
     /// ids in channel order. Returns only after Redis answered. On a
-    /// cluster a fan-out writes each slot's channels in a pipeline of their
-    /// own, all at once; one failing fails the append (the sender retries,
+    /// cluster a fan-out writes each channel in a pipeline of its own, all
+    /// at once ([`channel_groups`]); one failing fails the append (the sender retries,
     /// and may duplicate on the channels that were written, as a failed
     /// pipeline on one server can).
     async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<StreamId>, StoreError> {
         let bytes = super::encode(webhook)?;
-        // One pipeline per slot (one in all off a cluster), all at once.
-        let groups = slot_groups(self.cluster, channels.iter().map(String::as_str));
+        // One pipeline per channel (one in all off a cluster), all at once.
+        let groups = channel_groups(self.cluster, channels.iter().map(String::as_str));
         let writes = groups.iter().map(|group| {
             let mut pipe = redis::pipe();
             for &i in group {
