@@ -606,9 +606,9 @@ impl Backend for RedisStore {
     /// Appends one webhook to each channel's stream and returns the entry
     /// ids in channel order. Returns only after Redis answered. On a
     /// cluster a fan-out writes each channel in a pipeline of its own, all
-    /// at once ([`channel_groups`]); one failing fails the append (the sender retries,
-    /// and may duplicate on the channels that were written, as a failed
-    /// pipeline on one server can).
+    /// at once; one failing fails the append (the sender retries, and may
+    /// duplicate on the channels that were written, as a failed pipeline on
+    /// one server can).
     async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<StreamId>, StoreError> {
         let bytes = super::encode(webhook)?;
         // One pipeline per channel (one in all off a cluster), all at once.
@@ -1206,7 +1206,7 @@ impl BlockingRead for Reader {
         let count = count.max(1);
         if cursors.iter().any(|(_, c)| *c != Cursor::New) {
             self.empty_since = None;
-            return self.read_by_slot(consumer, cursors, count).await;
+            return Box::pin(self.read_by_slot(consumer, cursors, count)).await;
         }
         let channels: Vec<&str> = cursors.iter().map(|(c, _)| c.as_str()).collect();
         let new_channel = self.watch(&channels);
@@ -1215,7 +1215,7 @@ impl BlockingRead for Reader {
             at.elapsed() >= appends::RECHECK || !channels.iter().all(|c| seen.iter().any(|s| s == c))
         });
         if new_channel || due {
-            let got = self.read_new(consumer, &channels, count).await?;
+            let got = Box::pin(self.read_new(consumer, &channels, count)).await?;
             if !got.entries.is_empty() {
                 return Ok(got);
             }
@@ -1228,7 +1228,7 @@ impl BlockingRead for Reader {
             if left.is_zero() || !self.wait(&channels, left).await {
                 return Ok(Read::default());
             }
-            let got = self.read_new(consumer, &channels, count).await?;
+            let got = Box::pin(self.read_new(consumer, &channels, count)).await?;
             if !got.entries.is_empty() {
                 return Ok(got);
             }
