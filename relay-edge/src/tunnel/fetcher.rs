@@ -304,7 +304,10 @@ impl Fetcher {
         let mut failed = false;
         if Instant::now() >= self.next_reclaim {
             self.next_reclaim = Instant::now() + (self.reclaim_after / 2).max(Duration::from_millis(200));
-            failed = self.reclaim(&mut grant, &mut batch).await;
+            // Boxed, as the store's other rare steps here: the task's
+            // future is as large as its largest state, and an idle
+            // session's fetcher waits in a small one.
+            failed = Box::pin(self.reclaim(&mut grant, &mut batch)).await;
         }
         if !failed && grant.slots > 0 {
             let read = self.reader.read_each(&self.consumer, &cursors, count);
@@ -350,7 +353,7 @@ impl Fetcher {
             let pause = next_rest(self.pause);
             self.pause = Some(pause);
             tokio::time::sleep(pause).await;
-            if let Ok(r) = self.store.reader().await {
+            if let Ok(r) = Box::pin(self.store.reader()).await {
                 self.reader = r;
             }
         }

@@ -41,8 +41,16 @@ impl Close {
 /// Longest nack reason kept (dead-letter record, logs).
 const MAX_REASON: usize = 1024;
 
-/// Fresh backlog figures for the agent, from a helper task.
+/// Backlog figures for the agent, one per channel.
 type StatsEvent = Vec<relay_protocol::ChannelStats>;
+
+/// How often the edge's own `Ping` rides along with a `Pong` (its `Pong`
+/// back gives the RTT `relay-edge agents` shows), in heartbeats.
+const RTT_EVERY: u32 = 6;
+
+/// How often an agent's figures are looked at for a `Stats` frame, in
+/// heartbeats.
+const STATS_EVERY: u32 = 3;
 
 pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
     let tunnel = &state.cfg;
@@ -58,7 +66,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         return close(ws, &peer, c).await;
     }
 
-    let handshake = tokio::time::timeout(tunnel.handshake_timeout, recv_frame(&mut ws, &limits)).await;
+    let handshake = Box::pin(tokio::time::timeout(tunnel.handshake_timeout, recv_frame(&mut ws, &limits))).await;
     let (window, channels, named) = match handshake {
         Err(_) => {
             return close(ws, &peer, Close::new("handshake_timeout", "no Hello frame in time")).await;
@@ -89,12 +97,12 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
             return close(ws, &peer, Close::new("protocol_error", msg)).await;
         }
     };
-    let prepared = async {
+    let prepared = Box::pin(async {
         for channel in &channels {
             state.store.ensure_group(channel).await?;
         }
         state.store.reader().await
-    }
+    })
     .await;
     let reader = match prepared {
         Ok(r) => r,
@@ -141,7 +149,6 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
     };
     let (grant_tx, grant_rx) = mpsc::channel(1);
     let (batch_tx, batch_rx) = mpsc::channel(1);
-    let (stats_tx, stats_rx) = mpsc::channel(1);
     let max_entry = tunnel.max_frame.as_u64() as usize;
     let fetcher = Fetcher::new(
         state.store.clone(),
@@ -166,23 +173,24 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         redeliveries: Redeliveries::default(),
         scheduled: HashMap::new(),
         grant_tx,
-        stats_tx,
         last_rx: Instant::now(),
-        last_ping: Instant::now().checked_sub(tunnel.heartbeat * 2).unwrap_or_else(Instant::now),
+        // Both due at the agent's first Ping.
+        last_ping: Instant::now().checked_sub(tunnel.heartbeat * RTT_EVERY).unwrap_or_else(Instant::now),
         last_stats: None,
+        stats_looked: Instant::now().checked_sub(tunnel.heartbeat * STATS_EVERY).unwrap_or_else(Instant::now),
         live,
         kick: kick.clone(),
         acks: Acks::new(state.store.clone(), &peer.agent),
     };
-    let outcome = match session.send(&mut ws, &welcome).await {
-        Ok(()) => session.run(&mut ws, batch_rx, stats_rx).await,
+    let outcome = match Box::pin(session.send(&mut ws, &welcome)).await {
+        Ok(()) => session.run(&mut ws, batch_rx).await,
         Err(c) => Err(c),
     };
     cancel.cancel();
     fetcher.abort();
     // What the agent acknowledged reaches the store before the session is
     // gone (each ack within the store's command timeout).
-    session.acks.finish().await;
+    Box::pin(session.acks.finish()).await;
     state.registry.remove(&peer.agent, &session_id);
     state.metrics.session_closed(outcome.as_ref().err().map(|c| c.code).unwrap_or("disconnected"));
     match outcome {
@@ -216,8 +224,14 @@ fn resolve_channels(state: &TunnelState, agent: &str, asked: Option<Vec<String>>
     Ok(channels)
 }
 
-/// Sends `Error`, then a close frame, and lets the socket go.
-async fn close(mut ws: WebSocket, peer: &Peer, c: Close) {
+/// Sends `Error`, then a close frame, and lets the socket go. Boxed, as
+/// are the session's other rare or short-lived steps: a task's future is as
+/// large as its largest state, and an idle session waits in the smallest.
+async fn close(ws: WebSocket, peer: &Peer, c: Close) {
+    Box::pin(close_now(ws, peer, c)).await
+}
+
+async fn close_now(mut ws: WebSocket, peer: &Peer, c: Close) {
     tracing::info!(agent = %peer.agent, peer = %peer.addr, code = c.code, reason = %c.message, "closing tunnel session");
     let frame = Frame::Error { code: c.code.into(), message: c.message.clone() };
     if let Ok(bytes) = relay_protocol::encode(&frame, &Limits::default()) {
@@ -281,14 +295,14 @@ struct Session {
     scheduled: HashMap<EntryKey, delay_queue::Key>,
     /// Hands the fetcher its next grant (one outstanding at a time).
     grant_tx: mpsc::Sender<Grant>,
-    /// Backlog figures from the stats task.
-    stats_tx: mpsc::Sender<StatsEvent>,
     /// Last time anything arrived from the agent.
     last_rx: Instant,
     /// Last time the edge sent its Ping.
     last_ping: Instant,
     /// The figures of the last `Stats` frame sent.
     last_stats: Option<StatsEvent>,
+    /// When the figures were last looked at.
+    stats_looked: Instant,
     /// Figures shown by `relay-edge agents`.
     live: Arc<Live>,
     /// Stops the session (replaced, revoked, shutdown).
@@ -377,16 +391,11 @@ impl Acks {
 }
 
 impl Session {
-    async fn run(
-        &mut self,
-        ws: &mut WebSocket,
-        mut batches: mpsc::Receiver<Vec<Entry>>,
-        mut stats_rx: mpsc::Receiver<StatsEvent>,
-    ) -> Result<(), Close> {
+    async fn run(&mut self, ws: &mut WebSocket, mut batches: mpsc::Receiver<Vec<Entry>>) -> Result<(), Close> {
         let heartbeat = self.state.cfg.heartbeat;
-        let mut ticker = tokio::time::interval(heartbeat);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks: u64 = 0;
+        // No timer fires for a session whose agent pings (see `watchdog`).
+        let watchdog = tokio::time::sleep_until(self.watchdog(heartbeat).into());
+        tokio::pin!(watchdog);
         self.grant();
         loop {
             self.live.in_flight.store(self.table.held() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -397,12 +406,12 @@ impl Session {
                         None => return Ok(()),
                         Some(f) => {
                             self.last_rx = Instant::now();
-                            self.on_frame(ws, f).await?;
+                            Box::pin(self.on_frame(ws, f)).await?;
                         }
                     }
                 }
                 batch = batches.recv() => match batch {
-                    Some(batch) => self.on_batch(ws, batch).await?,
+                    Some(batch) => Box::pin(self.on_batch(ws, batch)).await?,
                     // Only if the fetcher task died: end the session, so the
                     // agent reconnects to a working one.
                     None => return Err(Close::new("internal", "the session's store reader stopped")),
@@ -410,32 +419,42 @@ impl Session {
                 Some(due) = self.redeliveries.next(), if !self.redeliveries.is_empty() => {
                     let key = due.into_inner();
                     self.scheduled.remove(&key);
-                    self.redeliver(ws, key).await?;
+                    Box::pin(self.redeliver(ws, key)).await?;
                 }
-                // Only figures that changed: an idle agent's stay as sent.
-                Some(channels) = stats_rx.recv() => if self.last_stats.as_ref() != Some(&channels) {
-                    self.send(ws, &Frame::Stats { channels: channels.clone() }).await?;
-                    self.last_stats = Some(channels);
-                },
                 () = self.acks.done(), if self.acks.in_flight.is_some() => self.acks.start(),
-                _ = ticker.tick() => {
-                    if self.last_rx.elapsed() > heartbeat * 3 {
+                () = &mut watchdog => {
+                    if self.last_rx.elapsed() >= heartbeat * 3 {
                         return Err(Close::new("heartbeat_timeout", format!("nothing received for {:?}", self.last_rx.elapsed())));
                     }
-                    // Its own Ping, when none rode along with a Pong for
-                    // 1.5 heartbeats (an agent that pings less often).
-                    if self.last_ping.elapsed() >= heartbeat.mul_f32(1.5) {
-                        let ping = self.ping();
-                        self.send(ws, &ping).await?;
-                    }
-                    if ticks.is_multiple_of(3) {
-                        self.queue_stats();
-                    }
-                    ticks += 1;
+                    // The agent has been silent for 1.5 heartbeats (it pings
+                    // less often, or the link is going): the edge pings.
+                    Box::pin(self.on_quiet(ws, heartbeat)).await?;
                 }
+            }
+            let due = self.watchdog(heartbeat);
+            if watchdog.deadline() != due.into() {
+                watchdog.as_mut().reset(due.into());
             }
             self.grant();
         }
+    }
+
+    /// The agent has been quiet for a while: the edge's Ping, and figures.
+    async fn on_quiet(&mut self, ws: &mut WebSocket, heartbeat: Duration) -> Result<(), Close> {
+        let ping = self.ping();
+        self.queue(ws, &ping).await?;
+        self.queue_stats(ws, heartbeat).await?;
+        self.flush(ws).await
+    }
+
+    /// When the edge next acts on its own for the heartbeat: 1.5
+    /// heartbeats after it last heard from the agent or pinged it,
+    /// whichever is later, and at the latest when the agent's three
+    /// heartbeats are up. An agent that pings every heartbeat keeps moving
+    /// it on before it is reached.
+    fn watchdog(&self, heartbeat: Duration) -> Instant {
+        let quiet = self.last_rx.max(self.last_ping) + heartbeat.mul_f32(1.5);
+        quiet.min(self.last_rx + heartbeat * 3)
     }
 
     /// Schedules `key`'s redelivery in `delay`, replacing any earlier one.
@@ -577,14 +596,17 @@ impl Session {
                 // store takes over a second: the session goes on.
                 let _ = tokio::time::timeout(PONG_WAIT.min(self.state.cfg.heartbeat), self.acks.finish()).await;
                 self.queue(ws, &Frame::Pong { t }).await?;
-                // The edge's own Ping rides along when half its heartbeat
-                // has passed: per heartbeat an idle session costs one TLS
-                // record and one write each way instead of two (the ticker
-                // sends it when the agent pings less often).
-                if self.last_ping.elapsed() >= self.state.cfg.heartbeat / 2 {
+                // The edge's own Ping rides along every few heartbeats, for
+                // the RTT: an agent's Ping and the edge's Pong already show
+                // each side the other is there, so per heartbeat an idle
+                // session costs one frame and one write each way (the
+                // watchdog pings when the agent pings less often).
+                let heartbeat = self.state.cfg.heartbeat;
+                if self.last_ping.elapsed() >= heartbeat * RTT_EVERY - heartbeat / 2 {
                     let ping = self.ping();
                     self.queue(ws, &ping).await?;
                 }
+                self.queue_stats(ws, heartbeat).await?;
                 self.flush(ws).await?
             }
             Frame::Pong { t } => {
@@ -780,13 +802,23 @@ impl Session {
         }
     }
 
-    /// Queues the session's channel figures for a `Stats` frame, from the
-    /// edge-wide refresh (no store command per session); nothing while a
-    /// channel has no figures yet.
-    fn queue_stats(&self) {
-        let stats: Option<Vec<_>> = self.table.channels().iter().map(|ch| self.state.backlog.stats(ch)).collect();
-        if let Some(stats) = stats {
-            let _ = self.stats_tx.try_send(stats);
+    /// Queues a `Stats` frame of the session's channel figures, from the
+    /// edge-wide refresh (no store command per session), every few
+    /// heartbeats and only when they changed; nothing while a channel has
+    /// no figures yet.
+    async fn queue_stats(&mut self, ws: &mut WebSocket, heartbeat: Duration) -> Result<(), Close> {
+        if self.stats_looked.elapsed() < heartbeat * STATS_EVERY - heartbeat / 2 {
+            return Ok(());
+        }
+        self.stats_looked = Instant::now();
+        let stats: Option<StatsEvent> = self.table.channels().iter().map(|ch| self.state.backlog.stats(ch)).collect();
+        match stats {
+            Some(stats) if self.last_stats.as_ref() != Some(&stats) => {
+                self.queue(ws, &Frame::Stats { channels: stats.clone() }).await?;
+                self.last_stats = Some(stats);
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 }
