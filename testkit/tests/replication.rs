@@ -352,26 +352,26 @@ async fn a_stalled_master_does_not_skip_a_channels_pending_entries() {
     // The next session's fetcher.
     let channels = vec![a.to_string(), b.to_string()];
     let reader = store.reader().await.expect("reader");
-    let fetcher = Fetcher::new(
+    let mut fetcher = Some(Box::new(Fetcher::new(
         store.clone(),
         reader,
         "lan-1".into(),
         &channels,
         Duration::from_secs(60),
         (1 << 20, std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1 << 20))),
-    );
-    let (grants, grant_rx) = tokio::sync::mpsc::channel(1);
-    let (batch_tx, mut batches) = tokio::sync::mpsc::channel(1);
-    let cancel = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(fetcher.run(grant_rx, batch_tx, cancel.clone()));
+    )));
     let grant = |slots, channels: &[&str]| Grant {
         slots,
         bytes: 4 << 20,
         channels: channels.iter().map(|c| c.to_string()).collect(),
     };
+    // Each read on a task of its own, as a session runs it.
     let mut fetch = async |g: Grant| {
-        grants.send(g).await.expect("fetcher alive");
-        tokio::time::timeout(Duration::from_secs(5), batches.recv()).await.expect("a batch in time").expect("batch")
+        let read = tokio::spawn(fetcher.take().expect("fetcher back").read(g));
+        let (back, batch) =
+            tokio::time::timeout(Duration::from_secs(5), read).await.expect("a batch in time").expect("read");
+        fetcher = Some(back);
+        batch
     };
     // One of a's pending entries; a's cursor now sits after it.
     let got = fetch(grant(1, &[a])).await;
@@ -393,7 +393,6 @@ async fn a_stalled_master_does_not_skip_a_channels_pending_entries() {
     while redelivered.is_none() && Instant::now() < deadline {
         redelivered = fetch(grant(10, &[a, b])).await.into_iter().find(|e| e.channel == b && e.id == b_id);
     }
-    cancel.cancel();
     let entry = redelivered.expect("b's pending entry within 5 s of the stall, not after reclaim_after (60 s)");
     // Each read of it that Redis ran counts, the timed-out ones included.
     assert!(entry.attempt >= 2, "a redelivery, attempt {}", entry.attempt);

@@ -362,23 +362,19 @@ async fn a_larger_entry_read_sizes_later_reads_for_itself(backing: Backing) {
     let big_id = store.append(&[CH.to_string()], &big).await.expect("append")[0];
     let largest = Arc::new(AtomicUsize::new(2048));
     let reader = store.reader().await.expect("reader");
-    let fetcher = Fetcher::new(
+    let mut fetcher = Box::new(Fetcher::new(
         store.clone(),
         reader,
         "lan-1".into(),
         &[CH.to_string()],
         Duration::from_secs(60),
         (1 << 20, largest.clone()),
-    );
-    let (grants, grant_rx) = tokio::sync::mpsc::channel(1);
-    let (batch_tx, mut batches) = tokio::sync::mpsc::channel(1);
-    let cancel = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(fetcher.run(grant_rx, batch_tx, cancel.clone()));
+    ));
     let mut got = Vec::new();
     while got.len() < 4 {
-        grants.send(Grant { slots: 64, bytes: 1 << 20, channels: vec![CH.to_string()] }).await.expect("fetcher");
-        let batch =
-            tokio::time::timeout(Duration::from_secs(5), batches.recv()).await.expect("in time").expect("batch");
+        let grant = Grant { slots: 64, bytes: 1 << 20, channels: vec![CH.to_string()] };
+        let (back, batch) = tokio::time::timeout(Duration::from_secs(5), fetcher.read(grant)).await.expect("in time");
+        fetcher = back;
         got.extend(ids_of(&batch));
     }
     let mut want = ids.clone();
@@ -386,7 +382,6 @@ async fn a_larger_entry_read_sizes_later_reads_for_itself(backing: Backing) {
     assert_eq!(got, want, "all four, in order");
     let size = largest.load(Ordering::Relaxed);
     assert!(size >= 200 * 1024, "reads are now sized for the 200 KiB entry: {size}");
-    cancel.cancel();
 }
 
 every_backend!(a_read_of_several_channels_sees_every_channel, a_larger_entry_read_sizes_later_reads_for_itself);

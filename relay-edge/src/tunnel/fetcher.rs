@@ -18,9 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-
 use super::inflight::Grant;
 pub use crate::store::Cursor;
 use crate::store::{Backend, BlockingRead, Entry, Reader, Store, StreamId};
@@ -253,27 +250,12 @@ impl Fetcher {
         }
     }
 
-    /// Answers every grant with one batch (possibly empty) until the
-    /// session goes away.
-    pub async fn run(
-        mut self,
-        mut grants: mpsc::Receiver<Grant>,
-        batches: mpsc::Sender<Vec<Entry>>,
-        cancel: CancellationToken,
-    ) {
-        loop {
-            let grant = tokio::select! {
-                _ = cancel.cancelled() => return,
-                g = grants.recv() => match g { Some(g) => g, None => return },
-            };
-            let batch = tokio::select! {
-                _ = cancel.cancelled() => return,
-                b = self.fetch(grant) => b,
-            };
-            if batches.send(batch).await.is_err() {
-                return;
-            }
-        }
+    /// Answers one grant with one batch (possibly empty), and hands
+    /// itself back with it: the session runs each read on a task of its
+    /// own, and aborts it when it ends.
+    pub async fn read(mut self: Box<Self>, grant: Grant) -> (Box<Self>, Vec<Entry>) {
+        let batch = self.fetch(grant).await;
+        (self, batch)
     }
 
     /// One batch within the grant: at most `grant.slots` entries weighing

@@ -240,9 +240,11 @@ async fn upgrade(
     let max = relay_protocol::Limits::MAX_AGENT_FRAME.min(state.cfg.max_frame.as_u64() as usize);
     ws.protocols([SUBPROTOCOL])
         // Idle sessions are the edge's main memory cost. Agents send small
-        // frames, so 4 KiB reads (tungstenite zeroes what it reads into:
-        // 128 KiB by default); deliveries are flushed per batch.
-        .read_buffer_size(4 * 1024)
+        // frames (a verdict is tens of bytes), so 1 KiB reads from rustls's
+        // plaintext (tungstenite zeroes what it reads into: 128 KiB by
+        // default; a larger frame reserves its length); deliveries are
+        // flushed per batch.
+        .read_buffer_size(1024)
         .write_buffer_size(16 * 1024)
         // Slightly above the protocol limit so an oversize frame is answered
         // with a clear `Error` frame by the session rather than a bare close.

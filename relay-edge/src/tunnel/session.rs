@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use relay_protocol::{DecodeError, Frame, Limits, VERSION};
-use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::Peer;
 use super::TunnelState;
 use super::fetcher::{Fetcher, deliverable};
-use super::inflight::{Acked, Arrival, Claimed, EntryKey, Grant, Nacked, Send, Table};
+use super::inflight::{Acked, Arrival, Claimed, EntryKey, Nacked, Send, Table};
 use super::registry::{Kick, Live, SessionInfo};
 use crate::store::{Backend, DeadLetter, Entry, Stored, StreamId, Unreadable, now_ms};
 
@@ -147,18 +147,15 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         heartbeat_ms: tunnel.heartbeat.as_millis() as u64,
         reclaim_after_ms: Some(tunnel.reclaim_after.as_millis() as u64),
     };
-    let (grant_tx, grant_rx) = mpsc::channel(1);
-    let (batch_tx, batch_rx) = mpsc::channel(1);
     let max_entry = tunnel.max_frame.as_u64() as usize;
-    let fetcher = Fetcher::new(
+    let fetcher = Box::new(Fetcher::new(
         state.store.clone(),
         reader,
         peer.agent.clone(),
         &channels,
         tunnel.reclaim_after,
         (max_entry, state.largest_entry.clone()),
-    );
-    let fetcher = tokio::spawn(fetcher.run(grant_rx, batch_tx, cancel.clone()));
+    ));
     let table = Table::new(
         channels.clone(),
         window,
@@ -172,7 +169,8 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         table,
         redeliveries: Redeliveries::default(),
         scheduled: HashMap::new(),
-        grant_tx,
+        fetcher: Some(fetcher),
+        fetching: None,
         last_rx: Instant::now(),
         // Both due at the agent's first Ping.
         last_ping: Instant::now().checked_sub(tunnel.heartbeat * RTT_EVERY).unwrap_or_else(Instant::now),
@@ -183,11 +181,13 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         acks: Acks::new(state.store.clone(), &peer.agent),
     };
     let outcome = match Box::pin(session.send(&mut ws, &welcome)).await {
-        Ok(()) => session.run(&mut ws, batch_rx).await,
+        Ok(()) => session.run(&mut ws).await,
         Err(c) => Err(c),
     };
     cancel.cancel();
-    fetcher.abort();
+    if let Some(read) = session.fetching.take() {
+        read.abort();
+    }
     // What the agent acknowledged reaches the store before the session is
     // gone (each ack within the store's command timeout).
     Box::pin(session.acks.finish()).await;
@@ -222,6 +222,16 @@ fn resolve_channels(state: &TunnelState, agent: &str, asked: Option<Vec<String>>
     channels.sort();
     channels.dedup();
     Ok(channels)
+}
+
+/// What the running read returns; pending while none runs.
+async fn fetched(
+    running: &mut Option<JoinHandle<(Box<Fetcher>, Vec<Entry>)>>,
+) -> Result<(Box<Fetcher>, Vec<Entry>), tokio::task::JoinError> {
+    match running {
+        Some(read) => read.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sends `Error`, then a close frame, and lets the socket go. Boxed, as
@@ -293,8 +303,13 @@ struct Session {
     redeliveries: Redeliveries,
     /// The queue slot of each scheduled entry: at most one per entry.
     scheduled: HashMap<EntryKey, delay_queue::Key>,
-    /// Hands the fetcher its next grant (one outstanding at a time).
-    grant_tx: mpsc::Sender<Grant>,
+    /// The session's store reader, between reads.
+    fetcher: Option<Box<Fetcher>>,
+    /// The read of the outstanding grant, on a task of its own (the session
+    /// goes on meanwhile), which hands the fetcher back with its batch. One
+    /// task per read, not a task and two channels per session: an idle
+    /// session's read waits in it, and that is all it holds.
+    fetching: Option<JoinHandle<(Box<Fetcher>, Vec<Entry>)>>,
     /// Last time anything arrived from the agent.
     last_rx: Instant,
     /// Last time the edge sent its Ping.
@@ -391,7 +406,7 @@ impl Acks {
 }
 
 impl Session {
-    async fn run(&mut self, ws: &mut WebSocket, mut batches: mpsc::Receiver<Vec<Entry>>) -> Result<(), Close> {
+    async fn run(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
         let heartbeat = self.state.cfg.heartbeat;
         // No timer fires for a session whose agent pings (see `watchdog`).
         let watchdog = tokio::time::sleep_until(self.watchdog(heartbeat).into());
@@ -410,12 +425,18 @@ impl Session {
                         }
                     }
                 }
-                batch = batches.recv() => match batch {
-                    Some(batch) => Box::pin(self.on_batch(ws, batch)).await?,
-                    // Only if the fetcher task died: end the session, so the
-                    // agent reconnects to a working one.
-                    None => return Err(Close::new("internal", "the session's store reader stopped")),
-                },
+                read = fetched(&mut self.fetching), if self.fetching.is_some() => {
+                    self.fetching = None;
+                    match read {
+                        Ok((fetcher, batch)) => {
+                            self.fetcher = Some(fetcher);
+                            Box::pin(self.on_batch(ws, batch)).await?
+                        }
+                        // Only if the read panicked: end the session, so the
+                        // agent reconnects to a working one.
+                        Err(_) => return Err(Close::new("internal", "the session's store reader stopped")),
+                    }
+                }
                 Some(due) = self.redeliveries.next(), if !self.redeliveries.is_empty() => {
                     let key = due.into_inner();
                     self.scheduled.remove(&key);
@@ -468,12 +489,17 @@ impl Session {
         }
     }
 
-    /// Hands the fetcher its next read, when the table allows one.
+    /// Starts the fetcher's next read, when the table allows one (one
+    /// grant outstanding at a time: the fetcher is here whenever the table
+    /// has none).
     fn grant(&mut self) {
-        if let Some(g) = self.table.grant() {
-            // Capacity 1 and one grant outstanding at a time: never full.
-            // Closed only when the fetcher ended, and so does the session.
-            let _ = self.grant_tx.try_send(g);
+        if self.fetcher.is_none() {
+            return;
+        }
+        if let Some(g) = self.table.grant()
+            && let Some(fetcher) = self.fetcher.take()
+        {
+            self.fetching = Some(tokio::spawn(fetcher.read(g)));
         }
     }
 
