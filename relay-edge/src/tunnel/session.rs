@@ -52,7 +52,49 @@ const RTT_EVERY: u32 = 6;
 /// heartbeats.
 const STATS_EVERY: u32 = 3;
 
-pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
+/// A session that passed its handshake, ready to serve.
+struct Opened {
+    ws: WebSocket,
+    session: Session,
+    session_id: String,
+}
+
+impl Opened {
+    /// Tells the agent it is in.
+    async fn welcome(&mut self) -> Result<(), Close> {
+        let cfg = &self.session.state.cfg;
+        let welcome = Frame::Welcome {
+            session: self.session_id.clone(),
+            agent: self.session.peer.agent.clone(),
+            channels: self.session.table.channels().to_vec(),
+            heartbeat_ms: cfg.heartbeat.as_millis() as u64,
+            reclaim_after_ms: Some(cfg.reclaim_after.as_millis() as u64),
+        };
+        self.session.send(&mut self.ws, &welcome).await
+    }
+
+    /// Says why the session ended, and lets the socket go.
+    async fn close(self: Box<Self>, c: Close) {
+        let Opened { ws, session, .. } = *self;
+        close(ws, &session.peer, c).await;
+    }
+}
+
+/// Runs one agent's session on its socket. The handshake runs in a
+/// future of its own, freed before the session's long wait: a task's
+/// future is as large as its largest state, and it takes its arguments
+/// (the socket) along for its whole life.
+pub fn run(ws: WebSocket, peer: Peer, state: Arc<TunnelState>) -> impl Future<Output = ()> + std::marker::Send {
+    let open = Box::pin(open(ws, peer, state));
+    async move {
+        if let Some(opened) = open.await {
+            serve(opened).await;
+        }
+    }
+}
+
+/// The handshake: `None` when the session was refused (and told why).
+async fn open(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) -> Option<Box<Opened>> {
     let tunnel = &state.cfg;
     let limits =
         Limits { max_frame: tunnel.max_frame.as_u64() as usize, max_window: tunnel.max_window, ..Limits::default() };
@@ -63,20 +105,28 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
             "unknown_agent",
             format!("agent `{}` is not configured on this edge ([[agent]] name = \"{}\")", peer.agent, peer.agent),
         );
-        return close(ws, &peer, c).await;
+        {
+            close(ws, &peer, c).await;
+            return None;
+        }
     }
 
     let handshake = Box::pin(tokio::time::timeout(tunnel.handshake_timeout, recv_frame(&mut ws, &limits))).await;
     let (window, channels, named) = match handshake {
         Err(_) => {
-            return close(ws, &peer, Close::new("handshake_timeout", "no Hello frame in time")).await;
+            close(ws, &peer, Close::new("handshake_timeout", "no Hello frame in time")).await;
+            return None;
         }
-        Ok(Err(c)) => return close(ws, &peer, c).await,
-        Ok(Ok(None)) => return,
+        Ok(Err(c)) => {
+            close(ws, &peer, c).await;
+            return None;
+        }
+        Ok(Ok(None)) => return None,
         Ok(Ok(Some(Frame::Hello { version, window, channels, named_acks, .. }))) => {
             if version != VERSION {
                 let msg = format!("protocol version {version} is not supported; this edge speaks {VERSION}");
-                return close(ws, &peer, Close::new("unsupported_version", msg)).await;
+                close(ws, &peer, Close::new("unsupported_version", msg)).await;
+                return None;
             }
             match resolve_channels(&state, &peer.agent, channels) {
                 Ok(c) if !named_acks && c.len() > 1 => {
@@ -86,15 +136,20 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
                          upgrade relay-agent, or list a single channel in its [[target]]s",
                         c.len()
                     );
-                    return close(ws, &peer, Close::new("upgrade_required", msg)).await;
+                    close(ws, &peer, Close::new("upgrade_required", msg)).await;
+                    return None;
                 }
                 Ok(c) => (window, c, named_acks),
-                Err(c) => return close(ws, &peer, c).await,
+                Err(c) => {
+                    close(ws, &peer, c).await;
+                    return None;
+                }
             }
         }
         Ok(Ok(Some(other))) => {
             let msg = format!("expected Hello as the first frame, got {}", other.kind());
-            return close(ws, &peer, Close::new("protocol_error", msg)).await;
+            close(ws, &peer, Close::new("protocol_error", msg)).await;
+            return None;
         }
     };
     let prepared = Box::pin(async {
@@ -109,13 +164,15 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         Err(e) => {
             tracing::warn!(agent = %peer.agent, error = %e, "cannot prepare the session's channels");
             let c = Close::new("store_unavailable", "the edge's store is unavailable; retry later");
-            return close(ws, &peer, c).await;
+            {
+                close(ws, &peer, c).await;
+                return None;
+            }
         }
     };
 
     let kick = Kick { token: state.shutdown.child_token(), ..Kick::default() };
     let live = Arc::new(Live::default());
-    let cancel = kick.token.clone();
     let info = SessionInfo {
         session: session_id.clone(),
         agent: peer.agent.clone(),
@@ -130,23 +187,13 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
     // replaced the CA, since the TLS handshake.
     if !state.registry.register(info, kick.clone(), |s| state.admits(s)) {
         tracing::warn!(agent = %peer.agent, peer = %peer.addr, fingerprint = %peer.cert.fingerprint, "certificate revoked or no longer trusted; refused");
-        return close(
-            ws,
-            &peer,
-            Close::new("revoked", "this agent's certificate has been revoked or is no longer trusted"),
-        )
-        .await;
+        let c = Close::new("revoked", "this agent's certificate has been revoked or is no longer trusted");
+        close(ws, &peer, c).await;
+        return None;
     }
     tracing::info!(agent = %peer.agent, session = %session_id, ?channels, window, named_acks = named, "agent connected");
     state.metrics.sessions_opened.inc();
 
-    let welcome = Frame::Welcome {
-        session: session_id.clone(),
-        agent: peer.agent.clone(),
-        channels: channels.clone(),
-        heartbeat_ms: tunnel.heartbeat.as_millis() as u64,
-        reclaim_after_ms: Some(tunnel.reclaim_after.as_millis() as u64),
-    };
     let max_entry = tunnel.max_frame.as_u64() as usize;
     let fetcher = Box::new(Fetcher::new(
         state.store.clone(),
@@ -162,7 +209,7 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         tunnel.session_bytes.as_u64() as usize,
         tunnel.max_frame.as_u64() as usize,
     );
-    let mut session = Session {
+    let session = Session {
         state: state.clone(),
         peer: peer.clone(),
         limits,
@@ -180,24 +227,32 @@ pub async fn run(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) {
         kick: kick.clone(),
         acks: Acks::new(state.store.clone(), &peer.agent),
     };
-    let outcome = match Box::pin(session.send(&mut ws, &welcome)).await {
-        Ok(()) => session.run(&mut ws).await,
+    Some(Box::new(Opened { ws, session, session_id }))
+}
+
+/// Serves an opened session until it ends, then settles what it can and
+/// says why it ended.
+async fn serve(mut opened: Box<Opened>) {
+    let outcome = match Box::pin(opened.welcome()).await {
+        Ok(()) => opened.session.run(&mut opened.ws).await,
         Err(c) => Err(c),
     };
-    cancel.cancel();
+    let Opened { session, session_id, .. } = &mut *opened;
+    session.kick.token.cancel();
     if let Some(read) = session.fetching.take() {
         read.abort();
     }
     // What the agent acknowledged reaches the store before the session is
     // gone (each ack within the store's command timeout).
     Box::pin(session.acks.finish()).await;
-    state.registry.remove(&peer.agent, &session_id);
+    let (state, peer) = (&session.state, &session.peer);
+    state.registry.remove(&peer.agent, session_id);
     state.metrics.session_closed(outcome.as_ref().err().map(|c| c.code).unwrap_or("disconnected"));
     match outcome {
         Ok(()) => tracing::info!(agent = %peer.agent, session = %session_id, "agent disconnected"),
         Err(c) => {
             tracing::info!(agent = %peer.agent, session = %session_id, code = c.code, reason = %c.message, "session closed");
-            close(ws, &peer, c).await;
+            Box::pin(opened.close(c)).await;
         }
     }
 }
