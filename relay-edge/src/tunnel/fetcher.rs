@@ -252,7 +252,7 @@ impl Fetcher {
 
     /// Answers one grant with one batch (possibly empty), and hands
     /// itself back with it: the session runs each read on a task of its
-    /// own, and aborts it when it ends.
+    /// own, stopped at a kick and aborted when the session ends.
     pub async fn read(mut self: Box<Self>, grant: Grant) -> (Box<Self>, Vec<Entry>) {
         let batch = self.fetch(grant).await;
         (self, batch)

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use relay_protocol::{DecodeError, Frame, Limits, VERSION};
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 use tokio_util::time::{DelayQueue, delay_queue};
 
 use super::Peer;
@@ -239,9 +239,7 @@ async fn serve(mut opened: Box<Opened>) {
     };
     let Opened { session, session_id, .. } = &mut *opened;
     session.kick.token.cancel();
-    if let Some(read) = session.fetching.take() {
-        read.abort();
-    }
+    session.fetching = None;
     // What the agent acknowledged reaches the store before the session is
     // gone (each ack within the store's command timeout).
     Box::pin(session.acks.finish()).await;
@@ -279,10 +277,13 @@ fn resolve_channels(state: &TunnelState, agent: &str, asked: Option<Vec<String>>
     Ok(channels)
 }
 
+/// A grant's read on its task: the fetcher back with its batch, or
+/// `None` when the session was kicked first. Dropping it aborts the read
+/// (a session that ends, however it ends, takes its read along).
+type Reading = AbortOnDropHandle<Option<(Box<Fetcher>, Vec<Entry>)>>;
+
 /// What the running read returns; pending while none runs.
-async fn fetched(
-    running: &mut Option<JoinHandle<(Box<Fetcher>, Vec<Entry>)>>,
-) -> Result<(Box<Fetcher>, Vec<Entry>), tokio::task::JoinError> {
+async fn fetched(running: &mut Option<Reading>) -> Result<Option<(Box<Fetcher>, Vec<Entry>)>, tokio::task::JoinError> {
     match running {
         Some(read) => read.await,
         None => std::future::pending().await,
@@ -361,10 +362,11 @@ struct Session {
     /// The session's store reader, between reads.
     fetcher: Option<Box<Fetcher>>,
     /// The read of the outstanding grant, on a task of its own (the session
-    /// goes on meanwhile), which hands the fetcher back with its batch. One
+    /// goes on meanwhile), which hands the fetcher back with its batch; it
+    /// stops at a kick, and is aborted when the session is dropped. One
     /// task per read, not a task and two channels per session: an idle
     /// session's read waits in it, and that is all it holds.
-    fetching: Option<JoinHandle<(Box<Fetcher>, Vec<Entry>)>>,
+    fetching: Option<Reading>,
     /// Last time anything arrived from the agent.
     last_rx: Instant,
     /// Last time the edge sent its Ping.
@@ -483,7 +485,11 @@ impl Session {
                 read = fetched(&mut self.fetching), if self.fetching.is_some() => {
                     self.fetching = None;
                     match read {
-                        Ok((fetcher, batch)) => {
+                        // Replaced, revoked or shutting down: what the read
+                        // took stays pending for this agent's next session.
+                        Ok(None) => return Err(self.kicked()),
+                        Ok(Some(_)) if self.kick.token.is_cancelled() => return Err(self.kicked()),
+                        Ok(Some((fetcher, batch))) => {
                             self.fetcher = Some(fetcher);
                             Box::pin(self.on_batch(ws, batch)).await?
                         }
@@ -554,7 +560,17 @@ impl Session {
         if let Some(g) = self.table.grant()
             && let Some(fetcher) = self.fetcher.take()
         {
-            self.fetching = Some(tokio::spawn(fetcher.read(g)));
+            // It stops at a kick, as the session does: a replaced
+            // session's read must not take entries past the cursor of the
+            // agent's new session.
+            let kicked = self.kick.token.clone();
+            self.fetching = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                tokio::select! {
+                    biased;
+                    () = kicked.cancelled() => None,
+                    read = fetcher.read(g) => Some(read),
+                }
+            })));
         }
     }
 
@@ -611,6 +627,7 @@ impl Session {
     /// an agent that stopped reading lets go of what it holds at once).
     async fn in_time(&self, write: impl std::future::Future<Output = Result<(), axum::Error>>) -> Result<(), Close> {
         tokio::select! {
+            biased;
             _ = self.kick.token.cancelled() => Err(self.kicked()),
             r = tokio::time::timeout(self.state.cfg.heartbeat * 3, write) => match r {
                 Ok(Ok(())) => Ok(()),
@@ -862,6 +879,12 @@ impl Session {
             }
         }
         let sends = self.table.arrived(arrivals);
+        if !sends.is_empty() {
+            // An agent too busy to go quiet (one that does not ping on its
+            // own) still hears its figures.
+            let heartbeat = self.state.cfg.heartbeat;
+            self.queue_stats(ws, heartbeat).await?;
+        }
         self.deliver_all(ws, sends).await
     }
 
