@@ -105,28 +105,18 @@ async fn open(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) -> Option<
             "unknown_agent",
             format!("agent `{}` is not configured on this edge ([[agent]] name = \"{}\")", peer.agent, peer.agent),
         );
-        {
-            close(ws, &peer, c).await;
-            return None;
-        }
+        return refuse(ws, &peer, c).await;
     }
 
     let handshake = Box::pin(tokio::time::timeout(tunnel.handshake_timeout, recv_frame(&mut ws, &limits))).await;
     let (window, channels, named) = match handshake {
-        Err(_) => {
-            close(ws, &peer, Close::new("handshake_timeout", "no Hello frame in time")).await;
-            return None;
-        }
-        Ok(Err(c)) => {
-            close(ws, &peer, c).await;
-            return None;
-        }
+        Err(_) => return refuse(ws, &peer, Close::new("handshake_timeout", "no Hello frame in time")).await,
+        Ok(Err(c)) => return refuse(ws, &peer, c).await,
         Ok(Ok(None)) => return None,
         Ok(Ok(Some(Frame::Hello { version, window, channels, named_acks, .. }))) => {
             if version != VERSION {
                 let msg = format!("protocol version {version} is not supported; this edge speaks {VERSION}");
-                close(ws, &peer, Close::new("unsupported_version", msg)).await;
-                return None;
+                return refuse(ws, &peer, Close::new("unsupported_version", msg)).await;
             }
             match resolve_channels(&state, &peer.agent, channels) {
                 Ok(c) if !named_acks && c.len() > 1 => {
@@ -136,20 +126,15 @@ async fn open(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) -> Option<
                          upgrade relay-agent, or list a single channel in its [[target]]s",
                         c.len()
                     );
-                    close(ws, &peer, Close::new("upgrade_required", msg)).await;
-                    return None;
+                    return refuse(ws, &peer, Close::new("upgrade_required", msg)).await;
                 }
                 Ok(c) => (window, c, named_acks),
-                Err(c) => {
-                    close(ws, &peer, c).await;
-                    return None;
-                }
+                Err(c) => return refuse(ws, &peer, c).await,
             }
         }
         Ok(Ok(Some(other))) => {
             let msg = format!("expected Hello as the first frame, got {}", other.kind());
-            close(ws, &peer, Close::new("protocol_error", msg)).await;
-            return None;
+            return refuse(ws, &peer, Close::new("protocol_error", msg)).await;
         }
     };
     let prepared = Box::pin(async {
@@ -164,10 +149,7 @@ async fn open(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) -> Option<
         Err(e) => {
             tracing::warn!(agent = %peer.agent, error = %e, "cannot prepare the session's channels");
             let c = Close::new("store_unavailable", "the edge's store is unavailable; retry later");
-            {
-                close(ws, &peer, c).await;
-                return None;
-            }
+            return refuse(ws, &peer, c).await;
         }
     };
 
@@ -188,8 +170,7 @@ async fn open(mut ws: WebSocket, peer: Peer, state: Arc<TunnelState>) -> Option<
     if !state.registry.register(info, kick.clone(), |s| state.admits(s)) {
         tracing::warn!(agent = %peer.agent, peer = %peer.addr, fingerprint = %peer.cert.fingerprint, "certificate revoked or no longer trusted; refused");
         let c = Close::new("revoked", "this agent's certificate has been revoked or is no longer trusted");
-        close(ws, &peer, c).await;
-        return None;
+        return refuse(ws, &peer, c).await;
     }
     tracing::info!(agent = %peer.agent, session = %session_id, ?channels, window, named_acks = named, "agent connected");
     state.metrics.sessions_opened.inc();
@@ -288,6 +269,12 @@ async fn fetched(running: &mut Option<Reading>) -> Result<Option<(Box<Fetcher>, 
         Some(read) => read.await,
         None => std::future::pending().await,
     }
+}
+
+/// Refuses a session: [`close`], and nothing to serve.
+async fn refuse(ws: WebSocket, peer: &Peer, c: Close) -> Option<Box<Opened>> {
+    close(ws, peer, c).await;
+    None
 }
 
 /// Sends `Error`, then a close frame, and lets the socket go. Boxed, as

@@ -86,40 +86,34 @@ impl ConnectionLike for Conn {
 /// channel's keys carry it, see `keys`), in first-seen order; otherwise
 /// one group of all.
 pub fn slot_groups<'a>(cluster: bool, channels: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
-    group_by(cluster, channels, |c| Slot::for_key(super::keys::stream(c)))
-}
-
-/// Like [`slot_groups`], but on a cluster one group per channel: a write
-/// pipeline of one key can be sent whole again (redis-rs resends a
-/// redirected pipeline whole; so does [`super::follow_redirect`]) without
-/// writing twice; two channels sharing a slot while it migrates could have
-/// one written on each node, then again.
-pub fn channel_groups<'a>(cluster: bool, channels: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
-    group_by(cluster, channels, |c| c)
-}
-
-fn group_by<'a, K: PartialEq>(
-    cluster: bool,
-    channels: impl Iterator<Item = &'a str>,
-    key: impl Fn(&'a str) -> K,
-) -> Vec<Vec<usize>> {
     if !cluster {
         return vec![channels.enumerate().map(|(i, _)| i).collect()];
     }
-    let mut groups: Vec<(K, Vec<usize>)> = Vec::new();
+    let mut groups: Vec<(Slot, Vec<usize>)> = Vec::new();
     for (i, channel) in channels.enumerate() {
-        let k = key(channel);
-        match groups.iter_mut().find(|(g, _)| *g == k) {
+        let slot = Slot::for_key(super::keys::stream(channel));
+        match groups.iter_mut().find(|(s, _)| *s == slot) {
             Some((_, g)) => g.push(i),
-            None => groups.push((k, vec![i])),
+            None => groups.push((slot, vec![i])),
         }
     }
     groups.into_iter().map(|(_, g)| g).collect()
 }
 
+/// Like [`slot_groups`] for writes: on a cluster one write per pipeline.
+/// A pipeline of one command can be sent whole again (redis-rs resends a
+/// redirected pipeline whole; so does [`super::follow_redirect`]) without
+/// writing twice; two writes in one, even to one key (a route that names a
+/// channel twice), could have the first run on the node importing the slot
+/// while the second is sent back, and then run again.
+pub fn write_groups<'a>(cluster: bool, channels: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
+    let all = 0..channels.count();
+    if cluster { all.map(|i| vec![i]).collect() } else { vec![all.collect()] }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{channel_groups, slot_groups};
+    use super::{slot_groups, write_groups};
 
     #[test]
     fn channels_split_by_slot_only_on_a_cluster() {
@@ -131,14 +125,15 @@ mod tests {
     }
 
     #[test]
-    fn writes_on_a_cluster_get_a_pipeline_per_channel_even_in_one_slot() {
+    fn writes_on_a_cluster_get_a_pipeline_each_even_in_one_slot() {
         // Any two names in one slot: found by search.
         let slot = |c: &str| redis::cluster_routing::Slot::for_key(super::super::keys::stream(c));
         let other = (0..100_000).map(|i| format!("ch{i}")).find(|c| c != "crm" && slot(c) == slot("crm"));
         let other = other.expect("a channel sharing crm's slot");
         let channels = ["crm", other.as_str(), "crm"];
         assert_eq!(slot_groups(true, channels.into_iter()), vec![vec![0, 1, 2]], "one slot: one read pipeline");
-        assert_eq!(channel_groups(true, channels.into_iter()), vec![vec![0, 2], vec![1]]);
-        assert_eq!(channel_groups(false, channels.into_iter()), vec![vec![0, 1, 2]]);
+        // One write per pipeline, a channel named twice included.
+        assert_eq!(write_groups(true, channels.into_iter()), vec![vec![0], vec![1], vec![2]]);
+        assert_eq!(write_groups(false, channels.into_iter()), vec![vec![0, 1, 2]]);
     }
 }

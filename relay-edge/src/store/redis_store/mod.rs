@@ -47,7 +47,7 @@ mod parse;
 mod sentinel;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::cluster_routing::SingleNodeRoutingInfo;
@@ -63,7 +63,7 @@ use super::{
 use crate::config::{Durability, StoreConfig};
 use crate::error::StoreError;
 use appends::Appends;
-use conn::{Conn, channel_groups, slot_groups};
+use conn::{Conn, slot_groups, write_groups};
 use sentinel::Resolver;
 
 /// Consumer name under which retention reads never-delivered entries.
@@ -133,6 +133,9 @@ pub struct RedisStore {
     appends: Arc<Appends>,
     /// A Redis Cluster: no pipeline mixes two channels' slots.
     cluster: bool,
+    /// A background probe runs (one at a time: failing pipelines under
+    /// load must not each leave one behind).
+    probing: Arc<AtomicBool>,
 }
 
 /// Connections carrying sessions' reads (a large read never delays an
@@ -242,7 +245,7 @@ fn first_key(pipe: &redis::Pipeline) -> Option<Vec<u8>> {
     channel_key(pipe.cmd_iter().next()?).map(<[u8]>::to_vec)
 }
 
-/// The channel key a probe of `query` reads ([`RedisStore::probe`]).
+/// The channel key a probe of `query` reads ([`RedisStore::read_key`]).
 fn probe_key(query: Query<'_>) -> Option<Vec<u8>> {
     match query {
         Query::Cmd(c) => channel_key(c).map(<[u8]>::to_vec),
@@ -277,8 +280,8 @@ fn one_key(pipe: &redis::Pipeline) -> bool {
 /// resending a pipeline whole, but sends `ASKING` apart: under load
 /// another command takes its flag and the redirect bounces until its
 /// retries run out. Hence write pipelines of one key each on a cluster,
-/// [`conn::channel_groups`].) Only nodes the client is connected to are
-/// followed to ([`RedisStore::probe`] connects first). A redirect means the node asked did
+/// [`conn::write_groups`].) Only nodes the client is connected to are
+/// followed to ([`RedisStore::read_key`] connects first). A redirect means the node asked did
 /// not run the command (its key is not there), so running it there runs it
 /// once. `to`: whether it is an `ASK`, and the node ([`redirect_of`]).
 /// `None` off a cluster.
@@ -396,6 +399,7 @@ impl RedisStore {
             next_writer: Arc::new(AtomicUsize::new(0)),
             appends: Arc::new(Appends::default()),
             cluster: cfg.cluster().is_some(),
+            probing: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -415,11 +419,11 @@ impl RedisStore {
 
     /// Runs `query` on `conn` within `deadline`. On a cluster, a redirect
     /// (`MOVED`, `ASK`) is followed once more here ([`follow_redirect`]),
-    /// after one command of the query's key ([`RedisStore::probe`]), within
-    /// what is left of `deadline`. A pipeline that failed otherwise is
-    /// followed by that probe too, in the background: a pipeline's errors
-    /// do not teach the cluster client the new slot map, a single
-    /// command's do.
+    /// after one command of the query's key ([`RedisStore::read_key`]) in
+    /// at most half of what is left of `deadline`. A pipeline that failed
+    /// otherwise is followed by that probe too, in the background, one at
+    /// a time: a pipeline's errors do not teach the cluster client the new
+    /// slot map, a single command's do.
     async fn exec<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
@@ -437,7 +441,10 @@ impl RedisStore {
             (Ok(Err(e)), Some(to)) => {
                 let left = deadline.saturating_sub(started.elapsed());
                 let follow = async {
-                    self.probe(&mut conn, query).await;
+                    // At most half of what is left: the follow needs the rest.
+                    if let Some(key) = probe_key(query) {
+                        let _ = tokio::time::timeout(left / 2, self.read_key(&mut conn, &key)).await;
+                    }
                     follow_redirect(&mut conn, query, to).await
                 };
                 return match tokio::time::timeout(left, follow).await {
@@ -456,30 +463,29 @@ impl RedisStore {
             Err(StoreError::Redis { source, .. }) => !source.is_timeout(),
             Err(_) => true,
         };
-        if learn && self.cluster && op != "PUBLISH" && matches!(query, Query::Pipe(_)) {
-            let (store, query_key) = (self.clone(), probe_key(query));
+        if learn
+            && self.cluster
+            && op != "PUBLISH"
+            && matches!(query, Query::Pipe(_))
+            && let Some(key) = probe_key(query)
+            && !self.probing.swap(true, Ordering::AcqRel)
+        {
+            let store = self.clone();
             tokio::spawn(async move {
-                if let Some(key) = query_key {
-                    store.probe_key(&mut conn, &key).await;
-                }
+                store.read_key(&mut conn, &key).await;
+                store.probing.store(false, Ordering::Release);
             });
         }
         r
     }
 
-    /// One command of `query`'s channel key, read, never written, within
-    /// the command timeout: redis-rs follows its redirect itself, which
-    /// connects to the node named (a node new to the cluster, importing a
-    /// slot, is not among its connections until then, and
-    /// [`follow_redirect`] uses only those) and, after `MOVED`, refreshes
-    /// the slot map.
-    async fn probe(&self, conn: &mut Conn, query: Query<'_>) {
-        if let Some(key) = probe_key(query) {
-            self.probe_key(conn, &key).await;
-        }
-    }
-
-    async fn probe_key(&self, conn: &mut Conn, key: &[u8]) {
+    /// The probe: one command of a query's channel key ([`probe_key`]),
+    /// read, never written, within the command timeout. redis-rs follows
+    /// its redirect itself, which connects to the node named (a node new
+    /// to the cluster, importing a slot, is not among its connections until
+    /// then, and [`follow_redirect`] uses only those) and, after `MOVED`,
+    /// refreshes the slot map.
+    async fn read_key(&self, conn: &mut Conn, key: &[u8]) {
         let probe = redis::cmd("EXISTS").arg(key).to_owned();
         let _ = tokio::time::timeout(self.timeout, probe.query_async::<Value>(conn)).await;
     }
@@ -611,8 +617,8 @@ impl Backend for RedisStore {
     /// one server can).
     async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<StreamId>, StoreError> {
         let bytes = super::encode(webhook)?;
-        // One pipeline per channel (one in all off a cluster), all at once.
-        let groups = channel_groups(self.cluster, channels.iter().map(String::as_str));
+        // One pipeline per write (one in all off a cluster), all at once.
+        let groups = write_groups(self.cluster, channels.iter().map(String::as_str));
         let writes = groups.iter().map(|group| {
             let mut pipe = redis::pipe();
             for &i in group {
