@@ -7,5 +7,6 @@ pub mod callgrind;
 pub mod load;
 pub mod proc;
 pub mod stats;
+pub mod syscalls;
 pub mod tunnel;
 pub mod yardstick;

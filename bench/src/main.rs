@@ -61,6 +61,11 @@ struct Args {
     /// warm-up); prints instructions and Redis commands per webhook.
     #[arg(long, value_name = "N")]
     callgrind: Option<u64>,
+    /// Only this: `strace -c` attached to the edge, the agent and Redis for
+    /// exactly N webhooks relayed end to end (after a warm-up); prints
+    /// system calls per webhook of each, by call.
+    #[arg(long, value_name = "N", conflicts_with = "callgrind")]
+    syscalls: Option<u64>,
 }
 
 /// The tunnel yardstick's figures, which the relay's are judged against.
@@ -267,6 +272,7 @@ struct Ctx<'a> {
     rx: &'a Arc<Receiver>,
     target: String,
     redis_url: String,
+    redis_pid: Option<u32>,
     tunnel: Option<Tunnel>,
     fsync_ms: f64,
 }
@@ -341,11 +347,17 @@ async fn main() -> anyhow::Result<()> {
         rx: &rx,
         target: direct.clone(),
         redis_url: redis_url.clone(),
+        redis_pid: procs.redis.pid(),
         tunnel: None,
         fsync_ms: 0.0,
     };
-    if let Some(n) = args.callgrind {
-        let v = callgrind_pass(&ctx, n).await?;
+    let counted = match (args.callgrind, args.syscalls) {
+        (Some(n), _) => Some((n, Count::Instructions)),
+        (None, Some(n)) => Some((n, Count::Syscalls)),
+        (None, None) => None,
+    };
+    if let Some((n, count)) = counted {
+        let v = counted_pass(&ctx, n, count).await?;
         drop(procs);
         std::fs::write(&args.out, serde_json::to_string_pretty(&v)?)?;
         println!("\nreport written to {}", args.out.display());
@@ -645,21 +657,36 @@ async fn relay_pass(ctx: &Ctx<'_>, procs: &mut Procs, store: &StoreKind) -> anyh
     Ok(Value::Object(out))
 }
 
-/// Webhooks relayed before callgrind starts counting: connections, pools
-/// and buffers are warm by then.
+/// Webhooks relayed before counting starts: connections, pools and
+/// buffers are warm by then.
 const WARM_UP: u64 = 500;
 
-/// `--callgrind N`: the edge and the agent under callgrind (instrumentation
-/// off), a warm-up, then exactly `n` webhooks (64 senders) relayed end to
-/// end and acked with it on. Prints instructions per webhook for each, and
-/// Redis commands per webhook by command (from `INFO commandstats`).
-async fn callgrind_pass(ctx: &Ctx<'_>, n: u64) -> anyhow::Result<Value> {
-    use relay_bench::callgrind;
+/// What a counted pass counts.
+#[derive(Clone, Copy, PartialEq)]
+enum Count {
+    /// Instructions of the edge and the agent, under callgrind.
+    Instructions,
+    /// System calls of the edge, the agent and Redis, under `strace -c`.
+    Syscalls,
+}
+
+/// `--callgrind N` / `--syscalls N`: the edge and the agent started (under
+/// callgrind with instrumentation off, for instructions), a warm-up, then
+/// exactly `n` webhooks (64 senders) relayed end to end and acked while
+/// counting. Prints the count per webhook of each process, and Redis
+/// commands per webhook by command (from `INFO commandstats`).
+async fn counted_pass(ctx: &Ctx<'_>, n: u64, count: Count) -> anyhow::Result<Value> {
+    use relay_bench::{callgrind, syscalls};
     let (client, rx, redis_url) = (ctx.client, ctx.rx, ctx.redis_url.as_str());
-    let (sub, edge, agent_cfg) = ctx.relay_configs("callgrind", &StoreKind::Redis(redis_url.to_string()))?;
-    let (edge_out, agent_out) = (sub.join("edge.callgrind"), sub.join("agent.callgrind"));
-    let edge_bin = callgrind::wrapper(&sub, ctx.edge_bin, &edge_out)?;
-    let agent_bin = callgrind::wrapper(&sub, ctx.agent_bin, &agent_out)?;
+    let name = if count == Count::Instructions { "callgrind" } else { "syscalls" };
+    let (sub, edge, agent_cfg) = ctx.relay_configs(name, &StoreKind::Redis(redis_url.to_string()))?;
+    let (edge_out, agent_out) = (sub.join(format!("edge.{name}")), sub.join(format!("agent.{name}")));
+    let (edge_bin, agent_bin) = match count {
+        Count::Instructions => {
+            (callgrind::wrapper(&sub, ctx.edge_bin, &edge_out)?, callgrind::wrapper(&sub, ctx.agent_bin, &agent_out)?)
+        }
+        Count::Syscalls => (ctx.edge_bin.to_path_buf(), ctx.agent_bin.to_path_buf()),
+    };
     let redis = redis_conn(redis_url).await?;
     let mut stats_conn = redis.clone();
     let pending = |mut c: redis::aio::MultiplexedConnection| async move {
@@ -672,10 +699,8 @@ async fn callgrind_pass(ctx: &Ctx<'_>, n: u64) -> anyhow::Result<Value> {
     };
     let mut edge_p = Proc::start_bin("relay-edge", &edge_bin, &edge.config, LOG);
     let ingest = edge.ingest;
-    wait_for("edge under valgrind", Duration::from_secs(120), || {
-        std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok()
-    })
-    .await?;
+    wait_for("the edge", Duration::from_secs(120), || std::net::TcpStream::connect(("127.0.0.1", ingest)).is_ok())
+        .await?;
     let mut agent_p = Proc::start_bin("relay-agent", &agent_bin, &agent_cfg, LOG);
     let hook = format!("http://127.0.0.1:{ingest}/hooks/bench");
     let relay = |count: u64| {
@@ -683,14 +708,12 @@ async fn callgrind_pass(ctx: &Ctx<'_>, n: u64) -> anyhow::Result<Value> {
         async move {
             let base = rx.count.load(Ordering::Relaxed);
             let sent = fill(client, &hook, count).await;
-            wait_for("deliveries under valgrind", Duration::from_secs(600), || {
-                rx.count.load(Ordering::Relaxed) >= base + sent
-            })
-            .await?;
+            wait_for("deliveries", Duration::from_secs(600), || rx.count.load(Ordering::Relaxed) >= base + sent)
+                .await?;
             let deadline = Instant::now() + Duration::from_secs(120);
             while pending(redis.clone()).await != Some(0) {
                 if Instant::now() > deadline {
-                    bail!("acks under valgrind: entries still pending after 120 s");
+                    bail!("acks: entries still pending after 120 s");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -699,13 +722,33 @@ async fn callgrind_pass(ctx: &Ctx<'_>, n: u64) -> anyhow::Result<Value> {
     };
     relay(WARM_UP).await?;
     let pids: Vec<u32> = [edge_p.pid(), agent_p.pid()].into_iter().flatten().collect();
+    if pids.len() != 2 {
+        bail!("the edge or the agent exited during the warm-up");
+    }
     let stats0 = commandstats(&mut stats_conn).await?;
-    for &pid in &pids {
-        callgrind::collect(pid, true).await?;
+    let mut tracers = Vec::new();
+    match count {
+        Count::Instructions => {
+            for &pid in &pids {
+                callgrind::collect(pid, true).await?;
+            }
+        }
+        Count::Syscalls => {
+            let redis_pid = ctx.redis_pid.context("Redis's PID")?;
+            for (pid, out) in [(pids[0], &edge_out), (pids[1], &agent_out), (redis_pid, &sub.join("redis.syscalls"))] {
+                tracers.push(syscalls::attach(pid, out).await?);
+            }
+        }
     }
     let sent = relay(n).await?;
-    for &pid in &pids {
-        callgrind::collect(pid, false).await?;
+    let mut traced = Vec::new();
+    for t in tracers {
+        traced.push(t.detach().await?);
+    }
+    if count == Count::Instructions {
+        for &pid in &pids {
+            callgrind::collect(pid, false).await?;
+        }
     }
     let stats1 = commandstats(&mut stats_conn).await?;
     // Callgrind writes its profile when the process exits.
@@ -714,15 +757,38 @@ async fn callgrind_pass(ctx: &Ctx<'_>, n: u64) -> anyhow::Result<Value> {
             bail!("{e}");
         }
     }
-    let (edge_ir, agent_ir) = (callgrind::instructions(&edge_out)?, callgrind::instructions(&agent_out)?);
     let per = |x: u64| x as f64 / sent.max(1) as f64;
-    println!("callgrind over {sent} webhooks relayed end to end (Redis store, 64 senders, after {WARM_UP} warm-up):");
-    println!(
-        "  instructions per webhook: edge {:.0}, agent {:.0}, both {:.0}",
-        per(edge_ir),
-        per(agent_ir),
-        per(edge_ir + agent_ir)
-    );
+    let mut report = serde_json::Map::new();
+    report.insert("webhooks".into(), json!(sent));
+    match count {
+        Count::Instructions => {
+            let (edge_ir, agent_ir) = (callgrind::instructions(&edge_out)?, callgrind::instructions(&agent_out)?);
+            println!(
+                "callgrind over {sent} webhooks relayed end to end (Redis store, 64 senders, after {WARM_UP} warm-up):"
+            );
+            println!(
+                "  instructions per webhook: edge {:.0}, agent {:.0}, both {:.0}",
+                per(edge_ir),
+                per(agent_ir),
+                per(edge_ir + agent_ir)
+            );
+            report.insert("edge_instructions_per_webhook".into(), json!(per(edge_ir)));
+            report.insert("agent_instructions_per_webhook".into(), json!(per(agent_ir)));
+        }
+        Count::Syscalls => {
+            println!(
+                "strace -c over {sent} webhooks relayed end to end (Redis store, 64 senders, after {WARM_UP} warm-up):"
+            );
+            for (who, s) in ["edge", "agent", "redis"].into_iter().zip(&traced) {
+                let top: Vec<String> = s.by_call.iter().take(6).map(|(c, k)| format!("{c} {:.2}", per(*k))).collect();
+                println!("  {who:<5} system calls per webhook: {:.2} ({})", per(s.total), top.join(", "));
+                let calls: serde_json::Map<String, Value> =
+                    s.by_call.iter().map(|(c, k)| (c.clone(), json!(per(*k)))).collect();
+                report.insert(format!("{who}_syscalls_per_webhook"), json!(per(s.total)));
+                report.insert(format!("{who}_syscalls"), Value::Object(calls));
+            }
+        }
+    }
     let mut cmds = serde_json::Map::new();
     let mut total = 0;
     for (cmd, calls) in &stats1 {
@@ -734,19 +800,20 @@ async fn callgrind_pass(ctx: &Ctx<'_>, n: u64) -> anyhow::Result<Value> {
     }
     let listed: Vec<String> = cmds.iter().map(|(c, v)| format!("{c} {:.3}", v.as_f64().unwrap_or(0.0))).collect();
     println!("  Redis commands per webhook: {:.3} ({})", per(total), listed.join(", "));
-    println!("  profiles: {} and {} (callgrind_annotate)", edge_out.display(), agent_out.display());
-    let keep = std::env::temp_dir().join("relay-bench-callgrind");
-    std::fs::create_dir_all(&keep)?;
-    for f in [&edge_out, &agent_out] {
-        if let Some(name) = f.file_name() {
-            std::fs::copy(f, keep.join(name))?;
+    report.insert("redis_commands_per_webhook".into(), json!(per(total)));
+    report.insert("redis_commands".into(), Value::Object(cmds));
+    if count == Count::Instructions {
+        println!("  profiles: {} and {} (callgrind_annotate)", edge_out.display(), agent_out.display());
+        let keep = std::env::temp_dir().join("relay-bench-callgrind");
+        std::fs::create_dir_all(&keep)?;
+        for f in [&edge_out, &agent_out] {
+            if let Some(name) = f.file_name() {
+                std::fs::copy(f, keep.join(name))?;
+            }
         }
+        println!("  copied to {}", keep.display());
     }
-    println!("  copied to {}", keep.display());
-    Ok(
-        json!({ "webhooks": sent, "edge_instructions_per_webhook": per(edge_ir), "agent_instructions_per_webhook": per(agent_ir),
-               "redis_commands_per_webhook": per(total), "redis_commands": cmds }),
-    )
+    Ok(Value::Object(report))
 }
 
 /// Calls per Redis command so far (`INFO commandstats`), by command name.

@@ -125,7 +125,9 @@ fn request(uri: &Uri, channel: &str, attempt: u32, webhook: &Webhook) -> Request
     *req.method_mut() = Method::from_bytes(webhook.method.as_bytes()).unwrap_or(Method::POST);
     *req.uri_mut() = uri.clone();
     let headers = req.headers_mut();
-    headers.reserve(webhook.headers.len() + 3);
+    // The four `x-relay-*` below, and the `host` and `content-length`
+    // hyper adds: the map never grows on the way out.
+    headers.reserve(webhook.headers.len() + 6);
     for h in &webhook.headers {
         let name = h.name.as_str();
         if SKIP.contains(&name) || relay_protocol::SENDER_HEADERS.contains(&name) || name.starts_with("x-relay-") {

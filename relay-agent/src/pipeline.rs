@@ -10,7 +10,7 @@
 //! transport errors → retry with backoff (honouring `Retry-After`) until
 //! `retry.max_attempts`, then dead-letter; any other status → dead-letter.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
 use std::time::Duration;
 

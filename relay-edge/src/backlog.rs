@@ -6,7 +6,9 @@
 //! Over the cap, ingest answers `503` + `Retry-After` (Meta retries) and
 //! stores nothing: nothing unacknowledged is ever dropped to make room.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -37,8 +37,30 @@ impl StreamId {
 }
 
 impl fmt::Display for StreamId {
+    /// One `write_str` of digits written by hand: an id is formatted per
+    /// delivered webhook, and `write!` with two integers costs several
+    /// times more.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
+        // Two u64s of at most 20 digits each and the dash.
+        let mut buf = [0u8; 41];
+        let mut at = buf.len();
+        for (n, dash) in [(self.seq, true), (self.ms, false)] {
+            let mut n = n;
+            loop {
+                at -= 1;
+                buf[at] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            if dash {
+                at -= 1;
+                buf[at] = b'-';
+            }
+        }
+        // Only ASCII digits and a dash were written.
+        f.write_str(std::str::from_utf8(&buf[at..]).unwrap_or_default())
     }
 }
 
@@ -100,5 +122,14 @@ mod tests {
         }
         assert_eq!(StreamId::new(5, u64::MAX).successor(), Some(StreamId::new(6, 0)));
         assert_eq!(StreamId::new(5, 1).successor(), Some(StreamId::new(5, 2)));
+    }
+
+    #[test]
+    fn printing_agrees_with_integer_formatting_at_the_extremes() {
+        for (ms, seq) in [(0, 0), (9, 10), (10, 9), (1, u64::MAX), (u64::MAX, 0), (u64::MAX, u64::MAX)] {
+            let id = StreamId::new(ms, seq);
+            assert_eq!(id.to_string(), format!("{ms}-{seq}"));
+            assert_eq!(id.to_string().parse::<StreamId>(), Ok(id));
+        }
     }
 }

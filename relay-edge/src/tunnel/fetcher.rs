@@ -13,7 +13,9 @@
 //! entry is read once per session, so waiting does not raise its delivery
 //! count (the attempt number the agent sees).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};

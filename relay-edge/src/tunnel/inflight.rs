@@ -39,7 +39,9 @@
 //!   session name that channel. In a session of several channels an id
 //!   alone settles nothing (it stays pending and is redelivered).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::{HashMap, HashMapExt};
 
 use crate::store::StreamId;
 

@@ -9,7 +9,7 @@
 //! session of the same agent re-reads them first, and another agent
 //! reclaims them after the visibility timeout.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

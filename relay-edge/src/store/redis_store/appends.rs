@@ -18,7 +18,7 @@
 //! [`RECHECK`], which covers appends by edges that do not publish (an older
 //! version during a rolling upgrade).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
