@@ -11,8 +11,9 @@ use thiserror::Error;
 /// the agent (it comes with the loader).
 pub use relay_runtime::ConfigError;
 
-/// Failures of the store (either backend).
-#[derive(Debug, Error)]
+/// Failures of the store (either backend). `Clone`: one failed batched
+/// write answers every request in it.
+#[derive(Debug, Error, Clone)]
 pub enum StoreError {
     #[error("redis {op} failed: {source}")]
     Redis {

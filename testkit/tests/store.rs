@@ -347,6 +347,44 @@ async fn a_read_of_several_channels_sees_every_channel(backing: Backing) {
     assert!(left.is_empty(), "nothing pending after the acks: {left:?}");
 }
 
+/// Concurrent appends (on Redis they share pipelines, a round each): every
+/// one gets the ids of its own entries, one per channel in the route's
+/// order, and every entry holds the webhook of the append it was given to.
+async fn concurrent_appends_each_get_the_ids_of_their_own_entries(backing: Backing) {
+    let store = backing.store();
+    let routes: [Vec<String>; 3] =
+        [vec!["crm".into()], vec!["crm".into(), "erp".into()], vec!["erp".into(), "crm".into(), "erp".into()]];
+    for ch in ["crm", "erp"] {
+        store.ensure_group(ch).await.expect("group");
+    }
+    let appends = (0..300).map(|i| {
+        let (store, channels) = (store.clone(), routes[i % 3].clone());
+        async move { (i, channels.clone(), store.append(&channels, &webhook(i)).await.expect("append")) }
+    });
+    let answered = futures_util::future::join_all(appends).await;
+    let mut reader = store.reader().await.expect("reader");
+    let mut stored = std::collections::HashMap::new();
+    loop {
+        let cursors = vec![("crm".to_string(), Cursor::New), ("erp".to_string(), Cursor::New)];
+        let got = reader.read("a", &cursors, 1000).await.expect("read");
+        if got.is_empty() {
+            break;
+        }
+        for e in got {
+            let bytes = e.webhook.expect("readable").bytes;
+            let id = relay_protocol::decode_webhook(&bytes).expect("decodes").id;
+            assert!(stored.insert((e.channel, e.id), id).is_none(), "one entry per id and channel");
+        }
+    }
+    assert_eq!(stored.len(), 100 + 200 + 300, "every channel of every append stored once");
+    for (i, channels, ids) in answered {
+        assert_eq!(ids.len(), channels.len(), "append {i}: an id per channel");
+        for (ch, id) in channels.into_iter().zip(ids) {
+            assert_eq!(stored.get(&(ch.clone(), id)), Some(&format!("wh-{i}")), "append {i}'s id on {ch}");
+        }
+    }
+}
+
 /// A session's reads are sized for the largest entry the edge expects; a
 /// larger one read (stored by an edge with larger ingest limits) raises
 /// that size for every later read, so the next reads ask for fewer.
@@ -384,7 +422,11 @@ async fn a_larger_entry_read_sizes_later_reads_for_itself(backing: Backing) {
     assert!(size >= 200 * 1024, "reads are now sized for the 200 KiB entry: {size}");
 }
 
-every_backend!(a_read_of_several_channels_sees_every_channel, a_larger_entry_read_sizes_later_reads_for_itself);
+every_backend!(
+    a_read_of_several_channels_sees_every_channel,
+    a_larger_entry_read_sizes_later_reads_for_itself,
+    concurrent_appends_each_get_the_ids_of_their_own_entries,
+);
 every_backend!(
     a_replay_into_the_future_stops_at_what_existed,
     a_fan_out_can_give_equal_ids_on_two_channels,

@@ -41,6 +41,7 @@
 //! replica never stalls acks and reads behind a `WAIT`.
 
 mod appends;
+mod batch;
 mod conn;
 mod dlq;
 mod parse;
@@ -136,6 +137,9 @@ pub struct RedisStore {
     /// A background probe runs (one at a time: failing pipelines under
     /// load must not each leave one behind).
     probing: Arc<AtomicBool>,
+    /// Appends of concurrent requests waiting for the next round's pipeline
+    /// (off a cluster; see `batch.rs`).
+    batch: Arc<batch::Batch>,
 }
 
 /// Connections carrying sessions' reads (a large read never delays an
@@ -400,6 +404,7 @@ impl RedisStore {
             appends: Arc::new(Appends::default()),
             cluster: cfg.cluster().is_some(),
             probing: Arc::new(AtomicBool::new(false)),
+            batch: Arc::default(),
         })
     }
 
@@ -578,6 +583,57 @@ impl RedisStore {
         guard.finished = true;
     }
 
+    /// A cluster's append: one pipeline per channel, all at once.
+    async fn append_each(&self, channels: &[String], bytes: &[u8]) -> Result<Vec<StreamId>, StoreError> {
+        let groups = write_groups(self.cluster, channels.iter().map(String::as_str));
+        let writes = groups.iter().map(|group| {
+            let mut pipe = redis::pipe();
+            for &i in group {
+                pipe.cmd("XADD").arg(keys::stream(&channels[i])).arg("*").arg(keys::FIELD_WEBHOOK).arg(bytes);
+            }
+            self.write("XADD", pipe)
+        });
+        let replies = futures_util::future::try_join_all(writes).await?;
+        let mut ids = vec![StreamId::ZERO; channels.len()];
+        for (group, replies) in groups.iter().zip(&replies) {
+            if replies.len() < group.len() {
+                return Err(StoreError::Corrupt { id: String::new(), why: "Redis answered fewer XADDs".into() });
+            }
+            for (&i, reply) in group.iter().zip(replies) {
+                ids[i] = value_id(reply)?;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Queues the append for the next round and waits for its ids.
+    async fn append_batched(&self, channels: &[String], bytes: Vec<u8>) -> Result<Vec<StreamId>, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let keys = channels.iter().map(|c| keys::stream(c)).collect();
+        if self.batch.push(batch::Append { keys, bytes, reply }) {
+            tokio::spawn(self.clone().write_rounds());
+        }
+        // Dropped unanswered only when the round task died.
+        answer.await.unwrap_or(Err(StoreError::Timeout { op: "XADD", ms: self.timeout.as_millis() }))
+    }
+
+    /// Writes the queued appends, a round (one pipeline) at a time, until
+    /// none is left.
+    async fn write_rounds(self) {
+        let mut guard = self.batch.guard();
+        while let Some(round) = self.batch.next_round() {
+            let mut pipe = redis::pipe();
+            for a in &round {
+                for key in &a.keys {
+                    pipe.cmd("XADD").arg(key).arg("*").arg(keys::FIELD_WEBHOOK).arg(a.bytes.as_slice());
+                }
+            }
+            let replies = self.write("XADD", pipe).await;
+            batch::answer(round, replies, |mine| mine.iter().map(value_id).collect());
+        }
+        guard.finished = true;
+    }
+
     /// Runs a write that a `200` or a dead letter depends on: with replica
     /// durability on a pool connection, followed by `WAIT 1`, failing
     /// unless a replica confirmed it. The replies of `pipe`'s commands.
@@ -610,33 +666,20 @@ impl Backend for RedisStore {
     }
 
     /// Appends one webhook to each channel's stream and returns the entry
-    /// ids in channel order. Returns only after Redis answered. On a
-    /// cluster a fan-out writes each channel in a pipeline of its own, all
-    /// at once; one failing fails the append (the sender retries, and may
-    /// duplicate on the channels that were written, as a failed pipeline on
-    /// one server can).
+    /// ids in channel order. Returns only after Redis answered. Off a
+    /// cluster the append joins the next round of concurrent requests'
+    /// (`batch.rs`: one pipeline for all). On a cluster a fan-out writes
+    /// each channel in a pipeline of its own, all at once; one failing
+    /// fails the append (the sender retries, and may duplicate on the
+    /// channels that were written, as a failed pipeline on one server can).
     async fn append(&self, channels: &[String], webhook: &Webhook) -> Result<Vec<StreamId>, StoreError> {
         let bytes = super::encode(webhook)?;
-        // One pipeline per write (one in all off a cluster), all at once.
-        let groups = write_groups(self.cluster, channels.iter().map(String::as_str));
-        let writes = groups.iter().map(|group| {
-            let mut pipe = redis::pipe();
-            for &i in group {
-                pipe.cmd("XADD").arg(keys::stream(&channels[i])).arg("*").arg(keys::FIELD_WEBHOOK).arg(&bytes);
-            }
-            self.write("XADD", pipe)
-        });
-        let replies = futures_util::future::try_join_all(writes).await?;
+        let ids = if self.cluster {
+            self.append_each(channels, &bytes).await?
+        } else {
+            self.append_batched(channels, bytes).await?
+        };
         self.announce(channels);
-        let mut ids = vec![StreamId::ZERO; channels.len()];
-        for (group, replies) in groups.iter().zip(&replies) {
-            if replies.len() < group.len() {
-                return Err(StoreError::Corrupt { id: String::new(), why: "Redis answered fewer XADDs".into() });
-            }
-            for (&i, reply) in group.iter().zip(replies) {
-                ids[i] = value_id(reply)?;
-            }
-        }
         Ok(ids)
     }
 
