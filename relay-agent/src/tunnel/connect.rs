@@ -79,8 +79,13 @@ impl Connector {
             .map_err(|source| SessionError::Handshake { addr: addr.to_string(), source })?;
         let mut request = self.url.as_str().into_client_request().map_err(|e| SessionError::Upgrade(e.to_string()))?;
         request.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
-        let config =
-            WebSocketConfig::default().max_message_size(Some(self.max_frame)).max_frame_size(Some(self.max_frame));
+        // 16 KiB reads: rustls hands out at most one record's plaintext
+        // (16 KiB) per read, and tungstenite zeroes the whole read buffer
+        // (128 KiB by default) before each read.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .max_message_size(Some(self.max_frame))
+            .max_frame_size(Some(self.max_frame));
         let (ws, response) = tokio_tungstenite::client_async_with_config(request, tls, Some(config))
             .await
             .map_err(|e| SessionError::Upgrade(describe_ws_error(e)))?;
