@@ -23,6 +23,8 @@ pub enum StoreError {
     },
     #[error("store operation {op} timed out after {ms} ms")]
     Timeout { op: &'static str, ms: u128 },
+    #[error("store {op} refused: {why}")]
+    Busy { op: &'static str, why: String },
     #[error("store {op}: no replica confirmed the write within {ms} ms (store.durability = \"replica\")")]
     NotReplicated { op: &'static str, ms: u128 },
     #[error("embedded store {op} failed: {why}")]

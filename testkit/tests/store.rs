@@ -442,6 +442,35 @@ every_backend!(
     a_blocking_read_returns_as_soon_as_an_entry_arrives,
 );
 
+/// Appends that share rounds (one pipeline) are told what their own
+/// `XADD`s got: a channel whose key Redis refuses (here a string stands
+/// where its stream should) fails its own route's requests, never the
+/// others' (which are stored and answered).
+#[tokio::test]
+async fn a_refused_key_fails_only_the_appends_to_it() {
+    let mut backing = Backing::redis();
+    let mut raw = backing.redis_server().conn().await;
+    let _: () =
+        redis::cmd("SET").arg("relay:{broken}:stream").arg("not a stream").query_async(&mut raw).await.expect("SET");
+    let store = backing.store();
+    store.ensure_group(CH).await.expect("group");
+    let appends = (0..200).map(|i| {
+        let store = store.clone();
+        let channels = vec![if i % 2 == 0 { CH.to_string() } else { "broken".to_string() }];
+        async move { (i, store.append(&channels, &webhook(i)).await) }
+    });
+    let answered = futures_util::future::join_all(appends).await;
+    for (i, r) in &answered {
+        match (i % 2, r) {
+            (0, Ok(ids)) => assert_eq!(ids.len(), 1),
+            (1, Err(e)) => assert!(e.to_string().contains("WRONGTYPE"), "append {i}: {e}"),
+            (_, r) => panic!("append {i}: {r:?}"),
+        }
+    }
+    let snap = store.snapshot(CH).await.expect("snapshot");
+    assert_eq!(snap.length, 100, "every append to the healthy channel stored once");
+}
+
 #[tokio::test]
 async fn the_embedded_store_survives_a_reopen() {
     let backing = Backing::embedded();

@@ -290,13 +290,20 @@ async fn accept(
         Ok(body) => {
             state.metrics.received.inc();
             tracing::debug!(route = route_name, elapsed_us = started.elapsed().as_micros() as u64, "webhook stored");
-            // Into a Vec sized for it: `axum::Json`'s growing `BytesMut`
-            // writer cost as much again as the serializing.
-            let mut json = Vec::with_capacity(256);
-            match serde_json::to_writer(&mut json, &body) {
-                Ok(()) => ([(header::CONTENT_TYPE, JSON)], json).into_response(),
-                Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-            }
+            let json = match body {
+                // Into a Vec sized for it: `axum::Json`'s growing `BytesMut`
+                // writer cost as much again as the serializing. (It cannot
+                // fail: strings, ids and a bool.)
+                Answer::Stored(accepted) => {
+                    let mut json = Vec::with_capacity(256);
+                    match serde_json::to_writer(&mut json, &accepted) {
+                        Ok(()) => json,
+                        Err(_) => br#"{"success":true}"#.to_vec(),
+                    }
+                }
+                Answer::Again(recorded) => recorded.into_bytes(),
+            };
+            ([(header::CONTENT_TYPE, JSON)], json).into_response()
         }
         Err(e) => {
             state.metrics.failed.inc();
@@ -417,11 +424,7 @@ pub fn check_body(route: &RouteConfig, headers: &HeaderMap, body: &[u8]) -> Resu
 
 /// `None`: this request is the first of its body within the window.
 /// `Some(answer)`: a duplicate; the first request's answer.
-async fn claim_dedupe(
-    state: &IngestState,
-    key: &str,
-    window: Duration,
-) -> Result<Option<serde_json::Value>, IngestError> {
+async fn claim_dedupe(state: &IngestState, key: &str, window: Duration) -> Result<Option<String>, IngestError> {
     let unavailable = |e: crate::error::StoreError| {
         tracing::warn!(error = %e, "de-duplication lookup failed");
         IngestError::StoreUnavailable
@@ -441,7 +444,9 @@ async fn claim_dedupe(
             }
             Some(answer) => {
                 state.metrics.duplicates.inc();
-                return Ok(Some(serde_json::from_str(answer).unwrap_or_else(|_| serde_json::json!({"success": true}))));
+                // Replayed as recorded (the first answer's bytes), if JSON.
+                let valid = serde_json::from_str::<serde::de::IgnoredAny>(answer).is_ok();
+                return Ok(Some(if valid { answer.to_string() } else { r#"{"success":true}"#.into() }));
             }
         }
     }
@@ -512,12 +517,10 @@ pub(crate) struct Accepted {
 }
 
 /// What a `200` says: this request's own answer, or the one recorded for
-/// the first copy of a de-duplicated body.
-#[derive(serde::Serialize)]
-#[serde(untagged)]
+/// the first copy of a de-duplicated body (its JSON, byte for byte).
 pub(crate) enum Answer {
     Stored(Accepted),
-    Again(serde_json::Value),
+    Again(String),
 }
 
 /// `ip` as text, an IPv4 address by hand: `Display` (padding support and

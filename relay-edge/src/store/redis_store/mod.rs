@@ -404,7 +404,8 @@ impl RedisStore {
             appends: Arc::new(Appends::default()),
             cluster: cfg.cluster().is_some(),
             probing: Arc::new(AtomicBool::new(false)),
-            batch: Arc::default(),
+            // Rounds overlap as `WAIT`s did: one per write connection.
+            batch: Arc::new(batch::Batch::new(if replica_wait.is_some() { WRITE_POOL } else { 2 })),
         })
     }
 
@@ -610,28 +611,43 @@ impl RedisStore {
     async fn append_batched(&self, channels: &[String], bytes: Vec<u8>) -> Result<Vec<StreamId>, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let keys = channels.iter().map(|c| keys::stream(c)).collect();
-        if self.batch.push(batch::Append { keys, bytes, reply }) {
-            tokio::spawn(self.clone().write_rounds());
+        match self.batch.push(batch::Append { keys, bytes, reply }) {
+            batch::Pushed::Queued => {}
+            batch::Pushed::Start(guard) => {
+                tokio::spawn(self.clone().write_rounds(guard));
+            }
+            batch::Pushed::Full(e) => {
+                self.errors.inc();
+                return Err(e);
+            }
         }
-        // Dropped unanswered only when the round task died.
+        // Dropped unanswered only when the last round task died.
         answer.await.unwrap_or(Err(StoreError::Timeout { op: "XADD", ms: self.timeout.as_millis() }))
     }
 
     /// Writes the queued appends, a round (one pipeline) at a time, until
-    /// none is left.
-    async fn write_rounds(self) {
-        let mut guard = self.batch.guard();
-        while let Some(round) = self.batch.next_round() {
+    /// none is left. The pipeline ignores errors: each request is told
+    /// what its own `XADD`s got, and the first error counts (a `READONLY`
+    /// still sends the store looking for the new master).
+    async fn write_rounds(self, mut guard: batch::RoundGuard) {
+        while let Some(round) = self.batch.next_round(&mut guard) {
             let mut pipe = redis::pipe();
+            pipe.ignore_errors();
             for a in &round {
                 for key in &a.keys {
                     pipe.cmd("XADD").arg(key).arg("*").arg(keys::FIELD_WEBHOOK).arg(a.bytes.as_slice());
                 }
             }
             let replies = self.write("XADD", pipe).await;
-            batch::answer(round, replies, |mine| mine.iter().map(value_id).collect());
+            let (failed, first) = batch::answer(round, replies, |mine| mine.iter().map(xadd_id).collect());
+            if let Some(e) = first {
+                self.after(&Err::<(), _>(e)).await;
+            }
+            // `after` counted one error; the metric counts failed requests.
+            if failed > 1 {
+                self.errors.inc_by(failed as u64 - 1);
+            }
         }
-        guard.finished = true;
     }
 
     /// Runs a write that a `200` or a dead letter depends on: with replica
@@ -1286,6 +1302,15 @@ impl BlockingRead for Reader {
 }
 
 /// An id Redis generated (an `XADD` reply).
+/// An `XADD`'s id, or the error Redis answered it with (in a pipeline
+/// that ignores errors).
+fn xadd_id(v: &Value) -> Result<StreamId, StoreError> {
+    match v {
+        Value::ServerError(e) => Err(StoreError::Redis { op: "XADD", source: e.clone().into() }),
+        v => value_id(v),
+    }
+}
+
 fn value_id(v: &Value) -> Result<StreamId, StoreError> {
     let text = match v {
         Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
