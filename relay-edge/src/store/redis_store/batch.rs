@@ -18,9 +18,11 @@
 //! each sender retries, and may duplicate what was written).
 //!
 //! Bounds: a request that gave up (its deadline passed, its sender left) is
-//! dropped from the queue unwritten, so the queue holds only requests still
-//! waiting, and it refuses an append past [`QUEUE_APPENDS`] appends or
-//! [`QUEUE_BYTES`] (the request is answered `503` at once).
+//! dropped from the queue unwritten (when a round reaches it, or when the
+//! queue is full), and the queue refuses an append past [`QUEUE_APPENDS`]
+//! appends or [`QUEUE_BYTES`] of requests still waiting (the request is
+//! answered `503` at once). On top of the queue, each running round holds
+//! its appends (about [`ROUND_BYTES`]) and their packed pipeline.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -93,7 +95,14 @@ impl Batch {
     /// Queues `append`, unless the queue is full.
     pub fn push(self: &Arc<Self>, append: Append) -> Pushed {
         let mut q = self.queue();
-        if q.waiting.len() >= QUEUE_APPENDS || q.bytes + append.size() > QUEUE_BYTES.max(append.size()) {
+        let full =
+            |q: &Queue| q.waiting.len() >= QUEUE_APPENDS || q.bytes + append.size() > QUEUE_BYTES.max(append.size());
+        if full(&q) {
+            // Requests that gave up wait nowhere: make room of them first.
+            q.waiting.retain(|a| !a.reply.is_closed());
+            q.bytes = q.waiting.iter().map(Append::size).sum();
+        }
+        if full(&q) {
             let why = format!("{} appends ({} bytes) already wait for Redis", q.waiting.len(), q.bytes);
             return Pushed::Full(StoreError::Busy { op: "XADD", why });
         }
@@ -160,13 +169,14 @@ impl Drop for RoundGuard {
 
 /// Hands each append of a round its share of the round's replies, in
 /// order: `ids_of` reads one append's ids from its replies, or its error.
-/// Returns how many appends failed, and the first error of one of them
-/// when the round itself succeeded (the store counts it, and looks for a
-/// failover in it).
+/// Returns how many appends failed, and, when the round itself succeeded,
+/// one error of them: the first that `telling` picks out (a failover),
+/// else the first (the store counts it, and looks for a failover in it).
 pub fn answer<R>(
     round: Vec<Append>,
     replies: Result<Vec<R>, StoreError>,
     ids_of: impl Fn(&[R]) -> Result<Vec<StreamId>, StoreError>,
+    telling: impl Fn(&StoreError) -> bool,
 ) -> (usize, Option<StoreError>) {
     let (mut failed, mut first) = (0, None);
     match replies {
@@ -181,7 +191,9 @@ pub fn answer<R>(
                 rest = rest.get(n..).unwrap_or_default();
                 if let Err(e) = &ids {
                     failed += 1;
-                    first.get_or_insert_with(|| e.clone());
+                    if first.as_ref().is_none_or(|f| !telling(f) && telling(e)) {
+                        first = Some(e.clone());
+                    }
                 }
                 // A request that gave up (its deadline) no longer listens.
                 let _ = a.reply.send(ids);
@@ -296,7 +308,7 @@ mod tests {
                 .map(|&n| if n == 0 { Err(StoreError::Timeout { op: "XADD", ms: 1 }) } else { Ok(StreamId::new(n, 0)) })
                 .collect()
         };
-        let (failed, first) = answer(vec![a, b, c, d], Ok(vec![1, 0, 3, 4]), ids);
+        let (failed, first) = answer(vec![a, b, c, d], Ok(vec![1, 0, 3, 4]), ids, |_| false);
         let got = |rx: Rx| rx.blocking_recv().expect("answered").map(|v| v.iter().map(|i| i.ms).collect::<Vec<_>>());
         assert!(got(rx_a).is_err(), "one of its XADDs failed");
         assert_eq!(got(rx_b).ok(), Some(vec![3]));
@@ -307,10 +319,43 @@ mod tests {
 
         let (a, rx_a) = append(1, 1);
         let (b, rx_b) = append(1, 1);
-        let (failed, first) = answer::<u64>(vec![a, b], Err(StoreError::Timeout { op: "XADD", ms: 5 }), ids);
+        let (failed, first) = answer::<u64>(vec![a, b], Err(StoreError::Timeout { op: "XADD", ms: 5 }), ids, |_| false);
         assert_eq!((failed, first.is_none()), (2, true), "the round's own error was counted by the write");
         assert!(matches!(rx_a.blocking_recv(), Ok(Err(StoreError::Timeout { .. }))));
         assert!(matches!(rx_b.blocking_recv(), Ok(Err(StoreError::Timeout { .. }))));
+    }
+
+    #[test]
+    fn the_error_reported_for_a_round_is_one_a_failover_explains_if_any() {
+        let (a, _rx_a) = append(1, 1);
+        let (b, _rx_b) = append(1, 1);
+        let (c, _rx_c) = append(1, 1);
+        let ids = |r: &[u64]| match r[0] {
+            0 => Err(StoreError::Corrupt { id: String::new(), why: "wrong type".into() }),
+            1 => Err(StoreError::Timeout { op: "XADD", ms: 1 }),
+            n => Ok(vec![StreamId::new(n, 0)]),
+        };
+        let failover = |e: &StoreError| matches!(e, StoreError::Timeout { .. });
+        let (failed, first) = answer(vec![a, b, c], Ok(vec![0, 1, 2]), ids, failover);
+        assert_eq!(failed, 2);
+        assert!(matches!(first, Some(StoreError::Timeout { .. })), "the failover one, though second: {first:?}");
+    }
+
+    #[test]
+    fn a_full_queue_first_lets_go_of_requests_that_gave_up() {
+        let batch = Arc::new(Batch::new(1));
+        let mut kept = Vec::new();
+        let Pushed::Start(mut g) = push(&batch, 1, 10, &mut kept) else { panic!("start") };
+        let mut gone = Vec::new();
+        for _ in 1..QUEUE_APPENDS {
+            let (a, rx) = append(1, 10);
+            gone.push(rx);
+            batch.push(a);
+        }
+        drop(gone); // all but the first gave up while Redis stalled
+        assert!(matches!(push(&batch, 1, 10, &mut kept), Pushed::Queued), "room made of the ones that left");
+        assert_eq!(round_len(&batch, &mut g), Some(2), "the two still waiting");
+        assert_eq!(round_len(&batch, &mut g), None);
     }
 
     #[test]

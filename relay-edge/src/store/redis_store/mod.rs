@@ -627,8 +627,9 @@ impl RedisStore {
 
     /// Writes the queued appends, a round (one pipeline) at a time, until
     /// none is left. The pipeline ignores errors: each request is told
-    /// what its own `XADD`s got, and the first error counts (a `READONLY`
-    /// still sends the store looking for the new master).
+    /// what its own `XADD`s got, and one error of the round (one a failover
+    /// explains first: a `READONLY` still sends the store looking for the
+    /// new master) goes through `after`.
     async fn write_rounds(self, mut guard: batch::RoundGuard) {
         while let Some(round) = self.batch.next_round(&mut guard) {
             let mut pipe = redis::pipe();
@@ -639,7 +640,8 @@ impl RedisStore {
                 }
             }
             let replies = self.write("XADD", pipe).await;
-            let (failed, first) = batch::answer(round, replies, |mine| mine.iter().map(xadd_id).collect());
+            let ids_of = |mine: &[Value]| mine.iter().map(xadd_id).collect();
+            let (failed, first) = batch::answer(round, replies, ids_of, may_be_failover);
             if let Some(e) = first {
                 self.after(&Err::<(), _>(e)).await;
             }
@@ -1301,7 +1303,6 @@ impl BlockingRead for Reader {
     }
 }
 
-/// An id Redis generated (an `XADD` reply).
 /// An `XADD`'s id, or the error Redis answered it with (in a pipeline
 /// that ignores errors).
 fn xadd_id(v: &Value) -> Result<StreamId, StoreError> {
@@ -1311,6 +1312,7 @@ fn xadd_id(v: &Value) -> Result<StreamId, StoreError> {
     }
 }
 
+/// An id Redis generated (an `XADD` reply).
 fn value_id(v: &Value) -> Result<StreamId, StoreError> {
     let text = match v {
         Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
