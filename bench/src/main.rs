@@ -781,10 +781,10 @@ async fn counted_pass(ctx: &Ctx<'_>, n: u64, count: Count) -> anyhow::Result<Val
             );
             for (who, s) in ["edge", "agent", "redis"].into_iter().zip(&traced) {
                 let top: Vec<String> = s.by_call.iter().take(6).map(|(c, k)| format!("{c} {:.2}", per(*k))).collect();
-                println!("  {who:<5} system calls per webhook: {:.2} ({})", per(s.total), top.join(", "));
+                println!("  {who:<5} system calls per webhook: {:.2} ({})", per(s.total()), top.join(", "));
                 let calls: serde_json::Map<String, Value> =
                     s.by_call.iter().map(|(c, k)| (c.clone(), json!(per(*k)))).collect();
-                report.insert(format!("{who}_syscalls_per_webhook"), json!(per(s.total)));
+                report.insert(format!("{who}_syscalls_per_webhook"), json!(per(s.total())));
                 report.insert(format!("{who}_syscalls"), Value::Object(calls));
             }
         }

@@ -10,10 +10,10 @@
 //! transport errors → retry with backoff (honouring `Retry-After`) until
 //! `retry.max_attempts`, then dead-letter; any other status → dead-letter.
 
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
 use std::time::Duration;
 
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use relay_protocol::{Frame, Webhook};
 use tokio::task::{Id, JoinError, JoinSet};
 

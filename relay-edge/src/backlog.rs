@@ -7,11 +7,10 @@
 //! stores nothing: nothing unacknowledged is ever dropped to make room.
 
 use std::collections::BTreeSet;
-
-use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use foldhash::HashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::IngestError;

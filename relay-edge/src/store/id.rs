@@ -37,30 +37,12 @@ impl StreamId {
 }
 
 impl fmt::Display for StreamId {
-    /// One `write_str` of digits written by hand: an id is formatted per
-    /// delivered webhook, and `write!` with two integers costs several
-    /// times more.
+    /// Through `itoa`, not `write!`: an id is formatted per delivered
+    /// webhook, and `fmt`'s integer machinery costs several times more.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Two u64s of at most 20 digits each and the dash.
-        let mut buf = [0u8; 41];
-        let mut at = buf.len();
-        for (n, dash) in [(self.seq, true), (self.ms, false)] {
-            let mut n = n;
-            loop {
-                at -= 1;
-                buf[at] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            if dash {
-                at -= 1;
-                buf[at] = b'-';
-            }
-        }
-        // Only ASCII digits and a dash were written.
-        f.write_str(std::str::from_utf8(&buf[at..]).unwrap_or_default())
+        f.write_str(itoa::Buffer::new().format(self.ms))?;
+        f.write_str("-")?;
+        f.write_str(itoa::Buffer::new().format(self.seq))
     }
 }
 

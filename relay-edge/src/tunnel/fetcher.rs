@@ -14,11 +14,11 @@
 //! count (the attempt number the agent sees).
 
 use std::collections::VecDeque;
-
-use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use foldhash::{HashMap, HashMapExt};
 
 use super::inflight::Grant;
 pub use crate::store::Cursor;

@@ -9,11 +9,11 @@
 //! session of the same agent re-reads them first, and another agent
 //! reclaims them after the visibility timeout.
 
-use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use foldhash::{HashMap, HashMapExt};
 use futures_util::{SinkExt, StreamExt};
 use relay_protocol::{DecodeError, Frame, Limits, VERSION};
 use tokio_util::task::AbortOnDropHandle;
@@ -497,7 +497,7 @@ impl Session {
                     }
                     // The agent has been silent for 1.5 heartbeats (it pings
                     // less often, or the link is going): the edge pings.
-                    Box::pin(self.on_quiet(ws, heartbeat)).await?;
+                    Box::pin(self.on_quiet(ws)).await?;
                 }
             }
             let due = self.watchdog(heartbeat);
@@ -509,10 +509,10 @@ impl Session {
     }
 
     /// The agent has been quiet for a while: the edge's Ping, and figures.
-    async fn on_quiet(&mut self, ws: &mut WebSocket, heartbeat: Duration) -> Result<(), Close> {
+    async fn on_quiet(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
         let ping = self.ping();
         self.queue(ws, &ping).await?;
-        self.queue_stats(ws, heartbeat).await?;
+        self.queue_stats(ws).await?;
         self.flush(ws).await
     }
 
@@ -691,7 +691,7 @@ impl Session {
                     let ping = self.ping();
                     self.queue(ws, &ping).await?;
                 }
-                self.queue_stats(ws, heartbeat).await?;
+                self.queue_stats(ws).await?;
                 self.flush(ws).await?
             }
             Frame::Pong { t } => {
@@ -869,8 +869,7 @@ impl Session {
         if !sends.is_empty() {
             // An agent too busy to go quiet (one that does not ping on its
             // own) still hears its figures.
-            let heartbeat = self.state.cfg.heartbeat;
-            self.queue_stats(ws, heartbeat).await?;
+            self.queue_stats(ws).await?;
         }
         self.deliver_all(ws, sends).await
     }
@@ -897,7 +896,8 @@ impl Session {
     /// edge-wide refresh (no store command per session), every few
     /// heartbeats and only when they changed; nothing while a channel has
     /// no figures yet.
-    async fn queue_stats(&mut self, ws: &mut WebSocket, heartbeat: Duration) -> Result<(), Close> {
+    async fn queue_stats(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
+        let heartbeat = self.state.cfg.heartbeat;
         if self.stats_looked.elapsed() < heartbeat * STATS_EVERY - heartbeat / 2 {
             return Ok(());
         }

@@ -18,11 +18,11 @@
 //! [`RECHECK`], which covers appends by edges that do not publish (an older
 //! version during a rolling upgrade).
 
-use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use foldhash::HashMap;
 use futures_util::StreamExt;
 use tokio::sync::Notify;
 

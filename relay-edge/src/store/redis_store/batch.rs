@@ -121,13 +121,13 @@ impl Batch {
         let mut q = self.queue();
         let mut round = Vec::new();
         let mut bytes = 0;
-        while let Some(a) = q.waiting.front() {
+        while let Some(a) = q.waiting.pop_front() {
             let size = a.size();
             if !round.is_empty() && (round.len() == ROUND_APPENDS || bytes + size > ROUND_BYTES) {
+                q.waiting.push_front(a);
                 break;
             }
             q.bytes -= size;
-            let Some(a) = q.waiting.pop_front() else { break };
             if a.reply.is_closed() {
                 continue;
             }
@@ -167,6 +167,11 @@ impl Drop for RoundGuard {
     }
 }
 
+/// Redis answered a pipeline with fewer replies than it had `XADD`s.
+pub fn fewer_replies() -> StoreError {
+    StoreError::Corrupt { id: String::new(), why: "Redis answered fewer XADDs".into() }
+}
+
 /// Hands each append of a round its share of the round's replies, in
 /// order: `ids_of` reads one append's ids from its replies, or its error.
 /// Returns how many appends failed, and, when the round itself succeeded,
@@ -186,7 +191,7 @@ pub fn answer<R>(
                 let n = a.keys.len();
                 let ids = match rest.get(..n) {
                     Some(mine) => ids_of(mine),
-                    None => Err(StoreError::Corrupt { id: String::new(), why: "Redis answered fewer XADDs".into() }),
+                    None => Err(fewer_replies()),
                 };
                 rest = rest.get(n..).unwrap_or_default();
                 if let Err(e) = &ids {

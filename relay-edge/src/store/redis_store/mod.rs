@@ -598,7 +598,7 @@ impl RedisStore {
         let mut ids = vec![StreamId::ZERO; channels.len()];
         for (group, replies) in groups.iter().zip(&replies) {
             if replies.len() < group.len() {
-                return Err(StoreError::Corrupt { id: String::new(), why: "Redis answered fewer XADDs".into() });
+                return Err(batch::fewer_replies());
             }
             for (&i, reply) in group.iter().zip(replies) {
                 ids[i] = value_id(reply)?;
